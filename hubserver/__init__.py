@@ -1,0 +1,1 @@
+"""hubserver: the Trio event streaming server built on hubcore."""

@@ -1,0 +1,26 @@
+"""Who may subscribe to which stream: roles per site, their store, and the rule.
+
+`may_subscribe` is the pure rule; a `PermissionStore` answers `role_of` and a
+`version` the server polls to re-check open connections after a revoke.
+`SqlitePermissionStore` is the store shared with the ``hubserver members`` CLI
+(see `hubserver.permissions.cli`); `InMemoryPermissionStore` is for embedding
+and tests.
+"""
+
+from __future__ import annotations
+
+from ._model import MAX_ID_CHARS, Member, Role, may_subscribe, parse_role
+from ._sqlite import SqlitePermissionStore
+from ._store import InMemoryPermissionStore, PermissionStore, PermissionStoreError
+
+__all__ = [
+    "MAX_ID_CHARS",
+    "InMemoryPermissionStore",
+    "Member",
+    "PermissionStore",
+    "PermissionStoreError",
+    "Role",
+    "SqlitePermissionStore",
+    "may_subscribe",
+    "parse_role",
+]

@@ -1,0 +1,209 @@
+"""`SqlitePermissionStore`: roles in a SQLite file shared by the server and the CLI."""
+
+from __future__ import annotations
+
+import builtins
+import sqlite3
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+from types import TracebackType
+from typing import Final, Self
+
+import trio
+
+from ._model import Member, Role, check_id, check_role
+from ._store import PermissionStoreError
+
+__all__ = ["SqlitePermissionStore"]
+
+FILE_NAME: Final = "permissions.sqlite3"
+#: How long a statement waits for another process's write lock, in seconds.
+BUSY_TIMEOUT: Final = 5.0
+
+_ROLE_VALUES: Final = ", ".join(f"'{role.value}'" for role in Role)
+_SCHEMA: Final = f"""
+CREATE TABLE IF NOT EXISTS members (
+    site_id    TEXT NOT NULL,
+    subject    TEXT NOT NULL,
+    role       TEXT NOT NULL CHECK (role IN ({_ROLE_VALUES})),
+    granted_at TEXT NOT NULL,
+    PRIMARY KEY (site_id, subject)
+);
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
+INSERT OR IGNORE INTO meta (key, value) VALUES ('version', 0);
+"""
+_BUMP_VERSION: Final = "UPDATE meta SET value = value + 1 WHERE key = 'version'"
+
+
+class SqlitePermissionStore:
+    """A `PermissionStore` over ``permissions.sqlite3`` in the data directory.
+
+    Several processes may open the same file: the server reads while the
+    ``hubserver members`` CLI writes. Every grant or revoke bumps the
+    ``meta.version`` row in the same transaction, which is how `version` sees
+    changes made by another process.
+
+    One connection serves every thread. Trio runs `role_of` and `version` in
+    its worker threads, which come and go, so per-thread connections could not
+    all be closed by `close` (and would leak on each retired thread); the
+    statements are single-row lookups, so serialising them on a
+    ``threading.Lock`` costs nothing measurable.
+    """
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        """Wrap an open connection; prefer `open`, which also creates the schema."""
+        self._conn = conn
+        self._lock = threading.Lock()
+
+    @classmethod
+    def open(cls, data_dir: Path) -> Self:
+        """Open (creating if needed) ``data_dir`` and ``permissions.sqlite3`` in it.
+
+        Raises:
+            PermissionStoreError: the directory or database cannot be created or opened.
+        """
+        try:
+            data_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise PermissionStoreError(f"cannot create data directory {data_dir}: {exc}") from exc
+        try:
+            # isolation_level=None: no implicit transaction stays open between
+            # reads, so each read sees the latest commit of any process.
+            conn = sqlite3.connect(
+                data_dir / FILE_NAME,
+                timeout=BUSY_TIMEOUT,
+                isolation_level=None,
+                check_same_thread=False,
+            )
+        except sqlite3.Error as exc:
+            raise PermissionStoreError(f"cannot open {data_dir / FILE_NAME}: {exc}") from exc
+        store = cls(conn)
+        try:
+            with store._locked():
+                # WAL lets the server read while the CLI writes; it is a
+                # property of the file, so setting it on every open is harmless.
+                conn.execute("PRAGMA journal_mode=WAL")
+                conn.executescript(f"BEGIN IMMEDIATE;{_SCHEMA}COMMIT;")
+        except BaseException:
+            conn.close()
+            raise
+        return store
+
+    def close(self) -> None:
+        """Close the connection; later calls raise `PermissionStoreError`. Idempotent."""
+        with self._lock:
+            self._conn.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    async def role_of(self, site_id: str, subject: str) -> Role | None:
+        """See `PermissionStore.role_of`; runs in a worker thread."""
+        # Not abandon_on_cancel: an abandoned thread would keep using the
+        # connection after the caller (maybe `close`) has moved on.
+        return await trio.to_thread.run_sync(self._role_of, site_id, subject)
+
+    async def version(self) -> int:
+        """See `PermissionStore.version`; runs in a worker thread."""
+        return await trio.to_thread.run_sync(self._version)
+
+    def grant(self, site_id: str, subject: str, role: Role) -> None:
+        """Give ``subject`` ``role`` on ``site_id``, replacing any role it had there.
+
+        Raises:
+            ValueError: an id is empty, too long or not a string, or role is not a Role.
+            PermissionStoreError: the database failed.
+        """
+        row = (check_id("site_id", site_id), check_id("subject", subject), check_role(role).value)
+        with self._write() as conn:
+            conn.execute(
+                "INSERT OR REPLACE INTO members (site_id, subject, role, granted_at)"
+                " VALUES (?, ?, ?, ?)",
+                (*row, datetime.now(UTC).isoformat()),
+            )
+            conn.execute(_BUMP_VERSION)
+
+    def revoke(self, site_id: str, subject: str) -> bool:
+        """Remove ``subject``'s role on ``site_id``; False if it had none.
+
+        Raises:
+            ValueError: an id is empty, too long or not a string.
+            PermissionStoreError: the database failed.
+        """
+        key = (check_id("site_id", site_id), check_id("subject", subject))
+        with self._write() as conn:
+            cursor = conn.execute("DELETE FROM members WHERE site_id = ? AND subject = ?", key)
+            # Nothing changed, so nothing for the server to re-check.
+            if cursor.rowcount > 0:
+                conn.execute(_BUMP_VERSION)
+        return cursor.rowcount > 0
+
+    def list(self, site_id: str | None = None) -> builtins.list[Member]:
+        """Return the members of one site (or of all sites), sorted by site and subject.
+
+        Raises:
+            ValueError: ``site_id`` is given but empty, too long or not a string.
+            PermissionStoreError: the database failed.
+        """
+        query = "SELECT site_id, subject, role, granted_at FROM members"
+        params: tuple[str, ...] = ()
+        if site_id is not None:
+            query, params = query + " WHERE site_id = ?", (check_id("site_id", site_id),)
+        with self._locked() as conn:
+            rows = conn.execute(query + " ORDER BY site_id, subject", params).fetchall()
+        return [
+            Member(
+                site_id=site,
+                subject=subject,
+                role=Role(role),
+                granted_at=datetime.fromisoformat(granted_at),
+            )
+            for site, subject, role, granted_at in rows
+        ]
+
+    def _role_of(self, site_id: str, subject: str) -> Role | None:
+        with self._locked() as conn:
+            row = conn.execute(
+                "SELECT role FROM members WHERE site_id = ? AND subject = ?", (site_id, subject)
+            ).fetchone()
+        return None if row is None else Role(row[0])
+
+    def _version(self) -> int:
+        with self._locked() as conn:
+            (value,) = conn.execute("SELECT value FROM meta WHERE key = 'version'").fetchone()
+        return int(value)
+
+    @contextmanager
+    def _locked(self) -> Iterator[sqlite3.Connection]:
+        # The one place sqlite3 errors become ours.
+        with self._lock:
+            try:
+                yield self._conn
+            except sqlite3.Error as exc:
+                raise PermissionStoreError(f"permission database error: {exc}") from exc
+
+    @contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        # One transaction per change, so a change and its version bump commit
+        # together or not at all. IMMEDIATE takes the write lock up front, so
+        # two writers (server and CLI) queue on the busy timeout, not deadlock.
+        with self._locked() as conn:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield conn
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")

@@ -1,0 +1,100 @@
+"""The `PermissionStore` seam, its error, and the in-memory implementation."""
+
+from __future__ import annotations
+
+import builtins
+from datetime import UTC, datetime
+from typing import Protocol
+
+import trio
+
+from hubcore._errors import HubError
+
+from ._model import Member, Role, check_id, check_role
+
+__all__ = ["InMemoryPermissionStore", "PermissionStore", "PermissionStoreError"]
+
+
+class PermissionStoreError(HubError):
+    """The permission store could not answer (database error, closed store, backend down)."""
+
+
+class PermissionStore(Protocol):
+    """Where the server learns roles; SQLite now, the access-control backend later."""
+
+    async def role_of(self, site_id: str, subject: str) -> Role | None:
+        """Return the subject's role on the site, or None if it has none.
+
+        Raises:
+            PermissionStoreError: the store could not answer.
+        """
+        ...
+
+    async def version(self) -> int:
+        """Return a number that changes whenever any grant or revoke happened.
+
+        The server polls this and re-checks every open connection when it
+        changes, so a revoke reaches open connections within seconds.
+
+        Raises:
+            PermissionStoreError: the store could not answer.
+        """
+        ...
+
+
+class InMemoryPermissionStore:
+    """A dict-backed `PermissionStore` for embedding and for tests of other components."""
+
+    def __init__(self) -> None:
+        self._members: dict[tuple[str, str], Member] = {}
+        self._version = 0
+
+    async def role_of(self, site_id: str, subject: str) -> Role | None:
+        """See `PermissionStore.role_of`."""
+        # Checkpoint like the SQLite store does, so callers behave the same on both.
+        await trio.lowlevel.checkpoint()
+        member = self._members.get((site_id, subject))
+        return None if member is None else member.role
+
+    async def version(self) -> int:
+        """See `PermissionStore.version`."""
+        await trio.lowlevel.checkpoint()
+        return self._version
+
+    def grant(self, site_id: str, subject: str, role: Role) -> None:
+        """Give ``subject`` ``role`` on ``site_id``, replacing any role it had there.
+
+        Raises:
+            ValueError: an id is empty, too long or not a string, or role is not a Role.
+        """
+        key = (check_id("site_id", site_id), check_id("subject", subject))
+        self._members[key] = Member(
+            site_id=site_id, subject=subject, role=check_role(role), granted_at=datetime.now(UTC)
+        )
+        self._version += 1
+
+    def revoke(self, site_id: str, subject: str) -> bool:
+        """Remove ``subject``'s role on ``site_id``; False if it had none.
+
+        Raises:
+            ValueError: an id is empty, too long or not a string.
+        """
+        key = (check_id("site_id", site_id), check_id("subject", subject))
+        if self._members.pop(key, None) is None:
+            return False
+        self._version += 1
+        return True
+
+    def list(self, site_id: str | None = None) -> builtins.list[Member]:
+        """Return the members of one site (or of all sites), sorted by site and subject.
+
+        Raises:
+            ValueError: ``site_id`` is given but empty, too long or not a string.
+        """
+        if site_id is not None:
+            check_id("site_id", site_id)
+        return [
+            member
+            for key, member in sorted(self._members.items())
+            if site_id is None or key[0] == site_id
+        ]
