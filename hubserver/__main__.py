@@ -1,0 +1,190 @@
+"""The ``hubserver`` command: serve, token, members.
+
+Every flag of ``serve`` can also come from the environment as
+``HUBSERVER_<FLAG>`` (``--data-dir`` is ``HUBSERVER_DATA_DIR``); a flag given
+on the command line wins.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import trio
+
+from hubcore import HubError, HubLimits
+
+from .app import HUB_SCOPE, PUBLISH_SCOPE
+from .auth import ensure_dev_key
+from .config import ConfigError, ServerConfig
+from .permissions import Role, SqlitePermissionStore
+from .permissions import cli as members_cli
+from .server import RunningServer, serve
+
+__all__ = ["main"]
+
+log = logging.getLogger("hubserver")
+
+
+def _env(flag: str) -> str | None:
+    return os.environ.get("HUBSERVER_" + flag.lstrip("-").replace("-", "_").upper())
+
+
+def _add(
+    parser: argparse.ArgumentParser | argparse._MutuallyExclusiveGroup, flag: str, **kwargs: object
+) -> None:
+    value = _env(flag)
+    if value is not None:
+        if kwargs.get("action") == "store_true":
+            kwargs["default"] = value.strip().lower() in ("1", "true", "yes", "on")
+        else:
+            kwargs["default"] = value
+    help_text = str(kwargs.pop("help", ""))
+    env_name = "HUBSERVER_" + flag.lstrip("-").replace("-", "_").upper()
+    parser.add_argument(flag, help=f"{help_text} (env {env_name})", **kwargs)  # type: ignore[arg-type]
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hubserver", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    s = commands.add_parser("serve", help="run the server")
+    _add(s, "--host", default="127.0.0.1", help="address to listen on")
+    _add(s, "--port", type=int, default=5000, help="port (0 = any free port)")
+    _add(s, "--data-dir", type=Path, default=Path(".hubserver"), help="data directory")
+    keys = s.add_mutually_exclusive_group()
+    _add(keys, "--jwks-file", type=Path, help="trust the keys of this JWKS file")
+    _add(keys, "--jwks-url", help="trust the keys of this JWKS URL")
+    _add(s, "--issuer", help="required token issuer (iss)")
+    _add(s, "--audience", help="required token audience (aud)")
+    _add(s, "--demo", action="store_true", help="publish demo events, grant a demo Site Admin")
+    _add(s, "--keepalive-interval", type=float, default=15.0, help="seconds between hub Pings")
+    _add(s, "--client-timeout", type=float, default=30.0, help="seconds of client silence")
+    _add(s, "--handshake-timeout", type=float, default=15.0, help="seconds for the handshake")
+    _add(s, "--max-message-bytes", type=int, default=32 * 1024, help="inbound hub message limit")
+    _add(s, "--max-outbox-bytes", type=int, default=1 << 20, help="queued bytes per connection")
+    _add(s, "--max-publish-bytes", type=int, default=1 << 20, help="publish body limit")
+    _add(s, "--drain-timeout", type=float, default=10.0, help="seconds to drain on shutdown")
+    _add(s, "--log-level", default="info", help="debug, info, warning or error")
+
+    t = commands.add_parser("token", help="print a development token signed with the dev key")
+    t.add_argument("--subject", required=True)
+    t.add_argument("--scope", action="append", help=f"repeatable; default {HUB_SCOPE}")
+    t.add_argument("--ttl", type=float, default=3600.0, help="lifetime in seconds")
+    _add(t, "--data-dir", type=Path, default=Path(".hubserver"), help="data directory")
+
+    m = commands.add_parser("members", help="grant, revoke or list site roles")
+    actions = m.add_subparsers(dest="action", required=True)
+    grant = actions.add_parser("grant")
+    grant.add_argument("--site", required=True)
+    grant.add_argument("--subject", required=True)
+    grant.add_argument("--role", required=True, choices=[role.value for role in Role])
+    revoke = actions.add_parser("revoke")
+    revoke.add_argument("--site", required=True)
+    revoke.add_argument("--subject", required=True)
+    listing = actions.add_parser("list")
+    listing.add_argument("--site")
+    for sub in (grant, revoke, listing):
+        _add(sub, "--data-dir", type=Path, default=Path(".hubserver"), help="data directory")
+    return parser
+
+
+def _config(args: argparse.Namespace) -> ServerConfig:
+    return ServerConfig(
+        host=args.host,
+        port=int(args.port),
+        data_dir=Path(args.data_dir),
+        jwks_file=Path(args.jwks_file) if args.jwks_file else None,
+        jwks_url=args.jwks_url or None,
+        issuer=args.issuer or None,
+        audience=args.audience or None,
+        demo=bool(args.demo),
+        hub_limits=HubLimits(
+            keepalive_interval=float(args.keepalive_interval),
+            client_timeout=float(args.client_timeout),
+            handshake_timeout=float(args.handshake_timeout),
+            max_message_bytes=int(args.max_message_bytes),
+        ),
+        max_outbox_bytes=int(args.max_outbox_bytes),
+        max_publish_bytes=int(args.max_publish_bytes),
+        drain_timeout=float(args.drain_timeout),
+    )
+
+
+def _announce(config: ServerConfig, port: int) -> None:
+    if config.is_dev_mode:
+        log.warning(
+            "DEVELOPMENT MODE: no JWKS configured; trusting the development key in %s. "
+            "Anyone who can read that directory can mint tokens. Use --jwks-file or "
+            "--jwks-url in production.",
+            config.data_dir.resolve(),
+        )
+    if config.demo:
+        from .demo import DEMO_SITE, DEMO_SUBJECT
+
+        token = ensure_dev_key(config.data_dir).mint(
+            DEMO_SUBJECT, [HUB_SCOPE], 24 * 3600, time.time()
+        )
+        host = "localhost" if config.host in ("127.0.0.1", "0.0.0.0", "::") else config.host
+        print(
+            f"\nDemo: entries and incidents of site '{DEMO_SITE}' flow every second.\n"
+            f"Demo Site Admin '{DEMO_SUBJECT}' token (24 h):\n\n{token}\n\n"
+            f"Watch them:  http://{host}:{port}/v1/hub/entries?site_id={DEMO_SITE}\n"
+            "(see README: 'Watch the demo with the JavaScript client')\n",
+            flush=True,
+        )
+
+
+async def _serve_main(config: ServerConfig) -> None:
+    if config.demo:
+        from .demo import DEMO_SITE, DEMO_SUBJECT
+
+        with SqlitePermissionStore.open(config.data_dir) as store:
+            store.grant(DEMO_SITE, DEMO_SUBJECT, Role.SITE_ADMIN)
+    async with trio.open_nursery() as nursery:
+        server: RunningServer = await nursery.start(serve, config)
+        _announce(config, server.port)
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async for signum in signals:
+                log.info("received %s", signal.Signals(signum).name)
+                server.request_shutdown()
+                break
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "serve":
+            logging.basicConfig(
+                level=str(args.log_level).upper(),
+                format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+            )
+            trio.run(_serve_main, _config(args))
+        elif args.command == "token":
+            scopes = args.scope or [HUB_SCOPE]
+            key = ensure_dev_key(Path(args.data_dir))
+            print(key.mint(args.subject, scopes, float(args.ttl), time.time()))
+        elif args.command == "members":
+            data_dir = Path(args.data_dir)
+            if args.action == "grant":
+                print(members_cli.grant(data_dir, args.site, args.subject, args.role))
+            elif args.action == "revoke":
+                print(members_cli.revoke(data_dir, args.site, args.subject))
+            else:
+                print(members_cli.list_members(data_dir, args.site))
+    except (ConfigError, HubError, ValueError) as exc:
+        print(f"hubserver: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+
+_ = PUBLISH_SCOPE

@@ -1,0 +1,50 @@
+"""The server's shared parts, passed explicitly (no global state)."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from dataclasses import dataclass, field
+
+from .auth import TokenVerifier
+from .config import ServerConfig
+from .permissions import PermissionStore, Role, may_subscribe
+from .routing import Broker, GroupKey, Router
+from .session import HubSession, SessionStats
+
+__all__ = ["App", "HUB_SCOPE", "PUBLISH_SCOPE"]
+
+log = logging.getLogger("hubserver")
+
+#: The scope the reference requires for the hubs, and ours for the publish API.
+HUB_SCOPE = "user_api.full_access"
+PUBLISH_SCOPE = "event_streaming.publish"
+
+
+@dataclass(slots=True, kw_only=True)
+class App:
+    """Everything a request handler needs; one per server."""
+
+    config: ServerConfig
+    verifier: TokenVerifier
+    store: PermissionStore
+    router: Router
+    broker: Broker
+    stats: SessionStats = field(default_factory=SessionStats)
+    is_ready: bool = False
+    is_draining: bool = False
+    _ids: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
+
+    def next_id(self) -> int:
+        return next(self._ids)
+
+    def join(self, session: HubSession) -> None:
+        self.router.add(session.key, session)
+
+    def leave(self, session: HubSession) -> None:
+        self.router.remove(session.key, session)
+
+    async def may_open(self, key: GroupKey, subject: str) -> bool:
+        """The site-role rule for opening ``key`` (unknown site and no role look alike)."""
+        role: Role | None = await self.store.role_of(key.site_id, subject)
+        return may_subscribe(role, subject=subject, user_id=key.user_id)

@@ -1,0 +1,81 @@
+"""Server configuration: one frozen dataclass, validated once at start."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from hubcore import HubError, HubLimits
+
+__all__ = ["ConfigError", "ServerConfig"]
+
+
+class ConfigError(HubError):
+    """The configuration cannot work (bad value, missing file, conflicting flags)."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ServerConfig:
+    """Everything ``serve`` needs; defaults are the embedded development setup.
+
+    Attributes:
+        host, port: where to listen (port 0 picks a free one).
+        data_dir: development key, SQLite permission store.
+        jwks_file, jwks_url: where verification keys come from; neither means
+            development mode (a key made in ``data_dir``).
+        issuer, audience: checked when set.
+        hub_limits: hubcore's message size limit and timers.
+        max_outbox_bytes: outbound bytes queued for one connection before it is
+            closed as too slow.
+        max_publish_bytes: largest publish request body (413 above).
+        drain_timeout: how long shutdown waits for connections to close.
+        request_timeout: how long a client may take to send a request head.
+        permission_poll_interval: how often the permission store is asked
+            whether grants changed (revocations reach open connections).
+        token_leeway: clock skew allowed on ``exp`` / ``nbf``.
+        demo: publish demo events and grant a demo Site Admin.
+    """
+
+    host: str = "127.0.0.1"
+    port: int = 5000
+    data_dir: Path = field(default_factory=lambda: Path(".hubserver"))
+    jwks_file: Path | None = None
+    jwks_url: str | None = None
+    issuer: str | None = None
+    audience: str | None = None
+    hub_limits: HubLimits = field(default_factory=HubLimits)
+    max_outbox_bytes: int = 1 << 20
+    max_publish_bytes: int = 1 << 20
+    drain_timeout: float = 10.0
+    request_timeout: float = 15.0
+    permission_poll_interval: float = 1.0
+    token_leeway: float = 30.0
+    demo: bool = False
+    demo_interval: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.jwks_file is not None and self.jwks_url is not None:
+            raise ConfigError("give --jwks-file or --jwks-url, not both")
+        if not 0 <= self.port <= 65535:
+            raise ConfigError(f"port must be 0..65535, got {self.port}")
+        if self.jwks_url is not None and not self.jwks_url.startswith(("http://", "https://")):
+            raise ConfigError("--jwks-url must be an http:// or https:// URL")
+        for name in ("max_outbox_bytes", "max_publish_bytes"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be positive")
+        for name in (
+            "drain_timeout",
+            "request_timeout",
+            "permission_poll_interval",
+            "token_leeway",
+            "demo_interval",
+        ):
+            value = getattr(self, name)
+            if not math.isfinite(value) or value < 0:
+                raise ConfigError(f"{name} must be a non-negative number of seconds")
+
+    @property
+    def is_dev_mode(self) -> bool:
+        """No JWKS configured: trust the development key in ``data_dir``."""
+        return self.jwks_file is None and self.jwks_url is None

@@ -1,0 +1,333 @@
+"""Routes of the one HTTP/1.1 port.
+
+- ``GET /healthz``: alive. ``GET /readyz``: ready to serve (not while starting
+  or draining).
+- ``GET /v1/hub/entries|incidents?site_id=S[&user_id=U]``: WebSocket upgrade to
+  a hub (skipNegotiation, as the reference's clients connect).
+- ``POST /v1/events/entries|incidents``: the publish API.
+
+Refusals before an upgrade are plain HTTP with a short ``text/plain`` body
+(spec §13: operators read them in logs and devtools); the publish API answers
+JSON. Every request is logged with ``access_token`` redacted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import Mapping
+from typing import Final
+from urllib.parse import parse_qsl, urlsplit
+
+import h11
+import trio
+import wsproto
+from wsproto.connection import Connection as WsConnection
+
+from hubserver.app import HUB_SCOPE, PUBLISH_SCOPE, App
+from hubserver.auth import AuthError, Claims, InvalidToken, extract_token, redact_url
+from hubserver.routing import GroupKey, Hub, PublishError, parse_publish_body
+from hubserver.session import HubSession
+from hubserver.transports import TransportError, UpgradeError, check_upgrade, websocket_accept
+
+from ._io import SERVER_HEADER, read_body, receive_event, send_json, send_response
+
+__all__ = ["handle_connection"]
+
+log = logging.getLogger("hubserver.http")
+
+MAX_HEADER_BYTES: Final = 16 * 1024
+HUB_PREFIX: Final = "/v1/hub/"
+EVENTS_PREFIX: Final = "/v1/events/"
+_HUBS: Final = {hub.value: hub for hub in Hub}
+_WWW_AUTHENTICATE: Final = (b"www-authenticate", b'Bearer error="invalid_token"')
+
+
+class _Refusal(Exception):
+    """Answer the request with ``status`` and ``text`` (internal control of this module)."""
+
+    def __init__(self, status: int, text: str) -> None:
+        super().__init__(text)
+        self.status = status
+        self.text = text
+
+
+def _parse_target(target: bytes) -> tuple[str, dict[str, str]]:
+    try:
+        text = target.decode("ascii")
+        parts = urlsplit(text)
+        pairs = parse_qsl(parts.query, keep_blank_values=True, errors="strict")
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise _Refusal(400, "malformed request target") from exc
+    query: dict[str, str] = {}
+    for name, value in pairs:
+        name = name.lower()  # ASP.NET Core matches query names case-insensitively
+        if name in query and name != "access_token":
+            raise _Refusal(400, f"query parameter '{name}' given more than once")
+        query[name] = value
+    return parts.path, query
+
+
+async def handle_connection(stream: trio.SocketStream, app: App) -> None:
+    """Serve one TCP connection: HTTP requests until it closes or upgrades."""
+    conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEADER_BYTES)
+    try:
+        while True:
+            with trio.move_on_after(app.config.request_timeout) as waiting:
+                event = await receive_event(stream, conn)
+            if waiting.cancelled_caught:
+                return  # no complete request in time (slowloris, or an idle keep-alive)
+            if await _handle_event(stream, conn, app, event):
+                return
+            if conn.our_state is h11.MUST_CLOSE or conn.their_state is h11.MUST_CLOSE:
+                return
+            try:
+                conn.start_next_cycle()
+            except h11.LocalProtocolError:
+                return
+    except h11.RemoteProtocolError as exc:
+        log.info("bad HTTP from %s: %s", _peer(stream), exc)
+        if conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):
+            status = exc.error_status_hint
+            text = f"bad request: {exc}\n".encode()
+            with contextlib.suppress(TransportError, h11.LocalProtocolError):
+                await send_response(stream, conn, status, text, close=True)
+    except TransportError as exc:
+        log.debug("connection from %s lost: %s", _peer(stream), exc)
+    finally:
+        with trio.move_on_after(1) as cleanup:
+            cleanup.shield = True
+            await stream.aclose()
+
+
+def _peer(stream: trio.SocketStream) -> str:
+    try:
+        host, port = stream.socket.getpeername()[:2]
+    except OSError:
+        return "?"
+    return f"{host}:{port}"
+
+
+async def _handle_event(
+    stream: trio.SocketStream, conn: h11.Connection, app: App, event: object
+) -> bool:
+    """Handle one request; True when the connection is done (upgraded or closed)."""
+    if isinstance(event, h11.ConnectionClosed) or event is h11.PAUSED:
+        return True
+    if not isinstance(event, h11.Request):
+        return True
+    target = redact_url(event.target.decode("ascii", "replace"))
+    started = trio.current_time()
+    try:
+        path, query = _parse_target(event.target)
+        if path.startswith(HUB_PREFIX):
+            status = await _hub(stream, conn, app, event, path, query)
+            if status == 101:
+                return True
+        elif path.startswith(EVENTS_PREFIX):
+            status = await _publish(stream, conn, app, event, path, query)
+        elif path == "/healthz":
+            status = await _simple(stream, conn, event, 200, "ok")
+        elif path == "/readyz":
+            ready = app.is_ready and not app.is_draining
+            status = await _simple(
+                stream, conn, event, 200 if ready else 503, "ready" if ready else "not ready"
+            )
+        else:
+            raise _Refusal(404, "not found")
+    except _Refusal as refusal:
+        status = refusal.status
+        headers = [_WWW_AUTHENTICATE] if status == 401 else []
+        await send_response(
+            stream,
+            conn,
+            status,
+            (refusal.text + "\n").encode(),
+            headers=headers,
+            close=event.method != b"GET",
+        )
+    log.info(
+        "%s %s -> %d (%.1f ms)",
+        event.method.decode("ascii", "replace"),
+        target,
+        status,
+        (trio.current_time() - started) * 1000,
+    )
+    return conn.our_state is h11.MUST_CLOSE
+
+
+async def _simple(
+    stream: trio.SocketStream, conn: h11.Connection, event: h11.Request, status: int, text: str
+) -> int:
+    if event.method not in (b"GET", b"HEAD"):
+        raise _Refusal(405, "method not allowed")
+    await _discard_body(stream, conn)
+    await send_response(stream, conn, status, (text + "\n").encode())
+    return status
+
+
+async def _discard_body(stream: trio.SocketStream, conn: h11.Connection) -> None:
+    if conn.their_state is h11.SEND_BODY and await read_body(stream, conn, 64 * 1024) is None:
+        raise _Refusal(413, "request body too large")
+
+
+async def _authenticate(app: App, event: h11.Request, query: Mapping[str, str]) -> Claims:
+    token = extract_token(event.headers, query)
+    if token is None:
+        raise _Refusal(401, "missing access token")
+    try:
+        return await app.verifier.verify(token, time.time())
+    except AuthError as exc:
+        raise _Refusal(
+            exc.status, f"unauthorized: {exc}" if isinstance(exc, InvalidToken) else str(exc)
+        ) from None
+
+
+def _hub_of(path: str, prefix: str) -> Hub:
+    hub = _HUBS.get(path[len(prefix) :].rstrip("/"))
+    if hub is None:
+        raise _Refusal(404, "not found")
+    return hub
+
+
+async def _hub(
+    stream: trio.SocketStream,
+    conn: h11.Connection,
+    app: App,
+    event: h11.Request,
+    path: str,
+    query: dict[str, str],
+) -> int:
+    hub = _hub_of(path, HUB_PREFIX)
+    if app.is_draining:
+        raise _Refusal(503, "server is shutting down")
+    try:
+        key = check_upgrade(event.method, event.headers)
+    except UpgradeError as exc:
+        if (
+            exc.status == 405
+            and event.method == b"POST"
+            and path.rstrip("/").endswith("/negotiate")
+        ):
+            raise _Refusal(
+                404,
+                "negotiate is not supported: connect with skipNegotiation "
+                "and the WebSockets transport",
+            ) from None
+        raise _Refusal(exc.status, str(exc)) from None
+    claims = await _authenticate(app, event, query)
+    if not claims.has_scope(HUB_SCOPE):
+        raise _Refusal(403, f"forbidden: the token lacks the '{HUB_SCOPE}' scope")
+    site_id = query.get("site_id", "")
+    if not site_id:
+        raise _Refusal(400, "the 'site_id' query parameter is required")
+    user_id = query.get("user_id")
+    if user_id is not None and not user_id:
+        raise _Refusal(400, "the 'user_id' query parameter must not be empty")
+    group = GroupKey(hub, site_id, user_id)
+    if not await app.may_open(group, claims.subject):
+        # The same answer for an unknown site and a site without rights: no enumeration.
+        raise _Refusal(403, "forbidden: no access to this stream")
+    response = h11.InformationalResponse(
+        status_code=101,
+        headers=[
+            (b"upgrade", b"websocket"),
+            (b"connection", b"Upgrade"),
+            (b"sec-websocket-accept", websocket_accept(key)),
+            SERVER_HEADER,
+        ],
+    )
+    try:
+        await stream.send_all(conn.send(response))
+    except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+        raise TransportError(f"connection lost: {exc}") from exc
+    trailing, _ = conn.trailing_data
+    ws = WsConnection(wsproto.ConnectionType.SERVER, trailing_data=bytes(trailing))
+    session = HubSession(
+        stream=stream,
+        ws=ws,
+        key=group,
+        subject=claims.subject,
+        limits=app.config.hub_limits,
+        max_outbox_bytes=app.config.max_outbox_bytes,
+        token_expires_at=claims.expires_at,
+        join=app.join,
+        leave=app.leave,
+        stats=app.stats,
+        session_id=app.next_id(),
+    )
+    log.info(
+        "session %d: %s hub, site stream%s, subject %s",
+        session.session_id,
+        hub.value,
+        "" if user_id is None else " of one user",
+        claims.subject[:64],
+    )
+    await session.run()
+    return 101
+
+
+async def _publish(
+    stream: trio.SocketStream,
+    conn: h11.Connection,
+    app: App,
+    event: h11.Request,
+    path: str,
+    query: dict[str, str],
+) -> int:
+    hub = _hub_of(path, EVENTS_PREFIX)
+    if event.method != b"POST":
+        raise _Refusal(405, "use POST")
+
+    async def fail(status: int, code: str, message: str, **extra: object) -> int:
+        headers = [_WWW_AUTHENTICATE] if status == 401 else []
+        await send_json(
+            stream,
+            conn,
+            status,
+            {"code": code, "message": message, **extra},
+            headers=headers,
+            close=conn.their_state is not h11.DONE,
+        )
+        return status
+
+    token = extract_token(event.headers, query)
+    if token is None:
+        return await fail(401, "unauthorized", "missing access token")
+    try:
+        claims = await app.verifier.verify(token, time.time())
+    except AuthError as exc:
+        return await fail(exc.status, "unauthorized" if exc.status == 401 else "error", str(exc))
+    if not claims.has_scope(PUBLISH_SCOPE):
+        return await fail(403, "forbidden", f"the token lacks the '{PUBLISH_SCOPE}' scope")
+    if app.is_draining:
+        return await fail(503, "unavailable", "server is shutting down")
+    limit = app.config.max_publish_bytes
+    for name, value in event.headers:
+        if name == b"content-length" and int(value) > limit:
+            return await fail(413, "too_large", f"the body is larger than {limit} bytes")
+    with trio.move_on_after(app.config.request_timeout) as reading:
+        body = await read_body(stream, conn, limit)
+    if reading.cancelled_caught:
+        return await fail(408, "timeout", "the request body did not arrive in time")
+    if body is None:
+        return await fail(413, "too_large", f"the body is larger than {limit} bytes")
+    try:
+        events = parse_publish_body(body)
+        published = await app.broker.publish(hub, events)
+    except PublishError as exc:
+        extra = {} if exc.index is None else {"index": exc.index}
+        log.info("publish refused: %s", exc)
+        return await fail(
+            exc.status,
+            "invalid_event" if exc.index is not None else "invalid_body",
+            str(exc),
+            **extra,
+        )
+    except (TypeError, ValueError) as exc:
+        return await fail(400, "invalid_body", f"an event cannot be encoded: {exc}")
+    await send_json(
+        stream, conn, 202, {"accepted": len(published), "ids": [e.event_id for e in published]}
+    )
+    return 202

@@ -1,0 +1,117 @@
+"""The broker: numbers events per site and hub, and fans them out.
+
+``Broker`` is the seam between the publish API and delivery. ``LocalBroker``
+is the in-process default: a sequence counter per (hub, site) and a
+``Router`` for the local subscribers. A backplane broker puts the numbering
+and the fan-out across nodes behind the same interface.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+from hubcore import Invocation, PreparedMessage
+
+from ._groups import GroupKey, Hub, Router
+
+__all__ = ["Broker", "LocalBroker", "StreamEvent", "encode_event"]
+
+#: The client method every event is delivered to (the reference's samples).
+TARGET = "ReceiveMessage"
+
+_compact = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StreamEvent:
+    """One published event, numbered and encoded for delivery.
+
+    ``message`` is the ``ReceiveMessage`` invocation carrying ``text`` (the
+    event as compact JSON), prepared once for every recipient.
+    """
+
+    hub: Hub
+    site_id: str
+    user_id: str | None
+    event_id: str
+    seq: int
+    text: str
+    message: PreparedMessage
+
+
+def encode_event(hub: Hub, event: dict[str, object], seq: int) -> StreamEvent:
+    """Add ``id`` (if absent) and ``seq`` to a validated event and prepare it."""
+    event_id = event.get("id")
+    if event_id is None:
+        event_id = event["id"] = uuid.uuid4().hex
+    event["seq"] = seq
+    text = _compact(event)
+    user_id = event.get("user_id")
+    return StreamEvent(
+        hub=hub,
+        site_id=str(event["site_id"]),
+        user_id=user_id if type(user_id) is str else None,
+        event_id=str(event_id),
+        seq=seq,
+        text=text,
+        message=PreparedMessage(Invocation(target=TARGET, arguments=(text,))),
+    )
+
+
+class Broker(Protocol):
+    """Where the publish API hands validated events."""
+
+    async def publish(self, hub: Hub, events: list[dict[str, object]]) -> list[StreamEvent]:
+        """Number, encode and deliver ``events`` in order; all or nothing."""
+        ...
+
+
+class LocalBroker:
+    """The in-process broker: one process, one sequence counter per site and hub.
+
+    Args:
+        router: the local subscriber groups.
+        clock: the caller's monotonic clock (``trio.current_time`` in the server).
+    """
+
+    def __init__(self, router: Router, clock: Callable[[], float]) -> None:
+        self._router = router
+        self._clock = clock
+        self._seq: dict[tuple[Hub, str], int] = {}
+        self.deliveries = 0
+
+    def next_seq(self, hub: Hub, site_id: str) -> int:
+        seq = self._seq.get((hub, site_id), 0) + 1
+        self._seq[(hub, site_id)] = seq
+        return seq
+
+    async def publish(self, hub: Hub, events: list[dict[str, object]]) -> list[StreamEvent]:
+        # Numbering and encoding happen before any delivery, so a value that
+        # cannot be encoded fails the whole request with nothing sent.
+        saved = dict(self._seq)
+        try:
+            stream = [
+                encode_event(hub, event, self.next_seq(hub, str(event["site_id"])))
+                for event in events
+            ]
+        except (TypeError, ValueError):
+            self._seq = saved
+            raise
+        self.deliver(stream)
+        return stream
+
+    def deliver(self, stream: list[StreamEvent]) -> None:
+        """Hand numbered events to local subscribers (site, then site-user group)."""
+        router = self._router
+        now = self._clock()
+        count = 0
+        for event in stream:
+            count += router.dispatch(GroupKey(event.hub, event.site_id), event.message, now)
+            if event.user_id is not None:
+                key = GroupKey(event.hub, event.site_id, event.user_id)
+                count += router.dispatch(key, event.message, now)
+        self.deliveries += count

@@ -1,0 +1,74 @@
+"""Groups of subscribers: one per (hub, site) and one per (hub, site, user)."""
+
+from __future__ import annotations
+
+import enum
+from typing import NamedTuple, Protocol
+
+from hubcore import PreparedMessage
+
+__all__ = ["GroupKey", "Hub", "Router", "Subscriber"]
+
+
+class Hub(enum.Enum):
+    """The two event hubs; entries and incidents are numbered separately."""
+
+    ENTRIES = "entries"
+    INCIDENTS = "incidents"
+
+
+class GroupKey(NamedTuple):
+    """A site stream (``user_id`` None) or a site-user stream."""
+
+    hub: Hub
+    site_id: str
+    user_id: str | None = None
+
+
+class Subscriber(Protocol):
+    """A connection that receives events; ``deliver`` must never block."""
+
+    def deliver(self, message: PreparedMessage, now: float) -> None: ...
+
+
+class Router:
+    """Maps groups to their local subscribers and hands each event to them.
+
+    Delivery is synchronous: every subscriber of the group gets the same
+    ``PreparedMessage`` (encoded once per protocol) before ``dispatch`` returns,
+    so per-group order is dispatch order.
+    """
+
+    __slots__ = ("_groups",)
+
+    def __init__(self) -> None:
+        # dict as an ordered set: delivery order is subscription order.
+        self._groups: dict[GroupKey, dict[Subscriber, None]] = {}
+
+    def add(self, key: GroupKey, subscriber: Subscriber) -> None:
+        self._groups.setdefault(key, {})[subscriber] = None
+
+    def remove(self, key: GroupKey, subscriber: Subscriber) -> None:
+        members = self._groups.get(key)
+        if members is not None:
+            members.pop(subscriber, None)
+            if not members:
+                del self._groups[key]
+
+    def count(self, key: GroupKey) -> int:
+        """Subscribers of one group."""
+        return len(self._groups.get(key, ()))
+
+    @property
+    def subscriber_count(self) -> int:
+        return sum(len(members) for members in self._groups.values())
+
+    def dispatch(self, key: GroupKey, message: PreparedMessage, now: float) -> int:
+        """Deliver ``message`` to every subscriber of ``key``; returns how many."""
+        members = self._groups.get(key)
+        if not members:
+            return 0
+        # A subscriber may leave the group while we deliver (a slow one is closed).
+        for subscriber in tuple(members):
+            subscriber.deliver(message, now)
+        return len(members)

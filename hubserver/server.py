@@ -1,0 +1,180 @@
+"""``serve``: listeners, background tasks and graceful shutdown, in one nursery tree.
+
+The root nursery owns the accept loop, the permission watcher and the demo
+publisher; connections live in a separate handler nursery, so shutdown can
+stop accepting first, then ask every hub connection to close (a Close that
+allows reconnect), then give them ``drain_timeout`` before cancelling.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from functools import partial
+
+import trio
+
+from hubcore import Close
+
+from .app import App
+from .auth import JwksCache, StaticKeys, TokenVerifier, ensure_dev_key, load_jwks_file
+from .config import ServerConfig
+from .http import handle_connection
+from .permissions import PermissionStore, SqlitePermissionStore
+from .routing import LocalBroker, Router
+from .session import ACCESS_REVOKED_TEXT
+
+__all__ = ["RunningServer", "build_verifier", "serve"]
+
+log = logging.getLogger("hubserver")
+
+SHUTDOWN_TEXT = None  # ASP.NET Core's graceful close carries no error text (spec §5)
+
+
+@dataclass(slots=True)
+class RunningServer:
+    """What ``serve`` reports through ``task_status.started``."""
+
+    port: int
+    app: App
+    _shutdown: trio.Event
+
+    def request_shutdown(self) -> None:
+        """Start a graceful shutdown (what SIGTERM and SIGINT do)."""
+        self._shutdown.set()
+
+
+def build_verifier(config: ServerConfig) -> TokenVerifier:
+    """The token verifier the configuration asks for (dev key when no JWKS)."""
+    if config.jwks_file is not None:
+        return StaticKeys(
+            keys=load_jwks_file(config.jwks_file),
+            issuer=config.issuer,
+            audience=config.audience,
+            leeway=config.token_leeway,
+        )
+    if config.jwks_url is not None:
+        return JwksCache(
+            config.jwks_url,
+            issuer=config.issuer,
+            audience=config.audience,
+            leeway=config.token_leeway,
+        )
+    dev = ensure_dev_key(config.data_dir)
+    if config.issuer is None and config.audience is None:
+        return dev.verifier(leeway=config.token_leeway)
+    return StaticKeys(
+        keys=dev.key_set(),
+        issuer=config.issuer,
+        audience=config.audience,
+        leeway=config.token_leeway,
+    )
+
+
+async def serve(
+    config: ServerConfig,
+    *,
+    store: PermissionStore | None = None,
+    verifier: TokenVerifier | None = None,
+    task_status: trio.TaskStatus[RunningServer] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run the server until a shutdown is requested and connections have drained.
+
+    Args:
+        config: the validated configuration.
+        store: the permission store; by default SQLite in ``config.data_dir``.
+        verifier: the token verifier; by default from ``config``.
+        task_status: receives a ``RunningServer`` once listening.
+    """
+    own_store = None
+    if store is None:
+        store = own_store = SqlitePermissionStore.open(config.data_dir)
+    try:
+        if verifier is None:
+            verifier = build_verifier(config)
+        router = Router()
+        app = App(
+            config=config,
+            verifier=verifier,
+            store=store,
+            router=router,
+            broker=LocalBroker(router, trio.current_time),
+        )
+        await _run(app, task_status)
+    finally:
+        if own_store is not None:
+            own_store.close()
+
+
+async def _run(app: App, task_status: trio.TaskStatus[RunningServer]) -> None:
+    config = app.config
+    listeners = await trio.open_tcp_listeners(config.port, host=config.host)
+    port = listeners[0].socket.getsockname()[1]
+    shutdown = trio.Event()
+    async with trio.open_nursery() as handlers:
+        async with trio.open_nursery() as root:
+            accept_scope = trio.CancelScope()
+
+            async def accept() -> None:
+                with accept_scope:
+                    await trio.serve_listeners(
+                        partial(_handle, app=app), listeners, handler_nursery=handlers
+                    )
+
+            root.start_soon(accept)
+            root.start_soon(_watch_permissions, app)
+            if config.demo:
+                from .demo import publish_demo_events
+
+                root.start_soon(publish_demo_events, app)
+            app.is_ready = True
+            log.info("listening on http://%s:%d", config.host, port)
+            task_status.started(RunningServer(port=port, app=app, _shutdown=shutdown))
+            await shutdown.wait()
+            log.info(
+                "shutting down: not ready, no new connections, closing %d hub connections",
+                app.stats.open,
+            )
+            app.is_draining = True
+            accept_scope.cancel()
+            root.cancel_scope.cancel()
+        await _drain(app)
+        handlers.cancel_scope.cancel()
+
+
+async def _handle(stream: trio.SocketStream, *, app: App) -> None:
+    try:
+        await handle_connection(stream, app)
+    except Exception:
+        # The per-connection boundary: one connection's bug never takes the server down.
+        log.exception("connection handler failed")
+
+
+async def _drain(app: App) -> None:
+    drained = app.stats.drained = trio.Event()
+    for session in list(app.stats.by_id.values()):
+        session.close(Close(error=SHUTDOWN_TEXT, allow_reconnect=True))
+    with trio.move_on_after(app.config.drain_timeout):
+        if app.stats.open:
+            await drained.wait()
+    if app.stats.open:
+        log.warning("drain timeout: %d connections still open, cutting them", app.stats.open)
+
+
+async def _watch_permissions(app: App) -> None:
+    """Re-check open connections whenever the grants change (revoke takes effect live)."""
+    interval = app.config.permission_poll_interval
+    if interval <= 0:
+        return
+    version = await app.store.version()
+    while True:
+        await trio.sleep(interval)
+        current = await app.store.version()
+        if current == version:
+            continue
+        version = current
+        for session in list(app.stats.by_id.values()):
+            if not await app.may_open(session.key, session.subject):
+                app.stats.revoked_closed += 1
+                log.info("session %d: access revoked, closing", session.session_id)
+                session.close(Close(error=ACCESS_REVOKED_TEXT, allow_reconnect=False))

@@ -1,0 +1,355 @@
+"""One hub connection over a WebSocket: a reader task and a writer task around hubcore.
+
+The reader goes stream -> wsproto -> hubcore -> dispatch. The writer is the
+only task that writes to the stream, so it needs no lock: it drains the
+outbox (whole hub messages, joined into one WebSocket frame per flush) and,
+when ``HubConnection.next_deadline()`` passes, sends what ``handle_timer``
+says (keep-alive Ping, timeout Close). Keep-alive therefore never waits
+behind an application message.
+
+Events reach the session through ``deliver``, called synchronously by the
+router for every event of the groups it joined. ``deliver`` never blocks: it
+appends the shared bytes to the outbox. A connection whose outbox grows past
+``max_outbox_bytes`` is closed with a Close that allows reconnect, and
+counted; it never slows anyone else.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Final
+
+import trio
+import wsproto
+import wsproto.events as ws_events
+from wsproto.connection import Connection as WsConnection
+from wsproto.connection import ConnectionState as WsState
+from wsproto.frame_protocol import CloseReason
+
+from hubcore import (
+    CancelInvocation,
+    Close,
+    Completion,
+    ConnectionClosed,
+    ConnectionState,
+    HandshakeRequest,
+    HandshakeResponse,
+    HubConnection,
+    HubLimits,
+    Invocation,
+    LocalProtocolError,
+    PreparedMessage,
+    RemoteProtocolError,
+    StreamInvocation,
+    TransferFormat,
+)
+
+from .routing import GroupKey
+from .transports import OPCODE_BINARY, OPCODE_TEXT, server_frame
+
+__all__ = ["HubSession", "SessionStats"]
+
+log = logging.getLogger("hubserver.session")
+
+RECEIVE_BYTES: Final = 65536
+#: How long we wait for the peer's closing handshake (ASP.NET Core: 5 s).
+CLOSE_TIMEOUT: Final = 5.0
+SLOW_CLIENT_TEXT: Final = "Connection closed: the client did not keep up with the event stream."
+TOKEN_EXPIRED_TEXT: Final = "The access token expired."
+ACCESS_REVOKED_TEXT: Final = "Access to this stream was revoked."
+
+
+def _method_missing(target: str) -> str:
+    # What ASP.NET Core answers for an unknown hub method (spec §3.3).
+    return (
+        f"Failed to invoke '{target}' due to an error on the server. "
+        "HubException: Method does not exist."
+    )
+
+
+@dataclass(slots=True)
+class SessionStats:
+    """Counters shared by all sessions of a server (read by tests and /metrics)."""
+
+    open: int = 0
+    opened: int = 0
+    slow_closed: int = 0
+    expired_closed: int = 0
+    revoked_closed: int = 0
+    protocol_errors: int = 0
+    by_id: dict[int, HubSession] = field(default_factory=dict)
+    #: Set by the server when it drains; fired when the last session ends.
+    drained: trio.Event | None = None
+
+
+class HubSession:
+    """A subscriber connection to one group, after a successful upgrade.
+
+    Args:
+        stream: the TCP stream, already switched to WebSocket.
+        ws: wsproto's connection for frame parsing and control frames.
+        key: the group this connection receives.
+        token_expires_at: the token's ``exp`` in unix seconds, or None.
+        join / leave: add to / remove from the router (called once each).
+    """
+
+    def __init__(
+        self,
+        *,
+        stream: trio.abc.Stream,
+        ws: WsConnection,
+        key: GroupKey,
+        subject: str,
+        limits: HubLimits,
+        max_outbox_bytes: int,
+        token_expires_at: float | None,
+        join: Callable[[HubSession], None],
+        leave: Callable[[HubSession], None],
+        stats: SessionStats,
+        session_id: int,
+    ) -> None:
+        now = trio.current_time()
+        self.key = key
+        self.subject = subject
+        self.session_id = session_id
+        self._stream = stream
+        self._ws = ws
+        self._hub = HubConnection(now=now, limits=limits)
+        self._max_outbox_bytes = max_outbox_bytes
+        self._join = join
+        self._leave = leave
+        self._stats = stats
+        self._joined = False
+        self._opcode = OPCODE_TEXT
+        self._outbox: list[bytes] = []
+        self._outbox_bytes = 0
+        self._control: list[bytes] = []  # pre-framed WebSocket control frames
+        self._lot = trio.lowlevel.ParkingLot()
+        self._finishing = False
+        self._peer_closed = False
+        self._scope = trio.CancelScope()
+        self._token_deadline = math.inf
+        if token_expires_at is not None:
+            self._token_deadline = now + (token_expires_at - time.time())
+
+    # -- delivery (called by the router, synchronously) --------------------------
+
+    def deliver(self, message: PreparedMessage, now: float) -> None:
+        if self._finishing:
+            return
+        data = self._hub.send(message, now)
+        self._outbox.append(data)
+        self._outbox_bytes += len(data)
+        if self._outbox_bytes > self._max_outbox_bytes:
+            self._stats.slow_closed += 1
+            log.warning(
+                "session %d: closing slow client (%d bytes queued)",
+                self.session_id,
+                self._outbox_bytes,
+            )
+            self._outbox.clear()
+            self._outbox_bytes = 0
+            self.close(Close(error=SLOW_CLIENT_TEXT, allow_reconnect=True))
+            return
+        self._lot.unpark()
+
+    def close(self, message: Close) -> None:
+        """Send ``message`` after what is queued, then end the connection."""
+        if self._finishing:
+            return
+        self._leave_group()
+        state = self._hub.state
+        if state in (ConnectionState.OPEN, ConnectionState.CLOSING, ConnectionState.ERROR):
+            with contextlib.suppress(LocalProtocolError):  # already closed: nothing to say
+                self._queue(self._hub.send(message, trio.current_time()))
+        self._finish()
+
+    # -- internals -----------------------------------------------------------------
+
+    def _queue(self, data: bytes) -> None:
+        if data:
+            self._outbox.append(data)
+            self._outbox_bytes += len(data)
+            self._lot.unpark()
+
+    def _finish(self) -> None:
+        if not self._finishing:
+            self._finishing = True
+            # From here the session has CLOSE_TIMEOUT to say goodbye, however
+            # the peer behaves (a slow reader, a silent one).
+            self._scope.deadline = min(self._scope.deadline, trio.current_time() + CLOSE_TIMEOUT)
+        self._leave_group()
+        self._lot.unpark()
+
+    def _leave_group(self) -> None:
+        if self._joined:
+            self._joined = False
+            self._leave(self)
+
+    async def run(self) -> None:
+        """Serve the connection until it closes; never raises for peer behaviour."""
+        self._stats.open += 1
+        self._stats.opened += 1
+        self._stats.by_id[self.session_id] = self
+        try:
+            with self._scope:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._writer)
+                    await self._reader()
+                    self._finish()
+        finally:
+            self._leave_group()
+            self._stats.open -= 1
+            self._stats.by_id.pop(self.session_id, None)
+            if self._stats.open == 0 and self._stats.drained is not None:
+                self._stats.drained.set()
+            with trio.move_on_after(1) as cleanup:
+                cleanup.shield = True
+                await self._stream.aclose()
+
+    async def _reader(self) -> None:
+        ws = self._ws
+        # Bytes that came with the upgrade request were given to wsproto already.
+        self._on_ws_events()
+        while not self._peer_closed:
+            try:
+                data = await self._stream.receive_some(RECEIVE_BYTES)
+            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                log.info("session %d: transport lost: %s", self.session_id, exc)
+                data = b""
+            if not data:
+                self._peer_closed = True
+                self._on_eof()
+                return
+            try:
+                ws.receive_data(bytes(data))
+            except wsproto.utilities.RemoteProtocolError as exc:
+                log.info("session %d: bad WebSocket data: %s", self.session_id, exc)
+                self._peer_closed = True
+                self._on_eof()
+                return
+            self._on_ws_events()
+
+    def _on_eof(self) -> None:
+        hub = self._hub
+        if hub.state is not ConnectionState.CLOSED:
+            hub.receive_eof(trio.current_time())
+            self._on_hub_events()
+        self._finish()
+
+    def _on_ws_events(self) -> None:
+        now = trio.current_time()
+        hub = self._hub
+        for event in self._ws.events():
+            if isinstance(event, ws_events.TextMessage):
+                if not self._finishing:
+                    hub.receive_data(event.data.encode(), now)
+            elif isinstance(event, ws_events.BytesMessage):
+                if not self._finishing:
+                    hub.receive_data(event.data, now)
+            elif isinstance(event, ws_events.Ping):
+                self._control.append(self._ws.send(event.response()))
+                self._lot.unpark()
+            elif isinstance(event, ws_events.CloseConnection):
+                # The peer closed the WebSocket: answer its close frame and stop.
+                self._peer_closed = True
+                if self._ws.state is WsState.REMOTE_CLOSING:
+                    self._control.append(self._ws.send(event.response()))
+                if hub.state is not ConnectionState.CLOSED:
+                    hub.receive_eof(now)
+                self._on_hub_events()
+                self._finish()
+                return
+        self._on_hub_events()
+
+    def _on_hub_events(self) -> None:
+        hub = self._hub
+        now = trio.current_time()
+        while not self._finishing:
+            try:
+                event = hub.next_event()
+            except RemoteProtocolError as exc:
+                self._stats.protocol_errors += 1
+                log.info("session %d: protocol error: %s", self.session_id, exc)
+                if exc.handshake_error is not None:
+                    self._queue(hub.send(HandshakeResponse(error=exc.handshake_error), now))
+                    self._finish()
+                else:
+                    self.close(exc.close_hint)
+                return
+            if event is None:
+                return
+            match event:
+                case HandshakeRequest():
+                    protocol = hub.protocol
+                    assert protocol is not None
+                    # ASP.NET Core picks the frame type before writing the response.
+                    if protocol.transfer_format is TransferFormat.BINARY:
+                        self._opcode = OPCODE_BINARY
+                    self._queue(hub.send(HandshakeResponse(), now))
+                    self._joined = True
+                    self._join(self)
+                case Invocation() | StreamInvocation():
+                    # These hubs have no server methods yet; answer like ASP.NET Core.
+                    if event.invocation_id is not None:
+                        reply = Completion.with_error(
+                            event.invocation_id, _method_missing(event.target)
+                        )
+                        self._queue(hub.send(reply, now))
+                case Close():
+                    self.close(Close())
+                case ConnectionClosed():
+                    self._finish()
+                case CancelInvocation() | _:
+                    pass  # Ping, Ack, Sequence, StreamItem, Completion: nothing to do
+
+    async def _writer(self) -> None:
+        try:
+            await self._write_loop()
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            log.info("session %d: peer went away while we were sending", self.session_id)
+            self._peer_closed = True
+            self._scope.cancel()
+            return
+        if self._peer_closed:
+            self._scope.cancel()  # nothing more will come: do not wait for the reader
+
+    async def _write_loop(self) -> None:
+        hub = self._hub
+        stream = self._stream
+        while True:
+            if not self._outbox and not self._control and not self._finishing:
+                deadline = min(hub.next_deadline() or math.inf, self._token_deadline)
+                with trio.move_on_at(deadline):
+                    await self._lot.park()
+                now = trio.current_time()
+                if now >= self._token_deadline and not self._finishing:
+                    self._stats.expired_closed += 1
+                    self.close(Close(error=TOKEN_EXPIRED_TEXT, allow_reconnect=True))
+                else:
+                    timer = hub.next_deadline()
+                    if timer is not None and now >= timer:
+                        self._queue(hub.handle_timer(now))
+                        if hub.state is ConnectionState.CLOSED:
+                            log.info("session %d: timed out", self.session_id)
+                            self._finish()
+            if self._control:
+                control = b"".join(self._control)
+                self._control.clear()
+                await stream.send_all(control)
+            if self._outbox:
+                outbox = self._outbox
+                payload = b"".join(outbox) if len(outbox) > 1 else outbox[0]
+                outbox.clear()
+                self._outbox_bytes = 0
+                await stream.send_all(server_frame(self._opcode, payload))
+            if self._finishing and not self._outbox and not self._control:
+                break
+        if self._ws.state is WsState.OPEN:
+            close = ws_events.CloseConnection(code=CloseReason.NORMAL_CLOSURE)
+            await stream.send_all(self._ws.send(close))
