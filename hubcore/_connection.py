@@ -35,9 +35,10 @@ from ._events import (
     Ping,
     Sequence,
 )
-from ._framing import Buffer, find_text_record
+from ._framing import RECORD_SEPARATOR, Buffer, find_text_record
 from ._handshake import (
     HANDSHAKE_CANCELED,
+    HANDSHAKE_FAILED,
     parse_handshake_request,
     parse_handshake_response,
     unsupported_protocol,
@@ -282,14 +283,19 @@ class HubConnection:
             self._replay_bytes -= len(replay.popleft()[1])
 
     def _next_handshake_event(self) -> Event | None:
-        if self._request is not None and self._role is Role.SERVER:
-            return None  # the application has yet to send its HandshakeResponse
+        if (self._request is not None) is (self._role is Role.SERVER):
+            # Server: the application has yet to send its HandshakeResponse.
+            # Client: nothing to parse before our request chose a protocol.
+            return None
         buffer = self._buffer
         try:
             found = find_text_record(buffer.data, buffer.offset, self._limits.max_message_bytes)
         except RemoteProtocolError as exc:
-            # ASP.NET Core cancels a handshake longer than the message limit.
-            raise RemoteProtocolError(str(exc), handshake_error=HANDSHAKE_CANCELED) from exc
+            # ASP.NET Core cancels a handshake longer than the message limit; an
+            # empty record is just a malformed handshake.
+            empty = buffer.data.startswith(RECORD_SEPARATOR, buffer.offset)
+            text = HANDSHAKE_FAILED if empty else HANDSHAKE_CANCELED
+            raise RemoteProtocolError(str(exc), handshake_error=text) from exc
         if found is None:
             return None
         payload = buffer.take(*found)
@@ -348,14 +354,16 @@ class HubConnection:
             return self._send_handshake_response(event, now)
         if type(event) is HandshakeRequest:
             return self._send_handshake_request(event, now)
+        self._state = ConnectionState.ERROR
         raise LocalProtocolError(f"cannot send {type(event).__name__}")
 
     def _send_message(self, message: HubMessage, now: float) -> bytes:
         protocol = self._protocol
         if type(message) is Close:
-            self._move(Move.SEND_CLOSE)
             if protocol is None:
+                self._state = ConnectionState.ERROR
                 raise LocalProtocolError("cannot send Close before the handshake chose a protocol")
+            self._move(Move.SEND_CLOSE)
             return protocol.write_message(message)
         self._move(Move.SEND_MESSAGE)
         assert protocol is not None  # OPEN implies a protocol
@@ -379,6 +387,7 @@ class HubConnection:
 
     def _send_handshake_response(self, response: HandshakeResponse, now: float) -> bytes:
         if self._role is not Role.SERVER:
+            self._state = ConnectionState.ERROR
             raise LocalProtocolError("only a server sends a handshake response")
         if response.error is None:
             if self._request is None:
@@ -395,7 +404,11 @@ class HubConnection:
         if self._role is not Role.CLIENT or self._request is not None:
             self._state = ConnectionState.ERROR
             raise LocalProtocolError("only a client sends the handshake request, once")
-        self._protocol = get_protocol(request.protocol)
+        try:
+            self._protocol = get_protocol(request.protocol)
+        except LocalProtocolError:
+            self._state = ConnectionState.ERROR
+            raise
         self._move(Move.SEND_HANDSHAKE_REQUEST)
         self._request = request
         self._stateful = self._allow_stateful and request.version >= 2

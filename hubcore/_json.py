@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import base64
 import json
+import math
 from collections.abc import Callable, Mapping
 from collections.abc import Sequence as Seq
 from typing import Final, cast
@@ -157,10 +158,29 @@ def loads_json(payload: bytes) -> object:
                 return orjson.loads(payload)
             except orjson.JSONDecodeError:
                 pass  # the stdlib decides, so both paths accept the same documents
-        return json.loads(payload)
+        # Strict UTF-8 (spec §1.1): json.loads(bytes) would also take UTF-16/32, a
+        # BOM and UTF-8-encoded surrogates, which orjson and ASP.NET Core refuse.
+        return json.loads(
+            payload.decode("utf-8"),
+            parse_constant=_reject_constant,
+            parse_float=_finite_float,
+        )
     except (ValueError, RecursionError) as exc:
         # JSONDecodeError and UnicodeDecodeError are ValueErrors.
         raise RemoteProtocolError(f"Invalid JSON: {_short(exc)}") from exc
+
+
+def _reject_constant(name: str) -> object:
+    # NaN and Infinity are not JSON (RFC 8259), and the official clients refuse them.
+    raise ValueError(f"{name} is not a JSON value")
+
+
+def _finite_float(text: str) -> float:
+    # "1e400" overflows to infinity, which no JSON writer (ours included) can send back.
+    value = float(text)
+    if math.isinf(value):
+        raise ValueError("number is infinity when parsed as double")
+    return value
 
 
 def _short(exc: BaseException) -> str:

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import json
-from http import HTTPStatus
 from collections.abc import Sequence
+from http import HTTPStatus
 
 import h11
 import trio
