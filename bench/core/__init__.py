@@ -1,0 +1,1 @@
+"""Loop-free profiles: seeded codec throughput, no sockets and no event loop."""
