@@ -99,7 +99,7 @@ def _check_target(cls: type, value: object) -> None:
 
 
 def _freeze_headers(cls: type, headers: object) -> Mapping[str, str]:
-    if headers is _NO_HEADERS:
+    if headers is _NO_HEADERS or (type(headers) is dict and not headers):
         return _NO_HEADERS
     if not isinstance(headers, Mapping):
         raise _fail(cls, "headers must be a mapping of str to str", headers)
@@ -120,7 +120,7 @@ def _freeze_values(cls: type, name: str, values: object) -> tuple[Value, ...]:
 
 
 def _freeze_stream_ids(cls: type, values: object) -> tuple[str, ...]:
-    if values == ():
+    if values == () or (type(values) is list and not values):
         return ()
     if not isinstance(values, list | tuple):
         raise _fail(cls, "stream_ids must be a list or tuple of str", values)

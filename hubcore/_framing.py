@@ -74,44 +74,42 @@ def find_binary_record(data: Bytes, offset: int, max_message_bytes: int) -> Foun
 
 
 class Buffer:
-    """An append-only receive buffer with a read offset.
+    """The receive buffer: unread bytes and a read offset.
 
-    Consumed bytes are dropped lazily (when more than half is dead) so that a
-    chunk holding many records is split in linear time.
+    While records arrive whole (the common case), the chunk received is kept
+    as is and records are sliced straight out of it: one copy per record.
+    Only a record split across chunks makes the buffer a ``bytearray``.
+    Consumed bytes are dropped when a new chunk arrives, so a chunk holding
+    many records is split in linear time.
     """
 
-    __slots__ = ("_data", "offset")
+    __slots__ = ("data", "offset")
 
     def __init__(self) -> None:
-        self._data = bytearray()
+        self.data: bytes | bytearray = b""
         self.offset = 0
 
-    @property
-    def data(self) -> bytearray:
-        """The buffered bytes; only ``data[offset:]`` is unread."""
-        return self._data
-
     def __len__(self) -> int:
-        return len(self._data) - self.offset
+        return len(self.data) - self.offset
 
-    def append(self, data: Bytes) -> None:
-        if self.offset and self.offset * 2 >= len(self._data):
-            del self._data[: self.offset]
-            self.offset = 0
-        self._data += data
+    def append(self, chunk: Bytes) -> None:
+        if self.offset >= len(self.data):
+            self.data = bytes(chunk)
+        else:
+            rest = bytearray(self.data[self.offset :]) if self.offset else self.data
+            if type(rest) is bytes:
+                rest = bytearray(rest)
+            rest += chunk
+            self.data = rest
+        self.offset = 0
 
     def take(self, start: int, end: int, next_offset: int) -> bytes:
         """Return ``data[start:end]`` and move the offset to ``next_offset``."""
-        payload = bytes(self._data[start:end])
+        data = self.data
+        payload = data[start:end] if type(data) is bytes else bytes(data[start:end])
         self.offset = next_offset
         return payload
 
-    def take_rest(self) -> bytes:
-        """Return and forget everything unread."""
-        rest = bytes(self._data[self.offset :])
-        self.clear()
-        return rest
-
     def clear(self) -> None:
-        self._data = bytearray()
+        self.data = b""
         self.offset = 0

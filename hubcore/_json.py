@@ -3,8 +3,11 @@
 Writing follows ASP.NET Core's key order (type, headers, invocationId, target,
 arguments, streamIds / item / error|result) in compact form with non-ASCII
 escaped, as System.Text.Json's default encoder does; escaping also keeps lone
-surrogates writable and 0x1E out of the text. Reading accepts any key order,
-skips unknown keys and ignores unknown message types.
+surrogates writable and 0x1E out of the text. The one exception is the
+broadcast shape (an invocation with a single string argument), whose string is
+written as UTF-8 by orjson for speed; JSON readers cannot tell the difference.
+Reading accepts any key order, skips unknown keys and ignores unknown message
+types.
 
 Inbound records are parsed with orjson, about three times faster than the
 stdlib; a record holding a run of 19 or more digits goes to the stdlib instead,
@@ -43,6 +46,7 @@ from ._events import (
 __all__ = ["parse_json_record", "write_json_message"]
 
 RS: Final = b"\x1e"
+_INVOCATION: Final = 1  # plain ints: comparing to an IntEnum member costs 7x more
 # Digits become "0" so that one fast ``find`` spots a run of 19: a regex is ~5x slower.
 _DIGITS_TO_ZERO: Final = bytes.maketrans(b"123456789", b"000000000")
 _LONG_DIGIT_RUN: Final = b"0" * 19
@@ -82,10 +86,16 @@ def _invocation_head(target: str) -> bytes:
     return head
 
 
-def _arguments(arguments: Seq[Value]) -> str:
+def _arguments(arguments: Seq[Value]) -> bytes:
     if len(arguments) == 1 and type(arguments[0]) is str:
-        return "[" + _quote(arguments[0]) + "]"
-    return _encode_value(list(arguments))
+        # The broadcast case: one string (an event as JSON text). orjson quotes
+        # it ~5x faster than the stdlib, as UTF-8; it refuses lone surrogates,
+        # which the stdlib writes escaped.
+        try:
+            return b"[" + orjson.dumps(arguments[0]) + b"]"
+        except orjson.JSONEncodeError:
+            return ("[" + _quote(arguments[0]) + "]").encode("ascii")
+    return _encode_value(list(arguments)).encode("ascii")
 
 
 def write_json_message(message: HubMessage) -> bytes:
@@ -101,7 +111,7 @@ def write_json_message(message: HubMessage) -> bytes:
         and not message.stream_ids
     ):
         head = _invocation_head(message.target)
-        return head + _arguments(message.arguments).encode("ascii") + b"}" + RS
+        return head + _arguments(message.arguments) + b"}" + RS
     if type(message) is Ping:
         return _PING
     return _encode_value(_to_object(message)).encode("ascii") + RS
@@ -295,7 +305,28 @@ def _stream_ids(obj: dict[str, Value]) -> list[str]:
 
 
 def _from_object(kind: int, obj: dict[str, Value]) -> HubMessage | None:
-    if kind == MessageType.INVOCATION:
+    if kind == _INVOCATION:
+        # The common shape (no headers, no stream ids) skips the field helpers;
+        # anything unusual takes the checked path below for its error message.
+        target = obj.get("target")
+        arguments = obj.get("arguments")
+        invocation_id = obj.get("invocationId")
+        if (
+            type(target) is str
+            and target
+            and type(arguments) is list
+            and (invocation_id is None or type(invocation_id) is str)
+            and "headers" not in obj
+            and "streamIds" not in obj
+        ):
+            return Invocation(
+                target=target, arguments=tuple(arguments), invocation_id=invocation_id or None
+            )
+    return _from_object_checked(kind, obj)
+
+
+def _from_object_checked(kind: int, obj: dict[str, Value]) -> HubMessage | None:
+    if kind == _INVOCATION:
         return Invocation(
             target=_string(obj, "target"),
             arguments=_array(obj, "arguments"),

@@ -12,6 +12,7 @@ and an ``ExtType`` is not a ``Value`` the rest of the stack can carry.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Mapping
 from typing import Final
 
@@ -36,6 +37,7 @@ from ._varint import encode_varint
 
 __all__ = ["parse_msgpack_record", "write_msgpack_message"]
 
+_INVOCATION: Final = 1  # plain ints: comparing to an IntEnum member costs 7x more
 _ERROR_RESULT: Final = 1
 _VOID_RESULT: Final = 2
 _NON_VOID_RESULT: Final = 3
@@ -46,10 +48,24 @@ _INVOCATION_HEADS: dict[str, bytes] = {}
 _MAX_CACHED_HEADS: Final = 1024
 
 
+# packb() builds a Packer per call (~0.7 us); a reused one packs in ~0.1 us. A
+# Packer is not thread-safe, so each thread that embeds hubcore gets its own.
+_local = threading.local()
+
+
+def _packer() -> msgpack.Packer:
+    packer: msgpack.Packer | None = getattr(_local, "packer", None)
+    if packer is None:
+        packer = _local.packer = msgpack.Packer(use_bin_type=True, autoreset=True)
+    return packer
+
+
 def _pack(value: object) -> bytes:
     try:
-        return msgpack.packb(value, use_bin_type=True)  # type: ignore[no-any-return]
+        return _packer().pack(value)  # type: ignore[no-any-return]
     except (TypeError, ValueError, OverflowError, RecursionError) as exc:
+        # A failed pack may leave partial data behind: start the next one clean.
+        _local.packer = None
         raise LocalProtocolError(f"value cannot be written as MessagePack: {exc}") from exc
 
 
@@ -252,7 +268,27 @@ class _Fields:
 
 
 def _from_array(kind: int, arr: list[Value]) -> HubMessage | None:
-    if kind == MessageType.INVOCATION:
+    if kind == _INVOCATION and 5 <= len(arr) <= 6:
+        # The common shape (no headers, no stream ids) skips the field helpers;
+        # anything unusual takes the checked path below for its error message.
+        headers, invocation_id, target, arguments = arr[1:5]
+        if (
+            type(headers) is dict
+            and not headers
+            and type(target) is str
+            and target
+            and type(arguments) is list
+            and (invocation_id is None or type(invocation_id) is str)
+            and (len(arr) == 5 or arr[5] is None or arr[5] == [])
+        ):
+            return Invocation(
+                target=target, arguments=tuple(arguments), invocation_id=invocation_id or None
+            )
+    return _from_array_checked(kind, arr)
+
+
+def _from_array_checked(kind: int, arr: list[Value]) -> HubMessage | None:
+    if kind == _INVOCATION:
         f = _Fields(arr, "Invocation")
         return Invocation(
             headers=f.headers(),

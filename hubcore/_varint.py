@@ -50,8 +50,15 @@ def decode_varint(data: bytes | bytearray | memoryview, offset: int) -> tuple[in
         RemoteProtocolError: a fifth byte above 0x07 or with its high bit set
             ("messages over 2GB not supported").
     """
-    value = 0
     end = len(data)
+    # One- and two-byte prefixes (records under 16 KiB) are nearly all of them.
+    if offset < end:
+        first = data[offset]
+        if first < 0x80:
+            return first, offset + 1
+        if offset + 1 < end and data[offset + 1] < 0x80:
+            return (first & 0x7F) | (data[offset + 1] << 7), offset + 2
+    value = 0
     for index in range(MAX_VARINT_BYTES):
         pos = offset + index
         if pos >= end:
