@@ -87,10 +87,13 @@ async def handle_connection(stream: trio.SocketStream, app: App) -> None:
             except h11.LocalProtocolError:
                 return
     except h11.RemoteProtocolError as exc:
-        log.info("bad HTTP from %s: %s", _peer(stream), exc)
+        # h11 quotes the offending line ("illegal request line: b'GET ...'"), which
+        # may carry an access_token or an Authorization header: keep only the verdict.
+        reason = str(exc).partition(":")[0]
+        log.info("bad HTTP from %s: %s", _peer(stream), reason)
         if conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):
             status = exc.error_status_hint
-            text = f"bad request: {exc}\n".encode()
+            text = f"bad request: {reason}\n".encode()
             with contextlib.suppress(TransportError, h11.LocalProtocolError):
                 await send_response(stream, conn, status, text, close=True)
     except TransportError as exc:
@@ -139,6 +142,8 @@ async def _handle_event(
     except _Refusal as refusal:
         status = refusal.status
         headers = [_WWW_AUTHENTICATE] if status == 401 else []
+        if status == 426:  # RFC 6455 §4.2.2: name the versions we understand
+            headers.append((b"sec-websocket-version", b"13"))
         await send_response(
             stream,
             conn,

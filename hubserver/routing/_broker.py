@@ -16,6 +16,7 @@ from typing import Protocol
 
 from hubcore import Invocation, PreparedMessage
 
+from ._events import PublishError
 from ._groups import GroupKey, Hub, Router
 
 __all__ = ["Broker", "LocalBroker", "StreamEvent", "encode_event"]
@@ -50,6 +51,10 @@ def encode_event(hub: Hub, event: dict[str, object], seq: int) -> StreamEvent:
         event_id = event["id"] = uuid.uuid4().hex
     event["seq"] = seq
     text = _compact(event)
+    if not text.isascii():
+        # A lone surrogate ("\ud800" is valid JSON) cannot go out as UTF-8, and
+        # delivery encodes lazily: fail here, while publish can still undo it all.
+        text.encode("utf-8")
     user_id = event.get("user_id")
     return StreamEvent(
         hub=hub,
@@ -93,14 +98,16 @@ class LocalBroker:
         # Numbering and encoding happen before any delivery, so a value that
         # cannot be encoded fails the whole request with nothing sent.
         saved = dict(self._seq)
+        stream: list[StreamEvent] = []
         try:
-            stream = [
-                encode_event(hub, event, self.next_seq(hub, str(event["site_id"])))
-                for event in events
-            ]
-        except (TypeError, ValueError):
+            for event in events:
+                stream.append(encode_event(hub, event, self.next_seq(hub, str(event["site_id"]))))
+        except (TypeError, ValueError) as exc:
             self._seq = saved
-            raise
+            index = len(stream)
+            raise PublishError(
+                f"event {index}: cannot be encoded ({type(exc).__name__})", index=index
+            ) from exc
         self.deliver(stream)
         return stream
 

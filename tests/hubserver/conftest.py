@@ -92,3 +92,12 @@ async def shutdown_after(server: RunningServer) -> AsyncIterator[None]:
         yield
     finally:
         server.request_shutdown()
+
+
+@pytest.fixture(scope="session")
+def shared_dev_key(tmp_path_factory: pytest.TempPathFactory) -> DevKey:
+    """One development key for the whole run: RSA key generation costs ~0.1 s a test.
+
+    A test module opts in by overriding ``dev_key`` with it (the test_server_* files do).
+    """
+    return ensure_dev_key(tmp_path_factory.mktemp("shared-dev-key"))
