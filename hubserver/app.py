@@ -11,6 +11,7 @@ from .config import ServerConfig
 from .permissions import PermissionStore, Role, may_subscribe
 from .routing import Broker, GroupKey, Router
 from .session import HubSession, SessionStats
+from .transports.negotiate import Negotiations
 
 __all__ = ["App", "HUB_SCOPE", "PUBLISH_SCOPE"]
 
@@ -31,6 +32,7 @@ class App:
     router: Router
     broker: Broker
     stats: SessionStats = field(default_factory=SessionStats)
+    negotiations: Negotiations = field(default_factory=Negotiations)
     is_ready: bool = False
     is_draining: bool = False
     _ids: itertools.count[int] = field(default_factory=lambda: itertools.count(1))

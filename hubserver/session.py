@@ -60,7 +60,6 @@ RECEIVE_BYTES: Final = 65536
 #: How long we wait for the peer's closing handshake (ASP.NET Core: 5 s).
 CLOSE_TIMEOUT: Final = 5.0
 SLOW_CLIENT_TEXT: Final = "Connection closed: the client did not keep up with the event stream."
-TOKEN_EXPIRED_TEXT: Final = "The access token expired."
 ACCESS_REVOKED_TEXT: Final = "Access to this stream was revoked."
 
 
@@ -330,7 +329,9 @@ class HubSession:
                 now = trio.current_time()
                 if now >= self._token_deadline and not self._finishing:
                     self._stats.expired_closed += 1
-                    self.close(Close(error=TOKEN_EXPIRED_TEXT, allow_reconnect=True))
+                    # ASP.NET Core's close on authentication expiry: no error text,
+                    # reconnect allowed, so clients come back with a fresh token (spec §5).
+                    self.close(Close(allow_reconnect=True))
                 else:
                     timer = hub.next_deadline()
                     if timer is not None and now >= timer:

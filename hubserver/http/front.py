@@ -30,6 +30,7 @@ from hubserver.auth import AuthError, Claims, InvalidToken, extract_token, redac
 from hubserver.routing import GroupKey, Hub, PublishError, parse_publish_body
 from hubserver.session import HubSession
 from hubserver.transports import TransportError, UpgradeError, check_upgrade, websocket_accept
+from hubserver.transports.negotiate import negotiate_body
 
 from ._io import SERVER_HEADER, read_body, receive_event, send_json, send_response
 
@@ -123,6 +124,11 @@ async def _handle_event(
     target = redact_url(event.target.decode("ascii", "replace"))
     started = trio.current_time()
     try:
+        # h11 bounds only a head still incomplete; one that arrived whole in a
+        # single read is measured here.
+        head_bytes = len(event.target) + sum(len(n) + len(v) + 4 for n, v in event.headers)
+        if head_bytes > MAX_HEADER_BYTES:
+            raise _Refusal(431, "request header fields too large")
         path, query = _parse_target(event.target)
         if path.startswith(HUB_PREFIX):
             status = await _hub(stream, conn, app, event, path, query)
@@ -196,31 +202,10 @@ def _hub_of(path: str, prefix: str) -> Hub:
     return hub
 
 
-async def _hub(
-    stream: trio.SocketStream,
-    conn: h11.Connection,
-    app: App,
-    event: h11.Request,
-    path: str,
-    query: dict[str, str],
-) -> int:
-    hub = _hub_of(path, HUB_PREFIX)
-    if app.is_draining:
-        raise _Refusal(503, "server is shutting down")
-    try:
-        key = check_upgrade(event.method, event.headers)
-    except UpgradeError as exc:
-        if (
-            exc.status == 405
-            and event.method == b"POST"
-            and path.rstrip("/").endswith("/negotiate")
-        ):
-            raise _Refusal(
-                404,
-                "negotiate is not supported: connect with skipNegotiation "
-                "and the WebSockets transport",
-            ) from None
-        raise _Refusal(exc.status, str(exc)) from None
+async def _authorize(
+    app: App, event: h11.Request, query: Mapping[str, str], hub: Hub
+) -> tuple[GroupKey, Claims]:
+    """Token, scope, site_id and site role, in the order the reference checks them."""
     claims = await _authenticate(app, event, query)
     if not claims.has_scope(HUB_SCOPE):
         raise _Refusal(403, f"forbidden: the token lacks the '{HUB_SCOPE}' scope")
@@ -234,6 +219,75 @@ async def _hub(
     if not await app.may_open(group, claims.subject):
         # The same answer for an unknown site and a site without rights: no enumeration.
         raise _Refusal(403, "forbidden: no access to this stream")
+    return group, claims
+
+
+def _stream_name(group: GroupKey) -> str:
+    return f"{group.hub.value}\x00{group.site_id}\x00{group.user_id or ''}"
+
+
+async def _negotiate(
+    stream: trio.SocketStream,
+    conn: h11.Connection,
+    app: App,
+    event: h11.Request,
+    hub: Hub,
+    query: dict[str, str],
+) -> int:
+    if event.method != b"POST":
+        raise _Refusal(405, "negotiate takes POST")
+    group, claims = await _authorize(app, event, query, hub)
+    await _discard_body(stream, conn)
+    # Spec §6: missing negotiateVersion is 0; we answer min(requested, 1).
+    requested = query.get("negotiateversion", "0")
+    if not requested.isdigit():
+        body: object = {"error": "The client requested a non-integer protocol version."}
+        await send_json(stream, conn, 200, body)
+        return 200
+    version = min(int(requested), 1)
+    connection_id, token = app.negotiations.create(
+        _stream_name(group), claims.subject, trio.current_time()
+    )
+    if version == 0:
+        connection_id = token  # version 0 clients send the connectionId as `id`
+    await send_response(
+        stream,
+        conn,
+        200,
+        negotiate_body(connection_id, token, version),
+        content_type=b"application/json",
+    )
+    return 200
+
+
+async def _hub(
+    stream: trio.SocketStream,
+    conn: h11.Connection,
+    app: App,
+    event: h11.Request,
+    path: str,
+    query: dict[str, str],
+) -> int:
+    name = path[len(HUB_PREFIX) :].rstrip("/")
+    is_negotiate = name.endswith("/negotiate")
+    hub = _HUBS.get(name.removesuffix("/negotiate"))
+    if hub is None:
+        raise _Refusal(404, "not found")
+    if app.is_draining:
+        raise _Refusal(503, "server is shutting down")
+    if is_negotiate:
+        return await _negotiate(stream, conn, app, event, hub, query)
+    try:
+        key = check_upgrade(event.method, event.headers)
+    except UpgradeError as exc:
+        raise _Refusal(exc.status, str(exc)) from None
+    group, claims = await _authorize(app, event, query, hub)
+    connection_token = query.get("id")
+    if connection_token is not None and not app.negotiations.claim(
+        connection_token, _stream_name(group), claims.subject, trio.current_time()
+    ):
+        raise _Refusal(404, "No Connection with that ID")
+    user_id = group.user_id
     response = h11.InformationalResponse(
         status_code=101,
         headers=[
@@ -256,7 +310,10 @@ async def _hub(
         subject=claims.subject,
         limits=app.config.hub_limits,
         max_outbox_bytes=app.config.max_outbox_bytes,
-        token_expires_at=claims.expires_at,
+        # The token stays valid for the verifier's leeway past exp; so does the connection.
+        token_expires_at=(
+            None if claims.expires_at is None else claims.expires_at + app.config.token_leeway
+        ),
         join=app.join,
         leave=app.leave,
         stats=app.stats,

@@ -405,13 +405,6 @@ async def test_expired_token_closes_with_reconnect(start_server: Any, tmp_path: 
     assert h.server.app.stats.opened == 2
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: on token expiry the server sends Close with error 'The access token expired.' "
-    "(hubserver/session.py TOKEN_EXPIRED_TEXT); SIGNALR.md §5 says ASP.NET Core sends "
-    '{"type":7,"allowReconnect":true} with no error, as for shutdown, so the JS client\'s '
-    "onreconnecting should get no error",
-)
 async def test_expired_token_close_is_like_aspnetcore(start_server: Any, tmp_path: Path) -> None:
     h: Harness = await start_server(token_leeway=0.0)
     h.grant(SITE, "alice", Role.SITE_ADMIN)

@@ -59,13 +59,6 @@ def dev_key(shared_dev_key: DevKey) -> DevKey:
         pytest.param(
             b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 20_000 + b"\r\n\r\n",
             431,
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="BUG: the 16 KiB head limit (front.MAX_HEADER_BYTES) is h11's "
-                "max_incomplete_event_size, which only bounds an *incomplete* head; the "
-                "server reads 64 KiB at a time, so a head of up to ~64 KiB that arrives "
-                "in one read is accepted (here: 200 'ok'), a larger one gets 431",
-            ),
         ),
         (b"GET /healthz HTTP/1.1\r\n\r\n", 400),  # no Host
     ],

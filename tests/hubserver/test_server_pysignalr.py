@@ -95,14 +95,9 @@ async def test_pysignalr_receives_events(start_server, in_query: bool) -> None:
     assert [e["n"] for e in events] == [0, 1, 2, 3]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="pysignalr 1.3.3 has no public way to skip negotiation: SignalRClient never passes "
-    "skip_negotiation to its WebsocketTransport, so its first request is "
-    "'POST /v1/hub/entries/negotiate?site_id=s1' (aiohttp, with the Authorization header, "
-    "no body). The server implements no negotiate (the reference supports only "
-    "skipNegotiation=true) and answers 404, and pysignalr gives up with ConnectionError(404).",
-)
+# pysignalr 1.3.3 cannot skip negotiation (SignalRClient never passes
+# skip_negotiation to its transport): its first request is
+# 'POST /v1/hub/entries/negotiate?site_id=s1', then the WebSocket with &id=.
 async def test_pysignalr_with_its_defaults(start_server) -> None:
     h = await start_server()
     h.grant("s1", "alice", Role.SITE_ADMIN)

@@ -16,9 +16,12 @@ import trio
 from hubserver.auth import DevKey
 from hubserver.permissions import Role
 
+from .conftest import Harness
 from .helpers import (
     RS,
+    HttpResponse,
     ResponseReader,
+    UpgradeRefused,
     build_request,
     bystander,
     http_request,
@@ -332,26 +335,73 @@ async def test_keep_alive_http_connection_serves_several_requests(start_server) 
                 assert (await reader.read_response()).status == 200
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: front._hub resolves the hub name before it looks for negotiate, so "
-    "'POST /v1/hub/entries/negotiate' fails in _hub_of as 'entries/negotiate' with a bare "
-    "'not found'; the 'negotiate is not supported: connect with skipNegotiation...' branch "
-    "(in the UpgradeError handler) is unreachable for any real negotiate URL",
-)
-async def test_negotiate_is_refused_with_a_clear_404(start_server) -> None:
-    # What pysignalr (and any client without skipNegotiation) sends first.
+async def _negotiate(h: Harness, query: str, token: str | None = None) -> HttpResponse:
+    return await http_request(
+        h.port,
+        "POST",
+        f"/v1/hub/entries/negotiate?{query}",
+        headers=[("Authorization", f"Bearer {token or h.token()}")],
+    )
+
+
+async def test_negotiate_offers_websockets_and_its_token_opens_the_stream_once(
+    start_server,
+) -> None:
+    # What clients without skipNegotiation (.NET/Java defaults, pysignalr) do first.
     h = await start_server()
     h.grant("s1", "alice", Role.SITE_ADMIN)
-    with trio.fail_after(5):
-        response = await http_request(
-            h.port,
-            "POST",
-            "/v1/hub/entries/negotiate?site_id=s1&negotiateVersion=1",
-            headers=[("Authorization", f"Bearer {h.token()}")],
-        )
-    assert response.status == 404
-    assert "negotiat" in response.text.lower(), response.text
+    with trio.fail_after(10):
+        response = await _negotiate(h, "site_id=s1&negotiateVersion=1")
+        assert response.status == 200
+        body = response.json()
+        assert body["negotiateVersion"] == 1
+        assert body["availableTransports"] == [
+            {"transport": "WebSockets", "transferFormats": ["Text", "Binary"]}
+        ]
+        assert "useStatefulReconnect" not in body
+        token = body["connectionToken"]
+        assert len(token) == 22 and token != body["connectionId"]
+        target = f"{hub_target('entries', 's1')}&id={token}"
+        async with open_hub(h, target) as client:
+            await publish_ok(h, "entries", {"site_id": "s1"})
+            assert (await client.next_event())["seq"] == 1
+        # A connection token opens one WebSocket only.
+        with pytest.raises(UpgradeRefused) as refused:
+            async with open_hub(h, target):
+                pass
+        assert refused.value.response.status == 404
+
+
+async def test_negotiate_tokens_are_bound_to_stream_and_subject(start_server) -> None:
+    h = await start_server()
+    h.grant("s1", "alice", Role.SITE_ADMIN)
+    h.grant("s2", "alice", Role.SITE_ADMIN)
+    h.grant("s1", "bob", Role.SITE_ADMIN)
+    with trio.fail_after(10):
+        token = (await _negotiate(h, "site_id=s1&negotiateVersion=1")).json()["connectionToken"]
+        for target, subject in [
+            (f"{hub_target('entries', 's2')}&id={token}", "alice"),  # another site
+            (f"{hub_target('entries', 's1')}&id={token}", "bob"),  # another subject
+            (f"{hub_target('entries', 's1')}&id=made-up", "alice"),  # unknown
+        ]:
+            with pytest.raises(UpgradeRefused) as refused:
+                async with open_hub(h, target, token=h.token(subject)):
+                    pass
+            assert refused.value.response.status == 404
+
+
+async def test_negotiate_checks_auth_and_version(start_server) -> None:
+    h = await start_server()
+    h.grant("s1", "alice", Role.SITE_ADMIN)
+    with trio.fail_after(10):
+        assert (await _negotiate(h, "site_id=s1", token="nope")).status == 401
+        assert (await _negotiate(h, "site_id=s1", token=h.token("mallory"))).status == 403
+        version0 = (await _negotiate(h, "site_id=s1")).json()
+        assert version0["negotiateVersion"] == 0 and "connectionToken" not in version0
+        bad = (await _negotiate(h, "site_id=s1&negotiateVersion=x")).json()
+        assert bad == {"error": "The client requested a non-integer protocol version."}
+        get = await http_request(h.port, "GET", "/v1/hub/entries/negotiate?site_id=s1")
+        assert get.status == 405
 
 
 async def test_publish_then_subscriber_leaves_then_publish_still_works(start_server) -> None:
