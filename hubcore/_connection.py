@@ -47,12 +47,20 @@ from ._handshake import (
     write_handshake_response,
 )
 from ._limits import HubLimits
-from ._protocol import PROTOCOL_VERSION, HubProtocol, PreparedMessage, get_protocol
+from ._protocol import (
+    PROTOCOL_VERSION,
+    HubProtocol,
+    PreparedBatch,
+    PreparedMessage,
+    get_protocol,
+)
 from ._state import TRANSITIONS, ConnectionState, Move, Role
 
 __all__ = ["ConnectionClosed", "HubConnection", "Sendable"]
 
-Sendable: TypeAlias = HubMessage | PreparedMessage | HandshakeRequest | HandshakeResponse
+Sendable: TypeAlias = (
+    HubMessage | PreparedMessage | PreparedBatch | HandshakeRequest | HandshakeResponse
+)
 
 _SUPPORTED: Final = ("json", "messagepack")
 _LOWEST_VERSION: Final = 0  # PyPI signalrcore sends 0 (spec §13)
@@ -326,8 +334,9 @@ class HubConnection:
     def send(self, event: Sendable, now: float) -> bytes:
         """Turn an event into bytes to send, and account for it.
 
-        Accepts a ``PreparedMessage`` wherever a hub message goes: its bytes are
-        encoded once per protocol and shared by every connection.
+        Accepts a ``PreparedMessage`` wherever a hub message goes, and a
+        ``PreparedBatch`` of them: their bytes are encoded once per protocol and
+        shared by every connection.
 
         Raises:
             LocalProtocolError: the event is not allowed in this state, or cannot
@@ -348,6 +357,8 @@ class HubConnection:
                 self._track(data)
             self._last_sent_at = now
             return data
+        if type(event) is PreparedBatch:
+            return self._send_batch(event, now)
         if isinstance(event, HubMessage):
             return self._send_message(event, now)
         if type(event) is HandshakeResponse:
@@ -356,6 +367,35 @@ class HubConnection:
             return self._send_handshake_request(event, now)
         self._state = ConnectionState.ERROR
         raise LocalProtocolError(f"cannot send {type(event).__name__}")
+
+    def _send_batch(self, batch: PreparedBatch, now: float) -> bytes:
+        protocol = self._protocol
+        if self._state is not ConnectionState.OPEN or protocol is None:
+            old = self._state
+            self._state = ConnectionState.ERROR
+            raise LocalProtocolError(f"cannot send a batch in state {old.name}")
+        if any(type(item.message) is Close for item in batch.messages):
+            self._state = ConnectionState.ERROR
+            raise LocalProtocolError("a Close cannot travel in a batch")
+        data = batch.encoded(protocol)
+        if self._stateful:
+            tracked = [
+                item.encoded(protocol)
+                for item in batch.messages
+                if item.message.message_type in TRACKABLE_TYPES
+            ]
+            size = sum(len(record) for record in tracked)
+            # All or nothing, so the peer's sequence ids stay in step with ours.
+            if self._replay and self._replay_bytes + size > self._limits.max_replay_buffer_bytes:
+                raise ReplayBufferFull(
+                    f"{self._replay_bytes} unacknowledged bytes; the batch needs {size} more"
+                )
+            for record in tracked:
+                self._sent_count += 1
+                self._replay.append((self._sent_count, record))
+                self._replay_bytes += len(record)
+        self._last_sent_at = now
+        return data
 
     def _send_message(self, message: HubMessage, now: float) -> bytes:
         protocol = self._protocol

@@ -12,7 +12,7 @@ per protocol and hands the same ``bytes`` object to every recipient.
 from __future__ import annotations
 
 import enum
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Final, TypeAlias
 
@@ -26,6 +26,7 @@ from ._msgpack import parse_msgpack_record, write_msgpack_message
 __all__ = [
     "HubProtocol",
     "MessageReader",
+    "PreparedBatch",
     "PreparedMessage",
     "TransferFormat",
     "get_protocol",
@@ -219,6 +220,43 @@ class PreparedMessage:
                 data = self._msgpack = write_msgpack_message(self.message)
             return data
         return protocol.write_message(self.message)
+
+
+class PreparedBatch:
+    """Several prepared messages sent together: their records joined, once per protocol.
+
+    A burst or a batch of events for one group costs one join per protocol,
+    and every recipient gets the same ``bytes`` (one transport write each).
+    ``HubConnection.send`` accounts for every message in it.
+    """
+
+    __slots__ = ("_json", "_msgpack", "messages")
+
+    def __init__(self, messages: Iterable[PreparedMessage]) -> None:
+        self.messages: tuple[PreparedMessage, ...] = tuple(messages)
+        for item in self.messages:
+            if type(item) is not PreparedMessage:
+                raise LocalProtocolError(
+                    f"PreparedBatch holds PreparedMessage objects, got {type(item).__name__}"
+                )
+        if not self.messages:
+            raise LocalProtocolError("PreparedBatch needs at least one message")
+        self._json: bytes | None = None
+        self._msgpack: bytes | None = None
+
+    def encoded(self, protocol: HubProtocol) -> bytes:
+        """All records for ``protocol``, joined in order; computed on first use."""
+        if protocol is JSON_PROTOCOL:
+            data = self._json
+            if data is None:
+                data = self._json = b"".join(m.encoded(protocol) for m in self.messages)
+            return data
+        if protocol is MESSAGEPACK_PROTOCOL:
+            data = self._msgpack
+            if data is None:
+                data = self._msgpack = b"".join(m.encoded(protocol) for m in self.messages)
+            return data
+        return b"".join(m.encoded(protocol) for m in self.messages)
 
 
 def prepare(message: HubMessage) -> PreparedMessage:

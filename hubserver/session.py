@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -43,13 +44,12 @@ from hubcore import (
     HubLimits,
     Invocation,
     LocalProtocolError,
-    PreparedMessage,
     RemoteProtocolError,
     StreamInvocation,
     TransferFormat,
 )
 
-from .routing import GroupKey
+from .routing import Delivery, GroupKey
 from .transports import OPCODE_BINARY, OPCODE_TEXT, server_frame
 
 __all__ = ["HubSession", "SessionStats"]
@@ -100,7 +100,7 @@ class HubSession:
     def __init__(
         self,
         *,
-        stream: trio.abc.Stream,
+        stream: trio.SocketStream,
         ws: WsConnection,
         key: GroupKey,
         subject: str,
@@ -125,9 +125,16 @@ class HubSession:
         self._stats = stats
         self._joined = False
         self._opcode = OPCODE_TEXT
+        self._fd = stream.socket.fileno()
+        # Outbound, in the order the writer sends it: the unsent rest of a frame
+        # written directly by ``deliver``, control frames, then hub messages
+        # still to be framed (several go in one frame).
+        self._rest: memoryview | None = None
+        self._control: list[bytes] = []
         self._outbox: list[bytes] = []
-        self._outbox_bytes = 0
-        self._control: list[bytes] = []  # pre-framed WebSocket control frames
+        self._queued_bytes = 0
+        # True only while the writer is parked with nothing queued.
+        self._idle = False
         self._lot = trio.lowlevel.ParkingLot()
         self._finishing = False
         self._peer_closed = False
@@ -138,24 +145,49 @@ class HubSession:
 
     # -- delivery (called by the router, synchronously) --------------------------
 
-    def deliver(self, message: PreparedMessage, now: float) -> None:
+    def deliver(self, delivery: Delivery, now: float) -> None:
         if self._finishing:
             return
-        data = self._hub.send(message, now)
+        data = self._hub.send(delivery.payload, now)
+        if self._idle:
+            # Nothing queued and the writer asleep: write the shared frame now,
+            # straight to the socket, and wake the writer only for what the
+            # kernel did not take. Most deliveries end here with one send().
+            frame = delivery.frame(self._opcode, data)
+            try:
+                sent = os.write(self._fd, frame)
+            except BlockingIOError:
+                sent = 0
+            except OSError as exc:
+                self._lost(exc)
+                return
+            if sent == len(frame):
+                return
+            self._idle = False
+            self._rest = memoryview(frame)[sent:]
+            self._queued_bytes = len(self._rest)
+            self._lot.unpark()
+            return
         self._outbox.append(data)
-        self._outbox_bytes += len(data)
-        if self._outbox_bytes > self._max_outbox_bytes:
+        self._queued_bytes += len(data)
+        if self._queued_bytes > self._max_outbox_bytes:
             self._stats.slow_closed += 1
             log.warning(
                 "session %d: closing slow client (%d bytes queued)",
                 self.session_id,
-                self._outbox_bytes,
+                self._queued_bytes,
             )
             self._outbox.clear()
-            self._outbox_bytes = 0
+            self._queued_bytes = 0
             self.close(Close(error=SLOW_CLIENT_TEXT, allow_reconnect=True))
             return
         self._lot.unpark()
+
+    def _lost(self, exc: OSError) -> None:
+        log.info("session %d: peer went away: %s", self.session_id, exc)
+        self._peer_closed = True
+        self._finish()
+        self._scope.cancel()
 
     def close(self, message: Close) -> None:
         """Send ``message`` after what is queued, then end the connection."""
@@ -172,8 +204,9 @@ class HubSession:
 
     def _queue(self, data: bytes) -> None:
         if data:
+            self._idle = False
             self._outbox.append(data)
-            self._outbox_bytes += len(data)
+            self._queued_bytes += len(data)
             self._lot.unpark()
 
     def _finish(self) -> None:
@@ -253,12 +286,14 @@ class HubSession:
                     hub.receive_data(event.data, now)
             elif isinstance(event, ws_events.Ping):
                 self._control.append(self._ws.send(event.response()))
+                self._idle = False
                 self._lot.unpark()
             elif isinstance(event, ws_events.CloseConnection):
                 # The peer closed the WebSocket: answer its close frame and stop.
                 self._peer_closed = True
                 if self._ws.state is WsState.REMOTE_CLOSING:
                     self._control.append(self._ws.send(event.response()))
+                    self._idle = False
                 if hub.state is not ConnectionState.CLOSED:
                     hub.receive_eof(now)
                 self._on_hub_events()
@@ -310,22 +345,26 @@ class HubSession:
     async def _writer(self) -> None:
         try:
             await self._write_loop()
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            log.info("session %d: peer went away while we were sending", self.session_id)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+            log.info("session %d: peer went away while we were sending: %s", self.session_id, exc)
             self._peer_closed = True
             self._scope.cancel()
             return
         if self._peer_closed:
             self._scope.cancel()  # nothing more will come: do not wait for the reader
 
+    def _has_output(self) -> bool:
+        return self._rest is not None or bool(self._control) or bool(self._outbox)
+
     async def _write_loop(self) -> None:
         hub = self._hub
-        stream = self._stream
         while True:
-            if not self._outbox and not self._control and not self._finishing:
+            if not self._has_output() and not self._finishing:
                 deadline = min(hub.next_deadline() or math.inf, self._token_deadline)
+                self._idle = True
                 with trio.move_on_at(deadline):
                     await self._lot.park()
+                self._idle = False
                 now = trio.current_time()
                 if now >= self._token_deadline and not self._finishing:
                     self._stats.expired_closed += 1
@@ -339,18 +378,35 @@ class HubSession:
                         if hub.state is ConnectionState.CLOSED:
                             log.info("session %d: timed out", self.session_id)
                             self._finish()
+            if self._rest is not None:
+                rest, self._rest = self._rest, None
+                await self._write_all(rest)
             if self._control:
                 control = b"".join(self._control)
                 self._control.clear()
-                await stream.send_all(control)
+                await self._write_all(control)
             if self._outbox:
-                outbox = self._outbox
+                outbox, self._outbox = self._outbox, []
+                self._queued_bytes = 0
                 payload = b"".join(outbox) if len(outbox) > 1 else outbox[0]
-                outbox.clear()
-                self._outbox_bytes = 0
-                await stream.send_all(server_frame(self._opcode, payload))
-            if self._finishing and not self._outbox and not self._control:
+                await self._write_all(server_frame(self._opcode, payload))
+            if self._finishing and not self._has_output():
                 break
         if self._ws.state is WsState.OPEN:
             close = ws_events.CloseConnection(code=CloseReason.NORMAL_CLOSURE)
-            await stream.send_all(self._ws.send(close))
+            await self._write_all(self._ws.send(close))
+
+    async def _write_all(self, data: bytes | memoryview) -> None:
+        """Write everything with non-blocking sends, waiting for writability between."""
+        await trio.lowlevel.checkpoint_if_cancelled()
+        fd = self._fd
+        view = memoryview(data)
+        while True:
+            try:
+                sent = os.write(fd, view)
+            except BlockingIOError:
+                sent = 0
+            if sent == len(view):
+                return
+            view = view[sent:]
+            await trio.lowlevel.wait_writable(fd)

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from ._broker import Broker, LocalBroker, StreamEvent
+from ._broker import Broker, LocalBroker, StreamEvent, deliver_to
 from ._events import PublishError, parse_publish_body
-from ._groups import GroupKey, Hub, Router, Subscriber
+from ._groups import Delivery, GroupKey, Hub, Router, Subscriber
 
 __all__ = [
     "Broker",
+    "Delivery",
     "GroupKey",
     "Hub",
     "LocalBroker",
@@ -15,5 +16,6 @@ __all__ = [
     "Router",
     "StreamEvent",
     "Subscriber",
+    "deliver_to",
     "parse_publish_body",
 ]

@@ -14,12 +14,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
-from hubcore import Invocation, PreparedMessage
+from hubcore import Invocation, PreparedBatch, PreparedMessage
 
 from ._events import PublishError
-from ._groups import GroupKey, Hub, Router
+from ._groups import Delivery, GroupKey, Hub, Router
 
-__all__ = ["Broker", "LocalBroker", "StreamEvent", "encode_event"]
+__all__ = ["Broker", "LocalBroker", "StreamEvent", "deliver_to", "encode_event"]
 
 #: The client method every event is delivered to (the reference's samples).
 TARGET = "ReceiveMessage"
@@ -42,6 +42,7 @@ class StreamEvent:
     seq: int
     text: str
     message: PreparedMessage
+    delivery: Delivery
 
 
 def encode_event(hub: Hub, event: dict[str, object], seq: int) -> StreamEvent:
@@ -56,6 +57,7 @@ def encode_event(hub: Hub, event: dict[str, object], seq: int) -> StreamEvent:
         # delivery encodes lazily: fail here, while publish can still undo it all.
         text.encode("utf-8")
     user_id = event.get("user_id")
+    message = PreparedMessage(Invocation(target=TARGET, arguments=(text,)))
     return StreamEvent(
         hub=hub,
         site_id=str(event["site_id"]),
@@ -63,8 +65,36 @@ def encode_event(hub: Hub, event: dict[str, object], seq: int) -> StreamEvent:
         event_id=str(event_id),
         seq=seq,
         text=text,
-        message=PreparedMessage(Invocation(target=TARGET, arguments=(text,))),
+        message=message,
+        delivery=Delivery(message),
     )
+
+
+def deliver_to(router: Router, stream: list[StreamEvent], now: float) -> int:
+    """Group ``stream`` by site and site-user group, in order, and dispatch; returns deliveries."""
+    if len(stream) == 1:
+        event = stream[0]
+        count = router.dispatch(GroupKey(event.hub, event.site_id), event.delivery, now)
+        if event.user_id is not None:
+            key = GroupKey(event.hub, event.site_id, event.user_id)
+            count += router.dispatch(key, event.delivery, now)
+        return count
+    groups: dict[GroupKey, list[StreamEvent]] = {}
+    for event in stream:
+        groups.setdefault(GroupKey(event.hub, event.site_id), []).append(event)
+        if event.user_id is not None:
+            groups.setdefault(GroupKey(event.hub, event.site_id, event.user_id), []).append(event)
+    count = 0
+    for key, events in groups.items():
+        if not router.count(key):
+            continue
+        delivery = (
+            events[0].delivery
+            if len(events) == 1
+            else Delivery(PreparedBatch([event.message for event in events]))
+        )
+        count += router.dispatch(key, delivery, now)
+    return count
 
 
 class Broker(Protocol):
@@ -112,13 +142,9 @@ class LocalBroker:
         return stream
 
     def deliver(self, stream: list[StreamEvent]) -> None:
-        """Hand numbered events to local subscribers (site, then site-user group)."""
-        router = self._router
-        now = self._clock()
-        count = 0
-        for event in stream:
-            count += router.dispatch(GroupKey(event.hub, event.site_id), event.message, now)
-            if event.user_id is not None:
-                key = GroupKey(event.hub, event.site_id, event.user_id)
-                count += router.dispatch(key, event.message, now)
-        self.deliveries += count
+        """Hand numbered events to local subscribers (site, then site-user group).
+
+        Events of one publish that go to the same group travel together: each
+        subscriber gets them as one joined payload in one write.
+        """
+        self.deliveries += deliver_to(self._router, stream, self._clock())

@@ -5,9 +5,10 @@ from __future__ import annotations
 import enum
 from typing import NamedTuple, Protocol
 
-from hubcore import PreparedMessage
+from hubcore import PreparedBatch, PreparedMessage
+from hubserver.transports import server_frame
 
-__all__ = ["GroupKey", "Hub", "Router", "Subscriber"]
+__all__ = ["Delivery", "GroupKey", "Hub", "Router", "Subscriber"]
 
 
 class Hub(enum.Enum):
@@ -25,10 +26,33 @@ class GroupKey(NamedTuple):
     user_id: str | None = None
 
 
+class Delivery:
+    """What one group receives at once: one event, or a run of them from one publish.
+
+    ``payload`` is encoded once per hub protocol, and ``frame`` wraps it in a
+    WebSocket frame once per frame type: server frames are unmasked, so every
+    recipient with the same protocol gets the very same bytes.
+    """
+
+    __slots__ = ("_frames", "count", "payload")
+
+    def __init__(self, payload: PreparedMessage | PreparedBatch) -> None:
+        self.payload = payload
+        self.count = 1 if type(payload) is PreparedMessage else len(payload.messages)  # type: ignore[union-attr]
+        self._frames: dict[int, bytes] = {}
+
+    def frame(self, opcode: int, data: bytes) -> bytes:
+        """The WebSocket frame of ``data`` (this delivery's encoding for ``opcode``)."""
+        frame = self._frames.get(opcode)
+        if frame is None:
+            frame = self._frames[opcode] = server_frame(opcode, data)
+        return frame
+
+
 class Subscriber(Protocol):
     """A connection that receives events; ``deliver`` must never block."""
 
-    def deliver(self, message: PreparedMessage, now: float) -> None: ...
+    def deliver(self, delivery: Delivery, now: float) -> None: ...
 
 
 class Router:
@@ -63,12 +87,12 @@ class Router:
     def subscriber_count(self) -> int:
         return sum(len(members) for members in self._groups.values())
 
-    def dispatch(self, key: GroupKey, message: PreparedMessage, now: float) -> int:
-        """Deliver ``message`` to every subscriber of ``key``; returns how many."""
+    def dispatch(self, key: GroupKey, delivery: Delivery, now: float) -> int:
+        """Hand ``delivery`` to every subscriber of ``key``; returns events delivered."""
         members = self._groups.get(key)
         if not members:
             return 0
         # A subscriber may leave the group while we deliver (a slow one is closed).
         for subscriber in tuple(members):
-            subscriber.deliver(message, now)
-        return len(members)
+            subscriber.deliver(delivery, now)
+        return len(members) * delivery.count
