@@ -71,6 +71,9 @@ def _parser() -> argparse.ArgumentParser:
     _add(s, "--max-outbox-bytes", type=int, default=1 << 20, help="queued bytes per connection")
     _add(s, "--max-publish-bytes", type=int, default=1 << 20, help="publish body limit")
     _add(s, "--drain-timeout", type=float, default=10.0, help="seconds to drain on shutdown")
+    _add(s, "--backplane", help="redis://HOST:PORT/DB to run several nodes as one service")
+    _add(s, "--history-size", type=int, default=1000, help="events kept per site and hub")
+    _add(s, "--resume-window", type=float, default=0.5, help="seconds live events wait for Resume")
     _add(s, "--log-level", default="info", help="debug, info, warning or error")
 
     t = commands.add_parser("token", help="print a development token signed with the dev key")
@@ -114,6 +117,9 @@ def _config(args: argparse.Namespace) -> ServerConfig:
         max_outbox_bytes=int(args.max_outbox_bytes),
         max_publish_bytes=int(args.max_publish_bytes),
         drain_timeout=float(args.drain_timeout),
+        backplane=args.backplane or None,
+        history_size=int(args.history_size),
+        resume_window=float(args.resume_window),
     )
 
 

@@ -18,10 +18,11 @@ from hubcore import Close
 
 from .app import App
 from .auth import JwksCache, StaticKeys, TokenVerifier, ensure_dev_key, load_jwks_file
+from .backplane import Backplane, MemoryBackplane, RedisBackplane
 from .config import ServerConfig
 from .http import handle_connection
 from .permissions import PermissionStore, SqlitePermissionStore
-from .routing import LocalBroker, Router
+from .routing import Broker, Router
 from .session import ACCESS_REVOKED_TEXT
 
 __all__ = ["RunningServer", "build_verifier", "serve"]
@@ -71,6 +72,13 @@ def build_verifier(config: ServerConfig) -> TokenVerifier:
     )
 
 
+def build_backplane(config: ServerConfig) -> Backplane:
+    """Redis when ``--backplane`` is given, else the in-process default."""
+    if config.backplane is not None:
+        return RedisBackplane(config.backplane, history_size=config.history_size)
+    return MemoryBackplane(history_size=config.history_size)
+
+
 async def serve(
     config: ServerConfig,
     *,
@@ -98,7 +106,7 @@ async def serve(
             verifier=verifier,
             store=store,
             router=router,
-            broker=LocalBroker(router, trio.current_time),
+            broker=Broker(router, build_backplane(config), trio.current_time),
         )
         await _run(app, task_status)
     finally:
@@ -121,6 +129,7 @@ async def _run(app: App, task_status: trio.TaskStatus[RunningServer]) -> None:
                         partial(_handle, app=app), listeners, handler_nursery=handlers
                     )
 
+            await root.start(app.broker.run)
             root.start_soon(accept)
             root.start_soon(_watch_permissions, app)
             if config.demo:

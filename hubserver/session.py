@@ -21,7 +21,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Final
 
@@ -44,21 +44,29 @@ from hubcore import (
     HubLimits,
     Invocation,
     LocalProtocolError,
+    PreparedMessage,
     RemoteProtocolError,
     StreamInvocation,
     TransferFormat,
 )
 
-from .routing import Delivery, GroupKey
+from .backplane import BackplaneError
+from .routing import Delivery, GroupKey, Hub, Replay, gap_message
 from .transports import OPCODE_BINARY, OPCODE_TEXT, server_frame
 
-__all__ = ["HubSession", "SessionStats"]
+__all__ = ["HubSession", "ReplayFn", "SessionStats"]
+
+ReplayFn = Callable[[Hub, str, int], Awaitable[Replay]]
 
 log = logging.getLogger("hubserver.session")
 
 RECEIVE_BYTES: Final = 65536
 #: How long we wait for the peer's closing handshake (ASP.NET Core: 5 s).
 CLOSE_TIMEOUT: Final = 5.0
+#: A resume's history fetch must finish within this many seconds.
+RESUME_TIMEOUT: Final = 10.0
+#: Deliveries a connection may hold while its resume is prepared.
+MAX_HELD_DELIVERIES: Final = 100_000
 SLOW_CLIENT_TEXT: Final = "Connection closed: the client did not keep up with the event stream."
 ACCESS_REVOKED_TEXT: Final = "Access to this stream was revoked."
 
@@ -111,6 +119,9 @@ class HubSession:
         leave: Callable[[HubSession], None],
         stats: SessionStats,
         session_id: int,
+        replay: ReplayFn,
+        since_seq: int | None = None,
+        resume_window: float = 0.0,
     ) -> None:
         now = trio.current_time()
         self.key = key
@@ -139,6 +150,17 @@ class HubSession:
         self._finishing = False
         self._peer_closed = False
         self._scope = trio.CancelScope()
+        # Resume (issue #5): live deliveries wait in ``_held`` while a replay
+        # is prepared, or during the short window after the handshake in which
+        # a reconnecting client calls Resume, so replay and live stay in order.
+        self._replay = replay
+        self._since_seq = since_seq
+        self._resume_window = resume_window
+        self._held: list[Delivery] | None = None
+        self._hold_deadline = math.inf
+        self._resuming = False
+        self._first_live_seq: int | None = None
+        self._nursery: trio.Nursery | None = None
         self._token_deadline = math.inf
         if token_expires_at is not None:
             self._token_deadline = now + (token_expires_at - time.time())
@@ -148,6 +170,11 @@ class HubSession:
     def deliver(self, delivery: Delivery, now: float) -> None:
         if self._finishing:
             return
+        if self._held is not None:
+            self._hold(delivery)
+            return
+        if self._first_live_seq is None:
+            self._first_live_seq = delivery.events[0].seq
         data = self._hub.send(delivery.payload, now)
         if self._idle:
             # Nothing queued and the writer asleep: write the shared frame now,
@@ -182,6 +209,94 @@ class HubSession:
             self.close(Close(error=SLOW_CLIENT_TEXT, allow_reconnect=True))
             return
         self._lot.unpark()
+
+    def notify(self, message: PreparedMessage) -> None:
+        if not self._finishing and self._joined:
+            self._queue(self._hub.send(message, trio.current_time()))
+
+    def _hold(self, delivery: Delivery) -> None:
+        held = self._held
+        assert held is not None
+        held.append(delivery)
+        if len(held) > MAX_HELD_DELIVERIES:
+            self._stats.slow_closed += 1
+            log.warning("session %d: too many events waiting for a resume", self.session_id)
+            self._held = None
+            self.close(Close(error=SLOW_CLIENT_TEXT, allow_reconnect=True))
+
+    def _send_delivery(self, delivery: Delivery) -> None:
+        """Queue a delivery through the writer (replays and released live events)."""
+        self._queue(self._hub.send(delivery.payload, trio.current_time()))
+
+    def _release_held(self, after_seq: int) -> None:
+        held, self._held = self._held or [], None
+        self._hold_deadline = math.inf
+        for delivery in held:
+            rest = delivery.after(after_seq)
+            if rest is not None:
+                if self._first_live_seq is None:
+                    self._first_live_seq = rest.events[0].seq
+                self._send_delivery(rest)
+                after_seq = rest.last_seq
+        # What was held is bounded by MAX_HELD_DELIVERIES and says nothing about
+        # this client's speed: only what queues up after it counts toward slowness.
+        self._queued_bytes = 0
+
+    def _start_resume(self, since_seq: int, invocation_id: str | None) -> None:
+        if self._resuming or self._nursery is None:
+            if invocation_id is not None:
+                error = "A resume is already in progress."
+                self._queue(
+                    self._hub.send(Completion.with_error(invocation_id, error), trio.current_time())
+                )
+            return
+        self._resuming = True
+        if self._held is None:
+            self._held = []  # a late resume: hold what arrives during the fetch
+        self._hold_deadline = math.inf
+        self._nursery.start_soon(self._resume, since_seq, invocation_id)
+
+    async def _resume(self, since_seq: int, invocation_id: str | None) -> None:
+        key = self.key
+        try:
+            with trio.fail_after(RESUME_TIMEOUT):
+                replay = await self._replay(key.hub, key.site_id, since_seq)
+        except (BackplaneError, trio.TooSlowError) as exc:
+            log.warning("session %d: resume failed: %s", self.session_id, exc)
+            self._resuming = False
+            self._release_held(since_seq)
+            if invocation_id is not None:
+                error = "Resume failed: the event history is unavailable; try again."
+                self._queue(
+                    self._hub.send(Completion.with_error(invocation_id, error), trio.current_time())
+                )
+            return
+        if self._finishing:
+            return
+        after = since_seq
+        if since_seq > replay.last_seq:
+            # The client saw seqs this stream never reached (history was lost,
+            # e.g. an in-memory backplane restarted): everything kept is new to it.
+            after = 0
+        events = [
+            event
+            for event in replay.events
+            if event.seq > after and (key.user_id is None or event.user_id == key.user_id)
+        ]
+        if self._first_live_seq is not None:
+            # Live events from this seq on were delivered already (a late Resume).
+            events = [event for event in events if event.seq < self._first_live_seq]
+        now = trio.current_time()
+        if after + 1 < replay.first_available or after != since_seq:
+            self._queue(self._hub.send(gap_message(replay.first_available), now))
+        last = after
+        if events:
+            self._send_delivery(Delivery(events))
+            last = events[-1].seq
+        if invocation_id is not None:
+            self._queue(self._hub.send(Completion.void(invocation_id), now))
+        self._resuming = False
+        self._release_held(last)
 
     def _lost(self, exc: OSError) -> None:
         log.info("session %d: peer went away: %s", self.session_id, exc)
@@ -231,6 +346,7 @@ class HubSession:
         try:
             with self._scope:
                 async with trio.open_nursery() as nursery:
+                    self._nursery = nursery
                     nursery.start_soon(self._writer)
                     await self._reader()
                     self._finish()
@@ -328,8 +444,15 @@ class HubSession:
                     self._queue(hub.send(HandshakeResponse(), now))
                     self._joined = True
                     self._join(self)
+                    if self._since_seq is not None:
+                        self._start_resume(self._since_seq, None)
+                    elif self._resume_window > 0:
+                        self._held = []
+                        self._hold_deadline = now + self._resume_window
+                case Invocation() if event.target.lower() == "resume":
+                    self._on_resume(event)
                 case Invocation() | StreamInvocation():
-                    # These hubs have no server methods yet; answer like ASP.NET Core.
+                    # No other server methods; answer like ASP.NET Core.
                     if event.invocation_id is not None:
                         reply = Completion.with_error(
                             event.invocation_id, _method_missing(event.target)
@@ -341,6 +464,18 @@ class HubSession:
                     self._finish()
                 case CancelInvocation() | _:
                     pass  # Ping, Ack, Sequence, StreamItem, Completion: nothing to do
+
+    def _on_resume(self, event: Invocation) -> None:
+        arguments = event.arguments
+        since = arguments[0] if len(arguments) == 1 else None
+        if type(since) is not int or since < 0:
+            if event.invocation_id is not None:
+                # ASP.NET Core's answer for wrong arguments (spec §3.3).
+                error = f"Failed to invoke '{event.target}' due to an error on the server."
+                reply = Completion.with_error(event.invocation_id, error)
+                self._queue(self._hub.send(reply, trio.current_time()))
+            return
+        self._start_resume(since, event.invocation_id)
 
     async def _writer(self) -> None:
         try:
@@ -360,12 +495,16 @@ class HubSession:
         hub = self._hub
         while True:
             if not self._has_output() and not self._finishing:
-                deadline = min(hub.next_deadline() or math.inf, self._token_deadline)
+                deadline = min(
+                    hub.next_deadline() or math.inf, self._token_deadline, self._hold_deadline
+                )
                 self._idle = True
                 with trio.move_on_at(deadline):
                     await self._lot.park()
                 self._idle = False
                 now = trio.current_time()
+                if now >= self._hold_deadline and not self._resuming:
+                    self._release_held(0)  # no Resume came: live events go out as they are
                 if now >= self._token_deadline and not self._finishing:
                     self._stats.expired_closed += 1
                     # ASP.NET Core's close on authentication expiry: no error text,

@@ -35,6 +35,12 @@ class ServerConfig:
             whether grants changed (revocations reach open connections).
         token_leeway: clock skew allowed on ``exp`` / ``nbf``.
         demo: publish demo events and grant a demo Site Admin.
+        backplane: ``redis://HOST:PORT/DB`` to share numbering, history and
+            fan-out with other nodes; None keeps them in this process.
+        history_size: events kept per site and hub for resume.
+        resume_window: after a handshake, how long live events wait for the
+            client's ``Resume`` call so that replay and live stay in order
+            (0 turns the wait off; ``since_seq`` in the URL never waits).
     """
 
     host: str = "127.0.0.1"
@@ -53,6 +59,9 @@ class ServerConfig:
     token_leeway: float = 30.0
     demo: bool = False
     demo_interval: float = 1.0
+    backplane: str | None = None
+    history_size: int = 1000
+    resume_window: float = 0.5
 
     def __post_init__(self) -> None:
         if self.jwks_file is not None and self.jwks_url is not None:
@@ -61,7 +70,9 @@ class ServerConfig:
             raise ConfigError(f"port must be 0..65535, got {self.port}")
         if self.jwks_url is not None and not self.jwks_url.startswith(("http://", "https://")):
             raise ConfigError("--jwks-url must be an http:// or https:// URL")
-        for name in ("max_outbox_bytes", "max_publish_bytes"):
+        if self.backplane is not None and not self.backplane.startswith("redis://"):
+            raise ConfigError("--backplane must be a redis://HOST:PORT/DB URL")
+        for name in ("max_outbox_bytes", "max_publish_bytes", "history_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be positive")
         for name in (
@@ -70,6 +81,7 @@ class ServerConfig:
             "permission_poll_interval",
             "token_leeway",
             "demo_interval",
+            "resume_window",
         ):
             value = getattr(self, name)
             if not math.isfinite(value) or value < 0:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Final
 from urllib.parse import parse_qsl, urlsplit
 
@@ -27,6 +27,7 @@ from wsproto.connection import Connection as WsConnection
 
 from hubserver.app import HUB_SCOPE, PUBLISH_SCOPE, App
 from hubserver.auth import AuthError, Claims, InvalidToken, extract_token, redact_url
+from hubserver.backplane import BackplaneUnavailable
 from hubserver.routing import GroupKey, Hub, PublishError, parse_publish_body
 from hubserver.session import HubSession
 from hubserver.transports import TransportError, UpgradeError, check_upgrade, websocket_accept
@@ -139,7 +140,7 @@ async def _handle_event(
         elif path == "/healthz":
             status = await _simple(stream, conn, event, 200, "ok")
         elif path == "/readyz":
-            ready = app.is_ready and not app.is_draining
+            ready = app.is_ready and not app.is_draining and app.broker.backplane.is_available
             status = await _simple(
                 stream, conn, event, 200 if ready else 503, "ready" if ready else "not ready"
             )
@@ -222,6 +223,16 @@ async def _authorize(
     return group, claims
 
 
+def _since_seq(query: Mapping[str, str]) -> int | None:
+    """The ``since_seq`` resume point: the last seq the client received."""
+    value = query.get("since_seq")
+    if value is None:
+        return None
+    if not value.isascii() or not value.isdigit() or len(value) > 18:
+        raise _Refusal(400, "'since_seq' must be a non-negative integer")
+    return int(value)
+
+
 def _stream_name(group: GroupKey) -> str:
     return f"{group.hub.value}\x00{group.site_id}\x00{group.user_id or ''}"
 
@@ -288,6 +299,7 @@ async def _hub(
     ):
         raise _Refusal(404, "No Connection with that ID")
     user_id = group.user_id
+    since_seq = _since_seq(query)
     response = h11.InformationalResponse(
         status_code=101,
         headers=[
@@ -318,6 +330,9 @@ async def _hub(
         leave=app.leave,
         stats=app.stats,
         session_id=app.next_id(),
+        replay=app.broker.replay,
+        since_seq=since_seq,
+        resume_window=app.config.resume_window,
     )
     log.info(
         "session %d: %s hub, site stream%s, subject %s",
@@ -342,13 +357,21 @@ async def _publish(
     if event.method != b"POST":
         raise _Refusal(405, "use POST")
 
-    async def fail(status: int, code: str, message: str, **extra: object) -> int:
+    async def fail(
+        status: int,
+        code: str,
+        message: str,
+        *,
+        headers_extra: Sequence[tuple[bytes, bytes]] = (),
+        extra: Mapping[str, object] | None = None,
+    ) -> int:
         headers = [_WWW_AUTHENTICATE] if status == 401 else []
+        headers.extend(headers_extra)
         await send_json(
             stream,
             conn,
             status,
-            {"code": code, "message": message, **extra},
+            {"code": code, "message": message, **(extra or {})},
             headers=headers,
             close=conn.their_state is not h11.DONE,
         )
@@ -378,17 +401,23 @@ async def _publish(
     try:
         events = parse_publish_body(body)
         published = await app.broker.publish(hub, events)
+    except BackplaneUnavailable as exc:
+        log.warning("publish refused, backplane unavailable: %s", exc)
+        return await fail(
+            503,
+            "unavailable",
+            "the event backplane is unavailable; nothing was accepted, retry later",
+            headers_extra=[(b"retry-after", b"1")],
+        )
     except PublishError as exc:
-        extra = {} if exc.index is None else {"index": exc.index}
+        extra: dict[str, object] = {} if exc.index is None else {"index": exc.index}
         log.info("publish refused: %s", exc)
         return await fail(
             exc.status,
             "invalid_event" if exc.index is not None else "invalid_body",
             str(exc),
-            **extra,
+            extra=extra,
         )
-    except (TypeError, ValueError) as exc:
-        return await fail(400, "invalid_body", f"an event cannot be encoded: {exc}")
     await send_json(
         stream, conn, 202, {"accepted": len(published), "ids": [e.event_id for e in published]}
     )

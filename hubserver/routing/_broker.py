@@ -1,83 +1,58 @@
-"""The broker: numbers events per site and hub, and fans them out.
+"""The broker: the server's side of the backplane.
 
-``Broker`` is the seam between the publish API and delivery. ``LocalBroker``
-is the in-process default: a sequence counter per (hub, site) and a
-``Router`` for the local subscribers. A backplane broker puts the numbering
-and the fan-out across nodes behind the same interface.
+Publishing goes ``publish`` -> backplane (numbers, stores, broadcasts) and
+comes back, on every node, through ``on_events`` -> router -> subscribers.
+
+The broker keeps, per (hub, site), the last seq it delivered. An event that
+skips ahead (the backplane connection dropped, a node missed a broadcast)
+holds that site's delivery while the missing events are fetched from history,
+so subscribers see every event once and in seq order. After a backplane
+reconnect every known site is checked the same way.
 """
 
 from __future__ import annotations
 
-import json
-import uuid
-from collections.abc import Callable
+import logging
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
 
-from hubcore import Invocation, PreparedBatch, PreparedMessage
+import trio
 
-from ._events import PublishError
-from ._groups import Delivery, GroupKey, Hub, Router
+from hubserver.backplane import Backplane, BackplaneError, NumberedEvent
 
-__all__ = ["Broker", "LocalBroker", "StreamEvent", "deliver_to", "encode_event"]
+from ._groups import GroupKey, Hub, Router
+from ._stream import Delivery, StreamEvent, gap_message, to_pending, to_stream_event
 
-#: The client method every event is delivered to (the reference's samples).
-TARGET = "ReceiveMessage"
+__all__ = ["Broker", "Replay", "deliver_to"]
 
-_compact = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode
+log = logging.getLogger("hubserver.broker")
+
+_Site = tuple[str, str]  # (hub value, site_id)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class StreamEvent:
-    """One published event, numbered and encoded for delivery.
+class Replay:
+    """History after a seq, ready to send: the events and where history starts."""
 
-    ``message`` is the ``ReceiveMessage`` invocation carrying ``text`` (the
-    event as compact JSON), prepared once for every recipient.
-    """
-
-    hub: Hub
-    site_id: str
-    user_id: str | None
-    event_id: str
-    seq: int
-    text: str
-    message: PreparedMessage
-    delivery: Delivery
+    events: list[StreamEvent]
+    first_available: int
+    last_seq: int
 
 
-def encode_event(hub: Hub, event: dict[str, object], seq: int) -> StreamEvent:
-    """Add ``id`` (if absent) and ``seq`` to a validated event and prepare it."""
-    event_id = event.get("id")
-    if event_id is None:
-        event_id = event["id"] = uuid.uuid4().hex
-    event["seq"] = seq
-    text = _compact(event)
-    if not text.isascii():
-        # A lone surrogate ("\ud800" is valid JSON) cannot go out as UTF-8, and
-        # delivery encodes lazily: fail here, while publish can still undo it all.
-        text.encode("utf-8")
-    user_id = event.get("user_id")
-    message = PreparedMessage(Invocation(target=TARGET, arguments=(text,)))
-    return StreamEvent(
-        hub=hub,
-        site_id=str(event["site_id"]),
-        user_id=user_id if type(user_id) is str else None,
-        event_id=str(event_id),
-        seq=seq,
-        text=text,
-        message=message,
-        delivery=Delivery(message),
-    )
-
-
-def deliver_to(router: Router, stream: list[StreamEvent], now: float) -> int:
+def deliver_to(router: Router, stream: Sequence[StreamEvent], now: float) -> int:
     """Group ``stream`` by site and site-user group, in order, and dispatch; returns deliveries."""
     if len(stream) == 1:
         event = stream[0]
-        count = router.dispatch(GroupKey(event.hub, event.site_id), event.delivery, now)
-        if event.user_id is not None:
-            key = GroupKey(event.hub, event.site_id, event.user_id)
-            count += router.dispatch(key, event.delivery, now)
+        site_key = GroupKey(event.hub, event.site_id)
+        user_key = (
+            None if event.user_id is None else GroupKey(event.hub, event.site_id, event.user_id)
+        )
+        if not router.count(site_key) and (user_key is None or not router.count(user_key)):
+            return 0
+        delivery = Delivery(stream)
+        count = router.dispatch(site_key, delivery, now)
+        if user_key is not None:
+            count += router.dispatch(user_key, delivery, now)
         return count
     groups: dict[GroupKey, list[StreamEvent]] = {}
     for event in stream:
@@ -86,65 +61,165 @@ def deliver_to(router: Router, stream: list[StreamEvent], now: float) -> int:
             groups.setdefault(GroupKey(event.hub, event.site_id, event.user_id), []).append(event)
     count = 0
     for key, events in groups.items():
-        if not router.count(key):
-            continue
-        delivery = (
-            events[0].delivery
-            if len(events) == 1
-            else Delivery(PreparedBatch([event.message for event in events]))
-        )
-        count += router.dispatch(key, delivery, now)
+        if router.count(key):
+            count += router.dispatch(key, Delivery(events), now)
     return count
 
 
-class Broker(Protocol):
-    """Where the publish API hands validated events."""
+class _EventStatus:
+    """A ``TaskStatus`` that only sets an event: lets ``run`` wait with a timeout."""
 
-    async def publish(self, hub: Hub, events: list[dict[str, object]]) -> list[StreamEvent]:
-        """Number, encode and deliver ``events`` in order; all or nothing."""
-        ...
+    def __init__(self, event: trio.Event) -> None:
+        self._event = event
+
+    def started(self, value: None = None) -> None:
+        self._event.set()
 
 
-class LocalBroker:
-    """The in-process broker: one process, one sequence counter per site and hub.
+class Broker:
+    """Publishes through a backplane and delivers what it broadcasts, in order, once.
 
     Args:
         router: the local subscriber groups.
-        clock: the caller's monotonic clock (``trio.current_time`` in the server).
+        backplane: numbering, history and cross-node fan-out.
+        clock: the monotonic clock (``trio.current_time`` in the server).
     """
 
-    def __init__(self, router: Router, clock: Callable[[], float]) -> None:
+    def __init__(self, router: Router, backplane: Backplane, clock: Callable[[], float]) -> None:
         self._router = router
+        self._backplane = backplane
         self._clock = clock
-        self._seq: dict[tuple[Hub, str], int] = {}
+        self._last: dict[_Site, int] = {}
+        # Sites whose delivery waits for a history fetch: live events queue here.
+        self._held: dict[_Site, list[NumberedEvent]] = {}
+        self._nursery: trio.Nursery | None = None
         self.deliveries = 0
 
-    def next_seq(self, hub: Hub, site_id: str) -> int:
-        seq = self._seq.get((hub, site_id), 0) + 1
-        self._seq[(hub, site_id)] = seq
-        return seq
+    @property
+    def backplane(self) -> Backplane:
+        return self._backplane
 
-    async def publish(self, hub: Hub, events: list[dict[str, object]]) -> list[StreamEvent]:
-        # Numbering and encoding happen before any delivery, so a value that
-        # cannot be encoded fails the whole request with nothing sent.
-        saved = dict(self._seq)
-        stream: list[StreamEvent] = []
-        try:
-            for event in events:
-                stream.append(encode_event(hub, event, self.next_seq(hub, str(event["site_id"]))))
-        except (TypeError, ValueError) as exc:
-            self._seq = saved
-            index = len(stream)
-            raise PublishError(
-                f"event {index}: cannot be encoded ({type(exc).__name__})", index=index
-            ) from exc
-        self.deliver(stream)
-        return stream
+    async def run(
+        self,
+        *,
+        subscribe_timeout: float = 5.0,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Receive the backplane's events until cancelled.
 
-    def deliver(self, stream: list[StreamEvent]) -> None:
-        """Hand numbered events to local subscribers (site, then site-user group).
-
-        Events of one publish that go to the same group travel together: each
-        subscriber gets them as one joined payload in one write.
+        Reports started once subscribed, or after ``subscribe_timeout`` if the
+        backplane cannot be reached yet: the server then starts not ready and the
+        backplane keeps reconnecting by itself.
         """
+        subscribed = trio.Event()
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            nursery.start_soon(self._run_backplane, _EventStatus(subscribed))
+            with trio.move_on_after(subscribe_timeout):
+                await subscribed.wait()
+            if not subscribed.is_set():
+                log.warning("backplane not reachable yet; starting not ready")
+            task_status.started()
+
+    async def _run_backplane(self, status: _EventStatus) -> None:
+        await self._backplane.run(self.on_events, self.on_reconnect, task_status=status)
+
+    async def publish(self, hub: Hub, events: list[dict[str, object]]) -> list[NumberedEvent]:
+        """Number and broadcast validated events, in order, all or nothing.
+
+        Raises:
+            PublishError: an event cannot be encoded (nothing was published).
+            BackplaneUnavailable: nothing was accepted; the publisher should retry.
+        """
+        pending = [to_pending(hub, event, index) for index, event in enumerate(events)]
+        return await self._backplane.publish(pending)
+
+    async def replay(self, hub: Hub, site_id: str, after_seq: int) -> Replay:
+        """History of (hub, site) after ``after_seq``, prepared for sending."""
+        history = await self._backplane.history(hub.value, site_id, after_seq)
+        first = history.first_seq if history.first_seq is not None else history.last_seq + 1
+        return Replay(
+            events=[to_stream_event(event) for event in history.events],
+            first_available=first,
+            last_seq=history.last_seq,
+        )
+
+    # -- the backplane's callbacks (sync) ---------------------------------------
+
+    def on_events(self, events: Sequence[NumberedEvent]) -> None:
+        ready: list[NumberedEvent] = []
+        for event in events:
+            site = (event.hub, event.site_id)
+            held = self._held.get(site)
+            if held is not None:
+                held.append(event)
+                continue
+            last = self._last.get(site)
+            if last is not None:
+                if event.seq <= last:
+                    continue  # already delivered (seen again after a recovery)
+                if event.seq > last + 1:
+                    self._held[site] = [event]
+                    self._recover(site, last)
+                    continue
+            self._last[site] = event.seq
+            ready.append(event)
+        if ready:
+            self._deliver(ready)
+
+    def on_reconnect(self) -> None:
+        for site, last in list(self._last.items()):
+            if site not in self._held:
+                self._held[site] = []
+                self._recover(site, last)
+
+    # -- internals ---------------------------------------------------------------
+
+    def _deliver(self, events: Sequence[NumberedEvent]) -> None:
+        stream = [to_stream_event(event) for event in events]
         self.deliveries += deliver_to(self._router, stream, self._clock())
+
+    def _recover(self, site: _Site, last: int) -> None:
+        if self._nursery is None:
+            self._release(site, [], last)
+            return
+        self._nursery.start_soon(self._fetch_missing, site, last)
+
+    async def _fetch_missing(self, site: _Site, last: int) -> None:
+        hub, site_id = site
+        delay = 0.1
+        while True:
+            try:
+                history = await self._backplane.history(hub, site_id, last)
+                break
+            except BackplaneError as exc:
+                log.warning("history of %s/%s unavailable (%s); retrying", hub, site_id, exc)
+                await trio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+        if history.first_seq is not None and history.first_seq > last + 1:
+            log.warning(
+                "%s/%s: events %d..%d are no longer in history; subscribers get a Gap",
+                hub,
+                site_id,
+                last + 1,
+                history.first_seq - 1,
+            )
+            self._gap(site, history.first_seq)
+        self._release(site, list(history.events), last)
+
+    def _gap(self, site: _Site, first_available: int) -> None:
+        hub = Hub(site[0])
+        message = gap_message(first_available)
+        for key in self._router.keys_of(hub, site[1]):
+            self._router.notify(key, message)
+
+    def _release(self, site: _Site, recovered: list[NumberedEvent], last: int) -> None:
+        held = self._held.pop(site, [])
+        ready: list[NumberedEvent] = []
+        for event in sorted([*recovered, *held], key=lambda e: e.seq):
+            if event.seq > last:
+                ready.append(event)
+                last = event.seq
+        if ready:
+            self._last[site] = last
+            self._deliver(ready)

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import enum
-from typing import NamedTuple, Protocol
+from typing import TYPE_CHECKING, NamedTuple, Protocol
 
-from hubcore import PreparedBatch, PreparedMessage
-from hubserver.transports import server_frame
+from hubcore import PreparedMessage
 
-__all__ = ["Delivery", "GroupKey", "Hub", "Router", "Subscriber"]
+if TYPE_CHECKING:
+    from ._stream import Delivery
+
+__all__ = ["GroupKey", "Hub", "Router", "Subscriber"]
 
 
 class Hub(enum.Enum):
@@ -26,33 +28,14 @@ class GroupKey(NamedTuple):
     user_id: str | None = None
 
 
-class Delivery:
-    """What one group receives at once: one event, or a run of them from one publish.
-
-    ``payload`` is encoded once per hub protocol, and ``frame`` wraps it in a
-    WebSocket frame once per frame type: server frames are unmasked, so every
-    recipient with the same protocol gets the very same bytes.
-    """
-
-    __slots__ = ("_frames", "count", "payload")
-
-    def __init__(self, payload: PreparedMessage | PreparedBatch) -> None:
-        self.payload = payload
-        self.count = 1 if type(payload) is PreparedMessage else len(payload.messages)  # type: ignore[union-attr]
-        self._frames: dict[int, bytes] = {}
-
-    def frame(self, opcode: int, data: bytes) -> bytes:
-        """The WebSocket frame of ``data`` (this delivery's encoding for ``opcode``)."""
-        frame = self._frames.get(opcode)
-        if frame is None:
-            frame = self._frames[opcode] = server_frame(opcode, data)
-        return frame
-
-
 class Subscriber(Protocol):
-    """A connection that receives events; ``deliver`` must never block."""
+    """A connection that receives events; ``deliver`` and ``notify`` never block."""
 
     def deliver(self, delivery: Delivery, now: float) -> None: ...
+
+    def notify(self, message: PreparedMessage) -> None:
+        """Send a message that is not an event (a ``Gap``)."""
+        ...
 
 
 class Router:
@@ -86,6 +69,14 @@ class Router:
     @property
     def subscriber_count(self) -> int:
         return sum(len(members) for members in self._groups.values())
+
+    def keys_of(self, hub: Hub, site_id: str) -> list[GroupKey]:
+        """Every group with local subscribers for (hub, site): the site's and its users'."""
+        return [key for key in self._groups if key.hub is hub and key.site_id == site_id]
+
+    def notify(self, key: GroupKey, message: PreparedMessage) -> None:
+        for subscriber in tuple(self._groups.get(key, ())):
+            subscriber.notify(message)
 
     def dispatch(self, key: GroupKey, delivery: Delivery, now: float) -> int:
         """Hand ``delivery`` to every subscriber of ``key``; returns events delivered."""

@@ -1,0 +1,30 @@
+"""Backplanes: numbering, history and cross-process fan-out of events."""
+
+from __future__ import annotations
+
+from ._contract import (
+    Backplane,
+    BackplaneError,
+    BackplaneUnavailable,
+    History,
+    NumberedEvent,
+    PendingEvent,
+)
+from ._memory import MemoryBackplane
+from ._redis import RedisBackplane
+from ._resp import RedisAddress, RedisConnection, RedisReplyError, parse_redis_url
+
+__all__ = [
+    "Backplane",
+    "BackplaneError",
+    "BackplaneUnavailable",
+    "History",
+    "MemoryBackplane",
+    "NumberedEvent",
+    "PendingEvent",
+    "RedisAddress",
+    "RedisBackplane",
+    "RedisConnection",
+    "RedisReplyError",
+    "parse_redis_url",
+]

@@ -1,0 +1,124 @@
+"""The backplane seam: numbering, history and fan-out of events across processes.
+
+A backplane owns three things that must be shared when several hubserver
+processes serve one site: the per-site, per-hub ``seq`` counter, the capped
+per-site history, and the stream of numbered events every node delivers to
+its local subscribers. The in-process broker is the embedded default; Redis
+(and the parent-process broker of ``--workers``) implement the same contract.
+
+Event texts travel as *prefixes*: compact JSON of the event without its last
+``}``, ending in ``"seq":``. The backplane assigns the seq and appends
+``<seq>}``, inside the same atomic step that numbers, stores and publishes,
+so per-site order on the wire is seq order on every node.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import trio
+
+from hubcore import HubError
+
+__all__ = [
+    "Backplane",
+    "BackplaneError",
+    "BackplaneUnavailable",
+    "History",
+    "NumberedEvent",
+    "PendingEvent",
+]
+
+
+class BackplaneError(HubError):
+    """The backplane failed in a way the caller should report."""
+
+
+class BackplaneUnavailable(BackplaneError):
+    """The backplane cannot be reached now: publish answers 503, nothing is accepted."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PendingEvent:
+    """An event validated and encoded, waiting for its seq.
+
+    Attributes:
+        hub: "entries" or "incidents".
+        site_id, user_id: routing keys.
+        event_id: the event's id (given by the publisher or generated).
+        prefix: compact JSON of the event minus its final ``}``, ending in
+            ``"seq":``; the full text is ``prefix + str(seq) + "}"``.
+    """
+
+    hub: str
+    site_id: str
+    user_id: str | None
+    event_id: str
+    prefix: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class NumberedEvent:
+    """An event with its seq, as every node receives it."""
+
+    hub: str
+    site_id: str
+    user_id: str | None
+    event_id: str
+    seq: int
+    text: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class History:
+    """What a site's history holds after a given seq.
+
+    Attributes:
+        events: events with ``seq > after``, in order (all users of the site).
+        first_seq: the oldest seq still kept, or None when the history is empty.
+        last_seq: the newest seq assigned so far for the site and hub (0 if none).
+    """
+
+    events: Sequence[NumberedEvent]
+    first_seq: int | None
+    last_seq: int
+
+
+class Backplane(Protocol):
+    """Numbering, history and cross-node fan-out (see the module docstring)."""
+
+    async def publish(self, events: Sequence[PendingEvent]) -> list[NumberedEvent]:
+        """Number, store and broadcast ``events`` atomically, in order.
+
+        Returns the numbered events. Raises ``BackplaneUnavailable`` when
+        nothing was accepted (the publisher should retry).
+        """
+        ...
+
+    async def history(self, hub: str, site_id: str, after_seq: int) -> History:
+        """Events of (hub, site) with ``seq > after_seq`` still kept, oldest first."""
+        ...
+
+    async def run(
+        self,
+        deliver: Callable[[Sequence[NumberedEvent]], None],
+        on_reconnect: Callable[[], None],
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Receive every event published by any node and call ``deliver`` (sync) in order.
+
+        Calls ``task_status.started()`` once subscribed. Runs until cancelled and
+        reconnects by itself, with backoff; after each re-subscription it calls
+        ``on_reconnect`` (sync), so the caller can fetch from ``history`` what
+        was published while it was away. Events of one ``publish`` call arrive
+        in one ``deliver`` call.
+        """
+        ...
+
+    @property
+    def is_available(self) -> bool:
+        """False while the backplane cannot be reached (``/readyz`` reports it)."""
+        ...

@@ -1,0 +1,548 @@
+"""The Redis backplane: numbering, history and fan-out shared by every node.
+
+Theory of operation
+-------------------
+
+Keys (``P`` is ``key_prefix``; hubs are fixed names without ``:``, so a key
+names one (hub, site) even when the site id holds colons):
+
+- ``P:seq:HUB:SITE``: the counter, ``INCR``-ed once per event.
+- ``P:hist:HUB:SITE``: the history, a stream whose entry ids are ``<seq>-1``
+  (so ``XRANGE`` by seq is direct), with fields ``id``, ``text`` and ``user``
+  (left out when the event has no user), trimmed with ``MAXLEN ~ history_size``.
+
+``publish`` is one Lua script for the whole batch: for every event, in order,
+``INCR``, build ``text = prefix .. seq .. "}"``, ``XADD``; then one
+``PUBLISH`` of the batch (a MessagePack array of ``[hub, site, user or false,
+id, seq, text]``) on ``channel``. Redis runs a script atomically, so per-site
+seq order, publish order and channel order are the same on every node, and
+the events of one ``publish`` reach every node as one message (one ``deliver``
+call). Scripts go by ``EVALSHA``; after a ``NOSCRIPT`` (a restarted server, a
+``SCRIPT FLUSH``) the same call is made with ``EVAL``, which also caches it.
+
+``MAXLEN ~`` trims whole stream nodes (``stream-node-max-entries``, 100 by
+default), never below the limit, so a stream holds between ``history_size``
+and about ``history_size + 100`` entries. ``history`` therefore reports the
+newest ``history_size`` seqs: ``first_seq = max(oldest entry actually there,
+last_seq - history_size + 1)``, exactly what ``MemoryBackplane`` keeps. It
+reads the counter, the oldest entry and the slice in one (read-only) script,
+so the three agree even while other nodes publish.
+
+Commands use a small pool of connections (at most ``max_connections``, each
+carrying one command at a time), opened lazily and dropped when they fail or
+when a command is cut short. Every command runs under ``fail_after(op_timeout)``,
+covering the wait for a pooled connection, connecting, and the reply.
+
+``run`` keeps its own subscriber connection. When it is lost it reconnects
+with exponential backoff, re-subscribes, and calls ``on_reconnect`` so the
+caller can fetch from ``history`` what it missed. An idle subscription is
+probed with ``PING`` every ``ping_interval``; no answer within ``op_timeout``
+counts as a lost connection (a silently dead peer would otherwise never be
+noticed).
+
+``is_available`` is False after a command could not reach Redis (until one
+succeeds or the subscriber reconnects), and while ``run`` is not subscribed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Final
+
+import msgpack
+import trio
+
+from ._contract import BackplaneError, BackplaneUnavailable, History, NumberedEvent, PendingEvent
+from ._resp import Arg, RedisAddress, RedisConnection, RedisReplyError, Reply, parse_redis_url
+
+__all__ = ["RedisBackplane", "decode_batch"]
+
+log = logging.getLogger(__name__)
+
+#: Reconnect backoff of ``run``: the first wait, doubled up to the last (seconds).
+FIRST_BACKOFF_INTERVAL: Final = 0.1
+MAX_BACKOFF_INTERVAL: Final = 2.0
+
+_PUBLISH_LUA: Final = """
+-- KEYS: event i has its counter at KEYS[2i-1] and its history stream at KEYS[2i].
+-- ARGV[1]: the channel; ARGV[2]: the history size (MAXLEN ~);
+-- then six per event: hub, site, has_user ('1' or '0'), user, id, prefix.
+local batch = {}
+local seqs = {}
+for i = 1, #KEYS / 2 do
+  local a = 2 + (i - 1) * 6
+  local seq = redis.call('INCR', KEYS[2 * i - 1])
+  local text = ARGV[a + 6] .. string.format('%d', seq) .. '}'
+  local entry_id = string.format('%d-1', seq)
+  -- cmsgpack arrays cannot hold nil: false stands for "no user"
+  local user = false
+  if ARGV[a + 3] == '1' then
+    user = ARGV[a + 4]
+    redis.call('XADD', KEYS[2 * i], 'MAXLEN', '~', ARGV[2], entry_id,
+      'id', ARGV[a + 5], 'text', text, 'user', user)
+  else
+    redis.call('XADD', KEYS[2 * i], 'MAXLEN', '~', ARGV[2], entry_id,
+      'id', ARGV[a + 5], 'text', text)
+  end
+  batch[i] = {ARGV[a + 1], ARGV[a + 2], user, ARGV[a + 5], seq, text}
+  seqs[i] = seq
+end
+redis.call('PUBLISH', ARGV[1], cmsgpack.pack(batch))
+return seqs
+"""
+
+_HISTORY_LUA: Final = """
+-- KEYS[1]: the counter; KEYS[2]: the history stream.
+-- ARGV[1]: after_seq; ARGV[2]: the history size.
+-- Returns {last_seq, first_seq or false (nil), entries with seq > after_seq}.
+local last = tonumber(redis.call('GET', KEYS[1]) or '0')
+local oldest = redis.call('XRANGE', KEYS[2], '-', '+', 'COUNT', 1)
+if #oldest == 0 then
+  return {last, false, {}}
+end
+local first = tonumber(string.match(oldest[1][1], '^(%d+)-'))
+-- MAXLEN ~ may keep more than the size: the history is the newest ARGV[2] seqs.
+local window_first = last - tonumber(ARGV[2]) + 1
+if window_first > first then
+  first = window_first
+end
+local start = tonumber(ARGV[1]) + 1
+if start < first then
+  start = first
+end
+if start > last then
+  return {last, first, {}}
+end
+return {last, first, redis.call('XRANGE', KEYS[2], string.format('%d', start),
+  string.format('%d', last), 'COUNT', ARGV[2])}
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class _Script:
+    source: str
+    sha: str
+
+    @classmethod
+    def of(cls, source: str) -> _Script:
+        return cls(source, hashlib.sha1(source.encode(), usedforsecurity=False).hexdigest())
+
+
+_PUBLISH: Final = _Script.of(_PUBLISH_LUA)
+_HISTORY: Final = _Script.of(_HISTORY_LUA)
+
+
+async def _evaluate(
+    conn: RedisConnection, script: _Script, keys: Sequence[Arg], args: Sequence[Arg]
+) -> Reply:
+    try:
+        return await conn.execute("EVALSHA", script.sha, len(keys), *keys, *args)
+    except RedisReplyError as exc:
+        if exc.code != "NOSCRIPT":
+            raise
+    # NOSCRIPT means nothing ran, so running it again is safe.
+    log.debug("Redis at %s has no script %s cached; sending it with EVAL", conn.address, script.sha)
+    return await conn.execute("EVAL", script.source, len(keys), *keys, *args)
+
+
+class _ConnectionPool:
+    """At most ``max_connections`` command connections, opened on demand."""
+
+    def __init__(self, address: RedisAddress, max_connections: int) -> None:
+        self._address = address
+        self._limiter = trio.CapacityLimiter(max_connections)
+        self._idle: list[RedisConnection] = []  # never longer than max_connections
+
+    @asynccontextmanager
+    async def connection(self) -> AsyncIterator[RedisConnection]:
+        async with self._limiter:
+            conn = self._idle.pop() if self._idle else await RedisConnection.connect(self._address)
+            try:
+                yield conn
+            finally:
+                if conn.is_usable:
+                    self._idle.append(conn)
+                else:
+                    await conn.aclose()
+
+    async def close_idle(self) -> None:
+        idle, self._idle = self._idle, []
+        for conn in idle:
+            await conn.aclose()
+
+
+def decode_batch(data: bytes) -> list[NumberedEvent]:
+    """Decode one channel message (a MessagePack array of event arrays).
+
+    Raises:
+        BackplaneError: not such a message.
+    """
+    try:
+        items = msgpack.unpackb(data, raw=False)
+    except (ValueError, msgpack.UnpackException) as exc:
+        raise BackplaneError(f"expected a MessagePack backplane message: {exc}") from exc
+    if not isinstance(items, list) or not items:
+        raise BackplaneError(f"expected a non-empty array of events, got {type(items).__name__}")
+    events: list[NumberedEvent] = []
+    for index, item in enumerate(items):
+        match item:
+            case [
+                str(hub),
+                str(site_id),
+                str() | False as user,
+                str(event_id),
+                int(seq),
+                str(text),
+            ]:
+                if isinstance(seq, bool):
+                    raise BackplaneError(f"event {index}: expected an integer seq, got a boolean")
+                events.append(
+                    NumberedEvent(
+                        hub=hub,
+                        site_id=site_id,
+                        user_id=None if user is False else user,
+                        event_id=event_id,
+                        seq=seq,
+                        text=text,
+                    )
+                )
+            case _:
+                raise BackplaneError(
+                    f"event {index}: expected [hub, site, user|false, id, seq, text], "
+                    f"got {type(item).__name__}"
+                )
+    return events
+
+
+def _decode_entry(hub: str, site_id: str, entry: Reply) -> NumberedEvent:
+    match entry:
+        case [bytes(entry_id), list(fields)] if len(fields) % 2 == 0:
+            pass
+        case _:
+            raise BackplaneError(f"{hub}/{site_id}: expected a stream entry [id, fields]")
+    values: dict[bytes, bytes] = {}
+    for name, value in zip(fields[::2], fields[1::2], strict=True):
+        if isinstance(name, bytes) and isinstance(value, bytes):
+            values[name] = value
+    text, event_id, user = values.get(b"text"), values.get(b"id"), values.get(b"user")
+    seq_part = entry_id.split(b"-", 1)[0]
+    if text is None or event_id is None or not seq_part.isdigit():
+        raise BackplaneError(f"{hub}/{site_id}: expected an entry <seq>-1 with id and text")
+    try:
+        return NumberedEvent(
+            hub=hub,
+            site_id=site_id,
+            user_id=None if user is None else user.decode(),
+            event_id=event_id.decode(),
+            seq=int(seq_part),
+            text=text.decode(),
+        )
+    except UnicodeDecodeError as exc:
+        raise BackplaneError(f"{hub}/{site_id}: history entry is not UTF-8") from exc
+
+
+class RedisBackplane:
+    """The ``Backplane`` shared by every node through one Redis (see the module docstring).
+
+    Args:
+        url: ``redis://[[USER]:PASSWORD@]HOST[:PORT][/DB]``.
+        history_size: events kept per (hub, site).
+        channel: the Pub/Sub channel all nodes share.
+        key_prefix: the prefix of every key this backplane writes.
+        op_timeout: how long one command may take, from waiting for a pooled
+            connection to the reply, and how long a ``PING`` may go unanswered.
+        ping_interval: how long the subscription may stay silent before ``run``
+            probes it with ``PING``.
+        max_connections: command connections kept at most (``run`` has its own).
+
+    Close it with ``aclose`` (or ``async with``); ``run`` also closes the idle
+    command connections when it ends.
+
+    Raises:
+        BackplaneError: ``url`` is not a redis:// URL.
+        ValueError: a size or duration is not positive.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        history_size: int = 1000,
+        channel: str = "hubserver:events",
+        key_prefix: str = "hubserver",
+        op_timeout: float = 2.0,
+        ping_interval: float = 5.0,
+        max_connections: int = 4,
+    ) -> None:
+        for name, value in (
+            ("history_size", history_size),
+            ("op_timeout", op_timeout),
+            ("ping_interval", ping_interval),
+            ("max_connections", max_connections),
+        ):
+            if not value > 0:
+                raise ValueError(f"{name} must be positive, got {value}")
+        self._address = parse_redis_url(url)
+        self._history_size = history_size
+        self._channel = channel
+        self._key_prefix = key_prefix
+        self._op_timeout = op_timeout
+        self._ping_interval = ping_interval
+        self._pool = _ConnectionPool(self._address, max_connections)
+        self._is_command_ok = True
+        self._is_subscriber_ok = True
+        self._is_running = False
+
+    @property
+    def address(self) -> RedisAddress:
+        return self._address
+
+    @property
+    def is_available(self) -> bool:
+        """False while Redis cannot be reached or ``run`` is not subscribed."""
+        return self._is_command_ok and self._is_subscriber_ok
+
+    async def publish(self, events: Sequence[PendingEvent]) -> list[NumberedEvent]:
+        """Number, store and broadcast ``events`` in one script (see ``Backplane.publish``).
+
+        Raises:
+            BackplaneUnavailable: Redis could not be reached, or did not answer
+                within ``op_timeout`` (then the batch may still have been applied).
+            BackplaneError: Redis refused the script (the message says why).
+        """
+        if not events:
+            await trio.lowlevel.checkpoint()
+            return []
+        keys: list[Arg] = []
+        args: list[Arg] = [self._channel, self._history_size]
+        for event in events:
+            keys.append(self._key("seq", event.hub, event.site_id))
+            keys.append(self._key("hist", event.hub, event.site_id))
+            has_user = event.user_id is not None
+            args += [
+                event.hub,
+                event.site_id,
+                "1" if has_user else "0",
+                event.user_id or "",
+                event.event_id,
+                event.prefix,
+            ]
+        reply = await self._call(
+            "publish (the batch may still have been applied)",
+            lambda conn: _evaluate(conn, _PUBLISH, keys, args),
+        )
+        seqs = [seq for seq in reply if isinstance(seq, int)] if isinstance(reply, list) else []
+        if len(seqs) != len(events):
+            raise BackplaneError(f"expected {len(events)} seqs from the publish script")
+        return [
+            NumberedEvent(
+                hub=event.hub,
+                site_id=event.site_id,
+                user_id=event.user_id,
+                event_id=event.event_id,
+                seq=seq,
+                text=f"{event.prefix}{seq}}}",
+            )
+            for event, seq in zip(events, seqs, strict=True)
+        ]
+
+    async def history(self, hub: str, site_id: str, after_seq: int) -> History:
+        """The newest ``history_size`` events after ``after_seq`` (see ``Backplane.history``).
+
+        Raises:
+            BackplaneUnavailable: Redis could not be reached in time.
+            BackplaneError: Redis refused, or the stored history is malformed.
+        """
+        keys: list[Arg] = [self._key("seq", hub, site_id), self._key("hist", hub, site_id)]
+        args: list[Arg] = [max(after_seq, 0), self._history_size]
+        reply = await self._call("history", lambda conn: _evaluate(conn, _HISTORY, keys, args))
+        match reply:
+            case [int(last_seq), int() | None as first_seq, list(entries)]:
+                return History(
+                    events=[_decode_entry(hub, site_id, entry) for entry in entries],
+                    first_seq=first_seq,
+                    last_seq=last_seq,
+                )
+            case _:
+                raise BackplaneError(f"{hub}/{site_id}: unexpected reply from the history script")
+
+    async def ping(self) -> None:
+        """Readiness check: one ``PING`` under ``op_timeout``.
+
+        Raises:
+            BackplaneUnavailable: no answer.
+        """
+        await self._call("PING", lambda conn: conn.execute("PING"))
+
+    async def run(
+        self,
+        deliver: Callable[[Sequence[NumberedEvent]], None],
+        on_reconnect: Callable[[], None],
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Deliver every batch published by any node, until cancelled (see ``Backplane.run``).
+
+        Retries the first subscription too (with the same backoff), so
+        ``task_status.started()`` waits for Redis: cap ``nursery.start`` with
+        ``fail_after`` to bound that. Exceptions of ``deliver`` and
+        ``on_reconnect`` propagate. A message that does not decode is logged and
+        skipped (the caller sees a seq gap and recovers it from ``history``).
+
+        Raises:
+            BackplaneError: ``run`` is already running on this backplane.
+        """
+        if self._is_running:
+            raise BackplaneError("run() is already running on this RedisBackplane")
+        self._is_running = True
+        try:
+            await self._subscribe_forever(deliver, on_reconnect, task_status)
+        finally:
+            self._is_running = False
+            # Only a running subscriber counts towards availability.
+            self._is_subscriber_ok = True
+            await self._pool.close_idle()
+
+    async def aclose(self) -> None:
+        """Close the idle command connections (the backplane stays usable: it reconnects)."""
+        await self._pool.close_idle()
+
+    async def __aenter__(self) -> RedisBackplane:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    # -- commands ----------------------------------------------------------------------
+
+    def _key(self, kind: str, hub: str, site_id: str) -> str:
+        return f"{self._key_prefix}:{kind}:{hub}:{site_id}"
+
+    async def _call(
+        self, what: str, operation: Callable[[RedisConnection], Awaitable[Reply]]
+    ) -> Reply:
+        try:
+            with trio.fail_after(self._op_timeout):
+                async with self._pool.connection() as conn:
+                    reply = await operation(conn)
+        except trio.TooSlowError as exc:
+            await self._lost_commands()
+            raise BackplaneUnavailable(
+                f"no reply from Redis at {self._address} to {what} within {self._op_timeout} s"
+            ) from exc
+        except BackplaneUnavailable:
+            await self._lost_commands()
+            raise
+        except RedisReplyError:
+            self._is_command_ok = True  # Redis answered: it is reachable
+            raise
+        self._is_command_ok = True
+        return reply
+
+    async def _lost_commands(self) -> None:
+        self._is_command_ok = False
+        # The other idle connections most likely died with this one.
+        await self._pool.close_idle()
+
+    # -- the subscriber ----------------------------------------------------------------
+
+    async def _subscribe_forever(
+        self,
+        deliver: Callable[[Sequence[NumberedEvent]], None],
+        on_reconnect: Callable[[], None],
+        task_status: trio.TaskStatus[None],
+    ) -> None:
+        backoff = FIRST_BACKOFF_INTERVAL
+        is_started = False
+        while True:
+            try:
+                conn = await self._open_subscriber()
+            except BackplaneError as exc:
+                self._is_subscriber_ok = False
+                log.warning("cannot subscribe to Redis (%s); retrying in %.1f s", exc, backoff)
+                await trio.sleep(backoff)
+                backoff = min(backoff * 2, MAX_BACKOFF_INTERVAL)
+                continue
+            backoff = FIRST_BACKOFF_INTERVAL
+            try:
+                self._is_subscriber_ok = True
+                self._is_command_ok = True
+                if is_started:
+                    log.info("subscribed to Redis at %s again", self._address)
+                    on_reconnect()
+                else:
+                    is_started = True
+                    task_status.started()
+                await self._deliver_until_lost(conn, deliver)
+            finally:
+                await conn.aclose()
+            self._is_subscriber_ok = False
+            await self._pool.close_idle()
+            await trio.sleep(backoff)
+
+    async def _open_subscriber(self) -> RedisConnection:
+        conn: RedisConnection | None = None
+        try:
+            with trio.fail_after(self._op_timeout):
+                conn = await RedisConnection.connect(self._address)
+                await conn.subscribe(self._channel)
+        except BaseException as exc:
+            if conn is not None:
+                await conn.aclose()
+            if isinstance(exc, trio.TooSlowError):
+                raise BackplaneUnavailable(
+                    f"Redis at {self._address} did not confirm SUBSCRIBE "
+                    f"within {self._op_timeout} s"
+                ) from exc
+            raise
+        return conn
+
+    async def _deliver_until_lost(
+        self, conn: RedisConnection, deliver: Callable[[Sequence[NumberedEvent]], None]
+    ) -> None:
+        while True:
+            try:
+                data = await self._next_message_data(conn)
+            except BackplaneError as exc:
+                log.warning("lost the Redis subscription: %s", exc)
+                return
+            try:
+                batch = decode_batch(data)
+            except BackplaneError as exc:
+                log.error("skipped a malformed backplane message of %d bytes: %s", len(data), exc)
+                continue
+            deliver(batch)
+
+    async def _next_message_data(self, conn: RedisConnection) -> bytes:
+        """The data of the next message; probes a silent connection with PING."""
+        is_ping_pending = False
+        while True:
+            wait = self._op_timeout if is_ping_pending else self._ping_interval
+            with trio.move_on_after(wait):
+                match await conn.next_push():
+                    case [b"message", bytes(), bytes(data)]:
+                        return data
+                    case _:
+                        is_ping_pending = False  # a pong (or any push) proves it alive
+                continue
+            if is_ping_pending:
+                raise BackplaneUnavailable(
+                    f"Redis at {self._address} did not answer PING within {self._op_timeout} s"
+                )
+            with trio.move_on_after(self._op_timeout) as sending:
+                await conn.send_ping()
+            if sending.cancelled_caught:
+                raise BackplaneUnavailable(
+                    f"could not send PING to Redis at {self._address} within {self._op_timeout} s"
+                )
+            is_ping_pending = True

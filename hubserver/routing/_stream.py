@@ -1,0 +1,131 @@
+"""Events on their way to subscribers: numbered, prepared once, grouped into deliveries."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Final
+
+from hubcore import Invocation, PreparedBatch, PreparedMessage
+from hubserver.backplane import NumberedEvent, PendingEvent
+from hubserver.transports import server_frame
+
+from ._events import PublishError
+from ._groups import Hub
+
+__all__ = ["Delivery", "StreamEvent", "gap_message", "to_pending", "to_stream_event"]
+
+#: The client method every event is delivered to (the reference's samples).
+TARGET: Final = "ReceiveMessage"
+#: Sent before a replay that cannot start where the client asked (history was trimmed).
+GAP_TARGET: Final = "Gap"
+
+_compact = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode
+_HUBS: Final = {hub.value: hub for hub in Hub}
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StreamEvent:
+    """One numbered event, with its ``ReceiveMessage`` invocation prepared once.
+
+    ``text`` is the event as compact JSON (with ``id`` and ``seq``).
+    """
+
+    hub: Hub
+    site_id: str
+    user_id: str | None
+    event_id: str
+    seq: int
+    text: str
+    message: PreparedMessage
+
+
+def to_pending(hub: Hub, event: dict[str, object], index: int) -> PendingEvent:
+    """Give a validated event its ``id`` and encode it up to ``"seq":``.
+
+    Raises:
+        PublishError: the event cannot be encoded (a lone surrogate cannot go
+            out as UTF-8), naming it by ``index``.
+    """
+    if event.get("id") is None:
+        event["id"] = uuid.uuid4().hex
+    event.pop("seq", None)  # the server numbers events; a publisher's seq is replaced
+    try:
+        text = _compact(event)
+        if not text.isascii():
+            text.encode("utf-8")
+    except (TypeError, ValueError) as exc:
+        raise PublishError(
+            f"event {index}: cannot be encoded ({type(exc).__name__})", index=index
+        ) from exc
+    user_id = event.get("user_id")
+    return PendingEvent(
+        hub=hub.value,
+        site_id=str(event["site_id"]),
+        user_id=user_id if type(user_id) is str else None,
+        event_id=str(event["id"]),
+        # site_id is always there, so the object is never empty: a comma is right.
+        prefix=text[:-1] + ',"seq":',
+    )
+
+
+def to_stream_event(event: NumberedEvent) -> StreamEvent:
+    """Prepare a numbered event for delivery (one encoding per protocol, later)."""
+    return StreamEvent(
+        hub=_HUBS[event.hub],
+        site_id=event.site_id,
+        user_id=event.user_id,
+        event_id=event.event_id,
+        seq=event.seq,
+        text=event.text,
+        message=PreparedMessage(Invocation(target=TARGET, arguments=(event.text,))),
+    )
+
+
+def gap_message(first_available_seq: int) -> PreparedMessage:
+    """``Gap(first)``: events before ``first`` left history; a resume cannot fill them."""
+    return PreparedMessage(Invocation(target=GAP_TARGET, arguments=(first_available_seq,)))
+
+
+class Delivery:
+    """What one group receives at once: one event, or a run of them from one publish.
+
+    ``payload`` is encoded once per hub protocol, and ``frame`` wraps it in a
+    WebSocket frame once per frame type: server frames are unmasked, so every
+    recipient with the same protocol gets the very same bytes.
+    """
+
+    __slots__ = ("_frames", "events", "payload")
+
+    def __init__(self, events: Sequence[StreamEvent]) -> None:
+        self.events = tuple(events)
+        self.payload: PreparedMessage | PreparedBatch = (
+            self.events[0].message
+            if len(self.events) == 1
+            else PreparedBatch([event.message for event in self.events])
+        )
+        self._frames: dict[int, bytes] = {}
+
+    @property
+    def count(self) -> int:
+        return len(self.events)
+
+    @property
+    def last_seq(self) -> int:
+        return self.events[-1].seq
+
+    def after(self, seq: int) -> Delivery | None:
+        """The part of this delivery with seq above ``seq`` (None if nothing is left)."""
+        if self.events[0].seq > seq:
+            return self
+        rest = [event for event in self.events if event.seq > seq]
+        return Delivery(rest) if rest else None
+
+    def frame(self, opcode: int, data: bytes) -> bytes:
+        """The WebSocket frame of ``data`` (this delivery's encoding for ``opcode``)."""
+        frame = self._frames.get(opcode)
+        if frame is None:
+            frame = self._frames[opcode] = server_frame(opcode, data)
+        return frame

@@ -1,0 +1,551 @@
+"""The backplane contract, passed by MemoryBackplane and RedisBackplane alike.
+
+The first half runs every test against both (``make_nodes`` gives "nodes":
+for memory, the one in-process backplane several times; for Redis, separate
+RedisBackplane objects sharing one real redis-server, each test under its own
+key prefix and channel). The second half is what only Redis has: losing the
+server and getting it back, scripts flushed, trimming, silent peers (a fake
+TCP server at the I/O boundary), logins.
+
+Every test has a ``fail_after`` cap, and waits on events, not on sleeps.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import uuid
+from collections.abc import AsyncIterator, Callable, Sequence
+from functools import partial
+from pathlib import Path
+from typing import Any, Protocol
+
+import pytest
+import trio
+
+from hubserver.backplane import (
+    Backplane,
+    BackplaneError,
+    BackplaneUnavailable,
+    MemoryBackplane,
+    NumberedEvent,
+    PendingEvent,
+    RedisBackplane,
+    RedisConnection,
+)
+from hubserver.backplane._resp import NeedData, ReplyParser
+
+from .redis_fixture import (  # noqa: F401 (fixtures are found by pytest, not by name)
+    RedisServer,
+    own_redis_server_fixture,
+    redis_server_fixture,
+    start_redis_server,
+)
+
+CAP = 10.0  # seconds, per test
+
+# -- helpers ---------------------------------------------------------------------------
+
+_ids = itertools.count(1)
+
+
+def make_event(
+    hub: str = "entries",
+    site_id: str = "site-a",
+    user_id: str | None = "user-1",
+    **fields: Any,
+) -> tuple[PendingEvent, dict[str, Any]]:
+    """A pending event and the JSON object its text must decode to (without ``seq``)."""
+    event_id = f"evt-{next(_ids)}"
+    body: dict[str, Any] = {"site_id": site_id, "id": event_id, **fields}
+    if user_id is not None:
+        body["user_id"] = user_id
+    prefix = json.dumps(body, separators=(",", ":"), ensure_ascii=False)[:-1] + ',"seq":'
+    pending = PendingEvent(
+        hub=hub, site_id=site_id, user_id=user_id, event_id=event_id, prefix=prefix
+    )
+    return pending, body
+
+
+def events(count: int, **kwargs: Any) -> list[PendingEvent]:
+    return [make_event(**kwargs)[0] for _ in range(count)]
+
+
+class Listener:
+    """What one node's ``run`` delivered, with a way to wait for more."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[NumberedEvent]] = []
+        self.reconnects = 0
+        self._changed = trio.Event()
+
+    def deliver(self, batch: Sequence[NumberedEvent]) -> None:
+        self.batches.append(list(batch))
+        self._changed.set()
+
+    def on_reconnect(self) -> None:
+        self.reconnects += 1
+        self._changed.set()
+
+    @property
+    def events(self) -> list[NumberedEvent]:
+        return [event for batch in self.batches for event in batch]
+
+    async def wait_until(self, predicate: Callable[[], bool]) -> None:
+        while not predicate():
+            self._changed = trio.Event()
+            await self._changed.wait()
+
+    async def wait_events(self, count: int) -> None:
+        await self.wait_until(lambda: len(self.events) >= count)
+
+    async def wait_batch(self, batch: list[NumberedEvent]) -> None:
+        await self.wait_until(lambda: batch in self.batches)
+
+
+async def start(nursery: trio.Nursery, node: Backplane, listener: Listener) -> None:
+    await nursery.start(node.run, listener.deliver, listener.on_reconnect)
+
+
+async def wait_for(predicate: Callable[[], bool]) -> None:
+    """Poll a flag that has no event of its own (``is_available``)."""
+    while not predicate():  # noqa: ASYNC110 (nothing to wait on: the flag is all there is)
+        await trio.sleep(0.01)
+
+
+class MakeNodes(Protocol):
+    def __call__(self, count: int = 1, *, history_size: int = 1000) -> list[Backplane]: ...
+
+
+@pytest.fixture(params=["memory", "redis"])
+def backplane_url(request: pytest.FixtureRequest) -> str | None:
+    """None for the in-process backplane, else the URL of the session's redis-server."""
+    if request.param == "memory":
+        return None
+    server: RedisServer = request.getfixturevalue("redis_server")
+    return server.url
+
+
+@pytest.fixture
+async def make_nodes(backplane_url: str | None) -> AsyncIterator[MakeNodes]:
+    """``make_nodes(count, history_size=...)``: nodes sharing one backplane."""
+    made: list[RedisBackplane] = []
+
+    def make(count: int = 1, *, history_size: int = 1000) -> list[Backplane]:
+        if backplane_url is None:
+            return [MemoryBackplane(history_size=history_size)] * count
+        name = f"test-{uuid.uuid4().hex}"
+        nodes = [
+            RedisBackplane(
+                backplane_url,
+                history_size=history_size,
+                key_prefix=name,
+                channel=name,
+                op_timeout=2.0,
+            )
+            for _ in range(count)
+        ]
+        made.extend(nodes)
+        return list(nodes)
+
+    yield make
+    for node in made:
+        await node.aclose()
+
+
+def seqs(numbered: Sequence[NumberedEvent]) -> list[int]:
+    return [event.seq for event in numbered]
+
+
+# -- the contract (memory and Redis) ---------------------------------------------------
+
+
+async def test_publish_numbers_from_1_per_hub_and_site(make_nodes: MakeNodes) -> None:
+    with trio.fail_after(CAP):
+        [node] = make_nodes()
+        batch = [
+            make_event("entries", "site-a")[0],
+            make_event("incidents", "site-a")[0],
+            make_event("entries", "site-b", user_id=None)[0],
+            make_event("entries", "site-a")[0],
+            make_event("incidents", "site-a", user_id="user-2")[0],
+            make_event("entries", "site-a")[0],
+        ]
+        numbered = await node.publish(batch)
+        assert seqs(numbered) == [1, 1, 1, 2, 2, 3]
+        for event, pending in zip(numbered, batch, strict=True):
+            assert (event.hub, event.site_id, event.user_id, event.event_id) == (
+                pending.hub,
+                pending.site_id,
+                pending.user_id,
+                pending.event_id,
+            )
+        again = await node.publish([make_event("entries", "site-a")[0]])
+        assert seqs(again) == [4]
+        assert seqs(await node.publish(events(2, hub="incidents"))) == [3, 4]
+        assert seqs(await node.publish(events(1, site_id="site-b"))) == [2]
+
+
+async def test_text_is_prefix_plus_seq_and_the_event_plus_seq(make_nodes: MakeNodes) -> None:
+    with trio.fail_after(CAP):
+        [node] = make_nodes()
+        listener = Listener()
+        made = [
+            make_event(event_type="opening", result="granted"),
+            make_event(user_id=None, note='unicode: é 漢字 😀, quote " backslash \\ nl \n'),
+            make_event(site_id="site:with:colons", nested={"a": [1, 2.5, None, True]}),
+            make_event(user_id="", empty_user="an empty user id is still a user id"),
+        ]
+        async with trio.open_nursery() as nursery:
+            await start(nursery, node, listener)
+            numbered = await node.publish([pending for pending, _ in made])
+            await listener.wait_events(len(made))
+            nursery.cancel_scope.cancel()
+        assert listener.events == numbered
+        for event, (pending, body) in zip(numbered, made, strict=True):
+            assert event.text == f"{pending.prefix}{event.seq}}}"
+            assert json.loads(event.text) == {**body, "seq": event.seq}
+            assert event.user_id == pending.user_id
+
+
+async def test_every_node_gets_every_batch_once_in_order(make_nodes: MakeNodes) -> None:
+    with trio.fail_after(CAP):
+        first, second = make_nodes(2)
+        listeners = [Listener(), Listener()]
+        published: list[list[NumberedEvent]] = []
+        async with trio.open_nursery() as nursery:
+            await start(nursery, first, listeners[0])
+            await start(nursery, second, listeners[1])
+            for size, node in zip([1, 3, 2, 5, 1], itertools.cycle([first, second]), strict=False):
+                published.append(await node.publish(events(size, site_id="site-x")))
+            # An empty publish delivers nothing; the marker after it shows nothing came.
+            assert await first.publish([]) == []
+            marker = await second.publish(events(1, site_id="marker"))
+            for listener in listeners:
+                await listener.wait_batch(marker)
+            nursery.cancel_scope.cancel()
+        for listener in listeners:
+            assert listener.batches == [*published, marker]
+            assert listener.reconnects == 0
+
+
+async def test_history_after_seq(make_nodes: MakeNodes) -> None:
+    with trio.fail_after(CAP):
+        [node] = make_nodes()
+        published = await node.publish(events(4, user_id=None) + events(6))
+        await node.publish(events(3, hub="incidents"))
+        await node.publish(events(2, site_id="site-b"))
+
+        everything = await node.history("entries", "site-a", 0)
+        assert list(everything.events) == published
+        assert (everything.first_seq, everything.last_seq) == (1, 10)
+
+        tail = await node.history("entries", "site-a", 7)
+        assert list(tail.events) == published[7:]
+        assert (tail.first_seq, tail.last_seq) == (1, 10)
+
+        for after in (10, 15):
+            none_left = await node.history("entries", "site-a", after)
+            assert list(none_left.events) == []
+            assert (none_left.first_seq, none_left.last_seq) == (1, 10)
+
+        incidents = await node.history("incidents", "site-a", 1)
+        assert seqs(incidents.events) == [2, 3]
+        assert all(event.hub == "incidents" for event in incidents.events)
+
+        unknown = await node.history("entries", "nowhere", 0)
+        assert (list(unknown.events), unknown.first_seq, unknown.last_seq) == ([], None, 0)
+
+
+async def test_history_keeps_the_newest_history_size(make_nodes: MakeNodes) -> None:
+    with trio.fail_after(CAP):
+        size = 10
+        [node] = make_nodes(history_size=size)
+        for batch_size in (7, 1, 1, 12, 9):  # 30 events, 3 x the size
+            await node.publish(events(batch_size))
+        history = await node.history("entries", "site-a", 0)
+        assert len(history.events) <= size
+        assert history.last_seq == 30
+        assert history.first_seq is not None
+        assert seqs(history.events) == list(range(history.first_seq, 31))  # contiguous
+        # Both backplanes keep exactly the newest `size` (see _redis.py on MAXLEN ~).
+        assert history.first_seq == 21
+
+        assert seqs((await node.history("entries", "site-a", 25)).events) == [26, 27, 28, 29, 30]
+        behind = await node.history("entries", "site-a", 3)
+        assert behind.first_seq == 21  # > 3 + 1: the caller knows 4..20 are gone
+        assert seqs(behind.events) == list(range(21, 31))
+
+
+async def test_concurrent_publishes_from_two_nodes(make_nodes: MakeNodes) -> None:
+    with trio.fail_after(CAP):
+        first, second = make_nodes(2)
+        listeners = [Listener(), Listener()]
+        returned: dict[str, int] = {}
+
+        async def publish_one(node: Backplane) -> None:
+            [event] = await node.publish(events(1, site_id="busy"))
+            returned[event.event_id] = event.seq
+
+        async with trio.open_nursery() as nursery:
+            await start(nursery, first, listeners[0])
+            await start(nursery, second, listeners[1])
+            async with trio.open_nursery() as publishers:
+                for index in range(200):
+                    publishers.start_soon(publish_one, (first, second)[index % 2])
+            for listener in listeners:
+                await listener.wait_events(200)
+            nursery.cancel_scope.cancel()
+        assert sorted(returned.values()) == list(range(1, 201))
+        for listener in listeners:
+            assert seqs(listener.events) == list(range(1, 201))
+            assert {event.event_id: event.seq for event in listener.events} == returned
+
+
+async def test_is_available_and_ping(make_nodes: MakeNodes) -> None:
+    with trio.fail_after(CAP):
+        [node] = make_nodes()
+        assert node.is_available
+        assert isinstance(node, MemoryBackplane | RedisBackplane)
+        await node.ping()
+        assert node.is_available
+
+
+# -- Redis only ------------------------------------------------------------------------
+
+
+def redis_node(url: str, **kwargs: Any) -> RedisBackplane:
+    name = f"test-{uuid.uuid4().hex}"
+    return RedisBackplane(url, **{"key_prefix": name, "channel": name, **kwargs})
+
+
+async def test_redis_down_then_back(own_redis_server: RedisServer) -> None:
+    op_timeout = 0.5
+    with trio.fail_after(CAP):
+        node = redis_node(own_redis_server.url, op_timeout=op_timeout)
+        listener = Listener()
+        async with node, trio.open_nursery() as nursery:
+            await start(nursery, node, listener)
+            assert seqs(await node.publish(events(1))) == [1]
+            await listener.wait_events(1)
+
+            own_redis_server.stop()
+            started_at = trio.current_time()
+            with pytest.raises(BackplaneUnavailable):
+                await node.publish(events(1))
+            assert trio.current_time() - started_at < op_timeout + 0.5
+            assert not node.is_available
+            with pytest.raises(BackplaneUnavailable):
+                await node.history("entries", "site-a", 0)
+
+            own_redis_server.start()  # same port, empty (nothing was saved)
+            await listener.wait_until(lambda: listener.reconnects == 1)
+            assert node.is_available
+            [event] = await node.publish(events(1))
+            assert event.seq == 1
+            await listener.wait_until(lambda: event in listener.events)
+            nursery.cancel_scope.cancel()
+
+
+async def test_redis_publish_gives_up_within_op_timeout_without_run(
+    own_redis_server: RedisServer,
+) -> None:
+    with trio.fail_after(CAP):
+        async with redis_node(own_redis_server.url, op_timeout=0.5) as node:
+            await node.publish(events(1))
+            own_redis_server.stop()
+            with pytest.raises(BackplaneUnavailable, match="Redis"):
+                await node.publish(events(1))
+            assert not node.is_available
+            own_redis_server.start()
+            # Without run(), the next command is what finds Redis again.
+            assert seqs(await node.publish(events(1))) == [1]
+            assert node.is_available
+
+
+async def test_redis_run_waits_for_redis_and_is_cancellable(
+    own_redis_server: RedisServer,
+) -> None:
+    with trio.fail_after(CAP):
+        own_redis_server.stop()
+        node = redis_node(own_redis_server.url, op_timeout=0.5)
+        listener = Listener()
+        is_started = trio.Event()
+
+        async def run_node(nursery: trio.Nursery) -> None:
+            await start(nursery, node, listener)
+            is_started.set()
+
+        async with node, trio.open_nursery() as nursery:
+            nursery.start_soon(run_node, nursery)
+            await wait_for(lambda: not node.is_available)
+            own_redis_server.start()
+            await is_started.wait()
+            assert node.is_available
+            assert listener.reconnects == 0  # the first subscription is not a reconnect
+            nursery.cancel_scope.cancel()
+
+        # Cancelled while retrying: returns promptly.
+        own_redis_server.stop()
+        with trio.move_on_after(0.5) as scope:
+            await node.run(listener.deliver, listener.on_reconnect)
+        assert scope.cancelled_caught
+
+
+async def test_redis_noscript_is_handled(redis_server: RedisServer) -> None:
+    with trio.fail_after(CAP):
+        async with redis_node(redis_server.url) as node:
+            listener = Listener()
+            async with trio.open_nursery() as nursery:
+                await start(nursery, node, listener)
+                await node.publish(events(2))
+                await flush_scripts(node)
+                assert seqs(await node.publish(events(1))) == [3]  # EVALSHA -> NOSCRIPT -> EVAL
+                await flush_scripts(node)
+                assert seqs((await node.history("entries", "site-a", 1)).events) == [2, 3]
+                await listener.wait_events(3)
+                assert seqs(listener.events) == [1, 2, 3]
+                nursery.cancel_scope.cancel()
+
+
+async def flush_scripts(node: RedisBackplane) -> None:
+    async with await RedisConnection.connect(node.address) as raw:
+        assert await raw.execute("SCRIPT", "FLUSH") == b"OK"
+
+
+async def test_redis_stream_is_trimmed(redis_server: RedisServer) -> None:
+    with trio.fail_after(CAP):
+        name = f"test-{uuid.uuid4().hex}"
+        async with RedisBackplane(redis_server.url, history_size=10, key_prefix=name) as node:
+            for _ in range(25):
+                await node.publish(events(10))
+            async with await RedisConnection.connect(node.address) as raw:
+                length = await raw.execute("XLEN", f"{name}:hist:entries:site-a")
+            assert isinstance(length, int)
+            # MAXLEN ~ trims whole nodes (100 entries by default), never below 10.
+            assert 10 <= length <= 10 + 100
+            history = await node.history("entries", "site-a", 0)
+            assert seqs(history.events) == list(range(241, 251))
+
+
+async def test_redis_malformed_message_is_skipped(redis_server: RedisServer) -> None:
+    with trio.fail_after(CAP):
+        channel = f"test-{uuid.uuid4().hex}"
+        async with RedisBackplane(redis_server.url, channel=channel, key_prefix=channel) as node:
+            listener = Listener()
+            async with trio.open_nursery() as nursery:
+                await start(nursery, node, listener)
+                async with await RedisConnection.connect(node.address) as raw:
+                    for garbage in (b"\xc1", b"\x93\x01\x02\x03", b"\x91\x96" + b"\xc0" * 6):
+                        assert await raw.execute("PUBLISH", channel, garbage) == 1
+                published = await node.publish(events(1))
+                await listener.wait_events(1)
+                assert listener.batches == [published]
+                nursery.cancel_scope.cancel()
+
+
+async def test_redis_run_twice_is_refused(redis_server: RedisServer) -> None:
+    with trio.fail_after(CAP):
+        async with redis_node(redis_server.url) as node, trio.open_nursery() as nursery:
+            listener = Listener()
+            await start(nursery, node, listener)
+            with pytest.raises(BackplaneError, match="already running"):
+                await node.run(listener.deliver, listener.on_reconnect)
+            nursery.cancel_scope.cancel()
+
+
+async def test_redis_password_and_database(tmp_path: Path) -> None:
+    server = start_redis_server(tmp_path, ("--requirepass", "s3cret:/@"))
+    try:
+        with trio.fail_after(CAP):
+            base = f"127.0.0.1:{server.port}"
+            name = f"test-{uuid.uuid4().hex}"
+            async with (
+                RedisBackplane(f"redis://:s3cret%3A%2F%40@{base}/1", key_prefix=name) as db1,
+                RedisBackplane(f"redis://default:s3cret%3A%2F%40@{base}/2", key_prefix=name) as db2,
+            ):
+                assert seqs(await db1.publish(events(2))) == [1, 2]
+                assert seqs(await db2.publish(events(1))) == [1]  # another database
+            async with RedisBackplane(f"redis://:wrong@{base}/0", op_timeout=0.5) as wrong:
+                with pytest.raises(BackplaneUnavailable, match="WRONGPASS") as caught:
+                    await wrong.publish(events(1))
+                assert "wrong" not in str(caught.value)
+                assert not wrong.is_available
+    finally:
+        server.stop()
+
+
+# -- Redis only, with a fake server at the TCP boundary --------------------------------
+
+
+class FakeRedis:
+    """Answers SUBSCRIBE, never anything else: a Redis that went silent."""
+
+    def __init__(self) -> None:
+        self.connections = 0
+        self.closed_by_client = 0
+        self.pings = 0
+        self.client_closed = trio.Event()
+
+    async def handle(self, stream: trio.SocketStream) -> None:
+        self.connections += 1
+        parser = ReplyParser()
+        async with stream:
+            while True:
+                try:
+                    data = await stream.receive_some(65536)
+                except trio.BrokenResourceError:
+                    data = b""
+                if not data:
+                    self.closed_by_client += 1
+                    self.client_closed.set()
+                    return
+                parser.receive_data(data)
+                while (command := parser.next_reply()) is not NeedData.NEED_DATA:
+                    assert isinstance(command, list)
+                    name = command[0]
+                    assert isinstance(name, bytes)
+                    if name.upper() == b"SUBSCRIBE":
+                        channel = command[1]
+                        assert isinstance(channel, bytes)
+                        await stream.send_all(
+                            b"*3\r\n$9\r\nsubscribe\r\n$%d\r\n%s\r\n:1\r\n"
+                            % (len(channel), channel)
+                        )
+                    elif name.upper() == b"PING":
+                        self.pings += 1
+
+
+async def serve_fake(nursery: trio.Nursery, fake: FakeRedis) -> int:
+    listeners = await nursery.start(partial(trio.serve_tcp, fake.handle, 0, host="127.0.0.1"))
+    port: int = listeners[0].socket.getsockname()[1]
+    return port
+
+
+async def test_redis_silent_server_times_out_publish() -> None:
+    with trio.fail_after(CAP):
+        async with trio.open_nursery() as nursery:
+            port = await serve_fake(nursery, FakeRedis())
+            async with RedisBackplane(f"redis://127.0.0.1:{port}", op_timeout=0.3) as node:
+                started_at = trio.current_time()
+                with pytest.raises(BackplaneUnavailable, match=r"within 0\.3 s"):
+                    await node.publish(events(1))
+                assert 0.3 <= trio.current_time() - started_at < 1.0
+                assert not node.is_available
+            nursery.cancel_scope.cancel()
+
+
+async def test_redis_silent_subscription_is_noticed_by_ping() -> None:
+    with trio.fail_after(CAP):
+        fake = FakeRedis()
+        listener = Listener()
+        async with trio.open_nursery() as nursery:
+            port = await serve_fake(nursery, fake)
+            node = RedisBackplane(f"redis://127.0.0.1:{port}", op_timeout=0.2, ping_interval=0.2)
+            await start(nursery, node, listener)
+            await listener.wait_until(lambda: listener.reconnects == 1)
+            assert fake.pings >= 1
+            assert fake.connections == 2
+            await fake.client_closed.wait()  # the silent connection was dropped
+            assert node.is_available
+            nursery.cancel_scope.cancel()
