@@ -64,6 +64,7 @@ def _parser() -> argparse.ArgumentParser:
     _add(s, "--issuer", help="required token issuer (iss)")
     _add(s, "--audience", help="required token audience (aud)")
     _add(s, "--demo", action="store_true", help="publish demo events, grant a demo Site Admin")
+    _add(s, "--demo-interval", type=float, default=1.0, help="seconds between demo entries")
     _add(s, "--keepalive-interval", type=float, default=15.0, help="seconds between hub Pings")
     _add(s, "--client-timeout", type=float, default=30.0, help="seconds of client silence")
     _add(s, "--handshake-timeout", type=float, default=15.0, help="seconds for the handshake")
@@ -74,7 +75,11 @@ def _parser() -> argparse.ArgumentParser:
     _add(s, "--backplane", help="redis://HOST:PORT/DB to run several nodes as one service")
     _add(s, "--history-size", type=int, default=1000, help="events kept per site and hub")
     _add(s, "--resume-window", type=float, default=0.5, help="seconds live events wait for Resume")
+    _add(s, "--workers", default="1", help="worker processes on the port: a number or 'auto'")
     _add(s, "--log-level", default="info", help="debug, info, warning or error")
+    # Set by the --workers parent for its workers only.
+    s.add_argument("--reuse-port", action="store_true", help=argparse.SUPPRESS)
+    s.add_argument("--broker-socket", type=Path, help=argparse.SUPPRESS)
 
     t = commands.add_parser("token", help="print a development token signed with the dev key")
     t.add_argument("--subject", required=True)
@@ -108,6 +113,7 @@ def _config(args: argparse.Namespace) -> ServerConfig:
         issuer=args.issuer or None,
         audience=args.audience or None,
         demo=bool(args.demo),
+        demo_interval=float(args.demo_interval),
         hub_limits=HubLimits(
             keepalive_interval=float(args.keepalive_interval),
             client_timeout=float(args.client_timeout),
@@ -120,6 +126,8 @@ def _config(args: argparse.Namespace) -> ServerConfig:
         backplane=args.backplane or None,
         history_size=int(args.history_size),
         resume_window=float(args.resume_window),
+        reuse_port=bool(args.reuse_port),
+        broker_socket=args.broker_socket,
     )
 
 
@@ -163,7 +171,40 @@ async def _serve_main(config: ServerConfig) -> None:
                 break
 
 
+def _worker_argv(argv: Sequence[str]) -> list[str]:
+    """The parent's ``serve`` arguments a worker gets: all but --workers, --port, --demo."""
+    out: list[str] = []
+    skip = False
+    for arg in argv[1:]:  # argv[0] is "serve"
+        if skip:
+            skip = False
+            continue
+        name = arg.split("=", 1)[0]
+        if name in ("--workers", "--port"):
+            skip = "=" not in arg
+            continue
+        if name == "--demo":
+            continue
+        out.append(arg)
+    return out
+
+
+async def _workers_main(config: ServerConfig, count: int, worker_argv: list[str]) -> None:
+    from .workers import run_workers
+
+    if config.demo:
+        from .demo import DEMO_SITE, DEMO_SUBJECT
+
+        with SqlitePermissionStore.open(config.data_dir) as store:
+            store.grant(DEMO_SITE, DEMO_SUBJECT, Role.SITE_ADMIN)
+    ensure_dev_key(config.data_dir)  # made once here, not raced by the workers
+    async with trio.open_nursery() as nursery:
+        port: int = await nursery.start(run_workers, config, count, worker_argv)
+        _announce(config, port)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = _parser().parse_args(argv)
     try:
         if args.command == "serve":
@@ -171,7 +212,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                 level=str(args.log_level).upper(),
                 format="%(asctime)s %(levelname)s %(name)s: %(message)s",
             )
-            trio.run(_serve_main, _config(args))
+            config = _config(args)
+            from .workers import worker_count
+
+            count = worker_count(str(args.workers))
+            if count > 1:
+                trio.run(_workers_main, config, count, _worker_argv(argv))
+            else:
+                trio.run(_serve_main, config)
         elif args.command == "token":
             scopes = args.scope or [HUB_SCOPE]
             key = ensure_dev_key(Path(args.data_dir))

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import logging
 import random
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from typing import Final
 
 import trio
 
-from .app import App
+from .backplane import BackplaneUnavailable
 from .routing import Hub
 
 __all__ = ["DEMO_SITE", "DEMO_SUBJECT", "make_entry", "make_incident", "publish_demo_events"]
@@ -76,14 +77,20 @@ def make_incident(rng: random.Random, now: datetime) -> dict[str, object]:
     }
 
 
-async def publish_demo_events(app: App) -> None:
-    """Publish an entry every ``demo_interval`` and an incident every fifth time."""
+Publish = Callable[[Hub, list[dict[str, object]]], Awaitable[object]]
+
+
+async def publish_demo_events(publish: Publish, interval: float) -> None:
+    """Publish an entry every ``interval`` seconds and an incident every fifth time."""
     rng = random.Random()
     tick = 0
     while True:
         now = datetime.now(UTC)
-        await app.broker.publish(Hub.ENTRIES, [make_entry(rng, now)])
-        if tick % 5 == 0:
-            await app.broker.publish(Hub.INCIDENTS, [make_incident(rng, now)])
+        try:
+            await publish(Hub.ENTRIES, [make_entry(rng, now)])
+            if tick % 5 == 0:
+                await publish(Hub.INCIDENTS, [make_incident(rng, now)])
+        except BackplaneUnavailable as exc:
+            log.warning("demo events paused: %s", exc)
         tick += 1
-        await trio.sleep(app.config.demo_interval)
+        await trio.sleep(interval)

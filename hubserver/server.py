@@ -9,6 +9,7 @@ allows reconnect), then give them ``drain_timeout`` before cancelling.
 from __future__ import annotations
 
 import logging
+import socket
 from dataclasses import dataclass
 from functools import partial
 
@@ -18,7 +19,7 @@ from hubcore import Close
 
 from .app import App
 from .auth import JwksCache, StaticKeys, TokenVerifier, ensure_dev_key, load_jwks_file
-from .backplane import Backplane, MemoryBackplane, RedisBackplane
+from .backplane import Backplane, MemoryBackplane, RedisBackplane, UnixBackplane
 from .config import ServerConfig
 from .http import handle_connection
 from .permissions import PermissionStore, SqlitePermissionStore
@@ -73,10 +74,29 @@ def build_verifier(config: ServerConfig) -> TokenVerifier:
 
 
 def build_backplane(config: ServerConfig) -> Backplane:
-    """Redis when ``--backplane`` is given, else the in-process default."""
+    """Redis when ``--backplane`` is given, the parent's broker for a worker, else in-process."""
     if config.backplane is not None:
         return RedisBackplane(config.backplane, history_size=config.history_size)
+    if config.broker_socket is not None:
+        return UnixBackplane(config.broker_socket)
     return MemoryBackplane(history_size=config.history_size)
+
+
+def reuse_port_listener(host: str, port: int) -> trio.SocketListener:
+    """A listener with SO_REUSEPORT: the kernel spreads connections over the workers."""
+    family, kind, proto, _, address = socket.getaddrinfo(
+        host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    )[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind(address)
+        sock.listen(socket.SOMAXCONN)
+    except BaseException:
+        sock.close()
+        raise
+    return trio.SocketListener(trio.socket.from_stdlib_socket(sock))
 
 
 async def serve(
@@ -116,7 +136,10 @@ async def serve(
 
 async def _run(app: App, task_status: trio.TaskStatus[RunningServer]) -> None:
     config = app.config
-    listeners = await trio.open_tcp_listeners(config.port, host=config.host)
+    if config.reuse_port:
+        listeners = [reuse_port_listener(config.host, config.port)]
+    else:
+        listeners = await trio.open_tcp_listeners(config.port, host=config.host)
     port = listeners[0].socket.getsockname()[1]
     shutdown = trio.Event()
     async with trio.open_nursery() as handlers:
@@ -135,7 +158,7 @@ async def _run(app: App, task_status: trio.TaskStatus[RunningServer]) -> None:
             if config.demo:
                 from .demo import publish_demo_events
 
-                root.start_soon(publish_demo_events, app)
+                root.start_soon(publish_demo_events, app.broker.publish, config.demo_interval)
             app.is_ready = True
             log.info("listening on http://%s:%d", config.host, port)
             task_status.started(RunningServer(port=port, app=app, _shutdown=shutdown))

@@ -13,9 +13,11 @@ from ._contract import (
 from ._memory import MemoryBackplane
 from ._redis import RedisBackplane
 from ._resp import RedisAddress, RedisConnection, RedisReplyError, parse_redis_url
+from ._unix import BrokerServer, UnixBackplane
 
 __all__ = [
     "Backplane",
+    "BrokerServer",
     "BackplaneError",
     "BackplaneUnavailable",
     "History",
@@ -26,5 +28,6 @@ __all__ = [
     "RedisBackplane",
     "RedisConnection",
     "RedisReplyError",
+    "UnixBackplane",
     "parse_redis_url",
 ]

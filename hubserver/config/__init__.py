@@ -41,6 +41,8 @@ class ServerConfig:
         resume_window: after a handshake, how long live events wait for the
             client's ``Resume`` call so that replay and live stay in order
             (0 turns the wait off; ``since_seq`` in the URL never waits).
+        reuse_port: listen with SO_REUSEPORT (a worker of ``--workers``).
+        broker_socket: the parent's broker (a worker without ``--backplane``).
     """
 
     host: str = "127.0.0.1"
@@ -62,6 +64,8 @@ class ServerConfig:
     backplane: str | None = None
     history_size: int = 1000
     resume_window: float = 0.5
+    reuse_port: bool = False
+    broker_socket: Path | None = None
 
     def __post_init__(self) -> None:
         if self.jwks_file is not None and self.jwks_url is not None:

@@ -27,11 +27,13 @@ from hubserver.backplane import (
     Backplane,
     BackplaneError,
     BackplaneUnavailable,
+    BrokerServer,
     MemoryBackplane,
     NumberedEvent,
     PendingEvent,
     RedisBackplane,
     RedisConnection,
+    UnixBackplane,
 )
 from hubserver.backplane._resp import NeedData, ReplyParser
 
@@ -117,23 +119,34 @@ class MakeNodes(Protocol):
     def __call__(self, count: int = 1, *, history_size: int = 1000) -> list[Backplane]: ...
 
 
-@pytest.fixture(params=["memory", "redis"])
+@pytest.fixture(params=["memory", "unix", "redis"])
 def backplane_url(request: pytest.FixtureRequest) -> str | None:
-    """None for the in-process backplane, else the URL of the session's redis-server."""
-    if request.param == "memory":
-        return None
+    """None for the in-process backplane, "unix" for the workers' broker, else a Redis URL."""
+    if request.param in ("memory", "unix"):
+        return None if request.param == "memory" else "unix"
     server: RedisServer = request.getfixturevalue("redis_server")
     return server.url
 
 
 @pytest.fixture
-async def make_nodes(backplane_url: str | None) -> AsyncIterator[MakeNodes]:
+async def make_nodes(
+    backplane_url: str | None, nursery: trio.Nursery, tmp_path: Path
+) -> AsyncIterator[MakeNodes]:
     """``make_nodes(count, history_size=...)``: nodes sharing one backplane."""
-    made: list[RedisBackplane] = []
+    made: list[RedisBackplane | UnixBackplane] = []
 
     def make(count: int = 1, *, history_size: int = 1000) -> list[Backplane]:
         if backplane_url is None:
             return [MemoryBackplane(history_size=history_size)] * count
+        if backplane_url == "unix":
+            # Worker processes' view: one parent broker, one UnixBackplane each.
+            path = tmp_path / f"broker-{uuid.uuid4().hex[:8]}.sock"
+            broker = BrokerServer(MemoryBackplane(history_size=history_size), path)
+            broker.listen()
+            nursery.start_soon(broker.serve)
+            workers = [UnixBackplane(path) for _ in range(count)]
+            made.extend(workers)
+            return list(workers)
         name = f"test-{uuid.uuid4().hex}"
         nodes = [
             RedisBackplane(
@@ -306,7 +319,7 @@ async def test_is_available_and_ping(make_nodes: MakeNodes) -> None:
     with trio.fail_after(CAP):
         [node] = make_nodes()
         assert node.is_available
-        assert isinstance(node, MemoryBackplane | RedisBackplane)
+        assert isinstance(node, MemoryBackplane | RedisBackplane | UnixBackplane)
         await node.ping()
         assert node.is_available
 
