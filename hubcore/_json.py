@@ -215,7 +215,7 @@ def parse_json_record(payload: bytes) -> HubMessage | None:
     if type(kind) is not int:
         if "type" not in obj:
             raise RemoteProtocolError("Missing required property 'type'.")
-        raise RemoteProtocolError(f"Expected 'type' to be a number, got {_json_kind(kind)}.")
+        raise RemoteProtocolError(f"Expected 'type' to be an integer, got {_json_kind(kind)}.")
     try:
         return _from_object(kind, obj)
     except LocalProtocolError as exc:

@@ -319,12 +319,11 @@ def test_msgpack_invalid_utf8() -> None:
         (b"null", "Expected a JSON object, got null."),
         (b"true", "Expected a JSON object, got a boolean."),
         (b"{}", "Missing required property 'type'."),
-        (b'{"type":"1"}', "Expected 'type' to be a number, got a string."),
-        (b'{"type":true}', "Expected 'type' to be a number, got a boolean."),
-        (b'{"type":null}', "Expected 'type' to be a number, got null."),
-        # A float is refused too; the text ("... a number, got a number.") could say more.
-        (b'{"type":1.0}', "Expected 'type' to be "),
-        (b'{"type":6.5}', "Expected 'type' to be "),
+        (b'{"type":"1"}', "Expected 'type' to be an integer, got a string."),
+        (b'{"type":true}', "Expected 'type' to be an integer, got a boolean."),
+        (b'{"type":null}', "Expected 'type' to be an integer, got null."),
+        (b'{"type":1.0}', "Expected 'type' to be an integer, got a number."),
+        (b'{"type":6.5}', "Expected 'type' to be an integer, got a number."),
     ],
 )
 def test_json_non_object_and_mistyped_type(text: bytes, message: str) -> None:
