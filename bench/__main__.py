@@ -6,10 +6,12 @@ profiles:
            MessagePack, plus hubcore's encode-once broadcast; seeded, no sockets,
            no event loop (bench/core/codec.py)
 
-planned, as modules under bench/server/ (trio clients on loopback):
-  fanout   broadcast latency p50/p99 to many subscribers
-  connect  connection rate (negotiate, upgrade, handshake)
-  idle     memory per idle connection
+  fanout   C WebSocket connections over S sites, events through the publish API
+           (rate, burst or batches): deliveries/s, latency percentiles, exact
+           lost/duplicated counts, server CPU and RSS, load-client CPU, for
+           hubserver beside aiosignalr, python-socketio and a raw "ceiling"
+  connect  N clients connecting at once (TCP, upgrade, JWT, handshake): conn/s, p99
+  idle     RSS per idle connection at 10,000 connections with keep-alive running
 
 Every profile prints its parameters and the machine, then its table; --json FILE
 also writes all of it, with every sample, as JSON. A progress line on stderr
@@ -38,7 +40,12 @@ from bench.report import Progress, render_header, render_outcome, to_json, write
 __all__ = ["PROFILE_MODULES", "build_parser", "load_profiles", "main"]
 
 #: One module per profile, each defining ``PROFILE``; a new profile is one more line.
-PROFILE_MODULES: Final = ("bench.core.codec",)
+PROFILE_MODULES: Final = (
+    "bench.core.codec",
+    "bench.server.fanout",
+    "bench.server.connect",
+    "bench.server.idle",
+)
 
 
 def load_profiles(modules: Sequence[str] = PROFILE_MODULES) -> dict[str, Profile]:

@@ -8,6 +8,7 @@ the notes and the bar. ``--json FILE`` writes the same content as one object.
 from __future__ import annotations
 
 import json
+import math
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -19,6 +20,7 @@ __all__ = [
     "Outcome",
     "Progress",
     "Table",
+    "percentile",
     "render_environment",
     "render_header",
     "render_outcome",
@@ -66,6 +68,8 @@ class Outcome:
         notes: how to read the numbers (what a timed loop includes, ...).
         bar: the target the numbers are judged against, if any.
         passed: whether every judged row met the bar; None when there is no bar.
+        checks: one row per judged part of the bar (value, target, verdict),
+            printed after the notes; None when the bar is judged in ``table``.
     """
 
     workload: Mapping[str, JsonValue]
@@ -74,6 +78,7 @@ class Outcome:
     notes: Sequence[str] = ()
     bar: str | None = None
     passed: bool | None = None
+    checks: Table | None = None
 
 
 def _render_value(value: JsonValue) -> str:
@@ -127,6 +132,8 @@ def render_outcome(outcome: Outcome) -> str:
         lines.append(f"bar: {outcome.bar}")
     lines += [outcome.table.render(), ""]
     lines += [f"note: {note}" for note in outcome.notes]
+    if outcome.checks is not None:
+        lines += ["", "bar checks:", outcome.checks.render(), ""]
     if outcome.passed is not None:
         lines.append(f"verdict: {'PASS' if outcome.passed else 'FAIL'}")
     return "\n".join(lines).rstrip("\n")
@@ -140,8 +147,8 @@ def to_json(
     environment: Mapping[str, JsonValue],
     outcome: Outcome,
 ) -> dict[str, JsonValue]:
-    """Everything printed, as one JSON object."""
-    return {
+    """Everything printed, as one JSON object (``checks`` only when the outcome has them)."""
+    document: dict[str, JsonValue] = {
         "profile": profile,
         "started_at": started_at,
         "parameters": dict(parameters),
@@ -152,6 +159,18 @@ def to_json(
         "results": [dict(result) for result in outcome.results],
         "notes": list(outcome.notes),
     }
+    if outcome.checks is not None:
+        columns = outcome.checks.columns
+        document["checks"] = [dict(zip(columns, row, strict=True)) for row in outcome.checks.rows]
+    return document
+
+
+def percentile(sorted_values: Sequence[float], fraction: float) -> float | None:
+    """The nearest-rank percentile of already sorted values; None when there are none."""
+    if not sorted_values:
+        return None
+    rank = max(1, math.ceil(fraction * len(sorted_values)))
+    return sorted_values[min(rank, len(sorted_values)) - 1]
 
 
 def write_json(path: Path, document: Mapping[str, JsonValue]) -> None:

@@ -1,5 +1,18 @@
-"""Profiles that drive a real server with trio clients on loopback.
+"""Profiles that drive real servers over loopback, hubserver beside its peers.
 
-Each module here (``fanout``, ``connect``, ``idle``) defines a ``PROFILE`` and
-is listed in ``bench.__main__.PROFILE_MODULES``; none exists yet.
+- ``fanout``: events POSTed to the publish API, delivered to C WebSocket
+  subscribers over S sites; deliveries/s, latency, exact loss and duplicates,
+  server CPU and RSS, load-client CPU (``python -m bench fanout --help``).
+- ``connect``: N subscribers open as fast as they can: connections/s and
+  connect time.
+- ``idle``: RSS and keep-alive CPU per idle subscriber.
+
+Every server (``servers``: hubserver, and the peers in ``peers``: aiosignalr,
+socketio, ceiling) is a subprocess on 127.0.0.1 with a free port, started and
+stopped by the profile (``procs``); the load client is the same for all:
+several processes (``loadclient``), each an epoll loop over non-blocking
+sockets that parses frames from bytes and counts events exactly (``wire``);
+the publisher (``publisher``) runs in the bench's own process. ``harness``
+holds what the three profiles share, ``plot`` the ``--plot`` figure, and
+``pyspy_summary`` reads the profiles ``fanout --py-spy DIR`` records.
 """

@@ -1,0 +1,850 @@
+"""The ``fanout`` profile: events published over HTTP, delivered to C WebSocket subscribers.
+
+For each row (connections, sites, mode) every server runs the same workload
+with the same load client, in turn, each from a fresh start:
+
+1. start the server; read its RSS;
+2. open C subscribers (round-robin over S sites, spread over the client
+   processes, paced by ``--connect-rate``), each through the upgrade and the
+   SignalR handshake (hubserver: with a JWT); read its RSS again;
+3. warm up: a few events per site, all of them delivered before going on;
+4. measure: publish ``events_per_site`` events per site, in the mode's way:
+   ``rate``: one event per request at ``--rate`` events/s;
+   ``burst``: one event per request, back to back over a few keep-alive
+   connections; ``batch``: ``--batch`` events per request, back to back;
+5. wait until every subscriber has every event of its site, or deliveries
+   stop for ``--quiet-timeout`` s, or ``--row-timeout`` passes;
+6. count: every delivered record is matched by its site sequence ``n``, so
+   lost and duplicated events are exact; latency (now - ``t``) is sampled.
+
+deliveries/s is the number of measured deliveries over the time from the
+first measured publish to the last delivery. CPU is read from ``/proc`` over
+the measured phase: the server's process tree, each load-client process,
+and the publisher (this process).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import subprocess
+import time
+from array import array
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Final
+
+from bench.profile import BenchError, Profile
+from bench.report import JsonValue, Outcome, Progress, Table, percentile
+from bench.server.harness import (
+    Stage,
+    open_stage,
+    parse_list,
+    parse_rate,
+    start_py_spy,
+    stop_py_spy,
+)
+from bench.server.procs import machine_busy_seconds, self_cpu_seconds
+from bench.server.publisher import EventFactory, Publisher, plan_requests
+from bench.server.servers import (
+    PUBLISH_PATH,
+    SERVERS,
+    describe_hubserver,
+    parse_servers,
+    peer_versions,
+)
+
+__all__ = [
+    "BAR",
+    "MODES",
+    "PROFILE",
+    "FanoutRun",
+    "RowResult",
+    "judge",
+]
+
+MODES: Final = ("rate", "burst", "batch")
+BAR: Final = (
+    "at 1000 and 5000 connections, one event per publish, burst: hubserver >= 0.9x ceiling "
+    "deliveries/s, >= 4x aiosignalr, >= 10x socketio, p99 latency <= 2x ceiling; "
+    "batch 100 at 1000 connections >= 1,000,000 deliveries/s; 0 lost, 0 duplicated"
+)
+BAR_CONNECTIONS: Final = (1000, 5000)
+MIN_VS_CEILING: Final = 0.9
+MIN_VS_AIOSIGNALR: Final = 4.0
+MIN_VS_SOCKETIO: Final = 10.0
+MAX_P99_VS_CEILING: Final = 2.0
+MIN_BATCH_DELIVERIES_PER_SECOND: Final = 1_000_000.0
+
+DEFAULT_DELIVERIES: Final = {"burst": 400_000, "batch": 2_000_000}
+WARMUP_EVENTS_PER_SITE: Final = 3
+QUANTILES: Final = (0.5, 0.9, 0.99)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class FanoutRun:
+    """One configured ``fanout`` run (see the module docstring)."""
+
+    servers: tuple[str, ...] = tuple(SERVERS)
+    connections: tuple[int, ...] = (1000,)
+    sites: tuple[int, ...] = (1, 50)
+    modes: tuple[str, ...] = ("burst",)
+    batch: int = 100
+    rate: float = 200.0
+    duration: float = 5.0
+    deliveries: int | None = None
+    events_per_site: int | None = None
+    warmup_events: int = WARMUP_EVENTS_PER_SITE
+    client_procs: int = 2
+    publish_connections: int = 4
+    connect_rate: float = 2000.0
+    connect_concurrency: int = 200
+    sample_every: int = 10
+    quiet_timeout: float = 10.0
+    row_timeout: float = 180.0
+    seed: int = 1
+    plot: Path | None = None
+    py_spy: Path | None = None
+    py_spy_servers: tuple[str, ...] = ("hubserver",)
+
+    hubserver_src: Path | None = None
+
+    def __post_init__(self) -> None:
+        for mode in self.modes:
+            if mode not in MODES:
+                raise ValueError(f"unknown mode {mode!r}; choose from {', '.join(MODES)}")
+        for name in self.servers:
+            if name not in SERVERS:
+                raise ValueError(f"unknown server {name!r}")
+        if self.batch < 1 or self.client_procs < 1 or self.publish_connections < 1:
+            raise ValueError("--batch, --client-procs and --publish-connections must be >= 1")
+
+    @property
+    def parameters(self) -> Mapping[str, JsonValue]:
+        return {
+            "servers": list(self.servers),
+            "hubserver": describe_hubserver(self.hubserver_src),
+            "versions": dict(peer_versions()),
+            "connections": list(self.connections),
+            "sites": list(self.sites),
+            "modes": list(self.modes),
+            "batch (batch mode)": self.batch,
+            "rate (rate mode)": f"{self.rate:g} events/s for {self.duration:g} s",
+            "events per site": self.events_per_site
+            if self.events_per_site is not None
+            else "from deliveries per row: "
+            + ", ".join(
+                f"{mode} {self.deliveries or DEFAULT_DELIVERIES.get(mode, 0):,}"
+                for mode in self.modes
+                if mode != "rate"
+            ),
+            "warm-up events per site": self.warmup_events,
+            "client processes": self.client_procs,
+            "publish connections": self.publish_connections,
+            "connect rate": f"{self.connect_rate:g}/s, {self.connect_concurrency} in flight",
+            "latency sample": f"1 event in {self.sample_every}",
+            "timeouts": f"quiet {self.quiet_timeout:g} s, row {self.row_timeout:g} s",
+            "seed": self.seed,
+        }
+
+    def events_per_site_for(self, mode: str, connections: int, sites: int) -> int:
+        if self.events_per_site is not None:
+            return self.events_per_site
+        if mode == "rate":
+            return max(1, math.ceil(self.rate * self.duration / sites))
+        target = self.deliveries or DEFAULT_DELIVERIES[mode]
+        per_site = max(1, math.ceil(target / connections))
+        if mode == "batch" and sites == 1:
+            per_site = max(per_site, self.batch)
+        return per_site
+
+    def execute(self, progress: Progress) -> Outcome:
+        rows: list[RowResult] = []
+        for connections in self.connections:
+            for sites in self.sites:
+                if sites > connections:
+                    raise BenchError(f"{sites} sites need at least as many connections")
+                for mode in self.modes:
+                    for name in self.servers:
+                        rows.append(self._row(name, connections, sites, mode, progress))
+        progress.clear()
+        outcome = _outcome(self, rows)
+        if self.plot is not None:
+            from bench.server.plot import plot_fanout
+
+            plot_fanout(self.plot, rows)
+        return outcome
+
+    # -- one row -------------------------------------------------------------------
+
+    def _row(
+        self, name: str, connections: int, sites: int, mode: str, progress: Progress
+    ) -> RowResult:
+        kind = SERVERS[name]
+        per_site = self.events_per_site_for(mode, connections, sites)
+        warmup = self.warmup_events
+        expected_n = warmup + per_site
+        batch = self.batch if mode == "batch" else 1
+        label = f"fanout {name} {connections} conns {sites} sites {mode}"
+        row = RowResult(
+            server=name,
+            connections=connections,
+            sites=sites,
+            mode=mode,
+            batch=batch,
+            events_per_site=per_site,
+        )
+        with open_stage(
+            kind,
+            sites=sites,
+            connections=connections,
+            client_procs=self.client_procs,
+            expected=expected_n,
+            sample_every=self.sample_every,
+            label=label,
+            progress=progress,
+            hubserver_source=self.hubserver_src,
+        ) as stage:
+            server = stage.server
+            time.sleep(0.3)
+            row.rss_before = server.rss_bytes()
+            progress.update(f"{label}: connecting", is_milestone=True)
+            connected = stage.connect(
+                connections,
+                rate=self.connect_rate,
+                concurrency=self.connect_concurrency,
+                timeout=max(60.0, 3 * connections / self.connect_rate),
+                progress=progress,
+            )
+            row.connected = connected.ok
+            row.connect_errors = dict(connected.errors)
+            if connected.ok == 0:
+                raise BenchError(f"{label}: no connection opened: {connected.errors}")
+            time.sleep(0.5)
+            row.rss_connected = server.rss_bytes()
+
+            factory = EventFactory(sites, self.seed)
+            try:
+                publisher = Publisher(
+                    "127.0.0.1",
+                    server.port,
+                    PUBLISH_PATH,
+                    stage.credentials.publish_token,
+                    connections=self.publish_connections,
+                )
+            except OSError as exc:
+                raise BenchError(f"{label}: the publisher cannot connect: {exc}") from exc
+            try:
+                self._warm_up(stage, publisher, factory, sites, warmup, connected.ok, progress)
+                self._measure(stage, publisher, factory, row, progress, label)
+            finally:
+                publisher.close()
+            row.rss_after = server.rss_bytes()
+        return row
+
+    def _warm_up(
+        self,
+        stage: Stage,
+        publisher: Publisher,
+        factory: EventFactory,
+        sites: int,
+        warmup: int,
+        is_open: int,
+        progress: Progress,
+    ) -> None:
+        if warmup <= 0:
+            return
+        progress.update(f"{stage.label}: warm-up", is_milestone=True)
+        result = publisher.run(plan_requests(sites, 1, warmup, 1), factory)
+        if result.failed:
+            raise BenchError(f"{stage.label}: warm-up publish failed: {dict(result.errors)}")
+        stage.wait_received(
+            warmup * is_open,
+            key="received",
+            quiet_timeout=self.quiet_timeout,
+            deadline=time.monotonic() + 60,
+            progress=progress,
+            what="warm-up deliveries",
+        )
+
+    def _measure(
+        self,
+        stage: Stage,
+        publisher: Publisher,
+        factory: EventFactory,
+        row: RowResult,
+        progress: Progress,
+        label: str,
+    ) -> None:
+        sites, per_site = row.sites, row.events_per_site
+        requests = plan_requests(sites, self.warmup_events + 1, per_site, row.batch)
+        expected = per_site * row.connected  # every subscriber gets each event of its site
+        stage.pool.ask("measure")
+        server = stage.server
+        spy = self._start_py_spy(row, server.pid)
+        cpu_server0 = server.cpu_seconds()
+        cpu_clients0 = stage.pool.cpu_each()
+        cpu_publisher0 = self_cpu_seconds()
+        busy0 = machine_busy_seconds()
+        started = time.monotonic()
+        progress.update(f"{label}: publishing {len(requests):,} requests", is_milestone=True)
+        rate = self.rate if row.mode == "rate" else None
+        published = publisher.run(
+            requests,
+            factory,
+            rate=rate,
+            deadline=started + self.row_timeout,
+            on_progress=lambda sent: progress.update(
+                f"{label}: published {sent:,}/{len(requests):,} requests"
+            ),
+        )
+        cpu_publisher = self_cpu_seconds() - cpu_publisher0
+        stage.wait_received(
+            expected,
+            key="measured",
+            quiet_timeout=self.quiet_timeout,
+            deadline=started + self.row_timeout,
+            progress=progress,
+            what="deliveries",
+        )
+        ended = time.monotonic()
+        # A server that died took its CPU counters with it: 0 rather than negative.
+        row.cpu_server = max(0.0, server.cpu_seconds() - cpu_server0)
+        row.cpu_clients = [
+            after - before
+            for after, before in zip(stage.pool.cpu_each(), cpu_clients0, strict=True)
+        ]
+        row.cpu_publisher = cpu_publisher
+        row.wall = ended - started
+        # Whatever else ran on the machine meanwhile (it is shared): busy minus ours.
+        ours = row.cpu_server + sum(row.cpu_clients) + self_cpu_seconds() - cpu_publisher0
+        row.cpu_others = max(0.0, machine_busy_seconds() - busy0 - ours)
+        self._stop_py_spy(spy)
+        reports = stage.pool.ask("report", timeout=60.0)
+        row.expected = expected
+        row.deliveries = sum(r["measured"] for r in reports)
+        row.lost = sum(r["lost"] for r in reports)
+        row.duplicated = sum(r["duplicated"] for r in reports)
+        row.foreign = sum(r["foreign"] for r in reports)
+        row.closed_by_server = sum(r["closed_by_server"] for r in reports)
+        for report in reports:
+            for reason, count in report["close_reasons"].items():
+                row.close_reasons[reason] = row.close_reasons.get(reason, 0) + count
+        latencies: array[int] = array("q")
+        for report in reports:
+            latencies.frombytes(report["latencies_ns"])
+        row.latencies_ms = sorted(value / 1e6 for value in latencies)
+        row.requests = published.requests
+        row.publish_failed = published.failed
+        row.publish_errors = dict(published.errors)
+        row.statuses = dict(published.statuses)
+        last_delivery = max(r["last_delivery_ns"] for r in reports)
+        if published.first_send_ns and last_delivery > published.first_send_ns:
+            row.seconds = (last_delivery - published.first_send_ns) / 1e9
+        if published.first_send_ns and published.last_response_ns:
+            row.publish_seconds = (published.last_response_ns - published.first_send_ns) / 1e9
+        if not server.is_alive():
+            row.server_exit = f"exited with {server.popen.returncode}: {server.log_tail(5)}"
+
+    def _start_py_spy(self, row: RowResult, pid: int) -> subprocess.Popen[bytes] | None:
+        if self.py_spy is None or row.server not in self.py_spy_servers:
+            return None
+        name = f"{row.server}-{row.connections}c-{row.sites}s-{row.mode}"
+        spy, row.profile_path = start_py_spy(self.py_spy, name, pid)
+        return spy
+
+    @staticmethod
+    def _stop_py_spy(spy: subprocess.Popen[bytes] | None) -> None:
+        stop_py_spy(spy)
+
+
+# -- results -----------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class RowResult:
+    """One server on one row."""
+
+    server: str
+    connections: int
+    sites: int
+    mode: str
+    batch: int
+    events_per_site: int
+    connected: int = 0
+    connect_errors: dict[str, int] = field(default_factory=dict)
+    requests: int = 0
+    publish_failed: int = 0
+    publish_errors: dict[str, int] = field(default_factory=dict)
+    statuses: dict[int, int] = field(default_factory=dict)
+    expected: int = 0
+    deliveries: int = 0
+    lost: int = 0
+    duplicated: int = 0
+    foreign: int = 0
+    closed_by_server: int = 0
+    close_reasons: dict[str, int] = field(default_factory=dict)
+    seconds: float = 0.0
+    publish_seconds: float = 0.0
+    wall: float = 0.0
+    latencies_ms: list[float] = field(default_factory=list)
+    cpu_server: float = 0.0
+    cpu_clients: list[float] = field(default_factory=list)
+    cpu_publisher: float = 0.0
+    cpu_others: float = 0.0
+    rss_before: int = 0
+    rss_connected: int = 0
+    rss_after: int = 0
+    server_exit: str | None = None
+    profile_path: str | None = None
+
+    @property
+    def row_key(self) -> tuple[int, int, str, int]:
+        return (self.connections, self.sites, self.mode, self.batch)
+
+    @property
+    def deliveries_per_second(self) -> float | None:
+        return self.deliveries / self.seconds if self.seconds > 0 and self.deliveries else None
+
+    @property
+    def deliveries_per_cpu_second(self) -> float | None:
+        """Deliveries per second of server CPU: what the server would do with a core of
+        its own, less sensitive to neighbours on a shared machine than deliveries/s."""
+        return self.deliveries / self.cpu_server if self.cpu_server > 0 else None
+
+    def latency(self, fraction: float) -> float | None:
+        return percentile(self.latencies_ms, fraction)
+
+    @property
+    def latency_max(self) -> float | None:
+        return self.latencies_ms[-1] if self.latencies_ms else None
+
+    @property
+    def rss_per_connection(self) -> float | None:
+        if not self.connected:
+            return None
+        return (self.rss_connected - self.rss_before) / self.connected
+
+    def percent(self, cpu: float) -> float:
+        return 100.0 * cpu / self.wall if self.wall > 0 else 0.0
+
+    @property
+    def is_exact(self) -> bool:
+        """Nothing lost, duplicated or foreign, and nothing refused."""
+        return (
+            self.lost == 0
+            and self.duplicated == 0
+            and self.foreign == 0
+            and self.publish_failed == 0
+            and self.connected > 0
+        )
+
+    def to_json(self) -> dict[str, JsonValue]:
+        lat = self.latencies_ms
+        return {
+            "server": self.server,
+            "connections": self.connections,
+            "connected": self.connected,
+            "connect_errors": dict(self.connect_errors),
+            "sites": self.sites,
+            "mode": self.mode,
+            "batch": self.batch,
+            "events_per_site": self.events_per_site,
+            "requests": self.requests,
+            "publish_failed": self.publish_failed,
+            "publish_errors": dict(self.publish_errors),
+            "http_statuses": {str(k): v for k, v in self.statuses.items()},
+            "expected_deliveries": self.expected,
+            "deliveries": self.deliveries,
+            "lost": self.lost,
+            "duplicated": self.duplicated,
+            "foreign": self.foreign,
+            "closed_by_server": self.closed_by_server,
+            "close_reasons": dict(self.close_reasons),
+            "seconds": self.seconds,
+            "publish_seconds": self.publish_seconds,
+            "deliveries_per_second": self.deliveries_per_second,
+            "deliveries_per_server_cpu_second": self.deliveries_per_cpu_second,
+            "latency_ms": {
+                "samples": len(lat),
+                "p50": self.latency(0.5),
+                "p90": self.latency(0.9),
+                "p99": self.latency(0.99),
+                "max": self.latency_max,
+                "mean": statistics.fmean(lat) if lat else None,
+                # Every percentile 1..100: the samples themselves would be megabytes.
+                "percentiles": [percentile(lat, q / 100) for q in range(1, 101)] if lat else [],
+            },
+            "server_cpu_seconds": self.cpu_server,
+            "server_cpu_percent": self.percent(self.cpu_server),
+            "client_cpu_seconds": list(self.cpu_clients),
+            "client_cpu_percent": [self.percent(c) for c in self.cpu_clients],
+            "publisher_cpu_seconds": self.cpu_publisher,
+            "publisher_cpu_percent": self.percent(self.cpu_publisher),
+            "others_cpu_seconds": self.cpu_others,
+            "others_cpu_percent": self.percent(self.cpu_others),
+            "measured_wall_seconds": self.wall,
+            "server_rss_bytes": {
+                "before": self.rss_before,
+                "connected": self.rss_connected,
+                "after": self.rss_after,
+            },
+            "server_rss_per_connection_bytes": self.rss_per_connection,
+            "server_exit": self.server_exit,
+            "py_spy_profile": self.profile_path,
+        }
+
+
+_COLUMNS: Final = (
+    "server",
+    "conns",
+    "sites",
+    "mode",
+    "events",
+    "deliveries",
+    "deliv/s",
+    "p50 ms",
+    "p90 ms",
+    "p99 ms",
+    "max ms",
+    "lost",
+    "dup",
+    "srv CPU",
+    "deliv/CPU-s",
+    "srv RSS",
+    "KB/conn",
+    "client CPU",
+    "pub CPU",
+    "others",
+)
+
+
+def _ms(value: float | None) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.1f}" if value < 100 else f"{value:,.0f}"
+
+
+def _cells(row: RowResult) -> tuple[str, ...]:
+    rate = row.deliveries_per_second
+    per_conn = row.rss_per_connection
+    clients = row.cpu_clients
+    client_cell = (
+        f"{row.percent(sum(clients)):.0f}% (max {max(row.percent(c) for c in clients):.0f}%)"
+        if clients
+        else "-"
+    )
+    mode = row.mode if row.mode != "batch" else f"batch {row.batch}"
+    return (
+        row.server,
+        f"{row.connected}/{row.connections}"
+        if row.connected != row.connections
+        else str(row.connections),
+        str(row.sites),
+        mode,
+        f"{row.events_per_site * row.sites:,}",
+        f"{row.deliveries:,}",
+        "-" if rate is None else f"{rate:,.0f}",
+        _ms(row.latency(0.5)),
+        _ms(row.latency(0.9)),
+        _ms(row.latency(0.99)),
+        _ms(row.latency_max),
+        f"{row.lost:,}",
+        f"{row.duplicated:,}",
+        f"{row.cpu_server:.1f}s {row.percent(row.cpu_server):.0f}%",
+        "-" if row.deliveries_per_cpu_second is None else f"{row.deliveries_per_cpu_second:,.0f}",
+        f"{row.rss_connected / 2**20:.0f} MB",
+        "-" if per_conn is None else f"{per_conn / 1024:.1f}",
+        client_cell,
+        f"{row.percent(row.cpu_publisher):.0f}%",
+        f"{row.percent(row.cpu_others):.0f}%",
+    )
+
+
+def _row_label(key: tuple[int, int, str, int]) -> str:
+    connections, sites, mode, batch = key
+    mode_text = f"batch {batch}" if mode == "batch" else mode
+    return f"{connections} conns, {sites} site{'s' if sites != 1 else ''}, {mode_text}"
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    if a is None or b is None or b == 0:
+        return None
+    return a / b
+
+
+def judge(rows: Sequence[RowResult]) -> tuple[list[tuple[str, ...]], bool | None]:
+    """The bar's checks that these rows allow: (check, row, value, target, verdict) each.
+
+    Returns:
+        The check rows, and whether all passed (None when nothing could be judged).
+    """
+    by_key: dict[tuple[int, int, str, int], dict[str, RowResult]] = {}
+    for row in rows:
+        by_key.setdefault(row.row_key, {})[row.server] = row
+    checks: list[tuple[str, ...]] = []
+    informative: list[tuple[str, ...]] = []
+    verdicts: list[bool] = []
+
+    def check(
+        name: str,
+        key: tuple[int, int, str, int],
+        value: float | None,
+        target: str,
+        passed: bool | None,
+        fmt: str = "{:.2f}x",
+    ) -> None:
+        shown = "-" if value is None else fmt.format(value)
+        if passed is None:
+            verdict = "n/a"
+        else:
+            verdict = "PASS" if passed else "FAIL"
+            verdicts.append(passed)
+        checks.append((name, _row_label(key), shown, target, verdict))
+
+    for key, servers in by_key.items():
+        connections, _sites, mode, batch = key
+        hub = servers.get("hubserver")
+        if hub is None:
+            continue
+        hub_rate = hub.deliveries_per_second
+        if mode == "burst" and connections in BAR_CONNECTIONS:
+            for peer, minimum in (
+                ("ceiling", MIN_VS_CEILING),
+                ("aiosignalr", MIN_VS_AIOSIGNALR),
+                ("socketio", MIN_VS_SOCKETIO),
+            ):
+                other = servers.get(peer)
+                if other is None:
+                    continue
+                ratio = _ratio(hub_rate, other.deliveries_per_second)
+                check(
+                    f"deliveries/s hubserver / {peer}",
+                    key,
+                    ratio,
+                    f">= {minimum:g}x",
+                    None if ratio is None else ratio >= minimum,
+                )
+                efficiency = _ratio(hub.deliveries_per_cpu_second, other.deliveries_per_cpu_second)
+                informative.append(
+                    (
+                        f"(info) deliveries per server CPU-s, hubserver / {peer}",
+                        _row_label(key),
+                        "-" if efficiency is None else f"{efficiency:.2f}x",
+                        "-",
+                        "info",
+                    )
+                )
+            ceiling = servers.get("ceiling")
+            if ceiling is not None:
+                ratio = _ratio(hub.latency(0.99), ceiling.latency(0.99))
+                check(
+                    "p99 latency hubserver / ceiling",
+                    key,
+                    ratio,
+                    f"<= {MAX_P99_VS_CEILING:g}x",
+                    None if ratio is None else ratio <= MAX_P99_VS_CEILING,
+                )
+        if mode == "batch" and batch == 100 and connections == 1000:
+            check(
+                "hubserver deliveries/s, batch 100",
+                key,
+                hub_rate,
+                f">= {MIN_BATCH_DELIVERIES_PER_SECOND:,.0f}/s",
+                hub_rate is not None and hub_rate >= MIN_BATCH_DELIVERIES_PER_SECOND,
+                fmt="{:,.0f}/s",
+            )
+        check(
+            "hubserver lost + duplicated",
+            key,
+            float(hub.lost + hub.duplicated + hub.foreign),
+            "0",
+            hub.is_exact,
+            fmt="{:,.0f}",
+        )
+    return checks + informative, (all(verdicts) if verdicts else None)
+
+
+def _outcome(run: FanoutRun, rows: Sequence[RowResult]) -> Outcome:
+    table = Table(
+        _COLUMNS,
+        tuple(_cells(row) for row in rows),
+        right_aligned=frozenset(range(1, len(_COLUMNS))) - {3},
+    )
+    checks, passed = judge(rows)
+    notes = [
+        "deliveries/s: measured deliveries / (first measured publish -> last delivery); "
+        "latency: delivery time - publish time t (set just before the request is written), "
+        f"sampled 1 in {run.sample_every} events (nearest-rank percentiles).",
+        "lost/dup: exact, from every record's per-site sequence n on every connection "
+        "(warm-up included); a connection the server closed keeps counting as lost.",
+        "srv CPU: the server's process tree (utime+stime from /proc) over the measured "
+        "phase, and % of that wall time; deliv/CPU-s: deliveries per server CPU-second (what "
+        "it would do on a core of its own); srv RSS: after connecting; KB/conn: (RSS after "
+        "connecting - RSS before) / connections.",
+        "client CPU: all load-client processes (sum, and the busiest one; 100% = one core "
+        "saturated); pub CPU: the publisher (the bench's own process); others: the rest "
+        "of the machine's busy CPU meanwhile (/proc/stat), i.e. neighbours on a shared host.",
+    ]
+    for row in rows:
+        problems = []
+        if row.connected != row.connections:
+            problems.append(
+                f"{row.connections - row.connected} connections failed: {row.connect_errors}"
+            )
+        if row.publish_failed or row.publish_errors:
+            problems.append(f"publish errors: {row.publish_errors}")
+        if row.closed_by_server:
+            problems.append(
+                f"{row.closed_by_server} connections closed by the server: {row.close_reasons}"
+            )
+        if row.foreign:
+            problems.append(f"{row.foreign} events with a sequence outside the run")
+        if row.server_exit:
+            problems.append(f"server {row.server_exit}")
+        if problems:
+            notes.append(f"{row.server} ({_row_label(row.row_key)}): " + "; ".join(problems))
+        if row.profile_path:
+            notes.append(
+                f"{row.server} ({_row_label(row.row_key)}): py-spy profile {row.profile_path}"
+            )
+    sample = EventFactory(1, run.seed).event(0, 1, time.time_ns())
+    workload: dict[str, JsonValue] = {
+        "event": 'POST /v1/events/entries: {"n":N,"t":T,"id":...,"site_id":..., '
+        f"+ a typical entry (bench.workload)}}, {len(sample)} bytes",
+        "delivery": "ReceiveMessage(text) as a SignalR JSON record (hubserver, aiosignalr, "
+        "ceiling), a Socket.IO event (socketio)",
+    }
+    return Outcome(
+        workload=workload,
+        table=table,
+        results=[row.to_json() for row in rows],
+        notes=notes,
+        bar=BAR,
+        passed=passed,
+        checks=Table(("check", "row", "value", "target", "verdict"), tuple(checks))
+        if checks
+        else None,
+    )
+
+
+# -- command line ------------------------------------------------------------------
+
+
+def _add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--hubserver-src",
+        type=Path,
+        metavar="DIR",
+        help="run the hubserver/ and hubcore/ found in DIR (e.g. a `git archive` export) "
+        "instead of this checkout's",
+    )
+    parser.add_argument(
+        "--servers", default=",".join(SERVERS), help="comma-separated, from: " + ", ".join(SERVERS)
+    )
+    parser.add_argument("--connections", default="1000", help="comma-separated, e.g. 1000,5000")
+    parser.add_argument("--sites", default="1,50", help="comma-separated site counts")
+    parser.add_argument("--mode", default="burst", help="comma-separated, from: rate, burst, batch")
+    parser.add_argument("--batch", type=int, default=100, help="events per request (batch mode)")
+    parser.add_argument("--rate", default="200/s", help="events per second (rate mode)")
+    parser.add_argument(
+        "--duration", type=float, default=5.0, help="seconds of publishing (rate mode)"
+    )
+    parser.add_argument(
+        "--deliveries",
+        type=int,
+        default=None,
+        help="deliveries per row, sets events per site "
+        f"(default burst {DEFAULT_DELIVERIES['burst']:,}, "
+        f"batch {DEFAULT_DELIVERIES['batch']:,})",
+    )
+    parser.add_argument(
+        "--events-per-site",
+        type=int,
+        default=None,
+        help="measured events per site (overrides --deliveries)",
+    )
+    parser.add_argument(
+        "--warmup-events", type=int, default=WARMUP_EVENTS_PER_SITE, help="warm-up events per site"
+    )
+    parser.add_argument("--client-procs", type=int, default=2, help="load-client processes")
+    parser.add_argument(
+        "--publish-connections",
+        type=int,
+        default=4,
+        help="keep-alive HTTP connections of the publisher",
+    )
+    parser.add_argument("--connect-rate", default="2000/s", help="new connections per second")
+    parser.add_argument("--connect-concurrency", type=int, default=200, help="openings in flight")
+    parser.add_argument("--sample-every", type=int, default=10, help="latency: sample 1 event in N")
+    parser.add_argument(
+        "--quiet-timeout",
+        type=float,
+        default=10.0,
+        help="stop waiting when deliveries stall this many seconds",
+    )
+    parser.add_argument(
+        "--row-timeout",
+        type=float,
+        default=180.0,
+        help="most seconds a row's measured phase may take",
+    )
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument(
+        "--plot",
+        type=Path,
+        metavar="FILE.png",
+        help="draw latency percentiles and throughput per server",
+    )
+    parser.add_argument(
+        "--py-spy",
+        type=Path,
+        metavar="DIR",
+        help="record a py-spy profile (raw) of the server in each measured phase",
+    )
+    parser.add_argument(
+        "--py-spy-servers",
+        default="hubserver",
+        help="which servers --py-spy profiles (comma-separated)",
+    )
+
+
+def _prepare(args: argparse.Namespace) -> FanoutRun:
+    try:
+        return FanoutRun(
+            servers=parse_servers(args.servers),
+            hubserver_src=args.hubserver_src,
+            connections=parse_list(args.connections),
+            sites=parse_list(args.sites),
+            modes=tuple(m.strip() for m in args.mode.split(",") if m.strip()),
+            batch=args.batch,
+            rate=parse_rate(args.rate),
+            duration=args.duration,
+            deliveries=args.deliveries,
+            events_per_site=args.events_per_site,
+            warmup_events=args.warmup_events,
+            client_procs=args.client_procs,
+            publish_connections=args.publish_connections,
+            connect_rate=parse_rate(args.connect_rate),
+            connect_concurrency=args.connect_concurrency,
+            sample_every=args.sample_every,
+            quiet_timeout=args.quiet_timeout,
+            row_timeout=args.row_timeout,
+            seed=args.seed,
+            plot=args.plot,
+            py_spy=args.py_spy,
+            py_spy_servers=parse_servers(args.py_spy_servers),
+        )
+    except ValueError as exc:
+        raise SystemExit(f"python -m bench fanout: error: {exc}") from None
+
+
+PROFILE = Profile(
+    name="fanout",
+    summary="events published over HTTP, delivered to many WebSocket subscribers: "
+    "deliveries/s, latency, exact loss, CPU and memory, hubserver beside its peers",
+    add_arguments=_add_arguments,
+    prepare=_prepare,
+)

@@ -1,0 +1,42 @@
+"""Prepare a hubserver data directory for a bench run; print the tokens as JSON.
+
+    python -m bench.server.hubprep DATA_DIR SITES
+
+Creates the development key, mints a hub token for the subscriber and a
+publish token for the publisher, and makes the subscriber Site Admin of every
+site. It runs as a subprocess from the hubserver source being measured (its
+working directory), so the bench itself never imports that hubserver.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+from bench.server.publisher import site_name
+
+SUBSCRIBER = "bench-subscriber"
+PUBLISHER = "bench-publisher"
+TOKEN_TTL_SECONDS = 6 * 3600.0
+
+
+def main(argv: list[str]) -> None:
+    from hubserver.app import HUB_SCOPE, PUBLISH_SCOPE
+    from hubserver.auth import ensure_dev_key
+    from hubserver.permissions import Role, SqlitePermissionStore
+
+    data_dir, sites = Path(argv[0]), int(argv[1])
+    key = ensure_dev_key(data_dir)
+    now = time.time()
+    hub_token = key.mint(SUBSCRIBER, [HUB_SCOPE], TOKEN_TTL_SECONDS, now)
+    publish_token = key.mint(PUBLISHER, [PUBLISH_SCOPE], TOKEN_TTL_SECONDS, now)
+    with SqlitePermissionStore.open(data_dir) as store:
+        for index in range(sites):
+            store.grant(site_name(index), SUBSCRIBER, Role.SITE_ADMIN)
+    print(json.dumps({"hub_token": hub_token, "publish_token": publish_token}))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,303 @@
+"""The publisher: HTTP/1.1 POSTs of events over a few keep-alive connections.
+
+Runs in the bench's own process, in a selectors loop. Each event is
+``{"n":N,"t":T,"id":...,"site_id":...,<a typical entry>}``: ``n`` is the
+per-site sequence the clients check, ``t`` is ``time.time_ns()`` taken just
+before its request is written (one ``t`` per request in batch mode). The
+rest comes from ``bench.workload``, so events look like real entries.
+"""
+
+from __future__ import annotations
+
+import json
+import selectors
+import socket
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Final
+
+from bench.profile import BenchError
+from bench.workload import access_entries
+
+__all__ = ["EventFactory", "PublishResult", "Publisher", "plan_requests", "site_name"]
+
+_VARIANTS: Final = 64
+_RECEIVE_BYTES: Final = 65536
+
+#: One request: the (site index, sequence) of each event it carries.
+Request = Sequence[tuple[int, int]]
+
+
+def site_name(index: int) -> str:
+    return f"site-{index:05d}"
+
+
+class EventFactory:
+    """Builds event JSON from a seeded set of typical entries."""
+
+    def __init__(self, sites: int, seed: int = 1) -> None:
+        self._names = [site_name(i).encode() for i in range(sites)]
+        tails = []
+        for text in access_entries(_VARIANTS, seed):
+            entry = json.loads(text)
+            for key in ("id", "site_id", "seq"):
+                entry.pop(key, None)
+            # hubserver routes on user_id too, and wants it as a string.
+            entry["user_id"] = f"user-{entry['user_id']}"
+            body = json.dumps(entry, ensure_ascii=False, separators=(",", ":")).encode()
+            tails.append(b"," + body[1:])  # ',"lock_id":...}'
+        self._tails = tails
+
+    def event(self, site: int, n: int, t: int) -> bytes:
+        name = self._names[site]
+        return (
+            b'{"n":%d,"t":%d,"id":"%s-%d","site_id":"%s"'
+            % (
+                n,
+                t,
+                name,
+                n,
+                name,
+            )
+            + self._tails[n % _VARIANTS]
+        )
+
+    def body(self, request: Request, t: int) -> bytes:
+        """One event as an object, several as an array."""
+        if len(request) == 1:
+            site, n = request[0]
+            return self.event(site, n, t)
+        return b"[" + b",".join(self.event(site, n, t) for site, n in request) + b"]"
+
+
+def plan_requests(
+    sites: int, first_n: int, events_per_site: int, batch: int
+) -> list[list[tuple[int, int]]]:
+    """Events n = first_n .. first_n + events_per_site - 1 of every site, round-robin
+    over the sites, cut into requests of ``batch`` events (per-site order kept)."""
+    events = [(site, n) for n in range(first_n, first_n + events_per_site) for site in range(sites)]
+    return [events[i : i + batch] for i in range(0, len(events), batch)]
+
+
+@dataclass(slots=True)
+class PublishResult:
+    """What the publisher did."""
+
+    requests: int = 0
+    ok: int = 0
+    events_sent: int = 0
+    events_accepted: int = 0
+    statuses: Counter[int] = field(default_factory=Counter)
+    errors: Counter[str] = field(default_factory=Counter)
+    first_send_ns: int = 0  # time.time_ns()
+    last_send_ns: int = 0
+    last_response_ns: int = 0
+
+    @property
+    def failed(self) -> int:
+        return self.requests - self.ok
+
+
+@dataclass(slots=True, eq=False)
+class _HttpConn:
+    sock: socket.socket
+    inbox: bytes = b""
+    out: bytes = b""
+    events: int = 0  # events in the request awaiting its response
+    is_busy: bool = False
+
+
+class Publisher:
+    """POSTs requests to ``path`` over ``connections`` keep-alive connections."""
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        path: str,
+        token: str | None,
+        *,
+        connections: int = 4,
+        timeout: float = 30.0,
+    ) -> None:
+        self.host = host
+        self.port = port
+        self.timeout = timeout
+        auth = f"Authorization: Bearer {token}\r\n" if token else ""
+        self._head = (
+            f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\n{auth}"
+            "Content-Type: application/json\r\nContent-Length: "
+        ).encode("ascii")
+        self._selector = selectors.DefaultSelector()
+        self._conns = [self._open() for _ in range(max(1, connections))]
+
+    def _open(self) -> _HttpConn:
+        sock = socket.create_connection((self.host, self.port), timeout=self.timeout)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.setblocking(False)
+        conn = _HttpConn(sock)
+        self._selector.register(sock, selectors.EVENT_READ, conn)
+        return conn
+
+    def close(self) -> None:
+        for conn in self._conns:
+            self._selector.unregister(conn.sock)
+            conn.sock.close()
+        self._conns = []
+        self._selector.close()
+
+    def stop(self) -> None:
+        self.close()
+
+    def run(
+        self,
+        requests: Sequence[Request],
+        factory: EventFactory,
+        *,
+        rate: float | None = None,
+        deadline: float | None = None,
+        on_progress: Callable[[int], None] | None = None,
+    ) -> PublishResult:
+        """Send every request: back to back (``rate`` None) or ``rate`` per second.
+
+        ``deadline`` (monotonic seconds) stops sending; what was not sent by then
+        is simply not published (the clients will count it as lost).
+        """
+        result = PublishResult()
+        idle = list(self._conns)
+        busy = 0
+        index = 0
+        total = len(requests)
+        started = time.monotonic()
+        next_progress = started
+        selector = self._selector
+        while index < total or busy:
+            now = time.monotonic()
+            if deadline is not None and now > deadline:
+                result.errors["publisher deadline passed"] += total - index
+                break
+            while idle and index < total and (rate is None or index <= (now - started) * rate):
+                conn = idle.pop()
+                request = requests[index]
+                index += 1
+                t = time.time_ns()
+                body = factory.body(request, t)
+                if not result.first_send_ns:
+                    result.first_send_ns = t
+                result.last_send_ns = t
+                conn.events = len(request)
+                conn.is_busy = True
+                busy += 1
+                result.requests += 1
+                result.events_sent += len(request)
+                if not self._send(conn, self._head + b"%d\r\n\r\n" % len(body) + body):
+                    result.errors["the server stopped taking requests"] += total - index + busy
+                    return result
+            if rate is not None and idle and index < total:
+                wait = max(0.0, started + index / rate - time.monotonic())
+            else:
+                wait = 0.5
+            for key, mask in selector.select(min(wait, 0.5)):
+                conn = key.data
+                if mask & selectors.EVENT_WRITE and conn.out:
+                    out, conn.out = conn.out, b""
+                    selector.modify(conn.sock, selectors.EVENT_READ, conn)
+                    if not self._send(conn, out):
+                        result.errors["the server stopped taking requests"] += total - index + busy
+                        return result
+                if not mask & selectors.EVENT_READ:
+                    continue
+                done = self._receive(conn, result)
+                if done is None:
+                    continue
+                busy -= 1
+                if done:
+                    idle.append(conn)
+                else:  # the server closed the connection: open another
+                    try:
+                        self._reopen(conn)
+                    except OSError as exc:
+                        result.errors[f"cannot reconnect: {exc}"] += total - index + busy
+                        return result
+                    idle.append(self._conns[-1])
+            if on_progress is not None and now >= next_progress:
+                next_progress = now + 0.2
+                on_progress(index)
+            if busy and now - started > 0 and self._stalled(now, result):
+                result.errors[f"no response within {self.timeout:g} s"] += busy
+                break
+        return result
+
+    def _stalled(self, now: float, result: PublishResult) -> bool:
+        last = result.last_response_ns or result.first_send_ns
+        return time.time_ns() - last > self.timeout * 1e9
+
+    def _send(self, conn: _HttpConn, data: bytes) -> bool:
+        """Write (what the kernel does not take waits for EVENT_WRITE); False if the
+        connection broke (the server went away: the run records it, it does not hang)."""
+        try:
+            sent = conn.sock.send(data)
+        except BlockingIOError:
+            sent = 0
+        except OSError:
+            return False
+        if sent < len(data):
+            conn.out = data[sent:]
+            self._selector.modify(conn.sock, selectors.EVENT_READ | selectors.EVENT_WRITE, conn)
+        return True
+
+    def _reopen(self, conn: _HttpConn) -> None:
+        self._selector.unregister(conn.sock)
+        conn.sock.close()
+        self._conns.remove(conn)
+        self._conns.append(self._open())
+
+    def _receive(self, conn: _HttpConn, result: PublishResult) -> bool | None:
+        """Read; None while the response is incomplete, True when complete, False on close."""
+        try:
+            data = conn.sock.recv(_RECEIVE_BYTES)
+        except BlockingIOError:
+            return None
+        except OSError as exc:
+            data = b""
+            result.errors[f"recv: {exc}"] += 1
+        if not data:
+            if conn.is_busy:
+                conn.is_busy = False
+                result.errors["connection closed before the response"] += 1
+                result.statuses[0] += 1
+                return False
+            return None
+        conn.inbox += data
+        head_end = conn.inbox.find(b"\r\n\r\n")
+        if head_end < 0:
+            return None
+        head = conn.inbox[:head_end].decode("latin-1")
+        lines = head.split("\r\n")
+        status = int(lines[0].split(" ", 2)[1])
+        length = 0
+        is_closing = False
+        for line in lines[1:]:
+            name, _, value = line.partition(":")
+            name = name.strip().lower()
+            if name == "content-length":
+                length = int(value)
+            elif name == "connection" and "close" in value.lower():
+                is_closing = True
+            elif name == "transfer-encoding":
+                raise BenchError("publisher: chunked responses are not supported")
+        if len(conn.inbox) < head_end + 4 + length:
+            return None
+        body = conn.inbox[head_end + 4 : head_end + 4 + length]
+        conn.inbox = conn.inbox[head_end + 4 + length :]
+        conn.is_busy = False
+        result.statuses[status] += 1
+        result.last_response_ns = time.time_ns()
+        if 200 <= status < 300:
+            result.ok += 1
+            result.events_accepted += conn.events
+        else:
+            result.errors[f"HTTP {status}: {body[:160].decode('utf-8', 'replace')}"] += 1
+        return not is_closing
