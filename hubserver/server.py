@@ -18,11 +18,18 @@ import trio
 from hubcore import Close
 
 from .app import App
-from .auth import JwksCache, StaticKeys, TokenVerifier, ensure_dev_key, load_jwks_file
+from .auth import (
+    CachingVerifier,
+    JwksCache,
+    StaticKeys,
+    TokenVerifier,
+    ensure_dev_key,
+    load_jwks_file,
+)
 from .backplane import Backplane, MemoryBackplane, RedisBackplane, UnixBackplane
 from .config import ServerConfig
 from .http import handle_connection
-from .permissions import PermissionStore, SqlitePermissionStore
+from .permissions import CachedPermissionStore, PermissionStore, SqlitePermissionStore
 from .routing import Broker, Router
 from .session import ACCESS_REVOKED_TEXT
 
@@ -123,8 +130,8 @@ async def serve(
         router = Router()
         app = App(
             config=config,
-            verifier=verifier,
-            store=store,
+            verifier=CachingVerifier(verifier),
+            store=CachedPermissionStore(store),
             router=router,
             broker=Broker(router, build_backplane(config), trio.current_time),
         )

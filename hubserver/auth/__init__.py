@@ -7,6 +7,7 @@ finds the token in a request and ``redact_url`` keeps it out of logs.
 
 from __future__ import annotations
 
+from ._cache import CachingVerifier
 from ._claims import Claims
 from ._dev import DEV_AUDIENCE, DEV_ISSUER, DEV_KEY_FILENAME, DevKey, ensure_dev_key
 from ._errors import (
@@ -31,6 +32,7 @@ from ._verify import DEFAULT_LEEWAY, MAX_TOKEN_BYTES, verify
 __all__ = [
     "ACCESS_TOKEN_PARAMETER",
     "AuthError",
+    "CachingVerifier",
     "Claims",
     "DEFAULT_ALGORITHMS",
     "DEFAULT_LEEWAY",

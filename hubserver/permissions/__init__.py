@@ -9,12 +9,14 @@ and tests.
 
 from __future__ import annotations
 
+from ._cached import CachedPermissionStore
 from ._model import MAX_ID_CHARS, Member, Role, may_subscribe, parse_role
 from ._sqlite import SqlitePermissionStore
 from ._store import InMemoryPermissionStore, PermissionStore, PermissionStoreError
 
 __all__ = [
     "MAX_ID_CHARS",
+    "CachedPermissionStore",
     "InMemoryPermissionStore",
     "Member",
     "PermissionStore",
