@@ -93,6 +93,12 @@ class Broker:
         # Sites whose delivery waits for a history fetch: live events queue here.
         self._held: dict[_Site, list[NumberedEvent]] = {}
         self._nursery: trio.Nursery | None = None
+        # Events ready for delivery wait here for the dispatcher task, which runs
+        # after the tasks that were ready with it: events published by several
+        # requests in one scheduling round go out together, one write per
+        # subscriber instead of one per event.
+        self._pending: list[StreamEvent] = []
+        self._dispatcher = trio.lowlevel.ParkingLot()
         self.deliveries = 0
 
     @property
@@ -114,6 +120,7 @@ class Broker:
         subscribed = trio.Event()
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
+            nursery.start_soon(self._dispatch_pending)
             nursery.start_soon(self._run_backplane, _EventStatus(subscribed))
             with trio.move_on_after(subscribe_timeout):
                 await subscribed.wait()
@@ -177,7 +184,21 @@ class Broker:
 
     def _deliver(self, events: Sequence[NumberedEvent]) -> None:
         stream = [to_stream_event(event) for event in events]
-        self.deliveries += deliver_to(self._router, stream, self._clock())
+        if self._nursery is None:
+            self.deliveries += deliver_to(self._router, stream, self._clock())
+            return
+        self._pending.extend(stream)
+        self._dispatcher.unpark()
+
+    async def _dispatch_pending(self) -> None:
+        try:
+            while True:
+                if not self._pending:
+                    await self._dispatcher.park()
+                stream, self._pending = self._pending, []
+                self.deliveries += deliver_to(self._router, stream, self._clock())
+        finally:
+            self._nursery = None  # from now on, deliver at once
 
     def _recover(self, site: _Site, last: int) -> None:
         if self._nursery is None:
