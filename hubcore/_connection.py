@@ -137,7 +137,8 @@ class HubConnection:
         self._client_timeout_armed = role is Role.CLIENT
         # Stateful reconnect bookkeeping (spec §8); ids start at 1.
         self._sent_count = 0
-        self._replay: deque[tuple[int, bytes]] = deque()
+        # An empty deque costs ~600 bytes; most connections are never stateful.
+        self._replay: deque[tuple[int, bytes]] | tuple[()] = ()
         self._replay_bytes = 0
         self._recv_next_id = 1
         self._recv_latest = 0
@@ -285,6 +286,12 @@ class HubConnection:
                 self._recv_next_id = sequence_id
         return True
 
+    def _replay_buffer(self) -> deque[tuple[int, bytes]]:
+        replay = self._replay
+        if not isinstance(replay, deque):
+            replay = self._replay = deque()
+        return replay
+
     def _release(self, sequence_id: int) -> None:
         replay = self._replay
         while replay and replay[0][0] <= sequence_id:
@@ -392,7 +399,7 @@ class HubConnection:
                 )
             for record in tracked:
                 self._sent_count += 1
-                self._replay.append((self._sent_count, record))
+                self._replay_buffer().append((self._sent_count, record))
                 self._replay_bytes += len(record)
         self._last_sent_at = now
         return data
@@ -422,7 +429,7 @@ class HubConnection:
                 f"{self._limits.max_replay_buffer_bytes}"
             )
         self._sent_count += 1
-        self._replay.append((self._sent_count, data))
+        self._replay_buffer().append((self._sent_count, data))
         self._replay_bytes += size
 
     def _send_handshake_response(self, response: HandshakeResponse, now: float) -> bytes:

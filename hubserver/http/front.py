@@ -80,7 +80,14 @@ async def handle_connection(stream: trio.SocketStream, app: App) -> None:
                 event = await receive_event(stream, conn)
             if waiting.cancelled_caught:
                 return  # no complete request in time (slowloris, or an idle keep-alive)
-            if await _handle_event(stream, conn, app, event):
+            outcome = await _handle_event(stream, conn, app, event)
+            if isinstance(outcome, HubSession):
+                # Upgraded: HTTP is over. Drop its state (h11's buffers, the
+                # request's headers) before the long life of the hub connection.
+                del conn, event
+                await outcome.run()
+                return
+            if outcome:
                 return
             if conn.our_state is h11.MUST_CLOSE or conn.their_state is h11.MUST_CLOSE:
                 return
@@ -116,8 +123,8 @@ def _peer(stream: trio.SocketStream) -> str:
 
 async def _handle_event(
     stream: trio.SocketStream, conn: h11.Connection, app: App, event: object
-) -> bool:
-    """Handle one request; True when the connection is done (upgraded or closed)."""
+) -> HubSession | bool:
+    """Handle one request; the session to run after an upgrade, True when closed."""
     if isinstance(event, h11.ConnectionClosed) or event is h11.PAUSED:
         return True
     if not isinstance(event, h11.Request):
@@ -131,10 +138,13 @@ async def _handle_event(
         if head_bytes > MAX_HEADER_BYTES:
             raise _Refusal(431, "request header fields too large")
         path, query = _parse_target(event.target)
+        session: HubSession | None = None
         if path.startswith(HUB_PREFIX):
-            status = await _hub(stream, conn, app, event, path, query)
-            if status == 101:
-                return True
+            result = await _hub(stream, conn, app, event, path, query)
+            if isinstance(result, HubSession):
+                session, status = result, 101
+            else:
+                status = result
         elif path.startswith(EVENTS_PREFIX):
             status = await _publish(stream, conn, app, event, path, query)
         elif path == "/healthz":
@@ -166,6 +176,8 @@ async def _handle_event(
         status,
         (trio.current_time() - started) * 1000,
     )
+    if isinstance(session, HubSession):
+        return session
     return conn.our_state is h11.MUST_CLOSE
 
 
@@ -278,7 +290,8 @@ async def _hub(
     event: h11.Request,
     path: str,
     query: dict[str, str],
-) -> int:
+) -> HubSession | int:
+    """Upgrade to a hub session (returned, not yet running), or answer negotiate."""
     name = path[len(HUB_PREFIX) :].rstrip("/")
     is_negotiate = name.endswith("/negotiate")
     hub = _HUBS.get(name.removesuffix("/negotiate"))
@@ -341,8 +354,7 @@ async def _hub(
         "" if user_id is None else " of one user",
         claims.subject[:64],
     )
-    await session.run()
-    return 101
+    return session
 
 
 async def _publish(
