@@ -8,6 +8,7 @@ on the command line wins.
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import os
 import signal
@@ -163,6 +164,10 @@ async def _serve_main(config: ServerConfig) -> None:
             store.grant(DEMO_SITE, DEMO_SUBJECT, Role.SITE_ADMIN)
     async with trio.open_nursery() as nursery:
         server: RunningServer = await nursery.start(serve, config)
+        # Everything made so far (modules, keys, config) lives as long as the
+        # process: keep it out of every later cyclic collection.
+        gc.collect()
+        gc.freeze()
         _announce(config, server.port)
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             async for signum in signals:
