@@ -160,6 +160,8 @@ class HubSession:
         self._hold_deadline = math.inf
         self._resuming = False
         self._first_live_seq: int | None = None
+        # Seqs up to here went out in a replay: a live copy arriving late is dropped.
+        self._replayed_upto = 0
         self._nursery: trio.Nursery | None = None
         self._token_deadline = math.inf
         if token_expires_at is not None:
@@ -173,6 +175,13 @@ class HubSession:
         if self._held is not None:
             self._hold(delivery)
             return
+        if delivery.events[0].seq <= self._replayed_upto:
+            # The backplane's history can be ahead of its broadcast (Redis: the history
+            # reply may beat the Pub/Sub message): what the replay sent is not sent twice.
+            rest = delivery.after(self._replayed_upto)
+            if rest is None:
+                return
+            delivery = rest
         if self._first_live_seq is None:
             self._first_live_seq = delivery.events[0].seq
         data = self._hub.send(delivery.payload, now)
@@ -261,6 +270,10 @@ class HubSession:
         try:
             with trio.fail_after(RESUME_TIMEOUT):
                 replay = await self._replay(key.hub, key.site_id, since_seq)
+                is_lost = since_seq > replay.last_seq
+                if is_lost:
+                    # History after since_seq is empty: fetch all that is kept.
+                    replay = await self._replay(key.hub, key.site_id, 0)
         except (BackplaneError, trio.TooSlowError) as exc:
             log.warning("session %d: resume failed: %s", self.session_id, exc)
             self._resuming = False
@@ -274,7 +287,7 @@ class HubSession:
         if self._finishing:
             return
         after = since_seq
-        if since_seq > replay.last_seq:
+        if is_lost:
             # The client saw seqs this stream never reached (history was lost,
             # e.g. an in-memory backplane restarted): everything kept is new to it.
             after = 0
@@ -293,6 +306,9 @@ class HubSession:
         if events:
             self._send_delivery(Delivery(events))
             last = events[-1].seq
+        # The client has everything up to here; a live copy arriving late (the
+        # backplane's broadcast can trail its history) is not sent again.
+        self._replayed_upto = max(self._replayed_upto, last)
         if invocation_id is not None:
             self._queue(self._hub.send(Completion.void(invocation_id), now))
         self._resuming = False

@@ -443,7 +443,13 @@ class RedisBackplane:
         except BackplaneUnavailable:
             await self._lost_commands()
             raise
-        except RedisReplyError:
+        except RedisReplyError as exc:
+            if exc.code == "LOADING":
+                # Restarted and still loading its dataset: nothing ran, retry later.
+                self._is_command_ok = False
+                raise BackplaneUnavailable(
+                    f"Redis at {self._address} cannot run {what} yet: {exc}"
+                ) from exc
             self._is_command_ok = True  # Redis answered: it is reachable
             raise
         self._is_command_ok = True

@@ -14,6 +14,10 @@
 //   protocol          "json" (default) or "messagepack"
 //   expect            stop after this many ReceiveMessage calls (0 or absent: never)
 //   reconnect         true: .withAutomaticReconnect() (default delays 0, 2, 10, 30 s)
+//   reconnectDelays   with reconnect: the retry delays in ms instead of the default ones
+//   resume            true: track lastSeq (the seq of the last ReceiveMessage event) and, in
+//                     onreconnected, connection.invoke("Resume", lastSeq); also report
+//                     "Gap" invocations
 //   stopOnReconnecting  true: call stop() from onreconnecting (so a test ends cleanly)
 //   stopAfterMs       stop this long after start() resolved (an idle connection test)
 //   serverTimeoutMs   connection.serverTimeoutInMilliseconds (default 30000)
@@ -27,6 +31,9 @@
 //   {"event":"message","data":<argument>}    one ReceiveMessage call
 //   {"event":"reconnecting","error":...}     onreconnecting (error text or null)
 //   {"event":"reconnected"}                  onreconnected
+//   {"event":"resumed","lastSeq":n}          (resume) invoke("Resume", n) resolved
+//   {"event":"resume_failed","error":"..."}  (resume) invoke("Resume", n) rejected
+//   {"event":"gap","first":n}                (resume) a Gap(n) invocation
 //   {"event":"stopping"}                     about to call stop()
 //   {"event":"closed","error":...}           onclose (error text or null)
 //   {"event":"stopped"}                      stop() resolved (exit 0)
@@ -43,6 +50,7 @@ const tokenIn = config.tokenIn ?? "factory";
 const tokens = config.tokens ?? (config.token == null ? [] : [config.token]);
 let generation = 0;
 let received = 0;
+let lastSeq = 0;
 let stopping = false;
 
 function emit(event, fields = {}) {
@@ -89,7 +97,9 @@ if (config.protocol === "messagepack") {
   throw new Error(`unknown protocol ${config.protocol}`);
 }
 if (config.reconnect) {
-  builder = builder.withAutomaticReconnect();
+  builder = config.reconnectDelays
+    ? builder.withAutomaticReconnect(config.reconnectDelays)
+    : builder.withAutomaticReconnect();
 }
 const connection = builder.configureLogging(stderrLogger).build();
 if (config.serverTimeoutMs !== undefined) {
@@ -112,6 +122,9 @@ async function stop() {
 
 connection.on("ReceiveMessage", (message) => {
   emit("message", { data: message });
+  if (config.resume) {
+    lastSeq = JSON.parse(message).seq;
+  }
   received += 1;
   if (config.expect && received === config.expect) {
     void stop();
@@ -126,8 +139,19 @@ connection.onreconnecting((error) => {
   }
 });
 
+if (config.resume) {
+  connection.on("Gap", (first) => emit("gap", { first }));
+}
+
 connection.onreconnected(() => {
   emit("reconnected");
+  if (config.resume) {
+    const since = lastSeq;
+    connection.invoke("Resume", since).then(
+      () => emit("resumed", { lastSeq: since }),
+      (error) => emit("resume_failed", { error: errorText(error) }),
+    );
+  }
 });
 
 connection.onclose((error) => {
