@@ -375,6 +375,21 @@ class HubConnection:
         self._state = ConnectionState.ERROR
         raise LocalProtocolError(f"cannot send {type(event).__name__}")
 
+    def note_sent(self, now: float) -> None:
+        """Record that application bytes went out at ``now`` without a ``send`` call.
+
+        For a server that writes the same prepared bytes to many connections
+        and accounts for them later: only the keep-alive clock moves. A
+        stateful connection must use ``send`` (its messages are tracked).
+
+        Raises:
+            LocalProtocolError: the connection is stateful, or not open.
+        """
+        if self._stateful or self._state is not ConnectionState.OPEN:
+            raise LocalProtocolError("note_sent is for open connections without stateful reconnect")
+        if now > self._last_sent_at:
+            self._last_sent_at = now
+
     def _send_batch(self, batch: PreparedBatch, now: float) -> bytes:
         protocol = self._protocol
         if self._state is not ConnectionState.OPEN or protocol is None:

@@ -42,6 +42,7 @@ from hubcore import (
     HandshakeResponse,
     HubConnection,
     HubLimits,
+    HubProtocol,
     Invocation,
     LocalProtocolError,
     PreparedMessage,
@@ -105,6 +106,43 @@ class HubSession:
         join / leave: add to / remove from the router (called once each).
     """
 
+    __slots__ = (
+        "_control",
+        "_direct",
+        "_fd",
+        "_finishing",
+        "_first_live_seq",
+        "_held",
+        "_hold_deadline",
+        "_hub",
+        "_join",
+        "_joined",
+        "_leave",
+        "_lot",
+        "_max_outbox_bytes",
+        "_nursery",
+        "_opcode",
+        "_outbox",
+        "_peer_closed",
+        "_protocol",
+        "_queued_bytes",
+        "_replay",
+        "_replayed_upto",
+        "_rest",
+        "_resume_window",
+        "_resuming",
+        "_scope",
+        "_sent_at",
+        "_since_seq",
+        "_stats",
+        "_stream",
+        "_token_deadline",
+        "_ws",
+        "key",
+        "session_id",
+        "subject",
+    )
+
     def __init__(
         self,
         *,
@@ -144,8 +182,11 @@ class HubSession:
         self._control: list[bytes] = []
         self._outbox: list[bytes] = []
         self._queued_bytes = 0
-        # True only while the writer is parked with nothing queued.
-        self._idle = False
+        # True only while the writer is parked with nothing queued and no resume,
+        # hold or close is under way: ``deliver`` may then write directly.
+        self._direct = False
+        self._sent_at = now  # last direct write, told to hubcore by the writer
+        self._protocol: HubProtocol | None = None
         self._lot = trio.lowlevel.ParkingLot()
         self._finishing = False
         self._peer_closed = False
@@ -170,26 +211,13 @@ class HubSession:
     # -- delivery (called by the router, synchronously) --------------------------
 
     def deliver(self, delivery: Delivery, now: float) -> None:
-        if self._finishing:
-            return
-        if self._held is not None:
-            self._hold(delivery)
-            return
-        if delivery.events[0].seq <= self._replayed_upto:
-            # The backplane's history can be ahead of its broadcast (Redis: the history
-            # reply may beat the Pub/Sub message): what the replay sent is not sent twice.
-            rest = delivery.after(self._replayed_upto)
-            if rest is None:
-                return
-            delivery = rest
-        if self._first_live_seq is None:
-            self._first_live_seq = delivery.events[0].seq
-        data = self._hub.send(delivery.payload, now)
-        if self._idle:
-            # Nothing queued and the writer asleep: write the shared frame now,
-            # straight to the socket, and wake the writer only for what the
-            # kernel did not take. Most deliveries end here with one send().
-            frame = delivery.frame(self._opcode, data)
+        if self._direct and delivery.first_seq > self._replayed_upto:
+            # The common case: nothing queued, the writer asleep, no resume
+            # under way. The shared frame goes straight to the socket; hubcore
+            # hears of it in bulk (note_sent) when the writer next wakes. Most
+            # deliveries end here, with one send() and no task switch.
+            self._sent_at = now
+            frame = delivery.frame_for(self._opcode, self._protocol)  # type: ignore[arg-type]  # set at the handshake, before any delivery
             try:
                 sent = os.write(self._fd, frame)
             except BlockingIOError:
@@ -199,11 +227,29 @@ class HubSession:
                 return
             if sent == len(frame):
                 return
-            self._idle = False
+            self._direct = False
             self._rest = memoryview(frame)[sent:]
             self._queued_bytes = len(self._rest)
             self._lot.unpark()
             return
+        self._deliver_queued(delivery, now)
+
+    def _deliver_queued(self, delivery: Delivery, now: float) -> None:
+        if self._finishing:
+            return
+        if self._held is not None:
+            self._hold(delivery)
+            return
+        if delivery.first_seq <= self._replayed_upto:
+            # The backplane's history can be ahead of its broadcast (Redis: the history
+            # reply may beat the Pub/Sub message): what the replay sent is not sent twice.
+            rest = delivery.after(self._replayed_upto)
+            if rest is None:
+                return
+            delivery = rest
+        if self._first_live_seq is None:
+            self._first_live_seq = delivery.first_seq
+        data = self._hub.send(delivery.payload, now)
         self._outbox.append(data)
         self._queued_bytes += len(data)
         if self._queued_bytes > self._max_outbox_bytes:
@@ -262,6 +308,7 @@ class HubSession:
         self._resuming = True
         if self._held is None:
             self._held = []  # a late resume: hold what arrives during the fetch
+            self._direct = False
         self._hold_deadline = math.inf
         self._nursery.start_soon(self._resume, since_seq, invocation_id)
 
@@ -335,12 +382,13 @@ class HubSession:
 
     def _queue(self, data: bytes) -> None:
         if data:
-            self._idle = False
+            self._direct = False
             self._outbox.append(data)
             self._queued_bytes += len(data)
             self._lot.unpark()
 
     def _finish(self) -> None:
+        self._direct = False
         if not self._finishing:
             self._finishing = True
             # From here the session has CLOSE_TIMEOUT to say goodbye, however
@@ -418,14 +466,14 @@ class HubSession:
                     hub.receive_data(event.data, now)
             elif isinstance(event, ws_events.Ping):
                 self._control.append(self._ws.send(event.response()))
-                self._idle = False
+                self._direct = False
                 self._lot.unpark()
             elif isinstance(event, ws_events.CloseConnection):
                 # The peer closed the WebSocket: answer its close frame and stop.
                 self._peer_closed = True
                 if self._ws.state is WsState.REMOTE_CLOSING:
                     self._control.append(self._ws.send(event.response()))
-                    self._idle = False
+                    self._direct = False
                 if hub.state is not ConnectionState.CLOSED:
                     hub.receive_eof(now)
                 self._on_hub_events()
@@ -457,6 +505,7 @@ class HubSession:
                     # ASP.NET Core picks the frame type before writing the response.
                     if protocol.transfer_format is TransferFormat.BINARY:
                         self._opcode = OPCODE_BINARY
+                    self._protocol = protocol
                     self._queue(hub.send(HandshakeResponse(), now))
                     self._joined = True
                     self._join(self)
@@ -464,6 +513,7 @@ class HubSession:
                         self._start_resume(self._since_seq, None)
                     elif self._resume_window > 0:
                         self._held = []
+                        self._direct = False
                         self._hold_deadline = now + self._resume_window
                 case Invocation() if event.target.lower() == "resume":
                     self._on_resume(event)
@@ -511,13 +561,20 @@ class HubSession:
         hub = self._hub
         while True:
             if not self._has_output() and not self._finishing:
+                if hub.state is ConnectionState.OPEN and not hub.is_stateful:
+                    hub.note_sent(self._sent_at)  # the direct writes since the last time
                 deadline = min(
                     hub.next_deadline() or math.inf, self._token_deadline, self._hold_deadline
                 )
-                self._idle = True
+                self._direct = (
+                    self._held is None
+                    and self._first_live_seq is not None
+                    and not self._hub.is_stateful
+                    and self._joined
+                )
                 with trio.move_on_at(deadline):
                     await self._lot.park()
-                self._idle = False
+                self._direct = False
                 now = trio.current_time()
                 if now >= self._hold_deadline and not self._resuming:
                     self._release_held(0)  # no Resume came: live events go out as they are
@@ -527,6 +584,8 @@ class HubSession:
                     # reconnect allowed, so clients come back with a fresh token (spec §5).
                     self.close(Close(allow_reconnect=True))
                 else:
+                    if hub.state is ConnectionState.OPEN and not hub.is_stateful:
+                        hub.note_sent(self._sent_at)  # direct writes while we slept
                     timer = hub.next_deadline()
                     if timer is not None and now >= timer:
                         self._queue(hub.handle_timer(now))

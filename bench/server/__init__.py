@@ -9,10 +9,13 @@
 
 Every server (``servers``: hubserver, and the peers in ``peers``: aiosignalr,
 socketio, ceiling) is a subprocess on 127.0.0.1 with a free port, started and
-stopped by the profile (``procs``); the load client is the same for all:
-several processes (``loadclient``), each an epoll loop over non-blocking
-sockets that parses frames from bytes and counts events exactly (``wire``);
-the publisher (``publisher``) runs in the bench's own process. ``harness``
-holds what the three profiles share, ``plot`` the ``--plot`` figure, and
-``pyspy_summary`` reads the profiles ``fanout --py-spy DIR`` records.
+stopped by the profile (``procs``). hubserver's scale-out layouts are servers
+too, chosen with ``--servers``: ``hubserver-w2`` (``--workers 2``) and
+``hubserver-redis2`` (two nodes sharing a redis-server the bench starts).
+The load client is the same for all: several processes (``loadclient``),
+each an epoll loop over non-blocking sockets that parses frames from bytes
+and counts events exactly (``wire``); the publisher (``publisher``) runs in
+the bench's own process. ``harness`` holds what the three profiles share,
+``plot`` the ``--plot`` figure, and ``pyspy_summary`` reads the profiles
+``fanout --py-spy DIR`` records.
 """

@@ -19,7 +19,13 @@ from typing import Final
 from bench.profile import BenchError, Profile
 from bench.report import JsonValue, Outcome, Progress, Table, percentile
 from bench.server.harness import ConnectResult, open_stage, start_py_spy, stop_py_spy
-from bench.server.servers import SERVERS, describe_hubserver, parse_servers, peer_versions
+from bench.server.servers import (
+    DEFAULT_SERVERS,
+    SERVERS,
+    describe_hubserver,
+    parse_servers,
+    peer_versions,
+)
 
 __all__ = ["PROFILE", "ConnectRow", "ConnectRun"]
 
@@ -75,7 +81,7 @@ class ConnectRow:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ConnectRun:
-    servers: tuple[str, ...] = tuple(SERVERS)
+    servers: tuple[str, ...] = DEFAULT_SERVERS
     clients: int = 1000
     sites: int = 1
     concurrency: int = 200
@@ -219,7 +225,9 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
         "instead of this checkout's",
     )
     parser.add_argument(
-        "--servers", default=",".join(SERVERS), help="comma-separated, from: " + ", ".join(SERVERS)
+        "--servers",
+        default=",".join(DEFAULT_SERVERS),
+        help="comma-separated, from: " + ", ".join(SERVERS),
     )
     parser.add_argument("--clients", type=int, default=1000, help="connections to open")
     parser.add_argument("--sites", type=int, default=1, help="sites the clients spread over")

@@ -21,6 +21,16 @@ deliveries/s is the number of measured deliveries over the time from the
 first measured publish to the last delivery. CPU is read from ``/proc`` over
 the measured phase: the server's process tree, each load-client process,
 and the publisher (this process).
+
+Scale-out layouts of hubserver (issue #5) run beside the single process in
+the same run: ``hubserver-w2`` (``--workers 2``: one port, the server CPU is
+the parent and both workers) and ``hubserver-redis2`` (two nodes sharing a
+Redis backplane: the subscribers split evenly over the nodes, the publisher
+posts to node 1 only, so every event crosses Redis to reach node 2; the
+server CPU is both nodes, the redis-server's is reported apart, and
+deliveries/s per node is deliveries/s over the node count). Their checks:
+server CPU per delivery with 2 workers against one process's, deliveries/s
+per node with Redis against the single node's, and exact counts.
 """
 
 from __future__ import annotations
@@ -49,6 +59,7 @@ from bench.server.harness import (
 from bench.server.procs import machine_busy_seconds, self_cpu_seconds
 from bench.server.publisher import EventFactory, Publisher, plan_requests
 from bench.server.servers import (
+    DEFAULT_SERVERS,
     PUBLISH_PATH,
     SERVERS,
     describe_hubserver,
@@ -60,6 +71,7 @@ __all__ = [
     "BAR",
     "MODES",
     "PROFILE",
+    "SCALE_OUT_BAR",
     "FanoutRun",
     "RowResult",
     "judge",
@@ -77,6 +89,13 @@ MIN_VS_AIOSIGNALR: Final = 4.0
 MIN_VS_SOCKETIO: Final = 10.0
 MAX_P99_VS_CEILING: Final = 2.0
 MIN_BATCH_DELIVERIES_PER_SECOND: Final = 1_000_000.0
+SCALE_OUT_BAR: Final = (
+    "scale-out (issue #5): server CPU per delivery with 2 workers <= 1.25x one worker's; "
+    "two nodes with Redis keep >= 0.7x the single node's deliveries/s per node; "
+    "0 lost, 0 duplicated"
+)
+MAX_CPU_PER_DELIVERY_WORKERS: Final = 1.25
+MIN_PER_NODE_REDIS: Final = 0.7
 
 DEFAULT_DELIVERIES: Final = {"burst": 400_000, "batch": 2_000_000}
 WARMUP_EVENTS_PER_SITE: Final = 3
@@ -87,7 +106,7 @@ QUANTILES: Final = (0.5, 0.9, 0.99)
 class FanoutRun:
     """One configured ``fanout`` run (see the module docstring)."""
 
-    servers: tuple[str, ...] = tuple(SERVERS)
+    servers: tuple[str, ...] = DEFAULT_SERVERS
     connections: tuple[int, ...] = (1000,)
     sites: tuple[int, ...] = (1, 50)
     modes: tuple[str, ...] = ("burst",)
@@ -195,6 +214,8 @@ class FanoutRun:
             mode=mode,
             batch=batch,
             events_per_site=per_site,
+            layout=kind.layout,
+            nodes=kind.nodes,
         )
         with open_stage(
             kind,
@@ -224,6 +245,8 @@ class FanoutRun:
                 raise BenchError(f"{label}: no connection opened: {connected.errors}")
             time.sleep(0.5)
             row.rss_connected = server.rss_bytes()
+            if kind.is_scale_out:
+                row.connections_by_process = server.connections_by_process()
 
             factory = EventFactory(sites, self.seed)
             try:
@@ -285,6 +308,8 @@ class FanoutRun:
         server = stage.server
         spy = self._start_py_spy(row, server.pid)
         cpu_server0 = server.cpu_seconds()
+        cpu_helpers0 = server.helper_cpu_seconds()
+        cpu_processes0 = server.cpu_by_process()
         cpu_clients0 = stage.pool.cpu_each()
         cpu_publisher0 = self_cpu_seconds()
         busy0 = machine_busy_seconds()
@@ -312,6 +337,8 @@ class FanoutRun:
         ended = time.monotonic()
         # A server that died took its CPU counters with it: 0 rather than negative.
         row.cpu_server = max(0.0, server.cpu_seconds() - cpu_server0)
+        row.cpu_backplane = max(0.0, server.helper_cpu_seconds() - cpu_helpers0)
+        row.cpu_processes = _cpu_deltas(cpu_processes0, server.cpu_by_process())
         row.cpu_clients = [
             after - before
             for after, before in zip(stage.pool.cpu_each(), cpu_clients0, strict=True)
@@ -319,7 +346,8 @@ class FanoutRun:
         row.cpu_publisher = cpu_publisher
         row.wall = ended - started
         # Whatever else ran on the machine meanwhile (it is shared): busy minus ours.
-        ours = row.cpu_server + sum(row.cpu_clients) + self_cpu_seconds() - cpu_publisher0
+        ours = row.cpu_server + row.cpu_backplane + sum(row.cpu_clients)
+        ours += self_cpu_seconds() - cpu_publisher0
         row.cpu_others = max(0.0, machine_busy_seconds() - busy0 - ours)
         self._stop_py_spy(spy)
         reports = stage.pool.ask("report", timeout=60.0)
@@ -328,6 +356,8 @@ class FanoutRun:
         row.lost = sum(r["lost"] for r in reports)
         row.duplicated = sum(r["duplicated"] for r in reports)
         row.foreign = sum(r["foreign"] for r in reports)
+        row.frames = sum(r["frames"] for r in reports)
+        row.reads = sum(r["reads"] for r in reports)
         row.closed_by_server = sum(r["closed_by_server"] for r in reports)
         for report in reports:
             for reason, count in report["close_reasons"].items():
@@ -346,7 +376,7 @@ class FanoutRun:
         if published.first_send_ns and published.last_response_ns:
             row.publish_seconds = (published.last_response_ns - published.first_send_ns) / 1e9
         if not server.is_alive():
-            row.server_exit = f"exited with {server.popen.returncode}: {server.log_tail(5)}"
+            row.server_exit = server.exit_status()
 
     def _start_py_spy(self, row: RowResult, pid: int) -> subprocess.Popen[bytes] | None:
         if self.py_spy is None or row.server not in self.py_spy_servers:
@@ -358,6 +388,17 @@ class FanoutRun:
     @staticmethod
     def _stop_py_spy(spy: subprocess.Popen[bytes] | None) -> None:
         stop_py_spy(spy)
+
+
+def _cpu_deltas(
+    before: Mapping[int, tuple[str, float]], after: Mapping[int, tuple[str, float]]
+) -> dict[str, float]:
+    """CPU seconds per role over the phase (a process that started meanwhile: all of its)."""
+    out: dict[str, float] = {}
+    for pid, (role, seconds) in after.items():
+        start = before.get(pid, (role, 0.0))[1]
+        out[role] = out.get(role, 0.0) + max(0.0, seconds - start)
+    return out
 
 
 # -- results -----------------------------------------------------------------------
@@ -384,6 +425,8 @@ class RowResult:
     lost: int = 0
     duplicated: int = 0
     foreign: int = 0
+    frames: int = 0  # data frames the subscribers received in the measured phase
+    reads: int = 0  # their recv() calls that returned data
     closed_by_server: int = 0
     close_reasons: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0
@@ -399,6 +442,16 @@ class RowResult:
     rss_after: int = 0
     server_exit: str | None = None
     profile_path: str | None = None
+    #: how the server is laid out ("1 process", "2 workers", "2 nodes + redis").
+    layout: str = "1 process"
+    #: nodes on ports of their own (the subscribers split evenly over them).
+    nodes: int = 1
+    #: CPU of the backplane (the redis-server) over the measured phase, not in cpu_server.
+    cpu_backplane: float = 0.0
+    #: CPU per process of the server and its backplane over the measured phase, by role.
+    cpu_processes: dict[str, float] = field(default_factory=dict)
+    #: subscriber connections held by each process of a scale-out layout, by role.
+    connections_by_process: dict[str, int] = field(default_factory=dict)
 
     @property
     def row_key(self) -> tuple[int, int, str, int]:
@@ -407,6 +460,24 @@ class RowResult:
     @property
     def deliveries_per_second(self) -> float | None:
         return self.deliveries / self.seconds if self.seconds > 0 and self.deliveries else None
+
+    @property
+    def deliveries_per_second_per_node(self) -> float | None:
+        rate = self.deliveries_per_second
+        return None if rate is None else rate / self.nodes
+
+    @property
+    def deliveries_per_frame(self) -> float | None:
+        return self.deliveries / self.frames if self.frames else None
+
+    @property
+    def deliveries_per_read(self) -> float | None:
+        return self.deliveries / self.reads if self.reads else None
+
+    @property
+    def cpu_per_delivery(self) -> float | None:
+        """Server CPU-seconds per delivery."""
+        return self.cpu_server / self.deliveries if self.deliveries else None
 
     @property
     def deliveries_per_cpu_second(self) -> float | None:
@@ -461,11 +532,16 @@ class RowResult:
             "lost": self.lost,
             "duplicated": self.duplicated,
             "foreign": self.foreign,
+            "frames": self.frames,
+            "reads": self.reads,
+            "deliveries_per_frame": self.deliveries_per_frame,
+            "deliveries_per_read": self.deliveries_per_read,
             "closed_by_server": self.closed_by_server,
             "close_reasons": dict(self.close_reasons),
             "seconds": self.seconds,
             "publish_seconds": self.publish_seconds,
             "deliveries_per_second": self.deliveries_per_second,
+            "deliveries_per_second_per_node": self.deliveries_per_second_per_node,
             "deliveries_per_server_cpu_second": self.deliveries_per_cpu_second,
             "latency_ms": {
                 "samples": len(lat),
@@ -477,8 +553,14 @@ class RowResult:
                 # Every percentile 1..100: the samples themselves would be megabytes.
                 "percentiles": [percentile(lat, q / 100) for q in range(1, 101)] if lat else [],
             },
+            "layout": self.layout,
+            "nodes": self.nodes,
             "server_cpu_seconds": self.cpu_server,
             "server_cpu_percent": self.percent(self.cpu_server),
+            "server_cpu_seconds_by_process": dict(self.cpu_processes),
+            "server_connections_by_process": dict(self.connections_by_process),
+            "backplane_cpu_seconds": self.cpu_backplane,
+            "backplane_cpu_percent": self.percent(self.cpu_backplane),
             "client_cpu_seconds": list(self.cpu_clients),
             "client_cpu_percent": [self.percent(c) for c in self.cpu_clients],
             "publisher_cpu_seconds": self.cpu_publisher,
@@ -511,6 +593,7 @@ _COLUMNS: Final = (
     "max ms",
     "lost",
     "dup",
+    "ev/frame,read",
     "srv CPU",
     "deliv/CPU-s",
     "srv RSS",
@@ -521,10 +604,24 @@ _COLUMNS: Final = (
 )
 
 
-def _ms(value: float | None) -> str:
+#: Added after "deliv/s" and "srv CPU" when a scale-out layout is in the run.
+_SCALE_OUT_COLUMNS: Final = ("layout", "deliv/s/node", "redis CPU")
+
+
+def _short(value: float | None) -> str:
+    """A number in few characters: one decimal below 100."""
     if value is None:
         return "-"
     return f"{value:.1f}" if value < 100 else f"{value:,.0f}"
+
+
+def _scale_out_cells(row: RowResult) -> tuple[str, ...]:
+    per_node = row.deliveries_per_second_per_node
+    return (
+        row.layout,
+        "-" if per_node is None else f"{per_node:,.0f}",
+        f"{row.cpu_backplane:.1f}s {row.percent(row.cpu_backplane):.0f}%" if row.nodes > 1 else "-",
+    )
 
 
 def _cells(row: RowResult) -> tuple[str, ...]:
@@ -547,12 +644,13 @@ def _cells(row: RowResult) -> tuple[str, ...]:
         f"{row.events_per_site * row.sites:,}",
         f"{row.deliveries:,}",
         "-" if rate is None else f"{rate:,.0f}",
-        _ms(row.latency(0.5)),
-        _ms(row.latency(0.9)),
-        _ms(row.latency(0.99)),
-        _ms(row.latency_max),
+        _short(row.latency(0.5)),
+        _short(row.latency(0.9)),
+        _short(row.latency(0.99)),
+        _short(row.latency_max),
         f"{row.lost:,}",
         f"{row.duplicated:,}",
+        f"{_short(row.deliveries_per_frame)} {_short(row.deliveries_per_read)}",
         f"{row.cpu_server:.1f}s {row.percent(row.cpu_server):.0f}%",
         "-" if row.deliveries_per_cpu_second is None else f"{row.deliveries_per_cpu_second:,.0f}",
         f"{row.rss_connected / 2**20:.0f} MB",
@@ -604,74 +702,131 @@ def judge(rows: Sequence[RowResult]) -> tuple[list[tuple[str, ...]], bool | None
             verdicts.append(passed)
         checks.append((name, _row_label(key), shown, target, verdict))
 
+    def info(name: str, key: tuple[int, int, str, int], value: float | None) -> None:
+        shown = "-" if value is None else f"{value:.2f}x"
+        informative.append((f"(info) {name}", _row_label(key), shown, "-", "info"))
+
+    def exact(name: str, key: tuple[int, int, str, int], row: RowResult) -> None:
+        lost = float(row.lost + row.duplicated + row.foreign)
+        check(f"{name} lost + duplicated", key, lost, "0", row.is_exact, fmt="{:,.0f}")
+
     for key, servers in by_key.items():
         connections, _sites, mode, batch = key
         hub = servers.get("hubserver")
-        if hub is None:
-            continue
-        hub_rate = hub.deliveries_per_second
-        if mode == "burst" and connections in BAR_CONNECTIONS:
-            for peer, minimum in (
-                ("ceiling", MIN_VS_CEILING),
-                ("aiosignalr", MIN_VS_AIOSIGNALR),
-                ("socketio", MIN_VS_SOCKETIO),
-            ):
-                other = servers.get(peer)
-                if other is None:
-                    continue
-                ratio = _ratio(hub_rate, other.deliveries_per_second)
-                check(
-                    f"deliveries/s hubserver / {peer}",
-                    key,
-                    ratio,
-                    f">= {minimum:g}x",
-                    None if ratio is None else ratio >= minimum,
-                )
-                efficiency = _ratio(hub.deliveries_per_cpu_second, other.deliveries_per_cpu_second)
-                informative.append(
-                    (
-                        f"(info) deliveries per server CPU-s, hubserver / {peer}",
-                        _row_label(key),
-                        "-" if efficiency is None else f"{efficiency:.2f}x",
-                        "-",
-                        "info",
+        if hub is not None:
+            hub_rate = hub.deliveries_per_second
+            if mode == "burst" and connections in BAR_CONNECTIONS:
+                for peer, minimum in (
+                    ("ceiling", MIN_VS_CEILING),
+                    ("aiosignalr", MIN_VS_AIOSIGNALR),
+                    ("socketio", MIN_VS_SOCKETIO),
+                ):
+                    other = servers.get(peer)
+                    if other is None:
+                        continue
+                    ratio = _ratio(hub_rate, other.deliveries_per_second)
+                    check(
+                        f"deliveries/s hubserver / {peer}",
+                        key,
+                        ratio,
+                        f">= {minimum:g}x",
+                        None if ratio is None else ratio >= minimum,
                     )
-                )
-            ceiling = servers.get("ceiling")
-            if ceiling is not None:
-                ratio = _ratio(hub.latency(0.99), ceiling.latency(0.99))
+                    info(
+                        f"deliveries per server CPU-s, hubserver / {peer}",
+                        key,
+                        _ratio(hub.deliveries_per_cpu_second, other.deliveries_per_cpu_second),
+                    )
+                ceiling = servers.get("ceiling")
+                if ceiling is not None:
+                    ratio = _ratio(hub.latency(0.99), ceiling.latency(0.99))
+                    check(
+                        "p99 latency hubserver / ceiling",
+                        key,
+                        ratio,
+                        f"<= {MAX_P99_VS_CEILING:g}x",
+                        None if ratio is None else ratio <= MAX_P99_VS_CEILING,
+                    )
+            if mode == "batch" and batch == 100 and connections == 1000:
                 check(
-                    "p99 latency hubserver / ceiling",
+                    "hubserver deliveries/s, batch 100",
+                    key,
+                    hub_rate,
+                    f">= {MIN_BATCH_DELIVERIES_PER_SECOND:,.0f}/s",
+                    hub_rate is not None and hub_rate >= MIN_BATCH_DELIVERIES_PER_SECOND,
+                    fmt="{:,.0f}/s",
+                )
+            exact("hubserver", key, hub)
+        # Scale-out (issue #5): each layout against the single process of the same row.
+        workers = servers.get("hubserver-w2")
+        if workers is not None:
+            if hub is not None:
+                ratio = _ratio(workers.cpu_per_delivery, hub.cpu_per_delivery)
+                check(
+                    "server CPU per delivery, hubserver-w2 / hubserver",
                     key,
                     ratio,
-                    f"<= {MAX_P99_VS_CEILING:g}x",
-                    None if ratio is None else ratio <= MAX_P99_VS_CEILING,
+                    f"<= {MAX_CPU_PER_DELIVERY_WORKERS:g}x",
+                    None if ratio is None else ratio <= MAX_CPU_PER_DELIVERY_WORKERS,
                 )
-        if mode == "batch" and batch == 100 and connections == 1000:
-            check(
-                "hubserver deliveries/s, batch 100",
-                key,
-                hub_rate,
-                f">= {MIN_BATCH_DELIVERIES_PER_SECOND:,.0f}/s",
-                hub_rate is not None and hub_rate >= MIN_BATCH_DELIVERIES_PER_SECOND,
-                fmt="{:,.0f}/s",
-            )
-        check(
-            "hubserver lost + duplicated",
-            key,
-            float(hub.lost + hub.duplicated + hub.foreign),
-            "0",
-            hub.is_exact,
-            fmt="{:,.0f}",
-        )
+                info(
+                    "deliveries/s, hubserver-w2 / hubserver",
+                    key,
+                    _ratio(workers.deliveries_per_second, hub.deliveries_per_second),
+                )
+            exact("hubserver-w2", key, workers)
+        redis = servers.get("hubserver-redis2")
+        if redis is not None:
+            if hub is not None:
+                ratio = _ratio(
+                    redis.deliveries_per_second_per_node, hub.deliveries_per_second_per_node
+                )
+                check(
+                    "deliveries/s per node, hubserver-redis2 / hubserver",
+                    key,
+                    ratio,
+                    f">= {MIN_PER_NODE_REDIS:g}x",
+                    None if ratio is None else ratio >= MIN_PER_NODE_REDIS,
+                )
+                info(
+                    "server CPU per delivery, hubserver-redis2 (both nodes) / hubserver",
+                    key,
+                    _ratio(redis.cpu_per_delivery, hub.cpu_per_delivery),
+                )
+            exact("hubserver-redis2", key, redis)
     return checks + informative, (all(verdicts) if verdicts else None)
 
 
 def _outcome(run: FanoutRun, rows: Sequence[RowResult]) -> Outcome:
+    scale_out = any(SERVERS[name].is_scale_out for name in run.servers)
+    columns: tuple[str, ...] = _COLUMNS
+    cells = [_cells(row) for row in rows]
+    if scale_out:
+        # layout after server; deliv/s/node after deliv/s; redis CPU after srv CPU.
+        rate_at, cpu_at = _COLUMNS.index("deliv/s"), _COLUMNS.index("srv CPU")
+
+        def spliced(base: Sequence[str], extra: Sequence[str]) -> tuple[str, ...]:
+            return (
+                base[0],
+                extra[0],
+                *base[1 : rate_at + 1],
+                extra[1],
+                *base[rate_at + 1 : cpu_at + 1],
+                extra[2],
+                *base[cpu_at + 1 :],
+            )
+
+        columns = spliced(_COLUMNS, _SCALE_OUT_COLUMNS)
+        cells = [
+            spliced(cell, _scale_out_cells(row)) for cell, row in zip(cells, rows, strict=True)
+        ]
+    left = {columns.index("server"), columns.index("mode")}
+    if scale_out:
+        left.add(columns.index("layout"))
     table = Table(
-        _COLUMNS,
-        tuple(_cells(row) for row in rows),
-        right_aligned=frozenset(range(1, len(_COLUMNS))) - {3},
+        columns,
+        tuple(cells),
+        right_aligned=frozenset(range(len(columns))) - left,
     )
     checks, passed = judge(rows)
     notes = [
@@ -680,6 +835,8 @@ def _outcome(run: FanoutRun, rows: Sequence[RowResult]) -> Outcome:
         f"sampled 1 in {run.sample_every} events (nearest-rank percentiles).",
         "lost/dup: exact, from every record's per-site sequence n on every connection "
         "(warm-up included); a connection the server closed keeps counting as lost.",
+        "ev/frame,read: measured deliveries per WebSocket data frame and per recv() of the "
+        "subscribers: how much the server batches its writes (and the clients their reads).",
         "srv CPU: the server's process tree (utime+stime from /proc) over the measured "
         "phase, and % of that wall time; deliv/CPU-s: deliveries per server CPU-second (what "
         "it would do on a core of its own); srv RSS: after connecting; KB/conn: (RSS after "
@@ -688,6 +845,24 @@ def _outcome(run: FanoutRun, rows: Sequence[RowResult]) -> Outcome:
         "saturated); pub CPU: the publisher (the bench's own process); others: the rest "
         "of the machine's busy CPU meanwhile (/proc/stat), i.e. neighbours on a shared host.",
     ]
+    if scale_out:
+        notes.append(
+            "scale-out: hubserver-w2 is `hubserver serve --workers 2` (srv CPU: the parent with "
+            "its broker + both workers); hubserver-redis2 is two `hubserver serve --backplane "
+            "redis://...` nodes, subscribers split evenly, every publish to node 1 (srv CPU, "
+            "RSS: both nodes; redis CPU: the redis-server, apart); deliv/s/node: deliv/s / nodes."
+        )
+        for row in rows:
+            if len(row.cpu_processes) > 1:
+                parts = ", ".join(
+                    f"{role} {seconds:.1f}s ({row.percent(seconds):.0f}%)"
+                    for role, seconds in row.cpu_processes.items()
+                )
+                if row.connections_by_process:
+                    parts += "; connections: " + ", ".join(
+                        f"{role} {count:,}" for role, count in row.connections_by_process.items()
+                    )
+                notes.append(f"{row.server} ({_row_label(row.row_key)}) CPU by process: {parts}")
     for row in rows:
         problems = []
         if row.connected != row.connections:
@@ -722,7 +897,7 @@ def _outcome(run: FanoutRun, rows: Sequence[RowResult]) -> Outcome:
         table=table,
         results=[row.to_json() for row in rows],
         notes=notes,
-        bar=BAR,
+        bar=f"{BAR}; {SCALE_OUT_BAR}" if scale_out else BAR,
         passed=passed,
         checks=Table(("check", "row", "value", "target", "verdict"), tuple(checks))
         if checks
@@ -742,7 +917,12 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
         "instead of this checkout's",
     )
     parser.add_argument(
-        "--servers", default=",".join(SERVERS), help="comma-separated, from: " + ", ".join(SERVERS)
+        "--servers",
+        default=",".join(DEFAULT_SERVERS),
+        help="comma-separated, from: "
+        + ", ".join(SERVERS)
+        + " (hubserver-w2: --workers 2; hubserver-redis2: two nodes sharing a redis-server "
+        "the bench starts)",
     )
     parser.add_argument("--connections", default="1000", help="comma-separated, e.g. 1000,5000")
     parser.add_argument("--sites", default="1,50", help="comma-separated site counts")

@@ -3,7 +3,8 @@
 A ``Stage`` is one server under test plus its load clients, from a fresh
 temporary directory to the last killed process: start the server, start
 the client processes, open the subscriber connections (paced, so the listen
-backlog is never overrun), wait for deliveries, and tear everything down.
+backlog is never overrun; split evenly over the nodes of a multi-node
+server), wait for deliveries, and tear everything down.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from typing import Any, Final
 from bench.profile import BenchError
 from bench.report import Progress
 from bench.server.loadclient import ClientOptions, raise_fd_limit
-from bench.server.procs import ClientPool, ServerProcess
+from bench.server.procs import ClientPool, ServerGroup
 from bench.server.servers import Credentials, ServerKind, launch
 
 __all__ = [
@@ -77,7 +78,7 @@ class Stage:
     """A running server, its credentials and its load clients."""
 
     kind: ServerKind
-    server: ServerProcess
+    server: ServerGroup
     credentials: Credentials
     pool: ClientPool
     sites: int
@@ -94,14 +95,19 @@ class Stage:
     ) -> ConnectResult:
         """Open ``connections`` subscribers, round-robin over sites and client processes.
 
-        ``rate`` (connections/s, 0 for as fast as possible) and ``concurrency``
+        On a multi-node server the subscribers of every site are split
+        evenly over the nodes (the site's k-th goes to node k mod nodes). ``rate``
+        (connections/s, 0 for as fast as possible) and ``concurrency``
         (openings in flight) are for the whole pool.
         """
         procs = len(self.pool.pipes)
-        targets: list[list[tuple[int, str]]] = [[] for _ in range(procs)]
+        ports = self.server.ports
+        targets: list[list[tuple[int, str, int]]] = [[] for _ in range(procs)]
         for index in range(connections):
             site = index % self.sites
-            targets[index % procs].append((site, self.kind.hub_target(site, self.credentials)))
+            node = (index // self.sites) % len(ports)  # the site's k-th subscriber
+            target = self.kind.hub_target(site, self.credentials)
+            targets[index % procs].append((site, target, ports[node]))
         for index in range(procs):
             self.pool.send(
                 index,
@@ -188,7 +194,7 @@ def open_stage(
     fd_limit = connections + FD_HEADROOM
     raise_fd_limit(fd_limit + 64)
     work_dir = Path(tempfile.mkdtemp(prefix=f"bench-{kind.name}-"))
-    server: ServerProcess | None = None
+    server: ServerGroup | None = None
     pool: ClientPool | None = None
     try:
         progress.update(f"{label}: starting {kind.name}", is_milestone=True)
@@ -230,8 +236,9 @@ def _py_spy_binary() -> str:
 
 
 def start_py_spy(directory: Path, name: str, pid: int) -> tuple[subprocess.Popen[bytes], str]:
-    """Record ``pid`` with py-spy (raw collapsed stacks, 250 Hz, not pausing it)
-    into ``directory/name.txt`` until ``stop_py_spy``; returns the recorder and the path.
+    """Record ``pid`` and its subprocesses (the workers of ``--workers``) with py-spy
+    (raw collapsed stacks, 250 Hz, not pausing it) into ``directory/name.txt`` until
+    ``stop_py_spy``; returns the recorder and the path.
 
     ``python -m bench.server.pyspy_summary FILE`` summarises the result.
     """
@@ -249,6 +256,7 @@ def start_py_spy(directory: Path, name: str, pid: int) -> tuple[subprocess.Popen
                 "--format",
                 "raw",
                 "--nonblocking",
+                "--subprocesses",
                 "--output",
                 str(output),
             ],

@@ -18,7 +18,13 @@ from pathlib import Path
 from bench.profile import BenchError, Profile
 from bench.report import JsonValue, Outcome, Progress, Table
 from bench.server.harness import open_stage, parse_rate
-from bench.server.servers import SERVERS, describe_hubserver, parse_servers, peer_versions
+from bench.server.servers import (
+    DEFAULT_SERVERS,
+    SERVERS,
+    describe_hubserver,
+    parse_servers,
+    peer_versions,
+)
 
 __all__ = ["PROFILE", "IdleRow", "IdleRun"]
 
@@ -69,7 +75,7 @@ class IdleRow:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class IdleRun:
-    servers: tuple[str, ...] = tuple(SERVERS)
+    servers: tuple[str, ...] = DEFAULT_SERVERS
     connections: int = 10_000
     sites: int = 1
     hold: float = 20.0
@@ -206,7 +212,9 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
         "instead of this checkout's",
     )
     parser.add_argument(
-        "--servers", default=",".join(SERVERS), help="comma-separated, from: " + ", ".join(SERVERS)
+        "--servers",
+        default=",".join(DEFAULT_SERVERS),
+        help="comma-separated, from: " + ", ".join(SERVERS),
     )
     parser.add_argument("--connections", type=int, default=10_000, help="idle connections")
     parser.add_argument("--sites", type=int, default=1, help="sites they spread over")

@@ -5,13 +5,15 @@ fan-out never waits on one core. Each process speaks to its parent over a
 ``multiprocessing`` pipe, and only ever answers a command (it never sends on
 its own, so the pipe cannot fill up while the parent is busy publishing):
 
-- ``("connect", targets, options)``: open one connection per ``(site, target)``
-  at a bounded rate and concurrency; answers ``("connected", summary)`` once
+- ``("connect", targets, rate, concurrency)``: open one connection per
+  ``(site, target, port)`` (the port of the node to connect to) at a bounded
+  rate and concurrency; answers ``("connected", summary)`` once
   every connection is open or failed.
 - ``("progress",)``: answers the running totals.
 - ``("measure",)``: forget latency samples and remember the counts: the
   measured phase starts now.
-- ``("report",)``: answers the exact counts and the latency samples.
+- ``("report",)``: answers the exact counts, the data frames and reads of the
+  measured phase, and the latency samples.
 - ``("close",)``: close everything and exit.
 
 Sockets are non-blocking and level-triggered under ``select.epoll``; frames
@@ -77,7 +79,7 @@ class ClientOptions:
     """How a client process behaves; the same for every process of a pool.
 
     Attributes:
-        host, port: the server.
+        host, port: the server (``connect`` names each connection's port).
         dialect: SignalR or Engine.IO.
         expected: sequences per site that will be published (bitmap size).
         sample_every: read the publish time of one event in this many.
@@ -102,6 +104,7 @@ class _Conn:
     sock: socket.socket
     site: int
     target: str
+    port: int
     tally: Tally
     state: int = CONNECTING
     started_ns: int = 0
@@ -117,7 +120,7 @@ class _Conn:
 class _Batch:
     """One ``connect`` command in progress."""
 
-    pending: deque[tuple[int, str]]
+    pending: deque[tuple[int, str, int]]
     rate: float  # connections per second, 0 = unlimited
     concurrency: int
     started_ns: int
@@ -141,6 +144,8 @@ class _Client:
         self.closed_by_server = 0
         self.close_reasons: dict[str, int] = {}
         self.measured_from = 0  # total received when the measured phase began
+        self.frames_from = 0  # data frames and reads when the measured phase began
+        self.reads_from = 0
         self.running = True
         self.ping_frame = client_frame(OP_TEXT, SIGNALR_PING)
         self.ping_interval_ns = (
@@ -174,6 +179,7 @@ class _Client:
             elif kind == "measure":
                 self.receiver.clear_samples()
                 self.measured_from = sum(c.tally.received for c in self.conns.values())
+                self.frames_from, self.reads_from = self.receiver.frames, self.receiver.reads
                 self.pipe.send(("measuring", self.totals()))
             elif kind == "report":
                 self.pipe.send(("report", self.report()))
@@ -215,6 +221,8 @@ class _Client:
             "duplicated": duplicated,
             "foreign": foreign,
             "received_all": received,
+            "frames": self.receiver.frames - self.frames_from,
+            "reads": self.receiver.reads - self.reads_from,
             "close_reasons": dict(self.close_reasons),
             "latencies_ns": self.receiver.latencies_ns.tobytes(),
         }
@@ -247,16 +255,16 @@ class _Client:
         while batch.pending and self.in_flight < batch.concurrency:
             if batch.rate > 0 and batch.issued >= (now_ns - batch.started_ns) * batch.rate / 1e9:
                 break
-            site, target = batch.pending.popleft()
+            site, target, port = batch.pending.popleft()
             batch.issued += 1
             sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
             sock.setblocking(False)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            conn = _Conn(sock, site, target, Tally(options.expected))
+            conn = _Conn(sock, site, target, port, Tally(options.expected))
             conn.started_ns = time.monotonic_ns()
             self.in_flight += 1
             self.conns[sock.fileno()] = conn
-            code = sock.connect_ex((options.host, options.port))
+            code = sock.connect_ex((options.host, port))
             if code not in (0, errno.EINPROGRESS):
                 self.fail(conn, f"connect: {os.strerror(code)}")
                 continue
@@ -297,9 +305,7 @@ class _Client:
             if code:
                 self.fail(conn, f"connect: {os.strerror(code)}")
                 return
-            request, conn.accept = upgrade_request(
-                self.options.host, self.options.port, conn.target
-            )
+            request, conn.accept = upgrade_request(self.options.host, conn.port, conn.target)
             conn.state = UPGRADING
             self.epoll.modify(sock.fileno(), select.EPOLLIN)
             self.send(conn, request)

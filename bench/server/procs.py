@@ -1,9 +1,12 @@
 """Processes the bench starts: a server under test and a pool of load clients.
 
 CPU and memory come from ``/proc``: a process tree's CPU is utime + stime of
-every live process in it (a server's workers and threads included), its
-memory the sum of their ``VmRSS``. Everything started here is stopped by its
-own pid (process group) when the run ends, whatever happened.
+every live process in it (a server's workers and threads included: the tree is
+found by walking the ``ppid`` of every ``/proc/*/stat``), its memory the sum of
+their ``VmRSS``. A server under test is a ``ServerGroup``: one node for most,
+several nodes for a scale-out layout, plus helpers such as a redis-server whose
+CPU is counted apart. Everything started here is stopped by its own pid
+(process group) when the run ends, whatever happened.
 """
 
 from __future__ import annotations
@@ -27,9 +30,12 @@ from bench.server.loadclient import ClientOptions, raise_fd_limit, run_client
 
 __all__ = [
     "ClientPool",
+    "ServerGroup",
     "ServerProcess",
     "cpu_seconds",
     "free_port",
+    "free_ports",
+    "listening_sockets",
     "machine_busy_seconds",
     "rss_bytes",
     "self_cpu_seconds",
@@ -46,6 +52,63 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def free_ports(count: int) -> list[int]:
+    """``count`` distinct free TCP ports on 127.0.0.1 (held together while choosing)."""
+    with contextlib.ExitStack() as stack:
+        ports = []
+        for _ in range(count):
+            sock = stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
+            sock.bind(("127.0.0.1", 0))
+            ports.append(int(sock.getsockname()[1]))
+        return ports
+
+
+def listening_sockets(port: int) -> int:
+    """How many sockets listen on TCP ``port`` (IPv4 and IPv6), from ``/proc/net/tcp*``.
+
+    With SO_REUSEPORT every worker has a listening socket of its own; a socket
+    that is only bound (as ``hubserver --workers`` reserves the port) is not counted.
+    """
+    count = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(table, "rb") as file:
+                lines = file.read().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            # local_address is ADDRESS:PORT in hex; state 0A is LISTEN.
+            if (
+                len(fields) > 3
+                and fields[3] == b"0A"
+                and int(fields[1].rsplit(b":", 1)[1], 16) == port
+            ):
+                count += 1
+    return count
+
+
+def _established_inodes(ports: set[int]) -> set[str]:
+    """Socket inodes of the established TCP connections whose local port is in ``ports``."""
+    inodes: set[str] = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(table, "rb") as file:
+                lines = file.read().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            # state 01 is ESTABLISHED; field 9 is the inode.
+            if (
+                len(fields) > 9
+                and fields[3] == b"01"
+                and int(fields[1].rsplit(b":", 1)[1], 16) in ports
+            ):
+                inodes.add(fields[9].decode())
+    return inodes
 
 
 def _children() -> dict[int, list[int]]:
@@ -161,6 +224,119 @@ class ServerProcess:
             os.killpg(self.popen.pid, signal.SIGKILL)
         with contextlib.suppress(subprocess.TimeoutExpired):
             self.popen.wait(timeout=5)
+
+
+@dataclass(slots=True)
+class ServerGroup:
+    """A server under test: its nodes (each a process tree) and their helpers.
+
+    Most servers are one node. ``hubserver --workers 2`` is one node whose
+    tree holds the parent and its workers; two hubserver nodes sharing a Redis
+    backplane are two nodes plus the redis-server as a helper. The server's
+    CPU and memory are its nodes' trees; a helper's CPU is read apart. The
+    first node is where the publisher posts.
+    """
+
+    name: str
+    nodes: list[ServerProcess] = field(default_factory=list)
+    helpers: list[ServerProcess] = field(default_factory=list)
+
+    @property
+    def port(self) -> int:
+        return self.nodes[0].port
+
+    @property
+    def ports(self) -> list[int]:
+        return [node.port for node in self.nodes]
+
+    @property
+    def pid(self) -> int:
+        return self.nodes[0].pid
+
+    def tree(self) -> list[int]:
+        return [pid for node in self.nodes for pid in node.tree()]
+
+    def cpu_seconds(self) -> float:
+        return cpu_seconds(self.tree())
+
+    def helper_cpu_seconds(self) -> float:
+        return cpu_seconds([pid for helper in self.helpers for pid in helper.tree()])
+
+    def roles(self) -> dict[int, str]:
+        """Every process of the nodes and helpers: pid -> role.
+
+        Roles: ``main`` for a lone process, ``node N``, ``parent`` and
+        ``worker N`` (children in pid order), ``node N worker M``, and a
+        helper's name (``redis-server``).
+        """
+        out: dict[int, str] = {}
+        for index, node in enumerate(self.nodes):
+            prefix = f"node {index + 1}" if len(self.nodes) > 1 else ""
+            pids = node.tree()
+            children = sorted(pids[1:])
+            out[node.pid] = f"{prefix} parent".strip() if children else (prefix or "main")
+            for number, pid in enumerate(children, 1):
+                out[pid] = f"{prefix} worker {number}".strip()
+        for helper in self.helpers:
+            for pid in helper.tree():
+                out[pid] = helper.name
+        return out
+
+    def cpu_by_process(self) -> dict[int, tuple[str, float]]:
+        """Every process of the nodes and helpers: pid -> (role, CPU seconds so far)."""
+        return {pid: (role, _cpu_of(pid)) for pid, role in self.roles().items()}
+
+    def connections_by_process(self) -> dict[str, int]:
+        """Established TCP connections on the nodes' ports, by the role of the process
+        holding them (how SO_REUSEPORT spread them over the workers)."""
+        inodes = _established_inodes(set(self.ports))
+        out: dict[str, int] = {}
+        for pid, role in self.roles().items():
+            if role == "parent" or any(role == helper.name for helper in self.helpers):
+                continue
+            count = 0
+            try:
+                for entry in os.scandir(f"/proc/{pid}/fd"):
+                    try:
+                        link = os.readlink(entry.path)
+                    except OSError:
+                        continue
+                    if link.startswith("socket:[") and link[8:-1] in inodes:
+                        count += 1
+            except OSError:
+                continue
+            out[role] = count
+        return out
+
+    def rss_bytes(self) -> int:
+        return rss_bytes(self.tree())
+
+    def is_alive(self) -> bool:
+        return all(part.is_alive() for part in (*self.nodes, *self.helpers))
+
+    def exit_status(self) -> str:
+        """Which part exited and how, with its log's tail (empty while all run)."""
+        for part in (*self.nodes, *self.helpers):
+            if not part.is_alive():
+                return f"{part.name} exited with {part.popen.returncode}: {part.log_tail(5)}"
+        return ""
+
+    def log_tail(self, lines: int = 15) -> str:
+        parts = [*self.nodes, *self.helpers]
+        if len(parts) == 1:
+            return parts[0].log_tail(lines)
+        tails = []
+        for part in parts:
+            tail = part.log_tail(lines)
+            if tail:
+                tails.append(f"[{part.name}]\n{tail}")
+        return "\n".join(tails)
+
+    def stop(self) -> None:
+        """Stop the nodes (last first), then the helpers."""
+        for part in (*reversed(self.nodes), *reversed(self.helpers)):
+            with contextlib.suppress(Exception):
+                part.stop()
 
 
 def _preexec(fd_limit: int) -> Callable[[], None]:

@@ -8,23 +8,45 @@ same for all of them, only the URL (and, for socketio, the dialect) differ.
   starts, the bench creates the dev key in the data directory, mints a hub
   token and a publish token, and makes the subscriber Site Admin of every
   site in the SQLite store.
+- ``hubserver-w2``: the same with ``--workers 2``: a parent process (the
+  in-process broker on a unix socket) and two workers sharing the port with
+  SO_REUSEPORT. The bench waits until both workers listen.
+- ``hubserver-redis2``: two ``hubserver serve --backplane redis://...`` nodes
+  on two ports, sharing one data directory and one redis-server that the
+  bench starts on a free port (no persistence) and stops at the end. The
+  subscribers are split evenly over the nodes; the publisher posts to node 1.
 - ``aiosignalr``, ``socketio``, ``ceiling``: ``bench.server.peers``; no auth.
+
+The scale-out layouts (``hubserver-w2``, ``hubserver-redis2``) are chosen
+with ``--servers``; by default a profile runs ``DEFAULT_SERVERS``.
 """
 
 from __future__ import annotations
 
+import http.client
 import json
+import shutil
 import subprocess
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
 from bench.profile import BenchError
-from bench.server.procs import REPO_ROOT, ServerProcess, free_port, python, start_server
+from bench.server.procs import (
+    REPO_ROOT,
+    ServerGroup,
+    ServerProcess,
+    free_ports,
+    listening_sockets,
+    python,
+    start_server,
+)
 from bench.server.publisher import site_name
 from bench.server.wire import Dialect
 
 __all__ = [
+    "DEFAULT_SERVERS",
     "SERVERS",
     "Credentials",
     "ServerKind",
@@ -32,9 +54,11 @@ __all__ = [
     "launch",
     "peer_versions",
     "parse_servers",
+    "redis_server_binary",
 ]
 
 PUBLISH_PATH: Final = "/v1/events/entries"
+READY_TIMEOUT: Final = 30.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,10 +77,31 @@ class ServerKind:
     dialect: Dialect
     module: str
     extra_args: tuple[str, ...] = ()
+    #: hubserver ``--workers``: processes sharing one port.
+    workers: int = 1
+    #: separate nodes on ports of their own sharing a Redis backplane (1: no Redis).
+    nodes: int = 1
 
-    def command(self, port: int, data_dir: Path) -> list[str]:
-        if self.name == "hubserver":
-            return [
+    @property
+    def is_hubserver(self) -> bool:
+        return self.module == "hubserver"
+
+    @property
+    def is_scale_out(self) -> bool:
+        return self.workers > 1 or self.nodes > 1
+
+    @property
+    def layout(self) -> str:
+        """How the server is laid out, for a table cell."""
+        if self.nodes > 1:
+            return f"{self.nodes} nodes + redis"
+        if self.workers > 1:
+            return f"{self.workers} workers"
+        return "1 process"
+
+    def command(self, port: int, data_dir: Path, backplane: str | None = None) -> list[str]:
+        if self.is_hubserver:
+            command = [
                 python(),
                 "-m",
                 "hubserver",
@@ -67,8 +112,12 @@ class ServerKind:
                 str(data_dir),
                 "--log-level",
                 "warning",
-                *self.extra_args,
             ]
+            if self.workers > 1:
+                command += ["--workers", str(self.workers)]
+            if backplane is not None:
+                command += ["--backplane", backplane]
+            return [*command, *self.extra_args]
         return [python(), "-m", self.module, "--port", str(port), *self.extra_args]
 
     def prepare(self, data_dir: Path, sites: int, source: Path) -> Credentials:
@@ -77,7 +126,7 @@ class ServerKind:
         For hubserver this runs ``bench.server.hubprep`` in ``source`` (the
         hubserver being measured), not in the bench's own process.
         """
-        if self.name != "hubserver":
+        if not self.is_hubserver:
             return Credentials()
         done = subprocess.run(
             [python(), "-m", "bench.server.hubprep", str(data_dir), str(sites)],
@@ -106,11 +155,15 @@ SERVERS: Final = {
     kind.name: kind
     for kind in (
         ServerKind("hubserver", Dialect.SIGNALR, "hubserver"),
+        ServerKind("hubserver-w2", Dialect.SIGNALR, "hubserver", workers=2),
+        ServerKind("hubserver-redis2", Dialect.SIGNALR, "hubserver", nodes=2),
         ServerKind("aiosignalr", Dialect.SIGNALR, "bench.server.peers.aiosignalr_peer"),
         ServerKind("socketio", Dialect.ENGINEIO, "bench.server.peers.socketio_peer"),
         ServerKind("ceiling", Dialect.SIGNALR, "bench.server.peers.ceiling"),
     )
 }
+#: What a profile runs without ``--servers``: hubserver beside its peers.
+DEFAULT_SERVERS: Final = ("hubserver", "aiosignalr", "socketio", "ceiling")
 
 
 def parse_servers(text: str) -> tuple[str, ...]:
@@ -129,28 +182,127 @@ def launch(
     sites: int,
     fd_limit: int,
     hubserver_source: Path | None = None,
-) -> tuple[ServerProcess, Credentials]:
+) -> tuple[ServerGroup, Credentials]:
     """Prepare and start ``kind`` with its data in ``work_dir``.
 
     ``hubserver_source`` is a directory holding ``hubserver/`` and ``hubcore/``
     to run instead of this checkout's (it becomes the working directory, which
-    ``python -m`` puts first on ``sys.path``).
+    ``python -m`` puts first on ``sys.path``). The nodes of a layout share one
+    data directory (one development key, one permission store), as the
+    workers of ``--workers`` do.
+
+    Raises:
+        BenchError: a part did not start (with its log's tail); whatever had
+            started is stopped.
     """
     data_dir = work_dir / "data"
     source = REPO_ROOT
-    if kind.name == "hubserver" and hubserver_source is not None:
+    if kind.is_hubserver and hubserver_source is not None:
         source = hubserver_source.resolve()
     credentials = kind.prepare(data_dir, sites, source)
-    port = free_port()
-    server = start_server(
-        kind.name,
-        kind.command(port, data_dir),
+    group = ServerGroup(kind.name)
+    try:
+        backplane = None
+        if kind.nodes > 1:
+            redis = _start_redis(work_dir)
+            group.helpers.append(redis)
+            backplane = f"redis://127.0.0.1:{redis.port}/0"
+        for index, port in enumerate(free_ports(kind.nodes)):
+            name = kind.name if kind.nodes == 1 else f"{kind.name} node {index + 1}"
+            node = start_server(
+                name,
+                kind.command(port, data_dir, backplane),
+                port=port,
+                log_path=work_dir / f"{name.replace(' ', '-')}.log",
+                fd_limit=fd_limit,
+                cwd=source,
+            )
+            group.nodes.append(node)
+        if kind.is_scale_out:
+            _wait_ready(group, kind.workers)
+    except BaseException:
+        group.stop()
+        raise
+    return group, credentials
+
+
+def redis_server_binary() -> str | None:
+    """The redis-server the Redis layout starts (PATH, then /usr/bin), or None."""
+    found = shutil.which("redis-server")
+    if found is None and Path("/usr/bin/redis-server").exists():
+        found = "/usr/bin/redis-server"
+    return found
+
+
+def _start_redis(work_dir: Path) -> ServerProcess:
+    binary = redis_server_binary()
+    if binary is None:
+        raise BenchError("hubserver-redis2 needs redis-server (apt-get install redis-server)")
+    (port,) = free_ports(1)
+    command = [
+        binary,
+        "--port",
+        str(port),
+        "--bind",
+        "127.0.0.1",
+        "--save",
+        "",
+        "--appendonly",
+        "no",
+        "--dir",
+        str(work_dir),
+    ]
+    return start_server(
+        "redis-server",
+        command,
         port=port,
-        log_path=work_dir / f"{kind.name}.log",
-        fd_limit=fd_limit,
-        cwd=source,
+        log_path=work_dir / "redis-server.log",
+        fd_limit=4096,
+        cwd=work_dir,
     )
-    return server, credentials
+
+
+def _wait_ready(group: ServerGroup, workers: int) -> None:
+    """Every worker of every node listens, and ``/readyz`` says ready on every node.
+
+    The port accepts as soon as one worker listens; connecting then would put
+    every subscriber on that worker, so the listening sockets are counted.
+    ``/readyz`` is asked a few times per worker on fresh connections, which
+    SO_REUSEPORT spreads over the workers.
+    """
+    deadline = time.monotonic() + READY_TIMEOUT
+    for node in group.nodes:
+        while listening_sockets(node.port) < workers:
+            _check_deadline(group, node, deadline, f"{workers} listening sockets")
+            time.sleep(0.05)
+        ready = 0
+        while ready < 4 * workers:
+            ready = ready + 1 if _is_ready(node.port) else 0
+            if not ready:
+                _check_deadline(group, node, deadline, "GET /readyz 200")
+                time.sleep(0.05)
+
+
+def _check_deadline(group: ServerGroup, node: ServerProcess, deadline: float, what: str) -> None:
+    status = group.exit_status()
+    if status:
+        raise BenchError(f"{group.name}: {status}")
+    if time.monotonic() > deadline:
+        raise BenchError(
+            f"{node.name}: no {what} on port {node.port} within {READY_TIMEOUT:g} s:\n"
+            + node.log_tail()
+        )
+
+
+def _is_ready(port: int) -> bool:
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=2.0)
+    try:
+        connection.request("GET", "/readyz")
+        return connection.getresponse().status == 200
+    except (OSError, http.client.HTTPException):
+        return False
+    finally:
+        connection.close()
 
 
 def peer_versions() -> dict[str, str]:

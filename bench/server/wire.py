@@ -247,6 +247,10 @@ class Receiver:
         self.sample_every = sample_every
         self.latencies_ns: array[int] = array("q")
         self.last_delivery_ns = 0
+        #: Data frames and reads (``feed`` calls) so far, over every connection:
+        #: events per frame show how a server batches its writes.
+        self.frames = 0
+        self.reads = 0
         self._skip = 0
         # Offsets of N_MARK from the start of a record window, learned from
         # the records that needed a search (the bulk path's guesses; a few
@@ -267,6 +271,7 @@ class Receiver:
             data = tally.buffer + data
         end = len(data)
         pos = 0
+        frames = 0
         replies = b""
         is_engineio = self.dialect is Dialect.ENGINEIO
         # The hot loop: walk frame headers only; payloads are scanned below in one go.
@@ -293,7 +298,11 @@ class Receiver:
                 replies += self._control(tally, opcode, data[start:stop], is_masked=second >= 0x80)
             elif is_engineio and size == 1 and data[start] == 0x32:  # "2": Engine.IO ping
                 replies += client_frame(OP_TEXT, ENGINEIO_PONG)
+            else:
+                frames += 1
             pos = stop
+        self.frames += frames
+        self.reads += 1
         if pos:
             if pos >= BULK_BYTES and not is_engineio:
                 self._count_bulk(tally, data, pos, now_ns)

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Final
 
-from hubcore import Invocation, PreparedBatch, PreparedMessage
+from hubcore import HubProtocol, Invocation, PreparedBatch, PreparedMessage
 from hubserver.backplane import NumberedEvent, PendingEvent
 from hubserver.transports import server_frame
 
@@ -97,10 +97,11 @@ class Delivery:
     recipient with the same protocol gets the very same bytes.
     """
 
-    __slots__ = ("_frames", "events", "payload")
+    __slots__ = ("_frames", "events", "first_seq", "payload")
 
     def __init__(self, events: Sequence[StreamEvent]) -> None:
         self.events = tuple(events)
+        self.first_seq = self.events[0].seq
         self.payload: PreparedMessage | PreparedBatch = (
             self.events[0].message
             if len(self.events) == 1
@@ -122,6 +123,13 @@ class Delivery:
             return self
         rest = [event for event in self.events if event.seq > seq]
         return Delivery(rest) if rest else None
+
+    def frame_for(self, opcode: int, protocol: HubProtocol) -> bytes:
+        """The shared WebSocket frame of this delivery for one protocol (and its frame type)."""
+        frame = self._frames.get(opcode)
+        if frame is None:
+            frame = self._frames[opcode] = server_frame(opcode, self.payload.encoded(protocol))
+        return frame
 
     def frame(self, opcode: int, data: bytes) -> bytes:
         """The WebSocket frame of ``data`` (this delivery's encoding for ``opcode``)."""

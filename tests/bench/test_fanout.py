@@ -6,13 +6,16 @@ Timings are never asserted: how fast this machine is says nothing about the code
 from __future__ import annotations
 
 import json
+import socket
 from pathlib import Path
 
 import pytest
 
 from bench.__main__ import main
-from bench.server.fanout import BAR, RowResult, judge
+from bench.server.fanout import BAR, SCALE_OUT_BAR, RowResult, judge
+from bench.server.procs import listening_sockets
 from bench.server.publisher import EventFactory, plan_requests
+from bench.server.servers import redis_server_binary
 from bench.server.wire import (
     BULK_BYTES,
     OP_PING,
@@ -44,15 +47,26 @@ ROW_KEYS = {
     "lost",
     "duplicated",
     "foreign",
+    "frames",
+    "reads",
+    "deliveries_per_frame",
+    "deliveries_per_read",
     "closed_by_server",
     "close_reasons",
     "seconds",
     "publish_seconds",
     "deliveries_per_second",
+    "deliveries_per_second_per_node",
     "deliveries_per_server_cpu_second",
     "latency_ms",
+    "layout",
+    "nodes",
     "server_cpu_seconds",
     "server_cpu_percent",
+    "server_cpu_seconds_by_process",
+    "server_connections_by_process",
+    "backplane_cpu_seconds",
+    "backplane_cpu_percent",
     "client_cpu_seconds",
     "client_cpu_percent",
     "publisher_cpu_seconds",
@@ -99,9 +113,13 @@ def test_a_missing_and_a_repeated_sequence_are_one_lost_and_one_duplicated() -> 
     stream += _server_frame(_record(4) + _record(5) + b'{"type":6}\x1e')
     for piece in (len(stream), 1, 7, 300):
         tally = Tally(expected=5)
-        _feed_in_pieces(Receiver(Dialect.SIGNALR), tally, stream, piece)
+        receiver = Receiver(Dialect.SIGNALR)
+        _feed_in_pieces(receiver, tally, stream, piece)
         assert (tally.received, tally.lost, tally.duplicated, tally.foreign) == (5, 1, 1, 0)
         assert tally.buffer == b""
+        # Three data frames, whatever the reads: the server's batching, not the client's.
+        assert receiver.frames == 3
+        assert receiver.reads == -(-len(stream) // piece)
 
 
 def test_large_chunks_count_the_same_as_small_ones() -> None:
@@ -207,6 +225,52 @@ def test_the_bar_is_judged_from_rows_it_can_compare() -> None:
     assert passed is False
 
 
+def test_the_scale_out_bar_compares_each_layout_with_the_single_process() -> None:
+    def row(server: str, rate: float, cpu: float, nodes: int = 1, dup: int = 0) -> RowResult:
+        result = RowResult(server, 1000, 1, "burst", 1, 10, nodes=nodes)
+        result.connected, result.deliveries, result.seconds = 1000, 1000, 1000 / rate
+        result.latencies_ms, result.cpu_server, result.duplicated = [1.0], cpu, dup
+        return result
+
+    hub = row("hubserver", 1000, 1.0)
+    checks, passed = judge(
+        [hub, row("hubserver-w2", 900, 1.2), row("hubserver-redis2", 1500, 2.0, 2)]
+    )
+    verdicts = {check[0]: (check[2], check[4]) for check in checks}
+    assert verdicts["server CPU per delivery, hubserver-w2 / hubserver"] == ("1.20x", "PASS")
+    # 1500/s over two nodes is 750/s per node against 1000/s: 0.75x.
+    assert verdicts["deliveries/s per node, hubserver-redis2 / hubserver"] == ("0.75x", "PASS")
+    assert verdicts["hubserver-w2 lost + duplicated"] == ("0", "PASS")
+    assert verdicts["hubserver-redis2 lost + duplicated"] == ("0", "PASS")
+    assert passed is True
+
+    checks, passed = judge(
+        [hub, row("hubserver-w2", 900, 1.3), row("hubserver-redis2", 1300, 2, 2, 1)]
+    )
+    verdicts = {check[0]: (check[2], check[4]) for check in checks}
+    assert verdicts["server CPU per delivery, hubserver-w2 / hubserver"] == ("1.30x", "FAIL")
+    assert verdicts["deliveries/s per node, hubserver-redis2 / hubserver"] == ("0.65x", "FAIL")
+    assert verdicts["hubserver-redis2 lost + duplicated"] == ("1", "FAIL")
+    assert passed is False
+
+    # Without the single process there is nothing to compare with, but counts are still judged.
+    checks, passed = judge([row("hubserver-w2", 900, 1.3)])
+    assert [check[0] for check in checks] == ["hubserver-w2 lost + duplicated"]
+    assert passed is True
+
+
+def test_only_listening_sockets_count_not_a_bound_one() -> None:
+    with socket.socket() as bound, socket.socket() as listening:
+        bound.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        bound.bind(("127.0.0.1", 0))
+        port = bound.getsockname()[1]
+        assert listening_sockets(port) == 0
+        listening.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        listening.bind(("127.0.0.1", port))
+        listening.listen()
+        assert listening_sockets(port) == 1
+
+
 # -- the real thing, tiny ------------------------------------------------------------
 
 
@@ -273,8 +337,88 @@ def test_a_tiny_run_counts_exactly_and_writes_json_and_a_plot(
             else EVENTS_PER_SITE * SITES // 4 + (1 if EVENTS_PER_SITE * SITES % 4 else 0)
         )
         assert result["latency_ms"]["samples"] > 0
+        assert result["frames"] > 0 and result["reads"] > 0
         assert result["latency_ms"]["p50"] <= result["latency_ms"]["max"]
         assert result["server_rss_bytes"]["connected"] > 0
         assert result["server_cpu_seconds"] >= 0
         assert len(result["client_cpu_seconds"]) == 2
     assert plot_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize(
+    "server",
+    [
+        "hubserver-w2",
+        pytest.param(
+            "hubserver-redis2",
+            marks=pytest.mark.skipif(
+                redis_server_binary() is None, reason="redis-server is not installed"
+            ),
+        ),
+    ],
+)
+def test_a_tiny_scale_out_run_counts_exactly(
+    server: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    json_path = tmp_path / "fanout.json"
+    argv = [
+        "fanout",
+        "--servers",
+        server,
+        "--connections",
+        str(CONNECTIONS),
+        "--sites",
+        str(SITES),
+        "--mode",
+        "burst",
+        "--events-per-site",
+        str(EVENTS_PER_SITE),
+        "--warmup-events",
+        "2",
+        "--quiet-timeout",
+        "5",
+        "--row-timeout",
+        "30",
+        "--quiet",
+        "--json",
+        str(json_path),
+    ]
+
+    assert main(argv) == 0
+
+    out = capsys.readouterr().out
+    assert f"bar: {BAR}; {SCALE_OUT_BAR}" in out
+    assert f"{server} lost + duplicated" in out and "deliv/s/node" in out
+    (result,) = json.loads(json_path.read_text(encoding="utf-8"))["results"]
+    assert set(result) == ROW_KEYS
+    assert result["server"] == server and result["connected"] == CONNECTIONS
+    assert result["expected_deliveries"] == EVENTS_PER_SITE * CONNECTIONS
+    assert result["deliveries"] == result["expected_deliveries"]
+    assert (result["lost"], result["duplicated"], result["foreign"]) == (0, 0, 0)
+    assert result["publish_failed"] == 0 and result["closed_by_server"] == 0
+    assert result["server_exit"] is None
+    connections = result["server_connections_by_process"]
+    assert sum(connections.values()) == CONNECTIONS
+    if server == "hubserver-w2":
+        # The parent (with the broker) and both workers are in the server's CPU.
+        assert result["layout"] == "2 workers" and result["nodes"] == 1
+        assert set(result["server_cpu_seconds_by_process"]) == {"parent", "worker 1", "worker 2"}
+        assert set(connections) == {"worker 1", "worker 2"}
+        assert result["backplane_cpu_seconds"] == 0
+    else:
+        # Half of every site's subscribers are on node 2, which only Redis feeds.
+        assert result["layout"] == "2 nodes + redis" and result["nodes"] == 2
+        assert set(result["server_cpu_seconds_by_process"]) == {"node 1", "node 2", "redis-server"}
+        assert connections == {"node 1": CONNECTIONS // 2, "node 2": CONNECTIONS // 2}
+        assert result["deliveries_per_second_per_node"] == pytest.approx(
+            result["deliveries_per_second"] / 2
+        )
+        assert result["backplane_cpu_seconds"] >= 0
+    assert result["server_cpu_seconds"] == pytest.approx(
+        sum(
+            seconds
+            for role, seconds in result["server_cpu_seconds_by_process"].items()
+            if role != "redis-server"
+        ),
+        abs=0.05,
+    )
