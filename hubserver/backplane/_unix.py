@@ -215,12 +215,15 @@ class UnixBackplane:
         op_timeout: seconds a publish or history request may take.
     """
 
-    def __init__(self, path: Path | str, *, op_timeout: float = 2.0) -> None:
+    def __init__(
+        self, path: Path | str, *, op_timeout: float = 2.0, max_connections: int = 4
+    ) -> None:
         self._path = str(path)
         self._op_timeout = op_timeout
-        self._conn: trio.SocketStream | None = None
-        self._reader: _FrameReader | None = None
-        self._lock = trio.Lock()
+        # A few connections, each one request at a time: concurrent publishes of
+        # one worker do not wait for each other's round trip to the parent.
+        self._idle: list[tuple[trio.SocketStream, _FrameReader]] = []
+        self._limiter = trio.CapacityLimiter(max_connections)
         self._ids = 0
         self._available = True
         self._running = False
@@ -230,36 +233,45 @@ class UnixBackplane:
         return self._available
 
     async def _request(self, request: list[object]) -> list[object]:
-        async with self._lock:
+        async with self._limiter:
+            conn: tuple[trio.SocketStream, _FrameReader] | None = None
             try:
                 with trio.fail_after(self._op_timeout):
-                    if self._conn is None:
-                        self._conn = await trio.open_unix_socket(self._path)
-                        self._reader = _FrameReader(self._conn)
-                    assert self._reader is not None
-                    await self._conn.send_all(_pack(request))
-                    reply = await self._reader.next()
+                    if self._idle:
+                        conn = self._idle.pop()
+                    else:
+                        stream = await trio.open_unix_socket(self._path)
+                        conn = (stream, _FrameReader(stream))
+                    await conn[0].send_all(_pack(request))
+                    reply = await conn[1].next()
             except (OSError, trio.BrokenResourceError, trio.TooSlowError, BackplaneError) as exc:
+                await self._close(conn)
                 await self._drop()
                 self._available = False
                 raise BackplaneUnavailable(f"the workers' broker is unreachable: {exc}") from exc
             except trio.Cancelled:
-                await self._drop()  # a request half done leaves the stream out of step
+                await self._close(conn)  # a request half done leaves the stream out of step
                 raise
             if reply is None:
-                await self._drop()
+                await self._close(conn)
                 self._available = False
                 raise BackplaneUnavailable("the workers' broker closed the connection")
+            self._idle.append(conn)
             self._available = True
             if reply[0] != "ok":
                 raise BackplaneError(str(reply[2]) if len(reply) > 2 else "broker error")
             return reply
 
-    async def _drop(self) -> None:
-        conn, self._conn, self._reader = self._conn, None, None
+    @staticmethod
+    async def _close(conn: tuple[trio.SocketStream, _FrameReader] | None) -> None:
         if conn is not None:
             with trio.CancelScope(shield=True):
-                await conn.aclose()
+                await conn[0].aclose()
+
+    async def _drop(self) -> None:
+        idle, self._idle = self._idle, []
+        for conn in idle:
+            await self._close(conn)
 
     async def publish(self, events: Sequence[PendingEvent]) -> list[NumberedEvent]:
         if not events:
