@@ -59,18 +59,27 @@ def find_binary_record(data: Bytes, offset: int, max_message_bytes: int) -> Foun
         RemoteProtocolError: a malformed prefix, an empty record, or a record
             longer than ``max_message_bytes``.
     """
-    prefix = decode_varint(data, offset)
-    if prefix is None:
-        return None
-    length, start = prefix
+    # One-byte prefixes (records under 128 bytes) and two-byte ones (under
+    # 16 KiB) inline; decode_varint does the rest and the errors.
+    end = len(data)
+    first = data[offset] if offset < end else 0x80
+    if first < 0x80:
+        length, start = first, offset + 1
+    elif offset + 1 < end and data[offset + 1] < 0x80:
+        length, start = (first & 0x7F) | (data[offset + 1] << 7), offset + 2
+    else:
+        prefix = decode_varint(data, offset)
+        if prefix is None:
+            return None
+        length, start = prefix
     if start - offset + length > max_message_bytes:
         raise _too_big(max_message_bytes)
     if length == 0:
         raise RemoteProtocolError("Empty MessagePack record (length 0).")
-    end = start + length
-    if end > len(data):
+    stop = start + length
+    if stop > end:
         return None
-    return start, end, end
+    return start, stop, stop
 
 
 class Buffer:

@@ -20,6 +20,7 @@ import msgpack
 
 from ._errors import LocalProtocolError, RemoteProtocolError
 from ._events import (
+    _NO_HEADERS,
     Ack,
     CancelInvocation,
     Close,
@@ -36,6 +37,8 @@ from ._events import (
 from ._varint import encode_varint
 
 __all__ = ["parse_msgpack_record", "write_msgpack_message"]
+
+_unpackb = msgpack.unpackb
 
 _INVOCATION: Final = 1  # plain ints: comparing to an IntEnum member costs 7x more
 _ERROR_RESULT: Final = 1
@@ -140,17 +143,6 @@ def _refuse_ext(code: int, data: bytes) -> object:
     raise RemoteProtocolError(f"MessagePack extension type {code} is not supported.")
 
 
-def _unpack(payload: bytes) -> object:
-    try:
-        return msgpack.unpackb(payload, raw=False, ext_hook=_refuse_ext, timestamp=0)
-    except RemoteProtocolError:
-        raise
-    except Exception as exc:
-        # msgpack raises ValueError, TypeError (unhashable keys), StackError,
-        # ExtraData, FormatError, UnicodeDecodeError...; all mean bad input.
-        raise RemoteProtocolError(f"Invalid MessagePack: {type(exc).__name__}") from exc
-
-
 def _kind_name(value: object) -> str:
     if value is None:
         return "nil"
@@ -178,7 +170,34 @@ def parse_msgpack_record(payload: bytes) -> HubMessage | None:
         RemoteProtocolError: not a MessagePack array, or a missing or mistyped
             element.
     """
-    arr = _unpack(payload)
+    try:
+        arr = _unpackb(payload, raw=False, ext_hook=_refuse_ext, timestamp=0)
+    except RemoteProtocolError:
+        raise
+    except Exception as exc:
+        # msgpack raises ValueError, TypeError (unhashable keys), StackError,
+        # ExtraData, FormatError, UnicodeDecodeError...; all mean bad input.
+        raise RemoteProtocolError(f"Invalid MessagePack: {type(exc).__name__}") from exc
+    if type(arr) is list and arr and arr[0] == _INVOCATION and 5 <= len(arr) <= 6:
+        # The common shape (no headers, no stream ids), checked inline; anything
+        # unusual takes the checked path for its error message.
+        _, headers, invocation_id, target, arguments, *rest = arr
+        if (
+            type(headers) is dict
+            and not headers
+            and type(target) is str
+            and target
+            and type(arguments) is list
+            and (invocation_id is None or type(invocation_id) is str)
+            and (not rest or not rest[0])
+            and type(arr[0]) is int
+        ):
+            return Invocation(
+                target=target,
+                arguments=tuple(arguments),
+                invocation_id=invocation_id or None,
+                headers=_NO_HEADERS,
+            )
     if type(arr) is not list or not arr:
         raise RemoteProtocolError(f"Expected a non-empty MessagePack array, got {_kind_name(arr)}.")
     kind = arr[0]
@@ -268,22 +287,6 @@ class _Fields:
 
 
 def _from_array(kind: int, arr: list[Value]) -> HubMessage | None:
-    if kind == _INVOCATION and 5 <= len(arr) <= 6:
-        # The common shape (no headers, no stream ids) skips the field helpers;
-        # anything unusual takes the checked path below for its error message.
-        headers, invocation_id, target, arguments = arr[1:5]
-        if (
-            type(headers) is dict
-            and not headers
-            and type(target) is str
-            and target
-            and type(arguments) is list
-            and (invocation_id is None or type(invocation_id) is str)
-            and (len(arr) == 5 or arr[5] is None or arr[5] == [])
-        ):
-            return Invocation(
-                target=target, arguments=tuple(arguments), invocation_id=invocation_id or None
-            )
     return _from_array_checked(kind, arr)
 
 

@@ -153,8 +153,9 @@ class MessageReader:
     __slots__ = ("_buffer", "_find", "_max", "_parse")
 
     def __init__(self, protocol: HubProtocol, *, max_message_bytes: int) -> None:
-        self._find = protocol.find_record
-        self._parse = protocol.parse_record
+        # The protocol's functions themselves: one call less per record.
+        self._find = protocol._find
+        self._parse = protocol._parse
         self._max = max_message_bytes
         self._buffer = Buffer()
 
