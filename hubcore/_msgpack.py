@@ -7,7 +7,10 @@ trailing elements and accepts the JS client's shorter forms (5-element
 Invocation, ``[7, nil]`` Close).
 
 Extension types are refused: the spec's clients send none unless configured to,
-and an ``ExtType`` is not a ``Value`` the rest of the stack can carry.
+and an ``ExtType`` is not a ``Value`` the rest of the stack can carry. The one
+exception is the timestamp (type -1), which the JS client uses for ``Date``
+arguments: it arrives as ``msgpack.Timestamp`` and is the caller's to convert
+(none of hubserver's hub methods takes one).
 """
 
 from __future__ import annotations
