@@ -265,6 +265,13 @@ class HubSession:
             return
         self._lot.unpark()
 
+    def restart_numbering(self) -> None:
+        # The client's seqs refer to a numbering that is gone: a Gap from 1 tells
+        # it to resync, and nothing new is mistaken for a replayed duplicate.
+        self._replayed_upto = 0
+        self._first_live_seq = None
+        self.notify(gap_message(1))
+
     def notify(self, message: PreparedMessage) -> None:
         if not self._finishing and self._joined:
             self._queue(self._hub.send(message, trio.current_time()))

@@ -69,6 +69,9 @@ class NumberedEvent:
     event_id: str
     seq: int
     text: str
+    #: Identifies the backplane's numbering: it changes when the backplane lost
+    #: its data (a Redis restarted without persistence) and seqs start over.
+    epoch: str = ""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -79,11 +82,13 @@ class History:
         events: events with ``seq > after``, in order (all users of the site).
         first_seq: the oldest seq still kept, or None when the history is empty.
         last_seq: the newest seq assigned so far for the site and hub (0 if none).
+        epoch: the numbering these seqs belong to (see ``NumberedEvent.epoch``).
     """
 
     events: Sequence[NumberedEvent]
     first_seq: int | None
     last_seq: int
+    epoch: str = ""
 
 
 class Backplane(Protocol):

@@ -7,6 +7,7 @@ order every subscriber sees is the order of the seqs, trivially.
 
 from __future__ import annotations
 
+import uuid
 from collections import deque
 from collections.abc import Callable, Sequence
 from itertools import islice
@@ -32,6 +33,8 @@ class MemoryBackplane:
         if history_size < 1:
             raise ValueError(f"history_size must be positive, got {history_size}")
         self._history_size = history_size
+        # A new process is a new numbering: nothing of a previous one survives.
+        self._epoch = uuid.uuid4().hex
         self._last_seq: dict[tuple[str, str], int] = {}
         self._history: dict[tuple[str, str], deque[NumberedEvent]] = {}
         # One entry per running run(), keyed by an object only that run() holds.
@@ -59,6 +62,7 @@ class MemoryBackplane:
                 event_id=event.event_id,
                 seq=seq,
                 text=f"{event.prefix}{seq}}}",
+                epoch=self._epoch,
             )
             kept = self._history.get(site)
             if kept is None:
@@ -75,12 +79,14 @@ class MemoryBackplane:
         site = (hub, site_id)
         kept = self._history.get(site)
         if not kept:
-            return History(events=[], first_seq=None, last_seq=self._last_seq.get(site, 0))
+            return History(
+                events=[], first_seq=None, last_seq=self._last_seq.get(site, 0), epoch=self._epoch
+            )
         first_seq = kept[0].seq
         # Kept seqs are contiguous, so the slice starts at a computed index.
         skip = max(0, after_seq - first_seq + 1)
         events = list(islice(kept, skip, None))
-        return History(events=events, first_seq=first_seq, last_seq=kept[-1].seq)
+        return History(events=events, first_seq=first_seq, last_seq=kept[-1].seq, epoch=self._epoch)
 
     async def run(
         self,

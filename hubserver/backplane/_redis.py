@@ -48,9 +48,10 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from types import TracebackType
 from typing import Final
 
@@ -69,41 +70,48 @@ FIRST_BACKOFF_INTERVAL: Final = 0.1
 MAX_BACKOFF_INTERVAL: Final = 2.0
 
 _PUBLISH_LUA: Final = """
--- KEYS: event i has its counter at KEYS[2i-1] and its history stream at KEYS[2i].
--- ARGV[1]: the channel; ARGV[2]: the history size (MAXLEN ~);
+-- KEYS[1]: the epoch; event i has its counter at KEYS[2i] and its history at KEYS[2i+1].
+-- ARGV[1]: the channel; ARGV[2]: the history size (MAXLEN ~); ARGV[3]: an epoch
+-- to use if there is none yet (a fresh or emptied Redis);
 -- then six per event: hub, site, has_user ('1' or '0'), user, id, prefix.
+local epoch = redis.call('GET', KEYS[1])
+if not epoch then
+  epoch = ARGV[3]
+  redis.call('SET', KEYS[1], epoch)
+end
 local batch = {}
 local seqs = {}
-for i = 1, #KEYS / 2 do
-  local a = 2 + (i - 1) * 6
-  local seq = redis.call('INCR', KEYS[2 * i - 1])
+for i = 1, (#KEYS - 1) / 2 do
+  local a = 3 + (i - 1) * 6
+  local seq = redis.call('INCR', KEYS[2 * i])
   local text = ARGV[a + 6] .. string.format('%d', seq) .. '}'
   local entry_id = string.format('%d-1', seq)
   -- cmsgpack arrays cannot hold nil: false stands for "no user"
   local user = false
   if ARGV[a + 3] == '1' then
     user = ARGV[a + 4]
-    redis.call('XADD', KEYS[2 * i], 'MAXLEN', '~', ARGV[2], entry_id,
+    redis.call('XADD', KEYS[2 * i + 1], 'MAXLEN', '~', ARGV[2], entry_id,
       'id', ARGV[a + 5], 'text', text, 'user', user)
   else
-    redis.call('XADD', KEYS[2 * i], 'MAXLEN', '~', ARGV[2], entry_id,
+    redis.call('XADD', KEYS[2 * i + 1], 'MAXLEN', '~', ARGV[2], entry_id,
       'id', ARGV[a + 5], 'text', text)
   end
   batch[i] = {ARGV[a + 1], ARGV[a + 2], user, ARGV[a + 5], seq, text}
   seqs[i] = seq
 end
-redis.call('PUBLISH', ARGV[1], cmsgpack.pack(batch))
-return seqs
+redis.call('PUBLISH', ARGV[1], cmsgpack.pack({epoch, batch}))
+return {epoch, seqs}
 """
 
 _HISTORY_LUA: Final = """
--- KEYS[1]: the counter; KEYS[2]: the history stream.
+-- KEYS[1]: the counter; KEYS[2]: the history stream; KEYS[3]: the epoch.
 -- ARGV[1]: after_seq; ARGV[2]: the history size.
--- Returns {last_seq, first_seq or false (nil), entries with seq > after_seq}.
+-- Returns {last_seq, first_seq or false (nil), entries with seq > after_seq, epoch or false}.
 local last = tonumber(redis.call('GET', KEYS[1]) or '0')
+local epoch = redis.call('GET', KEYS[3])
 local oldest = redis.call('XRANGE', KEYS[2], '-', '+', 'COUNT', 1)
 if #oldest == 0 then
-  return {last, false, {}}
+  return {last, false, {}, epoch}
 end
 local first = tonumber(string.match(oldest[1][1], '^(%d+)-'))
 -- MAXLEN ~ may keep more than the size: the history is the newest ARGV[2] seqs.
@@ -116,10 +124,10 @@ if start < first then
   start = first
 end
 if start > last then
-  return {last, first, {}}
+  return {last, first, {}, epoch}
 end
 return {last, first, redis.call('XRANGE', KEYS[2], string.format('%d', start),
-  string.format('%d', last), 'COUNT', ARGV[2])}
+  string.format('%d', last), 'COUNT', ARGV[2]), epoch}
 """
 
 
@@ -183,10 +191,15 @@ def decode_batch(data: bytes) -> list[NumberedEvent]:
         BackplaneError: not such a message.
     """
     try:
-        items = msgpack.unpackb(data, raw=False)
+        message = msgpack.unpackb(data, raw=False)
     except (ValueError, msgpack.UnpackException) as exc:
         raise BackplaneError(f"expected a MessagePack backplane message: {exc}") from exc
-    if not isinstance(items, list) or not items:
+    match message:
+        case [str(epoch), list(items)]:
+            pass
+        case _:
+            raise BackplaneError("expected a backplane message [epoch, events]")
+    if not items:
         raise BackplaneError(f"expected a non-empty array of events, got {type(items).__name__}")
     events: list[NumberedEvent] = []
     for index, item in enumerate(items):
@@ -209,6 +222,7 @@ def decode_batch(data: bytes) -> list[NumberedEvent]:
                         event_id=event_id,
                         seq=seq,
                         text=text,
+                        epoch=epoch,
                     )
                 )
             case _:
@@ -291,6 +305,7 @@ class RedisBackplane:
         self._history_size = history_size
         self._channel = channel
         self._key_prefix = key_prefix
+        self._epoch_key = f"{key_prefix}:epoch"
         self._op_timeout = op_timeout
         self._ping_interval = ping_interval
         self._pool = _ConnectionPool(self._address, max_connections)
@@ -318,8 +333,8 @@ class RedisBackplane:
         if not events:
             await trio.lowlevel.checkpoint()
             return []
-        keys: list[Arg] = []
-        args: list[Arg] = [self._channel, self._history_size]
+        keys: list[Arg] = [self._epoch_key]
+        args: list[Arg] = [self._channel, self._history_size, uuid.uuid4().hex]
         for event in events:
             keys.append(self._key("seq", event.hub, event.site_id))
             keys.append(self._key("hist", event.hub, event.site_id))
@@ -336,7 +351,12 @@ class RedisBackplane:
             "publish (the batch may still have been applied)",
             lambda conn: _evaluate(conn, _PUBLISH, keys, args),
         )
-        seqs = [seq for seq in reply if isinstance(seq, int)] if isinstance(reply, list) else []
+        match reply:
+            case [bytes(epoch_bytes), list(seq_replies)]:
+                epoch = epoch_bytes.decode(errors="replace")
+                seqs = [seq for seq in seq_replies if isinstance(seq, int)]
+            case _:
+                epoch, seqs = "", []
         if len(seqs) != len(events):
             raise BackplaneError(f"expected {len(events)} seqs from the publish script")
         return [
@@ -347,6 +367,7 @@ class RedisBackplane:
                 event_id=event.event_id,
                 seq=seq,
                 text=f"{event.prefix}{seq}}}",
+                epoch=epoch,
             )
             for event, seq in zip(events, seqs, strict=True)
         ]
@@ -358,15 +379,24 @@ class RedisBackplane:
             BackplaneUnavailable: Redis could not be reached in time.
             BackplaneError: Redis refused, or the stored history is malformed.
         """
-        keys: list[Arg] = [self._key("seq", hub, site_id), self._key("hist", hub, site_id)]
+        keys: list[Arg] = [
+            self._key("seq", hub, site_id),
+            self._key("hist", hub, site_id),
+            self._epoch_key,
+        ]
         args: list[Arg] = [max(after_seq, 0), self._history_size]
         reply = await self._call("history", lambda conn: _evaluate(conn, _HISTORY, keys, args))
         match reply:
-            case [int(last_seq), int() | None as first_seq, list(entries)]:
+            case [int(last_seq), int() | None as first_seq, list(entries), bytes() | None as raw]:
+                epoch = "" if raw is None else raw.decode(errors="replace")
                 return History(
-                    events=[_decode_entry(hub, site_id, entry) for entry in entries],
+                    events=[
+                        replace(_decode_entry(hub, site_id, entry), epoch=epoch)
+                        for entry in entries
+                    ],
                     first_seq=first_seq,
                     last_seq=last_seq,
+                    epoch=epoch,
                 )
             case _:
                 raise BackplaneError(f"{hub}/{site_id}: unexpected reply from the history script")

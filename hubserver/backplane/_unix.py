@@ -44,11 +44,19 @@ def _pack(value: object) -> bytes:
 
 
 def _numbered_row(event: NumberedEvent) -> list[object]:
-    return [event.hub, event.site_id, event.user_id, event.event_id, event.seq, event.text]
+    return [
+        event.hub,
+        event.site_id,
+        event.user_id,
+        event.event_id,
+        event.seq,
+        event.text,
+        event.epoch,
+    ]
 
 
 def _numbered(row: Sequence[object]) -> NumberedEvent:
-    hub, site_id, user_id, event_id, seq, text = row
+    hub, site_id, user_id, event_id, seq, text, epoch = row
     return NumberedEvent(
         hub=str(hub),
         site_id=str(site_id),
@@ -56,6 +64,7 @@ def _numbered(row: Sequence[object]) -> NumberedEvent:
         event_id=str(event_id),
         seq=int(seq),  # type: ignore[call-overload]  # msgpack gives an int here
         text=str(text),
+        epoch=str(epoch),
     )
 
 
@@ -167,7 +176,7 @@ class BrokerServer:
             _, request_id, hub, site_id, after = request
             history = await self._backplane.history(str(hub), str(site_id), int(after))  # type: ignore[call-overload]
             rows = [_numbered_row(event) for event in history.events]
-            return ["ok", request_id, rows, history.first_seq, history.last_seq]
+            return ["ok", request_id, rows, history.first_seq, history.last_seq, history.epoch]
         raise ValueError(f"unknown operation {op!r}")
 
     async def _stream_events(self, stream: trio.SocketStream, reader: _FrameReader) -> None:
@@ -285,8 +294,9 @@ class UnixBackplane:
     async def history(self, hub: str, site_id: str, after_seq: int) -> History:
         self._ids += 1
         reply = await self._request(["hist", self._ids, hub, site_id, after_seq])
-        _, _, rows, first_seq, last_seq = reply
+        _, _, rows, first_seq, last_seq, epoch = reply
         return History(
+            epoch=str(epoch),
             events=[_numbered(row) for row in rows],  # type: ignore[attr-defined]
             first_seq=None if first_seq is None else int(first_seq),  # type: ignore[call-overload]
             last_seq=int(last_seq),  # type: ignore[call-overload]

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import trio
 
-from hubserver.backplane import Backplane, BackplaneError, NumberedEvent
+from hubserver.backplane import Backplane, BackplaneError, History, NumberedEvent
 
 from ._groups import GroupKey, Hub, Router
 from ._stream import Delivery, StreamEvent, gap_message, to_pending, to_stream_event
@@ -90,6 +90,8 @@ class Broker:
         self._backplane = backplane
         self._clock = clock
         self._last: dict[_Site, int] = {}
+        # The backplane's numbering; when it changes, every seq starts over.
+        self._epoch: str | None = None
         # Sites whose delivery waits for a history fetch: live events queue here.
         self._held: dict[_Site, list[NumberedEvent]] = {}
         self._nursery: trio.Nursery | None = None
@@ -154,6 +156,8 @@ class Broker:
     # -- the backplane's callbacks (sync) ---------------------------------------
 
     def on_events(self, events: Sequence[NumberedEvent]) -> None:
+        if events and (events[0].epoch or None) != self._epoch:
+            self._new_epoch(events[0].epoch or None)
         ready: list[NumberedEvent] = []
         for event in events:
             site = (event.hub, event.site_id)
@@ -204,19 +208,27 @@ class Broker:
         if self._nursery is None:
             self._release(site, [], last)
             return
-        self._nursery.start_soon(self._fetch_missing, site, last)
+        self._nursery.start_soon(self._fetch_missing, site, last, self._epoch)
 
-    async def _fetch_missing(self, site: _Site, last: int) -> None:
+    def _new_epoch(self, epoch: str | None) -> None:
+        """Adopt the backplane's numbering; None means it has none yet (it was emptied)."""
+        if self._epoch is not None:
+            # The backplane lost its data (a Redis restarted without persistence):
+            # its seqs started over. Forget positions; tell every subscriber.
+            log.warning("the backplane lost its data (epoch changed); seqs start over")
+            self._last.clear()
+            self._router.restart_numbering()
+        self._epoch = epoch
+
+    async def _fetch_missing(self, site: _Site, last: int, epoch: str | None) -> None:
         hub, site_id = site
-        delay = 0.1
-        while True:
-            try:
-                history = await self._backplane.history(hub, site_id, last)
-                break
-            except BackplaneError as exc:
-                log.warning("history of %s/%s unavailable (%s); retrying", hub, site_id, exc)
-                await trio.sleep(delay)
-                delay = min(delay * 2, 2.0)
+        history = await self._history(hub, site_id, last)
+        if (history.epoch or None) != epoch:
+            # ``last`` counted in a numbering that is gone: take all that is kept.
+            if (history.epoch or None) != self._epoch:
+                self._new_epoch(history.epoch or None)
+            last = 0
+            history = await self._history(hub, site_id, 0)
         if history.first_seq is not None and history.first_seq > last + 1:
             log.warning(
                 "%s/%s: events %d..%d are no longer in history; subscribers get a Gap",
@@ -227,6 +239,17 @@ class Broker:
             )
             self._gap(site, history.first_seq)
         self._release(site, list(history.events), last)
+
+    async def _history(self, hub: str, site_id: str, after: int) -> History:
+        """History, retried with backoff: recovery waits for the backplane to come back."""
+        delay = 0.1
+        while True:
+            try:
+                return await self._backplane.history(hub, site_id, after)
+            except BackplaneError as exc:
+                log.warning("history of %s/%s unavailable (%s); retrying", hub, site_id, exc)
+                await trio.sleep(delay)
+                delay = min(delay * 2, 2.0)
 
     def _gap(self, site: _Site, first_available: int) -> None:
         hub = Hub(site[0])

@@ -37,6 +37,10 @@ class Subscriber(Protocol):
         """Send a message that is not an event (a ``Gap``)."""
         ...
 
+    def restart_numbering(self) -> None:
+        """The backplane's seqs started over: forget positions, tell the client."""
+        ...
+
 
 class Router:
     """Maps groups to their local subscribers and hands each event to them.
@@ -73,6 +77,12 @@ class Router:
     def keys_of(self, hub: Hub, site_id: str) -> list[GroupKey]:
         """Every group with local subscribers for (hub, site): the site's and its users'."""
         return [key for key in self._groups if key.hub is hub and key.site_id == site_id]
+
+    def restart_numbering(self) -> None:
+        """Every subscriber: the backplane lost its data and its seqs start over."""
+        for members in list(self._groups.values()):
+            for subscriber in tuple(members):
+                subscriber.restart_numbering()
 
     def notify(self, key: GroupKey, message: PreparedMessage) -> None:
         for subscriber in tuple(self._groups.get(key, ())):

@@ -420,17 +420,6 @@ async def test_redis_outage_refuses_publishes_keeps_connections_and_recovers(
         assert_exactly(sub.seqs, 1, len(sub.seqs))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "BUG: after Redis restarts empty (no persistence) its seq counters start again at "
-        "1, but every node's Broker keeps its per-site last seq from before (_last) and "
-        "drops each new event whose seq is not above it as 'already delivered' "
-        "(Broker.on_events: seq <= last -> continue); on_reconnect's history check cannot "
-        "tell either (history(after=last) is empty). Accepted (202) events are silently "
-        "lost for every subscriber until the new seqs pass the old ones."
-    ),
-)
 async def test_redis_restart_without_persistence_still_delivers_every_accepted_event(
     start_node: StartNode, own_redis_server: RedisServer
 ) -> None:
@@ -439,6 +428,8 @@ async def test_redis_restart_without_persistence_still_delivers_every_accepted_e
         publisher, subscribers = await _ride_out_a_redis_outage(start_node, own_redis_server)
     for sub in subscribers:
         assert_every_accepted_event_once(publisher, sub)
+        # The clients were told their positions are void: a Gap from seq 1.
+        assert ("gap", 1) in sub.records, sub.records[-30:]
 
 
 # -- Redis answering LOADING (it restarts with a dataset to load) ------------------------
