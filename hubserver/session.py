@@ -1,17 +1,21 @@
 """One hub connection over a WebSocket: a reader task and a writer task around hubcore.
 
-The reader goes stream -> wsproto -> hubcore -> dispatch. The writer is the
-only task that writes to the stream, so it needs no lock: it drains the
-outbox (whole hub messages, joined into one WebSocket frame per flush) and,
-when ``HubConnection.next_deadline()`` passes, sends what ``handle_timer``
-says (keep-alive Ping, timeout Close). Keep-alive therefore never waits
-behind an application message.
+The reader goes stream -> wsproto -> hubcore -> dispatch. The writer task
+drains the outbox (whole hub messages, joined into one WebSocket frame per
+flush) and, when ``HubConnection.next_deadline()`` passes, sends what
+``handle_timer`` says (keep-alive Ping, timeout Close). Keep-alive therefore
+never waits behind an application message.
 
 Events reach the session through ``deliver``, called synchronously by the
-router for every event of the groups it joined. ``deliver`` never blocks: it
-appends the shared bytes to the outbox. A connection whose outbox grows past
-``max_outbox_bytes`` is closed with a Close that allows reconnect, and
-counted; it never slows anyone else.
+router for every event of the groups it joined, and it never blocks. While
+the writer sleeps with nothing queued (``_direct``), ``deliver`` writes the
+delivery's shared frame to the socket itself with one non-blocking send: no
+task switch, no copy, no hubcore call (hubcore learns of those writes in bulk
+through ``note_sent``). Only what the kernel does not take, and whatever
+arrives while the writer is busy, goes through the writer, which waits with
+``trio.lowlevel.wait_writable``; the two never write at the same time. A
+connection whose queue grows past ``max_outbox_bytes`` is closed with a Close
+that allows reconnect, and counted; it never slows anyone else.
 """
 
 from __future__ import annotations

@@ -130,10 +130,3 @@ class Delivery:
         if frame is None:
             frame = self._frames[opcode] = server_frame(opcode, self.payload.encoded(protocol))
         return frame
-
-    def frame(self, opcode: int, data: bytes) -> bytes:
-        """The WebSocket frame of ``data`` (this delivery's encoding for ``opcode``)."""
-        frame = self._frames.get(opcode)
-        if frame is None:
-            frame = self._frames[opcode] = server_frame(opcode, data)
-        return frame
