@@ -13,7 +13,7 @@ they are passed through, not copied.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
 from enum import IntEnum
@@ -201,6 +201,38 @@ class Invocation(HubMessage):
             object.__setattr__(self, "headers", _freeze_headers(Invocation, self.headers))
         if self.stream_ids != ():
             object.__setattr__(self, "stream_ids", _freeze_stream_ids(Invocation, self.stream_ids))
+
+
+def _slot_setter(cls: type, name: str) -> Callable[[object, object], None]:
+    setter: Callable[[object, object], None] = cls.__dict__[name].__set__
+    return setter
+
+
+_new = object.__new__
+_set_target = _slot_setter(Invocation, "target")
+_set_arguments = _slot_setter(Invocation, "arguments")
+_set_invocation_id = _slot_setter(Invocation, "invocation_id")
+_set_headers = _slot_setter(Invocation, "headers")
+_set_stream_ids = _slot_setter(Invocation, "stream_ids")
+
+
+def checked_invocation(
+    target: str, arguments: tuple[Value, ...], invocation_id: str | None
+) -> Invocation:
+    """An Invocation without headers or stream ids, from fields the caller checked.
+
+    For the parsers' fast path only: it skips the dataclass ``__init__`` (a
+    frozen dataclass sets each field through ``object.__setattr__``), which was
+    the largest cost of parsing a message. The caller guarantees a non-empty
+    str ``target``, a tuple ``arguments`` and a non-empty str or None id.
+    """
+    invocation: Invocation = _new(Invocation)
+    _set_target(invocation, target)
+    _set_arguments(invocation, arguments)
+    _set_invocation_id(invocation, invocation_id)
+    _set_headers(invocation, _NO_HEADERS)
+    _set_stream_ids(invocation, ())
+    return invocation
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

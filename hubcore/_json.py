@@ -41,6 +41,7 @@ from ._events import (
     StreamInvocation,
     StreamItem,
     Value,
+    checked_invocation,
 )
 
 __all__ = ["parse_json_record", "write_json_message"]
@@ -319,9 +320,7 @@ def _from_object(kind: int, obj: dict[str, Value]) -> HubMessage | None:
             and "headers" not in obj
             and "streamIds" not in obj
         ):
-            return Invocation(
-                target=target, arguments=tuple(arguments), invocation_id=invocation_id or None
-            )
+            return checked_invocation(target, tuple(arguments), invocation_id or None)
     return _from_object_checked(kind, obj)
 
 

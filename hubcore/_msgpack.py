@@ -23,7 +23,6 @@ import msgpack
 
 from ._errors import LocalProtocolError, RemoteProtocolError
 from ._events import (
-    _NO_HEADERS,
     Ack,
     CancelInvocation,
     Close,
@@ -36,6 +35,7 @@ from ._events import (
     StreamInvocation,
     StreamItem,
     Value,
+    checked_invocation,
 )
 from ._varint import encode_varint
 
@@ -195,12 +195,7 @@ def parse_msgpack_record(payload: bytes) -> HubMessage | None:
             and (not rest or not rest[0])
             and type(arr[0]) is int
         ):
-            return Invocation(
-                target=target,
-                arguments=tuple(arguments),
-                invocation_id=invocation_id or None,
-                headers=_NO_HEADERS,
-            )
+            return checked_invocation(target, tuple(arguments), invocation_id or None)
     if type(arr) is not list or not arr:
         raise RemoteProtocolError(f"Expected a non-empty MessagePack array, got {_kind_name(arr)}.")
     kind = arr[0]
