@@ -194,7 +194,9 @@ class HubSession:
         self._lot = trio.lowlevel.ParkingLot()
         self._finishing = False
         self._peer_closed = False
-        self._scope = trio.CancelScope()
+        # The session nursery's own scope, once ``run`` opened it: cancelling it
+        # ends the connection; its deadline bounds the goodbye.
+        self._scope: trio.CancelScope | None = None
         # Resume (issue #5): live deliveries wait in ``_held`` while a replay
         # is prepared, or during the short window after the handshake in which
         # a reconnecting client calls Resume, so replay and live stay in order.
@@ -376,7 +378,7 @@ class HubSession:
         log.info("session %d: peer went away: %s", self.session_id, exc)
         self._peer_closed = True
         self._finish()
-        self._scope.cancel()
+        self._cancel()
 
     def close(self, message: Close) -> None:
         """Send ``message`` after what is queued, then end the connection."""
@@ -404,9 +406,18 @@ class HubSession:
             self._finishing = True
             # From here the session has CLOSE_TIMEOUT to say goodbye, however
             # the peer behaves (a slow reader, a silent one).
-            self._scope.deadline = min(self._scope.deadline, trio.current_time() + CLOSE_TIMEOUT)
+            self._bound_goodbye()
         self._leave_group()
         self._lot.unpark()
+
+    def _bound_goodbye(self) -> None:
+        if self._scope is not None:
+            deadline = trio.current_time() + CLOSE_TIMEOUT
+            self._scope.deadline = min(self._scope.deadline, deadline)
+
+    def _cancel(self) -> None:
+        if self._scope is not None:
+            self._scope.cancel()
 
     def _leave_group(self) -> None:
         if self._joined:
@@ -419,12 +430,14 @@ class HubSession:
         self._stats.opened += 1
         self._stats.by_id[self.session_id] = self
         try:
-            with self._scope:
-                async with trio.open_nursery() as nursery:
-                    self._nursery = nursery
-                    nursery.start_soon(self._writer)
-                    await self._reader()
-                    self._finish()
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                self._scope = nursery.cancel_scope
+                if self._finishing:  # closed before it ran (a drain, a revocation)
+                    self._bound_goodbye()
+                nursery.start_soon(self._writer)
+                await self._reader()
+                self._finish()
         finally:
             self._leave_group()
             self._stats.open -= 1
@@ -560,10 +573,10 @@ class HubSession:
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
             log.info("session %d: peer went away while we were sending: %s", self.session_id, exc)
             self._peer_closed = True
-            self._scope.cancel()
+            self._cancel()
             return
         if self._peer_closed:
-            self._scope.cancel()  # nothing more will come: do not wait for the reader
+            self._cancel()  # nothing more will come: do not wait for the reader
 
     def _has_output(self) -> bool:
         return self._rest is not None or bool(self._control) or bool(self._outbox)

@@ -131,6 +131,7 @@ async def _handle_event(
         return True
     target = redact_url(event.target.decode("ascii", "replace"))
     started = trio.current_time()
+    session: HubSession | None = None
     try:
         # h11 bounds only a head still incomplete; one that arrived whole in a
         # single read is measured here.
@@ -138,7 +139,6 @@ async def _handle_event(
         if head_bytes > MAX_HEADER_BYTES:
             raise _Refusal(431, "request header fields too large")
         path, query = _parse_target(event.target)
-        session: HubSession | None = None
         if path.startswith(HUB_PREFIX):
             result = await _hub(stream, conn, app, event, path, query)
             if isinstance(result, HubSession):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -101,3 +101,20 @@ def shared_dev_key(tmp_path_factory: pytest.TempPathFactory) -> DevKey:
     A test module opts in by overriding ``dev_key`` with it (the test_server_* files do).
     """
     return ensure_dev_key(tmp_path_factory.mktemp("shared-dev-key"))
+
+
+@pytest.fixture(autouse=True)
+def _no_handler_crash(caplog: pytest.LogCaptureFixture) -> Iterator[None]:
+    """A connection handler that dies with an exception is a bug, whatever the test saw.
+
+    The per-connection boundary (``server._handle``) logs and swallows any
+    exception so one connection cannot take the server down; without this
+    check such a bug would only show up as a log line.
+    """
+    yield
+    crashes = [
+        record
+        for record in caplog.get_records("call")
+        if record.name == "hubserver" and "connection handler failed" in record.getMessage()
+    ]
+    assert not crashes, f"a connection handler crashed: {crashes[0].exc_text or crashes[0]}"
