@@ -22,6 +22,7 @@ from bench.server.harness import ConnectResult, open_stage, start_py_spy, stop_p
 from bench.server.servers import (
     DEFAULT_SERVERS,
     SERVERS,
+    add_server_arguments,
     describe_hubserver,
     parse_servers,
     peer_versions,
@@ -217,18 +218,7 @@ def _outcome(rows: Sequence[ConnectRow]) -> Outcome:
 
 
 def _add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--hubserver-src",
-        type=Path,
-        metavar="DIR",
-        help="run the hubserver/ and hubcore/ found in DIR (e.g. a `git archive` export) "
-        "instead of this checkout's",
-    )
-    parser.add_argument(
-        "--servers",
-        default=",".join(DEFAULT_SERVERS),
-        help="comma-separated, from: " + ", ".join(SERVERS),
-    )
+    add_server_arguments(parser)
     parser.add_argument("--clients", type=int, default=1000, help="connections to open")
     parser.add_argument("--sites", type=int, default=1, help="sites the clients spread over")
     parser.add_argument("--concurrency", type=int, default=200, help="openings in flight")

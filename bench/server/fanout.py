@@ -62,6 +62,7 @@ from bench.server.servers import (
     DEFAULT_SERVERS,
     PUBLISH_PATH,
     SERVERS,
+    add_server_arguments,
     describe_hubserver,
     parse_servers,
     peer_versions,
@@ -909,21 +910,7 @@ def _outcome(run: FanoutRun, rows: Sequence[RowResult]) -> Outcome:
 
 
 def _add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--hubserver-src",
-        type=Path,
-        metavar="DIR",
-        help="run the hubserver/ and hubcore/ found in DIR (e.g. a `git archive` export) "
-        "instead of this checkout's",
-    )
-    parser.add_argument(
-        "--servers",
-        default=",".join(DEFAULT_SERVERS),
-        help="comma-separated, from: "
-        + ", ".join(SERVERS)
-        + " (hubserver-w2: --workers 2; hubserver-redis2: two nodes sharing a redis-server "
-        "the bench starts)",
-    )
+    add_server_arguments(parser)
     parser.add_argument("--connections", default="1000", help="comma-separated, e.g. 1000,5000")
     parser.add_argument("--sites", default="1,50", help="comma-separated site counts")
     parser.add_argument("--mode", default="burst", help="comma-separated, from: rate, burst, batch")

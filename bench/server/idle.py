@@ -21,6 +21,7 @@ from bench.server.harness import open_stage, parse_rate
 from bench.server.servers import (
     DEFAULT_SERVERS,
     SERVERS,
+    add_server_arguments,
     describe_hubserver,
     parse_servers,
     peer_versions,
@@ -204,18 +205,7 @@ def _outcome(rows: Sequence[IdleRow]) -> Outcome:
 
 
 def _add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--hubserver-src",
-        type=Path,
-        metavar="DIR",
-        help="run the hubserver/ and hubcore/ found in DIR (e.g. a `git archive` export) "
-        "instead of this checkout's",
-    )
-    parser.add_argument(
-        "--servers",
-        default=",".join(DEFAULT_SERVERS),
-        help="comma-separated, from: " + ", ".join(SERVERS),
-    )
+    add_server_arguments(parser)
     parser.add_argument("--connections", type=int, default=10_000, help="idle connections")
     parser.add_argument("--sites", type=int, default=1, help="sites they spread over")
     parser.add_argument("--hold", type=float, default=20.0, help="seconds to hold them")

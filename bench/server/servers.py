@@ -23,6 +23,7 @@ with ``--servers``; by default a profile runs ``DEFAULT_SERVERS``.
 
 from __future__ import annotations
 
+import argparse
 import http.client
 import json
 import shutil
@@ -164,6 +165,25 @@ SERVERS: Final = {
 }
 #: What a profile runs without ``--servers``: hubserver beside its peers.
 DEFAULT_SERVERS: Final = ("hubserver", "aiosignalr", "socketio", "ceiling")
+
+
+def add_server_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options every server profile shares: which servers, and which hubserver code."""
+    parser.add_argument(
+        "--hubserver-src",
+        type=Path,
+        metavar="DIR",
+        help="run the hubserver/ and hubcore/ found in DIR (e.g. a `git archive` export) "
+        "instead of this checkout's",
+    )
+    parser.add_argument(
+        "--servers",
+        default=",".join(DEFAULT_SERVERS),
+        help="comma-separated, from: "
+        + ", ".join(SERVERS)
+        + " (hubserver-w2: --workers 2; hubserver-redis2: two nodes sharing a redis-server "
+        "the bench starts)",
+    )
 
 
 def parse_servers(text: str) -> tuple[str, ...]:
