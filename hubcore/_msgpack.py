@@ -285,10 +285,6 @@ class _Fields:
 
 
 def _from_array(kind: int, arr: list[Value]) -> HubMessage | None:
-    return _from_array_checked(kind, arr)
-
-
-def _from_array_checked(kind: int, arr: list[Value]) -> HubMessage | None:
     if kind == _INVOCATION:
         f = _Fields(arr, "Invocation")
         return Invocation(

@@ -26,6 +26,7 @@ from hubcore import HubLimits
 from hubserver.app import HUB_SCOPE
 from hubserver.permissions import Role
 from tests.hubserver.conftest import Harness
+from tests.hubserver.helpers import publish as publish_http
 
 HERE = Path(__file__).parent
 CLIENT = HERE / "client.mjs"
@@ -142,21 +143,9 @@ def hub_url(h: Harness, hub: str = "entries", **query: str) -> str:
 
 async def publish(h: Harness, hub: str, body: object) -> dict[str, Any]:
     """POST to the publish API; asserts 202 and returns the answer."""
-    stream = await trio.open_tcp_stream("127.0.0.1", h.port)
-    data = json.dumps(body).encode()
-    request = (
-        f"POST /v1/events/{hub} HTTP/1.1\r\nhost: e2e\r\ncontent-type: application/json\r\n"
-        f"authorization: Bearer {h.publisher_token()}\r\ncontent-length: {len(data)}\r\n"
-        "connection: close\r\n\r\n"
-    ).encode() + data
-    await stream.send_all(request)
-    response = b""
-    while chunk := await stream.receive_some(65536):
-        response += chunk
-    await stream.aclose()
-    head, _, payload = response.partition(b"\r\n\r\n")
-    assert int(head.split()[1]) == 202, response
-    answer: dict[str, Any] = json.loads(payload)
+    response = await publish_http(h, hub, body)
+    assert response.status == 202, response
+    answer: dict[str, Any] = response.json()
     return answer
 
 

@@ -10,23 +10,12 @@ from trio_websocket import open_websocket_url
 from hubserver.permissions import Role
 
 from .conftest import Harness
+from .helpers import publish
 
 
 async def _publish(h: Harness, hub: str, body: object) -> tuple[int, dict[str, object]]:
-    stream = await trio.open_tcp_stream("127.0.0.1", h.port)
-    data = json.dumps(body).encode()
-    request = (
-        f"POST /v1/events/{hub} HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
-        f"authorization: Bearer {h.publisher_token()}\r\ncontent-length: {len(data)}\r\n"
-        "connection: close\r\n\r\n"
-    ).encode() + data
-    await stream.send_all(request)
-    response = b""
-    while chunk := await stream.receive_some(65536):
-        response += chunk
-    await stream.aclose()
-    head, _, payload = response.partition(b"\r\n\r\n")
-    return int(head.split()[1]), json.loads(payload)
+    response = await publish(h, hub, body)
+    return response.status, response.json()
 
 
 async def test_publish_reaches_site_subscriber(start_server) -> None:  # type: ignore[no-untyped-def]
