@@ -10,7 +10,7 @@ from .auth import TokenVerifier
 from .config import ServerConfig
 from .permissions import PermissionStore, Role, may_subscribe
 from .routing import Broker, GroupKey, Router
-from .session import HubSession, SessionStats
+from .session import HubSession, SessionContext, SessionStats
 from .transports.negotiate import Negotiations
 
 __all__ = ["App", "HUB_SCOPE", "PUBLISH_SCOPE"]
@@ -35,10 +35,17 @@ class App:
     negotiations: Negotiations = field(default_factory=Negotiations)
     is_ready: bool = False
     is_draining: bool = False
+    #: What sessions share; set by the server once its connection nursery is open.
+    sessions: SessionContext | None = None
     _ids: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
 
     def next_id(self) -> int:
         return next(self._ids)
+
+    def session_context(self) -> SessionContext:
+        if self.sessions is None:
+            raise RuntimeError("the server is not running")
+        return self.sessions
 
     def join(self, session: HubSession) -> None:
         self.router.add(session.key, session)

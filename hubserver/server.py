@@ -31,7 +31,8 @@ from .config import ServerConfig
 from .http import handle_connection
 from .permissions import CachedPermissionStore, PermissionStore, SqlitePermissionStore
 from .routing import Broker, Router
-from .session import ACCESS_REVOKED_TEXT
+from .session import ACCESS_REVOKED_TEXT, SessionContext
+from .timers import TimerQueue
 
 __all__ = ["RunningServer", "build_verifier", "serve"]
 
@@ -150,6 +151,21 @@ async def _run(app: App, task_status: trio.TaskStatus[RunningServer]) -> None:
     port = listeners[0].socket.getsockname()[1]
     shutdown = trio.Event()
     async with trio.open_nursery() as handlers:
+        # Sessions' helper tasks (writers, resumes) and their shared timer task
+        # live beside the connections, through the drain.
+        timers = TimerQueue()
+        handlers.start_soon(timers.run)
+        app.sessions = SessionContext(
+            limits=config.hub_limits,
+            max_outbox_bytes=config.max_outbox_bytes,
+            resume_window=config.resume_window,
+            join=app.join,
+            leave=app.leave,
+            replay=app.broker.replay,
+            stats=app.stats,
+            timers=timers,
+            tasks=handlers,
+        )
         async with trio.open_nursery() as root:
             accept_scope = trio.CancelScope()
 
@@ -183,7 +199,11 @@ async def _run(app: App, task_status: trio.TaskStatus[RunningServer]) -> None:
 
 async def _handle(stream: trio.SocketStream, *, app: App) -> None:
     try:
-        await handle_connection(stream, app)
+        session = await handle_connection(stream, app)
+        if session is not None:
+            # Run here, not inside handle_connection: an idle session's stack
+            # (kept for its whole life) is then only this frame and its own.
+            await session.run()
     except Exception:
         # The per-connection boundary: one connection's bug never takes the server down.
         log.exception("connection handler failed")

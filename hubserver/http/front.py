@@ -22,8 +22,6 @@ from urllib.parse import parse_qsl, urlsplit
 
 import h11
 import trio
-import wsproto
-from wsproto.connection import Connection as WsConnection
 
 from hubserver.app import HUB_SCOPE, PUBLISH_SCOPE, App
 from hubserver.auth import AuthError, Claims, InvalidToken, extract_token, redact_url
@@ -71,30 +69,45 @@ def _parse_target(target: bytes) -> tuple[str, dict[str, str]]:
     return parts.path, query
 
 
-async def handle_connection(stream: trio.SocketStream, app: App) -> None:
-    """Serve one TCP connection: HTTP requests until it closes or upgrades."""
+async def handle_connection(stream: trio.SocketStream, app: App) -> HubSession | None:
+    """Serve one TCP connection's HTTP requests until it closes or upgrades.
+
+    Returns:
+        The hub session to run (``HubSession.run``) after an upgrade; the
+        caller runs it once this function's frame and h11's state are gone,
+        since they would otherwise live as long as the hub connection.
+        None when the connection is over (and closed).
+    """
+    session = None
+    try:
+        session = await _serve_requests(stream, app)
+    finally:
+        if session is None:
+            with trio.move_on_after(1) as cleanup:
+                cleanup.shield = True
+                await stream.aclose()
+    return session
+
+
+async def _serve_requests(stream: trio.SocketStream, app: App) -> HubSession | None:
     conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEADER_BYTES)
     try:
         while True:
             with trio.move_on_after(app.config.request_timeout) as waiting:
                 event = await receive_event(stream, conn)
             if waiting.cancelled_caught:
-                return  # no complete request in time (slowloris, or an idle keep-alive)
+                return None  # no complete request in time (slowloris, or an idle keep-alive)
             outcome = await _handle_event(stream, conn, app, event)
             if isinstance(outcome, HubSession):
-                # Upgraded: HTTP is over. Drop its state (h11's buffers, the
-                # request's headers) before the long life of the hub connection.
-                del conn, event
-                await outcome.run()
-                return
+                return outcome
             if outcome:
-                return
+                return None
             if conn.our_state is h11.MUST_CLOSE or conn.their_state is h11.MUST_CLOSE:
-                return
+                return None
             try:
                 conn.start_next_cycle()
             except h11.LocalProtocolError:
-                return
+                return None
     except h11.RemoteProtocolError as exc:
         # h11 quotes the offending line ("illegal request line: b'GET ...'"), which
         # may carry an access_token or an Authorization header: keep only the verdict.
@@ -107,10 +120,7 @@ async def handle_connection(stream: trio.SocketStream, app: App) -> None:
                 await send_response(stream, conn, status, text, close=True)
     except TransportError as exc:
         log.debug("connection from %s lost: %s", _peer(stream), exc)
-    finally:
-        with trio.move_on_after(1) as cleanup:
-            cleanup.shield = True
-            await stream.aclose()
+    return None
 
 
 def _peer(stream: trio.SocketStream) -> str:
@@ -327,25 +337,18 @@ async def _hub(
     except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
         raise TransportError(f"connection lost: {exc}") from exc
     trailing, _ = conn.trailing_data
-    ws = WsConnection(wsproto.ConnectionType.SERVER, trailing_data=bytes(trailing))
     session = HubSession(
         stream=stream,
-        ws=ws,
+        received=bytes(trailing),
+        ctx=app.session_context(),
         key=group,
         subject=claims.subject,
-        limits=app.config.hub_limits,
-        max_outbox_bytes=app.config.max_outbox_bytes,
         # The token stays valid for the verifier's leeway past exp; so does the connection.
         token_expires_at=(
             None if claims.expires_at is None else claims.expires_at + app.config.token_leeway
         ),
-        join=app.join,
-        leave=app.leave,
-        stats=app.stats,
         session_id=app.next_id(),
-        replay=app.broker.replay,
         since_seq=since_seq,
-        resume_window=app.config.resume_window,
     )
     log.info(
         "session %d: %s hub, site stream%s, subject %s",

@@ -2,6 +2,15 @@
 
 from __future__ import annotations
 
+from ._frames import (
+    FrameReader,
+    PeerClose,
+    PeerPing,
+    WebSocketError,
+    close_frame,
+    close_reply,
+    pong_frame,
+)
 from .websocket import (
     OPCODE_BINARY,
     OPCODE_TEXT,
@@ -15,9 +24,16 @@ from .websocket import (
 __all__ = [
     "OPCODE_BINARY",
     "OPCODE_TEXT",
+    "FrameReader",
+    "PeerClose",
+    "PeerPing",
     "TransportError",
     "UpgradeError",
+    "WebSocketError",
     "check_upgrade",
+    "close_frame",
+    "close_reply",
+    "pong_frame",
     "server_frame",
     "websocket_accept",
 ]

@@ -1,9 +1,9 @@
-"""WebSocket pieces (RFC 6455) that the server needs around wsproto.
+"""WebSocket pieces (RFC 6455) of the server: the upgrade and outbound frames.
 
-wsproto parses inbound frames and makes control frames. Outbound data frames
-are built here: a server frame is unmasked (RFC 6455 §5.1), so its bytes
-depend only on the payload and can be shared by every recipient of the same
-payload, which is what makes fan-out cheap.
+Inbound frames are parsed by ``FrameReader`` (``_frames.py``). Outbound data
+frames are built here: a server frame is unmasked (RFC 6455 §5.1), so its
+bytes depend only on the payload and can be shared by every recipient of the
+same payload, which is what makes fan-out cheap.
 """
 
 from __future__ import annotations
