@@ -76,6 +76,13 @@ def _parser() -> argparse.ArgumentParser:
     _add(s, "--backplane", help="redis://HOST:PORT/DB to run several nodes as one service")
     _add(s, "--history-size", type=int, default=1000, help="events kept per site and hub")
     _add(s, "--resume-window", type=float, default=0.5, help="seconds live events wait for Resume")
+    _add(
+        s,
+        "--publish-window",
+        type=int,
+        default=1000,
+        help="events awaiting local delivery before publishes wait (1: lowest latency)",
+    )
     _add(s, "--workers", default="1", help="worker processes on the port: a number or 'auto'")
     _add(s, "--log-level", default="info", help="debug, info, warning or error")
     # Set by the --workers parent for its workers only.
@@ -127,6 +134,7 @@ def _config(args: argparse.Namespace) -> ServerConfig:
         backplane=args.backplane or None,
         history_size=int(args.history_size),
         resume_window=float(args.resume_window),
+        publish_window=int(args.publish_window),
         reuse_port=bool(args.reuse_port),
         broker_socket=args.broker_socket,
     )

@@ -134,7 +134,12 @@ async def serve(
             verifier=CachingVerifier(verifier),
             store=CachedPermissionStore(store),
             router=router,
-            broker=Broker(router, build_backplane(config), trio.current_time),
+            broker=Broker(
+                router,
+                build_backplane(config),
+                trio.current_time,
+                publish_window=config.publish_window,
+            ),
         )
         await _run(app, task_status)
     finally:

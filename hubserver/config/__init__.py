@@ -41,6 +41,10 @@ class ServerConfig:
         resume_window: after a handshake, how long live events wait for the
             client's ``Resume`` call so that replay and live stay in order
             (0 turns the wait off; ``since_seq`` in the URL never waits).
+        publish_window: events that may wait for local delivery before a
+            publish waits for them (backpressure; 1: a publish returns once its
+            events reached this node's subscribers, lowest latency, less
+            batching in bursts).
         reuse_port: listen with SO_REUSEPORT (a worker of ``--workers``).
         broker_socket: the parent's broker (a worker without ``--backplane``).
     """
@@ -64,6 +68,7 @@ class ServerConfig:
     backplane: str | None = None
     history_size: int = 1000
     resume_window: float = 0.5
+    publish_window: int = 1000
     reuse_port: bool = False
     broker_socket: Path | None = None
 
@@ -76,7 +81,7 @@ class ServerConfig:
             raise ConfigError("--jwks-url must be an http:// or https:// URL")
         if self.backplane is not None and not self.backplane.startswith("redis://"):
             raise ConfigError("--backplane must be a redis://HOST:PORT/DB URL")
-        for name in ("max_outbox_bytes", "max_publish_bytes", "history_size"):
+        for name in ("max_outbox_bytes", "max_publish_bytes", "history_size", "publish_window"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be positive")
         for name in (

@@ -83,9 +83,25 @@ class Broker:
         router: the local subscriber groups.
         backplane: numbering, history and cross-node fan-out.
         clock: the monotonic clock (``trio.current_time`` in the server).
+        publish_window: events that may wait for the dispatcher before a
+            publish waits for its next round (backpressure: publishers cannot
+            outrun delivery, and what waits is bounded). 1 makes every publish
+            return once what waited, its own events included, reached the
+            local subscribers: the lowest latency, but fewer events share a
+            frame, so less throughput in bursts.
     """
 
-    def __init__(self, router: Router, backplane: Backplane, clock: Callable[[], float]) -> None:
+    def __init__(
+        self,
+        router: Router,
+        backplane: Backplane,
+        clock: Callable[[], float],
+        *,
+        publish_window: int = 1000,
+    ) -> None:
+        if publish_window < 1:
+            raise ValueError(f"publish_window must be positive, got {publish_window}")
+        self._window = publish_window
         self._router = router
         self._backplane = backplane
         self._clock = clock
@@ -101,6 +117,10 @@ class Broker:
         # subscriber instead of one per event.
         self._pending: list[StreamEvent] = []
         self._dispatcher = trio.lowlevel.ParkingLot()
+        # Rounds the dispatcher finished, and the event the next one sets: a
+        # publish that finds the window full waits for the next round.
+        self._rounds = 0
+        self._round_done = trio.Event()
         self.deliveries = 0
 
     @property
@@ -141,7 +161,15 @@ class Broker:
             BackplaneUnavailable: nothing was accepted; the publisher should retry.
         """
         pending = [to_pending(hub, event, index) for index, event in enumerate(events)]
-        return await self._backplane.publish(pending)
+        published = await self._backplane.publish(pending)
+        if len(self._pending) >= self._window and self._nursery is not None:
+            # Backpressure: answer once the local subscribers were handed what
+            # waited for delivery (this publish's events too, when the backplane
+            # brought them back already, as the in-process one does).
+            target = self._rounds + 1
+            while self._rounds < target:
+                await self._round_done.wait()
+        return published
 
     async def replay(self, hub: Hub, site_id: str, after_seq: int) -> Replay:
         """History of (hub, site) after ``after_seq``, prepared for sending."""
@@ -201,6 +229,9 @@ class Broker:
                     await self._dispatcher.park()
                 stream, self._pending = self._pending, []
                 self.deliveries += deliver_to(self._router, stream, self._clock())
+                self._rounds += 1
+                done, self._round_done = self._round_done, trio.Event()
+                done.set()
         finally:
             self._nursery = None  # from now on, deliver at once
 

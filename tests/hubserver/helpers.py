@@ -264,7 +264,8 @@ class WsClient:
     async def send_raw(self, data: bytes) -> None:
         await self.stream.send_all(data)
 
-    async def _next_ws_event(self) -> ws_events.Event | None:
+    async def next_ws_event(self) -> ws_events.Event | None:
+        """The next WebSocket event as wsproto parsed it (None: the TCP stream ended)."""
         while not self._pending:
             try:
                 data = await self.stream.receive_some(65536)
@@ -281,7 +282,7 @@ class WsClient:
         if self.closed is not None:
             return self.closed
         while True:
-            event = await self._next_ws_event()
+            event = await self.next_ws_event()
             if event is None:
                 self.closed = WsClosed(None)
                 return self.closed
