@@ -657,8 +657,7 @@ class HubSession:
                 log.info("session %d: transport lost: %s", self.session_id, exc)
                 data = b""
             if not data:
-                self._reading = False
-                self._on_eof()
+                self._peer_done(None)
                 return
             self._on_data(data)
 
@@ -677,12 +676,20 @@ class HubSession:
                 finally:
                     self._writing = False
 
-    def _on_eof(self) -> None:
+    def _peer_done(self, reply: bytes | None) -> None:
+        """The peer sends nothing more: answer with ``reply`` (a close frame), then finish.
+
+        ``reply`` is None after a bare EOF: nobody would read a close frame.
+        """
+        self._reading = False
+        if reply is not None:
+            self._queue_close(reply)
         hub = self._hub
         if hub.state is not ConnectionState.CLOSED:
             hub.receive_eof(trio.current_time())
             self._on_hub_events()
-        self._close_queued = True  # nobody is listening for a close frame
+        if reply is None:
+            self._close_queued = True
         self._finish()
 
     def _on_data(self, data: bytes) -> None:
@@ -690,12 +697,7 @@ class HubSession:
             items = self._frames.receive_data(data)
         except WebSocketError as exc:
             log.info("session %d: bad WebSocket data: %s", self.session_id, exc)
-            self._reading = False
-            self._queue_close(close_frame(exc.code))
-            hub = self._hub
-            if hub.state is not ConnectionState.CLOSED:
-                hub.receive_eof(trio.current_time())
-            self._finish()
+            self._peer_done(close_frame(exc.code))
             return
         now = trio.current_time()
         hub = self._hub
@@ -706,13 +708,7 @@ class HubSession:
             elif isinstance(item, PeerPing):
                 self._queue_frame(pong_frame(item.payload))
             elif isinstance(item, PeerClose):
-                # The peer closed the WebSocket: answer its close frame and stop.
-                self._reading = False
-                self._queue_close(close_reply(item))
-                if hub.state is not ConnectionState.CLOSED:
-                    hub.receive_eof(now)
-                self._on_hub_events()
-                self._finish()
+                self._peer_done(close_reply(item))
                 return
         self._on_hub_events()
         self._schedule()

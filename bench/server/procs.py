@@ -65,50 +65,41 @@ def free_ports(count: int) -> list[int]:
         return ports
 
 
+_LISTEN: Final = b"0A"
+_ESTABLISHED: Final = b"01"
+
+
+def _tcp_sockets() -> Iterator[tuple[int, bytes, bytes]]:
+    """(local port, state, inode) of every TCP socket, from ``/proc/net/tcp*``."""
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(table, "rb") as file:
+                lines = file.read().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            # local_address is ADDRESS:PORT in hex; field 3 the state; field 9 the inode.
+            if len(fields) > 9:
+                yield int(fields[1].rsplit(b":", 1)[1], 16), fields[3], fields[9]
+
+
 def listening_sockets(port: int) -> int:
-    """How many sockets listen on TCP ``port`` (IPv4 and IPv6), from ``/proc/net/tcp*``.
+    """How many sockets listen on TCP ``port`` (IPv4 and IPv6).
 
     With SO_REUSEPORT every worker has a listening socket of its own; a socket
     that is only bound (as ``hubserver --workers`` reserves the port) is not counted.
     """
-    count = 0
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        try:
-            with open(table, "rb") as file:
-                lines = file.read().splitlines()[1:]
-        except OSError:
-            continue
-        for line in lines:
-            fields = line.split()
-            # local_address is ADDRESS:PORT in hex; state 0A is LISTEN.
-            if (
-                len(fields) > 3
-                and fields[3] == b"0A"
-                and int(fields[1].rsplit(b":", 1)[1], 16) == port
-            ):
-                count += 1
-    return count
+    return sum(1 for local, state, _ in _tcp_sockets() if state == _LISTEN and local == port)
 
 
 def _established_inodes(ports: set[int]) -> set[str]:
     """Socket inodes of the established TCP connections whose local port is in ``ports``."""
-    inodes: set[str] = set()
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        try:
-            with open(table, "rb") as file:
-                lines = file.read().splitlines()[1:]
-        except OSError:
-            continue
-        for line in lines:
-            fields = line.split()
-            # state 01 is ESTABLISHED; field 9 is the inode.
-            if (
-                len(fields) > 9
-                and fields[3] == b"01"
-                and int(fields[1].rsplit(b":", 1)[1], 16) in ports
-            ):
-                inodes.add(fields[9].decode())
-    return inodes
+    return {
+        inode.decode()
+        for local, state, inode in _tcp_sockets()
+        if state == _ESTABLISHED and local in ports
+    }
 
 
 def _children() -> dict[int, list[int]]:
