@@ -340,7 +340,6 @@ def peer_versions() -> dict[str, str]:
         "trio",
         "h11",
         "wsproto",
-        "numpy",
     ):
         try:
             versions[name] = metadata.version(name)

@@ -24,8 +24,6 @@ from array import array
 from dataclasses import dataclass, field
 from typing import Final
 
-import numpy as np
-
 __all__ = [
     "EVENT_PATTERN",
     "Dialect",
@@ -42,15 +40,6 @@ __all__ = [
 
 #: An event inside a delivered record: the JSON-escaped ``"n":N,"t":T``.
 EVENT_PATTERN: Final = re.compile(rb'\\"n\\":(\d+),\\"t\\":(\d+)')
-#: Where ``n``'s digits start in a record: right after this.
-N_MARK: Final = b'\\"n\\":'
-#: Between ``n``'s last digit and ``t``'s first.
-T_MARK: Final = b',\\"t\\":'
-#: Chunks at least this long are counted with numpy (see ``Receiver._count_bulk``).
-BULK_BYTES: Final = 8192
-_N_MARK_BYTES: Final = np.frombuffer(N_MARK, dtype=np.uint8)
-_N_MARK_RANGE: Final = np.arange(len(N_MARK))
-_RECORD_SEPARATOR: Final = 0x1E
 _GUID: Final = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 
 OP_CONTINUATION: Final = 0x0
@@ -252,10 +241,6 @@ class Receiver:
         self.frames = 0
         self.reads = 0
         self._skip = 0
-        # Offsets of N_MARK from the start of a record window, learned from
-        # the records that needed a search (the bulk path's guesses; a few
-        # framings: a record after another, after a frame header...).
-        self._mark_offsets: list[int] = []
 
     def clear_samples(self) -> None:
         self.latencies_ns = array("q")
@@ -304,88 +289,9 @@ class Receiver:
         self.frames += frames
         self.reads += 1
         if pos:
-            if pos >= BULK_BYTES and not is_engineio:
-                self._count_bulk(tally, data, pos, now_ns)
-            else:
-                self._count(tally, EVENT_PATTERN.findall(data, 0, pos), now_ns)
+            self._count(tally, EVENT_PATTERN.findall(data, 0, pos), now_ns)
         tally.buffer = data[pos:] if pos < end else b""
         return replies
-
-    def _count_bulk(self, tally: Tally, data: bytes, stop: int, now_ns: int) -> None:
-        """Count the SignalR records in ``data[:stop]`` (whole frames) with numpy.
-
-        Scanning every byte for the event in Python's ``re`` costs about 1 us
-        per 470-byte record, more than the servers spend delivering it. Here
-        record boundaries come from one vectorised search for 0x1E; a window
-        between two of them holds at most one record, whose ``n`` sits at the
-        same offset from the window start as in the previous record (same
-        framing, same layout), which is checked for all windows at once. The
-        windows where it is not (the first record of a frame, after its header,
-        a ping record, a 0x1E inside a frame header) are searched one by one.
-        Cutting at 0x1E never splits an event's marks or digits (neither
-        contains it), so every event is counted exactly once, as by the regex.
-        """
-        buffer = np.frombuffer(data, dtype=np.uint8, count=stop)
-        ends = np.flatnonzero(buffer == _RECORD_SEPARATOR)
-        if not len(ends):
-            return
-        starts = np.empty_like(ends)
-        starts[0] = 0
-        starts[1:] = ends[:-1] + 1
-        # Try each known offset on the windows still unmatched, all at once.
-        pending = np.arange(len(ends))
-        digit_starts = []
-        for offset in self._mark_offsets:
-            marks = starts[pending] + offset
-            # Room for the mark and 8 bytes of digits inside the window.
-            is_room = marks + len(N_MARK) + 8 <= ends[pending]
-            safe = np.where(is_room, marks, 0)
-            window = buffer[safe[:, None] + _N_MARK_RANGE]
-            matched = is_room & (window == _N_MARK_BYTES).all(axis=1)
-            digit_starts.append(marks[matched] + len(N_MARK))
-            pending = pending[~matched]
-            if not len(pending):
-                break
-        if len(pending):
-            found = []
-            find = data.find
-            offsets = self._mark_offsets
-            for window in pending.tolist():
-                start, end = int(starts[window]), int(ends[window])
-                mark = find(N_MARK, start, end)
-                if mark >= 0:
-                    found.append(mark + len(N_MARK))
-                    offset = mark - start
-                    if offset not in offsets:
-                        offsets.insert(0, offset)
-                        del offsets[4:]
-            if found:
-                digit_starts.append(np.array(found, dtype=np.int64))
-        if not digit_starts:
-            return
-        positions = np.sort(np.concatenate(digit_starts))
-        count = len(positions)
-        if not count:
-            return
-        values, widths = _parse_digits(buffer, positions, 8)
-        tally.received += count
-        self.last_delivery_ns = now_ns
-        seen = np.frombuffer(tally.seen, dtype=np.uint8)
-        is_inside = (values >= 1) & (values < len(seen)) & (widths > 0)
-        if is_inside.all():
-            seen[values] = 1
-        else:
-            seen[values[is_inside]] = 1
-            tally.foreign += int(count - np.count_nonzero(is_inside))
-        skip = self._skip
-        every = self.sample_every
-        if skip < count:
-            sampled = np.arange(skip, count, every)
-            t_positions = positions[sampled] + widths[sampled] + len(T_MARK)
-            t_positions = t_positions[t_positions + 20 <= stop]
-            times, _ = _parse_digits(buffer, t_positions, 20)
-            self.latencies_ns.extend((now_ns - times).tolist())
-        self._skip = (skip - count) % every
 
     def _count(self, tally: Tally, matches: list[tuple[bytes, bytes]], now_ns: int) -> None:
         count = len(matches)
@@ -430,33 +336,6 @@ class Receiver:
                 return client_frame(OP_CLOSE, payload[:2])
             return b""
         return b""  # pong, or a reserved opcode: nothing to answer
-
-
-_POWERS_OF_TEN: Final = 10 ** np.arange(20, dtype=np.uint64)
-
-
-def _parse_digits(
-    buffer: np.ndarray, positions: np.ndarray, width: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """The decimal numbers starting at ``positions`` (at most ``width - 1`` digits each).
-
-    Returns:
-        (values as int64, number of digits of each; 0 where there is no number).
-    """
-    if not len(positions):
-        empty = np.zeros(0, dtype=np.int64)
-        return empty, empty
-    index = np.minimum(positions[:, None] + np.arange(width), len(buffer) - 1)
-    digits = buffer[index] - np.uint8(48)  # non-digits wrap around above 9
-    widths = np.argmax(digits > 9, axis=1)  # the first non-digit
-    values = np.zeros(len(positions), dtype=np.int64)
-    # A run's numbers mostly have the same number of digits: one dot product per width.
-    low, high = int(widths.min()), int(widths.max())
-    for digit_count in range(max(1, low), high + 1):
-        rows = widths == digit_count
-        powers = _POWERS_OF_TEN[digit_count - 1 :: -1].astype(np.int64)
-        values[rows] = digits[rows, :digit_count].astype(np.int64) @ powers
-    return values, widths
 
 
 # -- the opening handshake (after the 101) ---------------------------------------
