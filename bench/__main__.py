@@ -87,7 +87,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     profiles = load_profiles()
     args = build_parser(profiles).parse_args(argv)
     profile = profiles[args.profile]
-    run = profile.prepare(args)
+    try:
+        run = profile.prepare(args)
+    except ValueError as exc:  # an option out of range, as argparse would say it
+        print(f"python -m bench {profile.name}: error: {exc}", file=sys.stderr)
+        return 2
     started_at = datetime.now(UTC).isoformat(timespec="seconds")
     environment = describe_environment()
     print(render_header(profile.name, run.parameters, environment), flush=True)

@@ -46,7 +46,8 @@ class Profile:
         name: the subcommand.
         summary: one line for ``--help``.
         add_arguments: adds the profile's own options to its subparser.
-        prepare: builds a run from the parsed options.
+        prepare: builds a run from the parsed options; raises ValueError
+            for options out of range (``python -m bench`` reports it, exit 2).
     """
 
     name: str

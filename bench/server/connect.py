@@ -236,22 +236,19 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _prepare(args: argparse.Namespace) -> ConnectRun:
-    try:
-        if args.clients < 1 or args.concurrency < 1 or args.client_procs < 1 or args.sites < 1:
-            raise ValueError("--clients, --sites, --concurrency, --client-procs must be >= 1")
-        return ConnectRun(
-            servers=parse_servers(args.servers),
-            hubserver_src=args.hubserver_src,
-            clients=args.clients,
-            sites=args.sites,
-            concurrency=args.concurrency,
-            client_procs=args.client_procs,
-            timeout=args.timeout,
-            py_spy=args.py_spy,
-            py_spy_servers=parse_servers(args.py_spy_servers),
-        )
-    except ValueError as exc:
-        raise SystemExit(f"python -m bench connect: error: {exc}") from None
+    if args.clients < 1 or args.concurrency < 1 or args.client_procs < 1 or args.sites < 1:
+        raise ValueError("--clients, --sites, --concurrency, --client-procs must be >= 1")
+    return ConnectRun(
+        servers=parse_servers(args.servers),
+        hubserver_src=args.hubserver_src,
+        clients=args.clients,
+        sites=args.sites,
+        concurrency=args.concurrency,
+        client_procs=args.client_procs,
+        timeout=args.timeout,
+        py_spy=args.py_spy,
+        py_spy_servers=parse_servers(args.py_spy_servers),
+    )
 
 
 PROFILE = Profile(

@@ -979,33 +979,30 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _prepare(args: argparse.Namespace) -> FanoutRun:
-    try:
-        return FanoutRun(
-            servers=parse_servers(args.servers),
-            hubserver_src=args.hubserver_src,
-            connections=parse_list(args.connections),
-            sites=parse_list(args.sites),
-            modes=tuple(m.strip() for m in args.mode.split(",") if m.strip()),
-            batch=args.batch,
-            rate=parse_rate(args.rate),
-            duration=args.duration,
-            deliveries=args.deliveries,
-            events_per_site=args.events_per_site,
-            warmup_events=args.warmup_events,
-            client_procs=args.client_procs,
-            publish_connections=args.publish_connections,
-            connect_rate=parse_rate(args.connect_rate),
-            connect_concurrency=args.connect_concurrency,
-            sample_every=args.sample_every,
-            quiet_timeout=args.quiet_timeout,
-            row_timeout=args.row_timeout,
-            seed=args.seed,
-            plot=args.plot,
-            py_spy=args.py_spy,
-            py_spy_servers=parse_servers(args.py_spy_servers),
-        )
-    except ValueError as exc:
-        raise SystemExit(f"python -m bench fanout: error: {exc}") from None
+    return FanoutRun(
+        servers=parse_servers(args.servers),
+        hubserver_src=args.hubserver_src,
+        connections=parse_list(args.connections),
+        sites=parse_list(args.sites),
+        modes=tuple(m.strip() for m in args.mode.split(",") if m.strip()),
+        batch=args.batch,
+        rate=parse_rate(args.rate),
+        duration=args.duration,
+        deliveries=args.deliveries,
+        events_per_site=args.events_per_site,
+        warmup_events=args.warmup_events,
+        client_procs=args.client_procs,
+        publish_connections=args.publish_connections,
+        connect_rate=parse_rate(args.connect_rate),
+        connect_concurrency=args.connect_concurrency,
+        sample_every=args.sample_every,
+        quiet_timeout=args.quiet_timeout,
+        row_timeout=args.row_timeout,
+        seed=args.seed,
+        plot=args.plot,
+        py_spy=args.py_spy,
+        py_spy_servers=parse_servers(args.py_spy_servers),
+    )
 
 
 PROFILE = Profile(

@@ -215,21 +215,18 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _prepare(args: argparse.Namespace) -> IdleRun:
-    try:
-        if args.connections < 1 or args.client_procs < 1 or args.sites < 1 or args.hold < 0:
-            raise ValueError("--connections, --sites, --client-procs must be >= 1, --hold >= 0")
-        return IdleRun(
-            servers=parse_servers(args.servers),
-            hubserver_src=args.hubserver_src,
-            connections=args.connections,
-            sites=args.sites,
-            hold=args.hold,
-            client_procs=args.client_procs,
-            connect_rate=parse_rate(args.connect_rate),
-            connect_concurrency=args.connect_concurrency,
-        )
-    except ValueError as exc:
-        raise SystemExit(f"python -m bench idle: error: {exc}") from None
+    if args.connections < 1 or args.client_procs < 1 or args.sites < 1 or args.hold < 0:
+        raise ValueError("--connections, --sites, --client-procs must be >= 1, --hold >= 0")
+    return IdleRun(
+        servers=parse_servers(args.servers),
+        hubserver_src=args.hubserver_src,
+        connections=args.connections,
+        sites=args.sites,
+        hold=args.hold,
+        client_procs=args.client_procs,
+        connect_rate=parse_rate(args.connect_rate),
+        connect_concurrency=args.connect_concurrency,
+    )
 
 
 PROFILE = Profile(

@@ -47,3 +47,19 @@ def test_a_tiny_idle_run_holds_every_connection(
     rss = result["server_rss_bytes"]
     assert rss["before"] > 0 and rss["end"] > 0 and rss["peak"] >= rss["end"]
     assert result["hold_seconds"] >= 1
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["idle", "--connections", "0"], "--connections"),
+        (["connect", "--clients", "0"], "--clients"),
+        (["fanout", "--servers", "nope"], "unknown server"),
+    ],
+)
+def test_options_out_of_range_exit_2_with_the_reason(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(argv) == 2
+    error = capsys.readouterr().err
+    assert error.startswith(f"python -m bench {argv[0]}: error: ") and message in error
