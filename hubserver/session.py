@@ -259,7 +259,6 @@ class HubSession:
                 return
             if sent == len(frame):
                 return
-            self._direct = False
             rest = memoryview(frame)[sent:]
             self._pending = [rest]
             self._queued_bytes = len(rest)
