@@ -261,10 +261,7 @@ class HubConnection:
     def _accept(self, message: HubMessage) -> bool:
         """Bookkeeping for one received message; False drops it (a replayed duplicate)."""
         kind = type(message)
-        if kind is Ping:
-            # ASP.NET Core starts the client timeout at the first Ping (spec §4).
-            self._client_timeout_armed = True
-        elif kind is Close:
+        if kind is Close:
             self._move(Move.RECV_CLOSE)
         elif self._stateful:
             if message.message_type in TRACKABLE_TYPES:
@@ -457,6 +454,12 @@ class HubConnection:
                 raise LocalProtocolError("cannot accept a handshake that has not arrived")
             self._move(Move.SEND_HANDSHAKE_OK)
             self._stateful = self._allow_stateful and self._request.version >= 2
+            # The client timeout runs from the end of the handshake: a client
+            # that never speaks again is dropped (ASP.NET Core's behaviour; the
+            # older rule, armed by the client's first Ping, let a silent socket
+            # be held forever). Every official client pings within 15 s.
+            self._client_timeout_armed = True
+            self._last_received_at = max(self._last_received_at, now)
         else:
             self._move(Move.SEND_HANDSHAKE_ERROR)
         self._last_sent_at = now

@@ -26,7 +26,7 @@ class HubLimits:
             reconnect before ``send`` refuses more. Default 100,000.
         keepalive_interval: a Ping is due after this long without sending. 15 s.
         client_timeout: the peer is gone after this long without receiving
-            (counted from its first Ping, as ASP.NET Core does). 30 s.
+            (a server counts from the end of the handshake). 30 s.
         handshake_timeout: the handshake must complete this long after the
             connection was made. 15 s.
         ack_interval: how soon received trackable messages are acknowledged on a

@@ -8,9 +8,9 @@ from dataclasses import dataclass, field
 
 from .auth import TokenVerifier
 from .config import ServerConfig
+from .connection import HubSession, SessionContext, SessionStats
 from .permissions import PermissionStore, Role, may_subscribe
 from .routing import Broker, GroupKey, Router
-from .session import HubSession, SessionContext, SessionStats
 from .transports.negotiate import Negotiations
 
 __all__ = ["App", "HUB_SCOPE", "PUBLISH_SCOPE"]

@@ -28,10 +28,10 @@ from .auth import (
 )
 from .backplane import Backplane, MemoryBackplane, RedisBackplane, UnixBackplane
 from .config import ServerConfig
+from .connection import ACCESS_REVOKED_TEXT, SessionContext
 from .http import handle_connection
 from .permissions import CachedPermissionStore, PermissionStore, SqlitePermissionStore
 from .routing import Broker, Router
-from .session import ACCESS_REVOKED_TEXT, SessionContext
 from .timers import TimerQueue
 
 __all__ = ["RunningServer", "build_verifier", "serve"]
@@ -205,13 +205,16 @@ async def _run(app: App, task_status: trio.TaskStatus[RunningServer]) -> None:
 async def _handle(stream: trio.SocketStream, *, app: App) -> None:
     try:
         session = await handle_connection(stream, app)
-        if session is not None:
-            # Run here, not inside handle_connection: an idle session's stack
-            # (kept for its whole life) is then only this frame and its own.
-            await session.run()
     except Exception:
         # The per-connection boundary: one connection's bug never takes the server down.
-        log.exception("connection handler failed")
+        app.stats.crashed += 1
+        log.exception("connection handler failed (before any upgrade)")
+        return
+    if session is not None:
+        # Run here, not inside handle_connection: an idle session's stack (kept
+        # for its whole life) is then only this frame and its own. It contains
+        # its own failures (its guard), as it does those of the tasks it starts.
+        await session.run()
 
 
 async def _drain(app: App) -> None:

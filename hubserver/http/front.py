@@ -26,8 +26,8 @@ import trio
 from hubserver.app import HUB_SCOPE, PUBLISH_SCOPE, App
 from hubserver.auth import AuthError, Claims, InvalidToken, extract_token, redact_url
 from hubserver.backplane import BackplaneUnavailable
+from hubserver.connection import HubSession
 from hubserver.routing import GroupKey, Hub, PublishError, parse_publish_body
-from hubserver.session import HubSession
 from hubserver.transports import TransportError, UpgradeError, check_upgrade, websocket_accept
 from hubserver.transports.negotiate import negotiate_body
 
@@ -323,19 +323,7 @@ async def _hub(
         raise _Refusal(404, "No Connection with that ID")
     user_id = group.user_id
     since_seq = _since_seq(query)
-    response = h11.InformationalResponse(
-        status_code=101,
-        headers=[
-            (b"upgrade", b"websocket"),
-            (b"connection", b"Upgrade"),
-            (b"sec-websocket-accept", websocket_accept(key)),
-            SERVER_HEADER,
-        ],
-    )
-    try:
-        await stream.send_all(conn.send(response))
-    except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-        raise TransportError(f"connection lost: {exc}") from exc
+    # What the client sent after its request (nothing more is read before the 101).
     trailing, _ = conn.trailing_data
     session = HubSession(
         stream=stream,
@@ -350,6 +338,25 @@ async def _hub(
         session_id=app.next_id(),
         since_seq=since_seq,
     )
+    # Registered before the 101 goes out: a revoke or a drain during the write
+    # reaches this connection (it acts once its task runs).
+    session.register()
+    response = h11.InformationalResponse(
+        status_code=101,
+        headers=[
+            (b"upgrade", b"websocket"),
+            (b"connection", b"Upgrade"),
+            (b"sec-websocket-accept", websocket_accept(key)),
+            SERVER_HEADER,
+        ],
+    )
+    try:
+        await stream.send_all(conn.send(response))
+    except BaseException as exc:
+        session.discard()
+        if isinstance(exc, trio.BrokenResourceError | trio.ClosedResourceError):
+            raise TransportError(f"connection lost: {exc}") from exc
+        raise
     log.info(
         "session %d: %s hub, site stream%s, subject %s",
         session.session_id,

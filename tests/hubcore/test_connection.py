@@ -350,6 +350,8 @@ def test_keepalive_ping_is_due_15_s_after_the_last_send(name: str, ping: bytes) 
     assert conn.next_deadline() == 16.0
     assert conn.handle_timer(16.0) == ping
     assert conn.next_deadline() == 31.0
+    conn.receive_data(ping, 30.0)  # the client's pings keep its timeout away
+    drain(conn)
     # Any send pushes the next ping back.
     conn.send(Invocation(target="a"), 20.0)
     assert conn.next_deadline() == 35.0
@@ -367,28 +369,39 @@ def test_receiving_does_not_delay_the_keepalive() -> None:
     assert conn.handle_timer(15.0) == PING_JSON
 
 
-def test_client_timeout_is_armed_only_by_the_first_ping() -> None:
+def test_client_timeout_runs_from_the_end_of_the_handshake() -> None:
+    # A client that never sends anything after its handshake is dropped after
+    # 30 s (issue #9: the old rule, armed by the first Ping, held it forever).
     conn = open_server("json", now=0.0)
-    conn.receive_data(b'{"type":1,"target":"a","arguments":[]}\x1e', 1.0)
-    drain(conn)
-    # Without a Ping from the client, silence never times it out (only pings go out).
-    for t in (15.0, 30.0, 45.0):
-        assert conn.next_deadline() == t
-        assert conn.handle_timer(t) == PING_JSON
-    assert conn.handle_timer(1000.0) == PING_JSON
-    assert conn.state is S.OPEN
-    # The first Ping arms it: 30 s after the last receive.
-    conn.receive_data(PING_JSON, 1001.0)
-    assert drain(conn) == [Ping()]
-    assert conn.next_deadline() == 1015.0  # keep-alive comes first
-    assert conn.handle_timer(1015.0) == PING_JSON
-    assert conn.next_deadline() == 1030.0
-    assert conn.handle_timer(1030.0) == PING_JSON
-    assert conn.next_deadline() == 1031.0
-    assert conn.handle_timer(1030.999) == b""
-    assert conn.handle_timer(1031.0) == CLOSE_ERROR_JSON
+    assert conn.next_deadline() == 15.0  # keep-alive first
+    assert conn.handle_timer(15.0) == PING_JSON
+    assert conn.next_deadline() == 30.0
+    assert conn.handle_timer(29.999) == b""
+    assert conn.handle_timer(30.0) == CLOSE_ERROR_JSON
     assert conn.state is S.CLOSED
     assert conn.next_deadline() is None
+
+
+def test_client_timeout_counts_from_the_last_receive() -> None:
+    conn = open_server("json", now=0.0)
+    conn.receive_data(b'{"type":1,"target":"a","arguments":[]}\x1e', 1000.0)
+    drain(conn)
+    assert conn.handle_timer(1015.0) == PING_JSON
+    assert conn.handle_timer(1029.999) == b""
+    assert conn.next_deadline() == 1030.0
+    assert conn.handle_timer(1030.0) == CLOSE_ERROR_JSON
+    assert conn.state is S.CLOSED
+
+
+def test_the_handshake_response_starts_the_client_timeout_late() -> None:
+    # The request came at 0, the application answered at 10: 30 s from 10.
+    conn = HubConnection(now=0.0)
+    conn.receive_data(b'{"protocol":"json","version":1}\x1e', 0.0)
+    drain(conn)
+    conn.send(HandshakeResponse(), 10.0)
+    assert conn.handle_timer(39.999) == PING_JSON
+    assert conn.state is S.OPEN
+    assert conn.handle_timer(40.0) == CLOSE_ERROR_JSON
 
 
 def test_any_received_data_resets_the_client_timeout() -> None:

@@ -526,6 +526,20 @@ class Bystander:
 @asynccontextmanager
 async def bystander(h: Harness, site: str = "bystander-site") -> AsyncIterator[Bystander]:
     h.grant(site, "bystander", Role.SITE_ADMIN)
-    async with open_hub(h, hub_target("entries", site), token=h.token("bystander")) as client:
+    async with (
+        open_hub(h, hub_target("entries", site), token=h.token("bystander")) as client,
+        trio.open_nursery() as nursery,
+    ):
+        # Well-behaved means pinging, as the official clients do: the client
+        # timeout runs from the handshake, and some tests shorten it to 1 s.
+        nursery.start_soon(_keep_pinging, client, h.config.hub_limits.client_timeout / 4)
         b = Bystander(h, client, site)
         yield b
+        nursery.cancel_scope.cancel()
+
+
+async def _keep_pinging(client: HubClient, interval: float) -> None:
+    with suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+        while True:
+            await client.ws.send_text(PING_JSON)
+            await trio.sleep(interval)

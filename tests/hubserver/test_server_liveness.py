@@ -50,7 +50,7 @@ FAST = HubLimits(keepalive_interval=0.5, client_timeout=1.0, handshake_timeout=1
 
 
 async def test_server_pings_every_keepalive_interval(start_server) -> None:
-    h = await start_server(hub_limits=FAST)
+    h = await start_server(hub_limits=HubLimits(keepalive_interval=0.5, client_timeout=5.0))
     h.grant("s1", "alice", Role.SITE_ADMIN)
     with trio.fail_after(10):
         async with open_hub(h, hub_target("entries", "s1")) as client:
@@ -59,7 +59,6 @@ async def test_server_pings_every_keepalive_interval(start_server) -> None:
             for _ in range(4):
                 assert await client.next_message(skip_pings=False) == {"type": 6}
                 arrivals.append(trio.current_time())
-    # This client never pinged, so its silence is no timeout (spec §4): it is still open.
     gaps = [b - a for a, b in zip([connected, *arrivals], arrivals, strict=False)]
     assert all(0.4 <= gap <= 1.6 for gap in gaps), gaps
 
@@ -75,6 +74,21 @@ async def test_events_postpone_the_keepalive_ping(start_server) -> None:
                 message = await client.next_message(skip_pings=False)
                 assert message["type"] == 1, message
             assert await client.next_message(skip_pings=False) == {"type": 6}
+
+
+async def test_client_that_never_speaks_after_its_handshake_is_timed_out(start_server) -> None:
+    # Issue #9 (11): the client timeout used to start only at the client's first
+    # Ping, so a socket that never sent one was held forever.
+    h = await start_server(hub_limits=FAST)
+    h.grant("s1", "alice", Role.SITE_ADMIN)
+    with trio.fail_after(10):
+        async with bystander(h) as b, open_hub(h, hub_target("entries", "s1")) as client:
+            opened = trio.current_time()
+            ended = await client.expect_close()
+            elapsed = trio.current_time() - opened
+            await b.check()
+    assert ended.close == {"type": 7, "error": CONNECTION_ERROR, "allowReconnect": True}
+    assert 0.9 <= elapsed <= 3.0, elapsed
 
 
 async def test_client_that_pings_once_then_goes_silent_is_timed_out(start_server) -> None:

@@ -14,7 +14,7 @@ import pytest
 import trio
 import wsproto.events as ws_events
 
-import hubserver.session
+import hubserver.connection._session as session_module
 from hubserver.auth import DevKey
 from hubserver.permissions import Role
 
@@ -150,7 +150,7 @@ async def test_close_without_a_code_is_answered_without_one(start_server) -> Non
 async def test_server_close_waits_for_the_closing_handshake_then_gives_up(
     start_server, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(hubserver.session, "CLOSE_TIMEOUT", 0.5)
+    monkeypatch.setattr(session_module, "CLOSE_TIMEOUT", 0.5)
     h = await start_server()
     h.grant("s1", "alice", Role.SITE_ADMIN)
     with trio.fail_after(5):

@@ -1,0 +1,70 @@
+"""What every connection of a server shares: one object, so a connection stays small."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import trio
+
+from hubcore import HubLimits
+from hubserver.routing import Hub, Replay
+from hubserver.timers import TimerQueue
+
+if TYPE_CHECKING:
+    from ._session import HubSession
+
+__all__ = ["ReplayFn", "SessionContext", "SessionStats"]
+
+ReplayFn = Callable[[Hub, str, int], Awaitable[Replay]]
+
+
+@dataclass(slots=True)
+class SessionStats:
+    """Counters shared by all connections of a server (read by tests and /metrics).
+
+    ``by_id`` holds every registered connection: from before its 101 goes
+    out (so role changes and the drain reach it) until its task ends.
+    """
+
+    open: int = 0
+    opened: int = 0
+    slow_closed: int = 0
+    expired_closed: int = 0
+    revoked_closed: int = 0
+    protocol_errors: int = 0
+    #: Connections ended by a bug of ours (logged with their id).
+    crashed: int = 0
+    by_id: dict[int, HubSession] = field(default_factory=dict)
+    #: Set by the server when it drains; fired when the last connection ends.
+    drained: trio.Event | None = None
+
+
+@dataclass(slots=True, kw_only=True)
+class SessionContext:
+    """What every connection of a server shares.
+
+    Attributes:
+        limits: hubcore's limits and timers.
+        max_outbox_bytes: one connection's output budget (every queued byte).
+        slow_client_timeout: how long output may stay over the budget
+            before the client is closed as too slow.
+        resume_window: how long live events wait for a ``Resume`` after a
+            handshake.
+        join / leave: add to / remove from the router (once each).
+        replay: fetches history for a resume.
+        tasks: the nursery that runs connections' helper tasks (each under
+            its connection's guard); it outlives every connection.
+    """
+
+    limits: HubLimits
+    max_outbox_bytes: int
+    resume_window: float
+    join: Callable[[HubSession], None]
+    leave: Callable[[HubSession], None]
+    replay: ReplayFn
+    stats: SessionStats
+    timers: TimerQueue
+    tasks: trio.Nursery
+    slow_client_timeout: float = 5.0
