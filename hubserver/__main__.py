@@ -71,6 +71,13 @@ def _parser() -> argparse.ArgumentParser:
     _add(s, "--handshake-timeout", type=float, default=15.0, help="seconds for the handshake")
     _add(s, "--max-message-bytes", type=int, default=32 * 1024, help="inbound hub message limit")
     _add(s, "--max-outbox-bytes", type=int, default=1 << 20, help="queued bytes per connection")
+    _add(
+        s,
+        "--slow-client-timeout",
+        type=float,
+        default=5.0,
+        help="seconds a connection's output may stay over --max-outbox-bytes",
+    )
     _add(s, "--max-publish-bytes", type=int, default=1 << 20, help="publish body limit")
     _add(s, "--drain-timeout", type=float, default=10.0, help="seconds to drain on shutdown")
     _add(s, "--backplane", help="redis://HOST:PORT/DB to run several nodes as one service")
@@ -129,6 +136,7 @@ def _config(args: argparse.Namespace) -> ServerConfig:
             max_message_bytes=int(args.max_message_bytes),
         ),
         max_outbox_bytes=int(args.max_outbox_bytes),
+        slow_client_timeout=float(args.slow_client_timeout),
         max_publish_bytes=int(args.max_publish_bytes),
         drain_timeout=float(args.drain_timeout),
         backplane=args.backplane or None,

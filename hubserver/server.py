@@ -163,6 +163,7 @@ async def _run(app: App, task_status: trio.TaskStatus[RunningServer]) -> None:
         app.sessions = SessionContext(
             limits=config.hub_limits,
             max_outbox_bytes=config.max_outbox_bytes,
+            slow_client_timeout=config.slow_client_timeout,
             resume_window=config.resume_window,
             join=app.join,
             leave=app.leave,

@@ -26,8 +26,12 @@ class ServerConfig:
             development mode (a key made in ``data_dir``).
         issuer, audience: checked when set.
         hub_limits: hubcore's message size limit and timers.
-        max_outbox_bytes: outbound bytes queued for one connection before it is
-            closed as too slow.
+        max_outbox_bytes: one connection's output budget: every byte queued
+            for it (deliveries, replays, replies, pongs, closes). Over it the
+            server stops reading from that client; a live event that finds it
+            over closes it as too slow.
+        slow_client_timeout: how long a connection's output may stay over
+            its budget before it is closed as too slow.
         max_publish_bytes: largest publish request body (413 above).
         drain_timeout: how long shutdown waits for connections to close.
         request_timeout: how long a client may take to send a request head.
@@ -58,6 +62,7 @@ class ServerConfig:
     audience: str | None = None
     hub_limits: HubLimits = field(default_factory=HubLimits)
     max_outbox_bytes: int = 1 << 20
+    slow_client_timeout: float = 5.0
     max_publish_bytes: int = 1 << 20
     drain_timeout: float = 10.0
     request_timeout: float = 15.0
@@ -91,6 +96,7 @@ class ServerConfig:
             "token_leeway",
             "demo_interval",
             "resume_window",
+            "slow_client_timeout",
         ):
             value = getattr(self, name)
             if not math.isfinite(value) or value < 0:

@@ -432,7 +432,7 @@ class HubSession:
 
     def _crash(self, exc: BaseException) -> None:
         self._ctx.stats.crashed += 1
-        log.error("session %d: connection failed", self.session_id, exc_info=exc)
+        log.error("session %d: connection handler failed", self.session_id, exc_info=exc)
         self._abort()
 
     def _abort(self) -> None:
@@ -488,6 +488,7 @@ class HubSession:
                 self._unpaused = trio.Event()
                 await self._unpaused.wait()
                 self._unpaused = None
+                self._on_hub_events()  # what the last read brought, before reading more
                 continue
             try:
                 await trio.lowlevel.wait_readable(fd)
@@ -541,7 +542,11 @@ class HubSession:
     def _on_hub_events(self) -> None:
         hub = self._hub
         now = trio.current_time()
-        while self._phase is Phase.HANDSHAKE or self._phase is Phase.OPEN:
+        # Over its output budget, a client gets no more answers until it reads:
+        # what it sent waits in hubcore (one read's worth at most).
+        while (
+            self._phase is Phase.HANDSHAKE or self._phase is Phase.OPEN
+        ) and self._reading is not Reading.PAUSED:
             try:
                 event = hub.next_event()
             except RemoteProtocolError as exc:
