@@ -372,3 +372,78 @@ async def test_worker_behind_is_disconnected_and_recovers_from_history(
             assert (await victim.next_event())["seq"] == last_seq + 1
             await bystander_has(last_seq + 1)
             assert seen_by_bystander == list(range(4, last_seq + 2))
+
+
+# -- finding 9: shutdown ---------------------------------------------------------------
+
+
+async def _read_close_message(client: HubClient) -> dict[str, Any]:
+    """Hub messages up to the Close, without answering the WebSocket close after it."""
+    while True:
+        message = await client.next_message()
+        assert not isinstance(message, HubClosed), f"no Close before the end: {message}"
+        if message["type"] == 7:
+            return dict(message)
+
+
+async def test_sigterm_to_every_process_drains_every_client(
+    tmp_path: Path, nursery: trio.Nursery
+) -> None:
+    """systemd's KillMode=control-group, Ctrl-C: every process is signalled, twice.
+
+    The parent's forwarded SIGTERM reaches workers that are already draining,
+    and a second round of signals arrives while one client holds a drain open
+    (it reads the Close but never answers the WebSocket close). Nothing cuts a
+    drain short: every client gets a reconnectable Close, every worker and the
+    parent exit 0.
+    """
+    target = hub_target("entries", "s1")
+    with trio.fail_after(CAP):
+        async with (
+            run_workers(tmp_path, nursery, "--drain-timeout", "3", new_session=True) as w,
+            AsyncExitStack() as stack,
+        ):
+            await _ready(w)
+            pids = _live_worker_pids(w.log)
+            clients = list((await _one_per_worker(w, stack, target, pids)).values())
+            clients += [await stack.enter_async_context(open_hub(w, target)) for _ in range(4)]  # type: ignore[arg-type]
+            lingering = await stack.enter_async_context(open_hub(w, target))  # type: ignore[arg-type]
+
+            os.killpg(w.process.pid, signal.SIGTERM)
+            close = await _read_close_message(lingering)
+            assert close.get("allowReconnect") is True, close
+            # Its worker now waits for the closing handshake that never comes.
+            await trio.sleep(0.3)
+            os.killpg(w.process.pid, signal.SIGINT)
+            os.killpg(w.process.pid, signal.SIGTERM)
+            for client in clients:
+                ended = await client.expect_close()
+                assert ended.close is not None, "cut off without a Close"
+                assert ended.close.get("allowReconnect") is True, ended.close
+            assert await w.process.wait() == 0, w.log[-10:]
+            for pid in pids:
+                assert any(f"(pid {pid}) stopped with exit code 0" in line for line in w.log), (
+                    w.log[-10:]
+                )
+            assert any("received SIGINT again: already draining" in line for line in w.log)
+
+
+async def test_workers_exit_when_their_parent_is_killed(
+    tmp_path: Path, nursery: trio.Nursery
+) -> None:
+    """SIGKILL of the parent: every worker drains briefly and is gone within 5 s."""
+    target = hub_target("entries", "s1")
+    with trio.fail_after(CAP):
+        async with run_workers(tmp_path, nursery) as w, AsyncExitStack() as stack:
+            await _ready(w)
+            pids = _live_worker_pids(w.log)
+            clients = await _one_per_worker(w, stack, target, pids)
+            w.process.kill()
+            killed_at = trio.current_time()
+            with trio.fail_after(5.0):  # a worker that outlives its parent never closes
+                for client in clients.values():
+                    ended = await client.expect_close()
+                    assert ended.close is not None and ended.close.get("allowReconnect") is True
+            while any(_is_alive(pid) for pid in pids):
+                assert trio.current_time() - killed_at < 5.0, "a worker outlived its parent"
+                await trio.sleep(0.05)
