@@ -182,25 +182,32 @@ async def _serve_main(config: ServerConfig, parent_fd: int | None = None) -> Non
 
         with SqlitePermissionStore.open(config.data_dir) as store:
             store.grant(DEMO_SITE, DEMO_SUBJECT, Role.SITE_ADMIN)
-    # The receiver stays open until the server has drained: a second signal
-    # (a --workers parent forwarding the SIGTERM this worker already got from
-    # systemd or the terminal) must not meet the default action and kill the
-    # process mid-drain.
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-        async with trio.open_nursery() as watchers:
-            async with trio.open_nursery() as nursery:
-                server: RunningServer = await nursery.start(serve, config)
-                # Everything made so far (modules, keys, config) lives as long as the
-                # process: keep it out of every later cyclic collection.
-                gc.collect()
-                gc.freeze()
-                _announce(config, server.port)
-                watchers.start_soon(_on_signals, signals, server)
-                if parent_fd is not None:
-                    watchers.start_soon(
-                        watch_parent, parent_fd, partial(_parent_gone, server, nursery.cancel_scope)
-                    )
-            watchers.cancel_scope.cancel()
+    async with trio.open_nursery() as nursery:
+        server: RunningServer = await nursery.start(_serve_until_drained, config, nursery)
+        # Everything made so far (modules, keys, config) lives as long as the
+        # process: keep it out of every later cyclic collection.
+        gc.collect()
+        gc.freeze()
+        _announce(config, server.port)
+        if parent_fd is not None:
+            gone = partial(_parent_gone, server, nursery.cancel_scope)
+            nursery.start_soon(watch_parent, parent_fd, gone)
+        # Open until the server has drained (then the nursery is cancelled): a
+        # second signal (a --workers parent forwarding the SIGTERM this worker
+        # already got from systemd or the terminal) must not meet the default
+        # action and kill the process mid-drain.
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            await _on_signals(signals, server)
+
+
+async def _serve_until_drained(
+    config: ServerConfig,
+    nursery: trio.Nursery,
+    *,
+    task_status: trio.TaskStatus[RunningServer] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    await serve(config, task_status=task_status)
+    nursery.cancel_scope.cancel()  # drained: stop watching signals and the parent
 
 
 async def _on_signals(signals: AsyncIterator[int], server: RunningServer) -> None:
