@@ -14,7 +14,8 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
+from functools import partial
 from pathlib import Path
 
 import trio
@@ -27,6 +28,7 @@ from .config import ConfigError, ServerConfig
 from .permissions import Role, SqlitePermissionStore
 from .permissions import cli as members_cli
 from .server import RunningServer, serve
+from .workers import PARENT_GONE_EXIT_TIMEOUT, watch_parent
 
 __all__ = ["main"]
 
@@ -95,6 +97,15 @@ def _parser() -> argparse.ArgumentParser:
     # Set by the --workers parent for its workers only.
     s.add_argument("--reuse-port", action="store_true", help=argparse.SUPPRESS)
     s.add_argument("--broker-socket", type=Path, help=argparse.SUPPRESS)
+    s.add_argument("--parent-fd", type=int, help=argparse.SUPPRESS)
+    _add(
+        s,
+        "--broker-max-queue-bytes",
+        type=int,
+        default=8 << 20,
+        help="--workers without --backplane: bytes queued for a worker's event stream "
+        "before that worker is disconnected (it resubscribes, recovering from history)",
+    )
 
     t = commands.add_parser("token", help="print a development token signed with the dev key")
     t.add_argument("--subject", required=True)
@@ -145,6 +156,7 @@ def _config(args: argparse.Namespace) -> ServerConfig:
         publish_window=int(args.publish_window),
         reuse_port=bool(args.reuse_port),
         broker_socket=args.broker_socket,
+        broker_max_queue_bytes=int(args.broker_max_queue_bytes),
     )
 
 
@@ -172,24 +184,59 @@ def _announce(config: ServerConfig, port: int) -> None:
         )
 
 
-async def _serve_main(config: ServerConfig) -> None:
+async def _serve_main(config: ServerConfig, parent_fd: int | None = None) -> None:
     if config.demo:
         from .demo import DEMO_SITE, DEMO_SUBJECT
 
         with SqlitePermissionStore.open(config.data_dir) as store:
             store.grant(DEMO_SITE, DEMO_SUBJECT, Role.SITE_ADMIN)
     async with trio.open_nursery() as nursery:
-        server: RunningServer = await nursery.start(serve, config)
+        server: RunningServer = await nursery.start(_serve_until_drained, config, nursery)
         # Everything made so far (modules, keys, config) lives as long as the
         # process: keep it out of every later cyclic collection.
         gc.collect()
         gc.freeze()
         _announce(config, server.port)
+        if parent_fd is not None:
+            gone = partial(_parent_gone, server, nursery.cancel_scope)
+            nursery.start_soon(watch_parent, parent_fd, gone)
+        # Open until the server has drained (then the nursery is cancelled): a
+        # second signal (a --workers parent forwarding the SIGTERM this worker
+        # already got from systemd or the terminal) must not meet the default
+        # action and kill the process mid-drain.
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-            async for signum in signals:
-                log.info("received %s", signal.Signals(signum).name)
-                server.request_shutdown()
-                break
+            await _on_signals(signals, server)
+
+
+async def _serve_until_drained(
+    config: ServerConfig,
+    nursery: trio.Nursery,
+    *,
+    task_status: trio.TaskStatus[RunningServer] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    await serve(config, task_status=task_status)
+    nursery.cancel_scope.cancel()  # drained: stop watching signals and the parent
+
+
+async def _on_signals(signals: AsyncIterator[int], server: RunningServer) -> None:
+    is_draining = False
+    async for signum in signals:
+        name = signal.Signals(signum).name
+        if is_draining:
+            log.info("received %s again: already draining", name)
+            continue
+        log.info("received %s", name)
+        is_draining = True
+        server.request_shutdown()
+
+
+def _parent_gone(server: RunningServer, scope: trio.CancelScope) -> None:
+    """A --workers worker lost its parent: drain briefly, then exit."""
+    log.warning(
+        "the --workers parent is gone; draining for at most %.0f s", PARENT_GONE_EXIT_TIMEOUT
+    )
+    server.request_shutdown()
+    scope.deadline = min(scope.deadline, trio.current_time() + PARENT_GONE_EXIT_TIMEOUT)
 
 
 def _worker_argv(argv: Sequence[str]) -> list[str]:
@@ -240,7 +287,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             if count > 1:
                 trio.run(_workers_main, config, count, _worker_argv(argv))
             else:
-                trio.run(_serve_main, config)
+                trio.run(_serve_main, config, args.parent_fd)
         elif args.command == "token":
             scopes = args.scope or [HUB_SCOPE]
             key = ensure_dev_key(Path(args.data_dir))

@@ -4,7 +4,9 @@ The parent reserves the port, runs the shared event stream (the in-process
 broker on a unix socket, unless ``--backplane`` names Redis, which the workers
 then use directly), starts the workers and restarts any that dies. Each worker
 is a plain ``hubserver serve`` listening with SO_REUSEPORT, so the kernel
-spreads connections over them. SIGTERM/SIGINT drain every worker.
+spreads connections over them. SIGTERM/SIGINT drain every worker, however
+many processes got the signal; a worker whose parent died drains and exits
+within ``PARENT_GONE_EXIT_TIMEOUT``.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import signal
 import socket
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Final
 
 import trio
@@ -25,11 +27,15 @@ from .config import ServerConfig
 from .routing import Broker, Router
 from .server import build_backplane
 
-__all__ = ["run_workers", "worker_count"]
+__all__ = ["PARENT_GONE_EXIT_TIMEOUT", "run_workers", "watch_parent", "worker_count"]
 
 log = logging.getLogger("hubserver.workers")
 
 RESTART_DELAY: Final = 1.0
+#: Seconds the parent waits for draining workers beyond their drain timeout.
+STOP_MARGIN: Final = 5.0
+#: Seconds a worker whose parent died has to drain before it exits.
+PARENT_GONE_EXIT_TIMEOUT: Final = 3.0
 
 
 def worker_count(value: str) -> int:
@@ -63,6 +69,15 @@ async def run_workers(
 ) -> None:
     """Supervise ``count`` workers until SIGTERM/SIGINT, then drain them.
 
+    Shutdown: the first SIGTERM or SIGINT is forwarded once, as SIGTERM, to
+    every worker (needed when only the parent is signalled, as ``kill PID``
+    does); each worker drains (its clients get a reconnectable Close) and the
+    parent waits for them up to ``drain_timeout`` plus a margin, then kills
+    what is left. When every process is signalled at once (systemd's
+    ``KillMode=control-group``, Ctrl-C in a terminal), a worker gets two
+    signals: it ignores all but the first (see ``__main__``), and so does the
+    parent, so a repeated signal never cuts a drain short.
+
     Args:
         config: the parent's configuration.
         count: how many workers.
@@ -73,48 +88,92 @@ async def run_workers(
     config.data_dir.mkdir(parents=True, exist_ok=True)
     reserved = _reserve_port(config.host, config.port)
     port = reserved.getsockname()[1]
-    extra = ["--port", str(port), "--reuse-port"]
+    # The workers' lifeline: they inherit the read end, only this process holds
+    # the write end and never writes. However the parent ends (even SIGKILL),
+    # the kernel closes the write end and every worker reads EOF.
+    lifeline, lifeline_writer = os.pipe()
+    extra = ["--port", str(port), "--reuse-port", "--parent-fd", str(lifeline)]
     broker: BrokerServer | None = None
     if config.backplane is None:
         path = config.data_dir / f"broker-{os.getpid()}.sock"
-        broker = BrokerServer(MemoryBackplane(history_size=config.history_size), path)
+        broker = BrokerServer(
+            MemoryBackplane(history_size=config.history_size),
+            path,
+            max_queue_bytes=config.broker_max_queue_bytes,
+        )
         broker.listen()
         extra += ["--broker-socket", str(path)]
     env = {**os.environ, "HUBSERVER_WORKERS": "1", "HUBSERVER_DEMO": "0"}
     command = [sys.executable, "-m", "hubserver", "serve", *worker_argv, *extra]
     stopping = trio.Event()
     try:
-        async with trio.open_nursery() as nursery:
-            if broker is not None:
-                await nursery.start(broker.serve)
-            processes: dict[int, trio.Process] = {}
-            for index in range(count):
-                nursery.start_soon(_supervise, index, command, env, processes, stopping)
-            if config.demo:
-                from .demo import publish_demo_events
+        # Open before the first worker starts and kept open to the end: a signal
+        # is never left to its default action (which would kill the parent and
+        # orphan the workers mid-drain).
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async with trio.open_nursery() as nursery:
+                if broker is not None:
+                    await nursery.start(broker.serve)
+                processes: dict[int, trio.Process] = {}
+                for index in range(count):
+                    nursery.start_soon(
+                        _supervise, index, command, env, lifeline, processes, stopping
+                    )
+                if config.demo:
+                    from .demo import publish_demo_events
 
-                demo_broker = Broker(Router(), _parent_backplane(config, broker), trio.current_time)
-                nursery.start_soon(publish_demo_events, demo_broker.publish, config.demo_interval)
-            log.info("%d workers on http://%s:%d", count, config.host, port)
-            task_status.started(port)
-            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+                    demo_broker = Broker(
+                        Router(), _parent_backplane(config, broker), trio.current_time
+                    )
+                    nursery.start_soon(
+                        publish_demo_events, demo_broker.publish, config.demo_interval
+                    )
+                log.info("%d workers on http://%s:%d", count, config.host, port)
+                task_status.started(port)
                 async for signum in signals:
                     log.info("received %s: draining the workers", signal.Signals(signum).name)
                     break
-            stopping.set()
-            for process in processes.values():
-                if process.returncode is None:
-                    process.send_signal(signal.SIGTERM)
-            with trio.move_on_after(config.drain_timeout + 5.0):
-                for process in list(processes.values()):
-                    await process.wait()
-            for process in processes.values():
-                if process.returncode is None:
-                    log.warning("worker %d did not stop in time; killing it", process.pid)
-                    process.kill()
-            nursery.cancel_scope.cancel()
+                stopping.set()
+                nursery.start_soon(_ignore_signals, signals)
+                for process in processes.values():
+                    if process.returncode is None:
+                        process.send_signal(signal.SIGTERM)
+                with trio.move_on_after(config.drain_timeout + STOP_MARGIN):
+                    for process in list(processes.values()):
+                        await process.wait()
+                for process in processes.values():
+                    if process.returncode is None:
+                        log.warning("worker %d did not stop in time; killing it", process.pid)
+                        process.kill()
+                nursery.cancel_scope.cancel()
     finally:
         reserved.close()
+        os.close(lifeline)
+        os.close(lifeline_writer)
+
+
+async def _ignore_signals(signals: AsyncIterator[int]) -> None:
+    async for signum in signals:
+        # Not forwarded again: the workers got one already and are draining.
+        log.info("received %s again: already draining", signal.Signals(signum).name)
+
+
+async def watch_parent(fd: int, on_gone: Callable[[], None]) -> None:
+    """In a worker: call ``on_gone`` once the parent's lifeline pipe ends.
+
+    The parent never writes to the pipe; EOF means it exited, however it
+    exited. (Linux's ``PR_SET_PDEATHSIG`` is not used: it fires when the
+    *thread* that spawned the child ends, and trio spawns from a worker thread
+    that its thread cache retires when idle.)
+
+    Args:
+        fd: the inherited read end; this call owns and closes it.
+        on_gone: called once, at EOF.
+    """
+    async with trio.lowlevel.FdStream(fd) as pipe:
+        while await pipe.receive_some(1024):
+            pass
+    on_gone()
 
 
 def _parent_backplane(config: ServerConfig, broker: BrokerServer | None) -> Backplane:
@@ -127,17 +186,24 @@ async def _supervise(
     index: int,
     command: list[str],
     env: dict[str, str],
+    lifeline: int,
     processes: dict[int, trio.Process],
     stopping: trio.Event,
 ) -> None:
     while not stopping.is_set():
-        process = await trio.lowlevel.open_process(command, env=env, stdin=subprocess.DEVNULL)
+        process = await trio.lowlevel.open_process(
+            command, env=env, stdin=subprocess.DEVNULL, pass_fds=(lifeline,)
+        )
         processes[index] = process
         log.info("worker %d started (pid %d)", index, process.pid)
+        if stopping.is_set():
+            # Started while the others were told to stop: this one missed it.
+            process.send_signal(signal.SIGTERM)
         with trio.CancelScope(shield=True):
             # Shielded: the parent waits for its workers even while being cancelled.
             code = await process.wait()
         if stopping.is_set():
+            log.info("worker %d (pid %d) stopped with exit code %s", index, process.pid, code)
             return
         log.error("worker %d (pid %d) exited with %s; restarting", index, process.pid, code)
         await trio.sleep(RESTART_DELAY)

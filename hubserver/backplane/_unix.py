@@ -33,9 +33,11 @@ log = logging.getLogger("hubserver.backplane.unix")
 
 _HEADER: Final = struct.Struct("!I")
 MAX_FRAME_BYTES: Final = 64 << 20
-#: A worker's subscription may fall this far behind before it is cut off; it
-#: reconnects and recovers the rest from history.
-MAX_SUBSCRIBER_BACKLOG_BYTES: Final = 64 << 20
+#: Bytes the parent queues for one worker's event stream (frames waiting plus
+#: the chunk being written) before it disconnects that worker, which then
+#: resubscribes and fetches what it missed from history. The kernel's socket
+#: buffer holds a few hundred KiB more.
+DEFAULT_MAX_QUEUE_BYTES: Final = 8 << 20
 
 
 def _pack(value: object) -> bytes:
@@ -96,12 +98,30 @@ class _FrameReader:
 
 
 class BrokerServer:
-    """Serves a ``MemoryBackplane`` to worker processes on a unix socket."""
+    """Serves a ``MemoryBackplane`` to worker processes on a unix socket.
 
-    def __init__(self, backplane: MemoryBackplane, path: Path) -> None:
+    Args:
+        backplane: numbering, history and fan-out, shared by every worker.
+        path: where to listen.
+        max_queue_bytes: what may wait for one worker's event stream; over
+            it that stream is closed (see ``DEFAULT_MAX_QUEUE_BYTES``).
+    """
+
+    def __init__(
+        self,
+        backplane: MemoryBackplane,
+        path: Path,
+        *,
+        max_queue_bytes: int = DEFAULT_MAX_QUEUE_BYTES,
+    ) -> None:
+        if max_queue_bytes < 1:
+            raise ValueError(f"max_queue_bytes must be positive, got {max_queue_bytes}")
         self._backplane = backplane
         self._path = path
+        self._max_queue_bytes = max_queue_bytes
         self._listener: trio.SocketListener | None = None
+        #: Event streams closed because their worker fell too far behind.
+        self.streams_dropped = 0
 
     @property
     def backplane(self) -> MemoryBackplane:
@@ -181,32 +201,51 @@ class BrokerServer:
 
     async def _stream_events(self, stream: trio.SocketStream, reader: _FrameReader) -> None:
         outbox: list[bytes] = []
-        backlog = 0
+        # Bytes held for this worker: frames in the outbox plus the chunk being
+        # written. A worker that stops reading (stopped, swapping, stuck) would
+        # otherwise grow the parent without limit and then be skipped silently.
+        queued = 0
         wake = trio.lowlevel.ParkingLot()
-        overflowed = False
-
-        def deliver(events: Sequence[NumberedEvent]) -> None:
-            nonlocal backlog, overflowed
-            frame = _pack(["ev", [_numbered_row(event) for event in events]])
-            outbox.append(frame)
-            backlog += len(frame)
-            if backlog > MAX_SUBSCRIBER_BACKLOG_BYTES:
-                overflowed = True
-            wake.unpark()
-
-        async def write() -> None:
-            nonlocal backlog
-            while not overflowed:
-                if not outbox:
-                    await wake.park()
-                    continue
-                data = b"".join(outbox)
-                outbox.clear()
-                backlog = 0
-                await stream.send_all(data)
-            log.warning("a worker's subscription fell too far behind; cutting it off")
 
         async with trio.open_nursery() as nursery:
+
+            def deliver(events: Sequence[NumberedEvent]) -> None:
+                nonlocal queued
+                if nursery.cancel_scope.cancel_called:
+                    return  # being dropped: the worker recovers all of it from history
+                frame = _pack(["ev", [_numbered_row(event) for event in events]])
+                queued += len(frame)
+                # One frame alone never counts as behind (a batch may be larger
+                # than a small bound); more waiting behind it over the bound does.
+                if queued > self._max_queue_bytes and queued > len(frame):
+                    # Disconnect rather than skip: the worker sees its stream end,
+                    # resubscribes and its broker fetches the missing seqs from
+                    # history, so its clients get every event or a Gap, never a
+                    # silent hole. Closing also frees what was queued at once.
+                    outbox.clear()
+                    self.streams_dropped += 1
+                    log.warning(
+                        "worker (pid %s) fell %d bytes behind the event stream; "
+                        "disconnecting it (it resubscribes and recovers from history)",
+                        _peer_pid(stream),
+                        queued,
+                    )
+                    nursery.cancel_scope.cancel()
+                    return
+                outbox.append(frame)
+                wake.unpark()
+
+            async def write() -> None:
+                nonlocal queued
+                while True:
+                    if not outbox:
+                        await wake.park()
+                        continue
+                    data = b"".join(outbox)
+                    outbox.clear()
+                    await stream.send_all(data)
+                    queued -= len(data)
+
             await nursery.start(self._backplane.run, deliver, lambda: None)
             await stream.send_all(_pack(["subscribed"]))
             nursery.start_soon(write)
@@ -214,6 +253,19 @@ class BrokerServer:
             while await reader.next() is not None:
                 pass
             nursery.cancel_scope.cancel()
+        # Returning closes the stream (``_handle``): after a drop, the worker reads EOF.
+
+
+def _peer_pid(stream: trio.SocketStream) -> str:
+    """The worker's pid, for the log (Linux's SO_PEERCRED; "?" elsewhere)."""
+    option = getattr(socket, "SO_PEERCRED", None)
+    if option is None:
+        return "?"
+    try:
+        raw = stream.socket.getsockopt(socket.SOL_SOCKET, option, struct.calcsize("3i"))
+    except OSError:
+        return "?"
+    return str(struct.unpack("3i", raw)[0])
 
 
 class UnixBackplane:
@@ -342,6 +394,10 @@ class UnixBackplane:
                         while (frame := await reader.next()) is not None:
                             if frame[0] == "ev":
                                 deliver([_numbered(row) for row in frame[1]])  # type: ignore[attr-defined]
+                        # The parent closes a stream that fell too far behind (or
+                        # is stopping): resubscribe at once; ``on_reconnect`` has
+                        # the broker fetch what was missed from history.
+                        log.warning("broker closed the event stream; resubscribing")
                     except (
                         OSError,
                         trio.BrokenResourceError,

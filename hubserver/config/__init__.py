@@ -51,6 +51,10 @@ class ServerConfig:
             batching in bursts).
         reuse_port: listen with SO_REUSEPORT (a worker of ``--workers``).
         broker_socket: the parent's broker (a worker without ``--backplane``).
+        broker_max_queue_bytes: with ``--workers`` and no ``--backplane``, the
+            bytes the parent queues for one worker's event stream before it
+            disconnects that worker (which resubscribes and recovers the rest
+            from history, or sends its subscribers a Gap).
     """
 
     host: str = "127.0.0.1"
@@ -76,6 +80,7 @@ class ServerConfig:
     publish_window: int = 1000
     reuse_port: bool = False
     broker_socket: Path | None = None
+    broker_max_queue_bytes: int = 8 << 20
 
     def __post_init__(self) -> None:
         if self.jwks_file is not None and self.jwks_url is not None:
@@ -101,6 +106,8 @@ class ServerConfig:
             value = getattr(self, name)
             if not math.isfinite(value) or value < 0:
                 raise ConfigError(f"{name} must be a non-negative number of seconds")
+        if self.broker_max_queue_bytes < 1:
+            raise ConfigError("broker_max_queue_bytes must be positive")
 
     @property
     def is_dev_mode(self) -> bool:
