@@ -77,7 +77,15 @@ async def run_workers(
     broker: BrokerServer | None = None
     if config.backplane is None:
         path = config.data_dir / f"broker-{os.getpid()}.sock"
-        broker = BrokerServer(MemoryBackplane(history_size=config.history_size), path)
+        broker = BrokerServer(
+            MemoryBackplane(
+                history_size=config.history_size,
+                dedupe_window=config.dedupe_window,
+                max_dedupe_ids=config.max_dedupe_ids,
+                max_sites=config.max_history_sites,
+            ),
+            path,
+        )
         broker.listen()
         extra += ["--broker-socket", str(path)]
     env = {**os.environ, "HUBSERVER_WORKERS": "1", "HUBSERVER_DEMO": "0"}

@@ -47,6 +47,14 @@ class ServerConfig:
             batching in bursts).
         reuse_port: listen with SO_REUSEPORT (a worker of ``--workers``).
         broker_socket: the parent's broker (a worker without ``--backplane``).
+        dedupe_window: seconds an accepted event id keeps a retry from being
+            published again (per hub and site; 0 turns it off).
+        max_dedupe_ids: ids remembered for that, at most, without Redis (past
+            it the oldest are forgotten early).
+        site_idle_timeout: a site without local subscribers and without
+            events for this long is forgotten from the broker's memory.
+        max_history_sites: sites whose history is kept, at most, without
+            Redis (the least recently used is forgotten first).
     """
 
     host: str = "127.0.0.1"
@@ -71,6 +79,10 @@ class ServerConfig:
     publish_window: int = 1000
     reuse_port: bool = False
     broker_socket: Path | None = None
+    dedupe_window: float = 600.0
+    max_dedupe_ids: int = 100_000
+    site_idle_timeout: float = 600.0
+    max_history_sites: int = 10_000
 
     def __post_init__(self) -> None:
         if self.jwks_file is not None and self.jwks_url is not None:
@@ -84,6 +96,9 @@ class ServerConfig:
         for name in ("max_outbox_bytes", "max_publish_bytes", "history_size", "publish_window"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be positive")
+        for name in ("max_dedupe_ids", "max_history_sites"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be positive")
         for name in (
             "drain_timeout",
             "request_timeout",
@@ -91,6 +106,8 @@ class ServerConfig:
             "token_leeway",
             "demo_interval",
             "resume_window",
+            "dedupe_window",
+            "site_idle_timeout",
         ):
             value = getattr(self, name)
             if not math.isfinite(value) or value < 0:
