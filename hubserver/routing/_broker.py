@@ -171,6 +171,11 @@ class Broker:
     def backplane(self) -> Backplane:
         return self._backplane
 
+    @property
+    def site_count(self) -> int:
+        """Sites whose last seq this node keeps (see ``site_idle_timeout``)."""
+        return len(self._last)
+
     async def run(
         self,
         *,
