@@ -207,9 +207,16 @@ class Broker:
     async def publish(self, hub: Hub, events: list[dict[str, object]]) -> list[NumberedEvent]:
         """Number and broadcast validated events, in order, all or nothing.
 
+        Returns one ``NumberedEvent`` per event, in order, with its ``event_id``
+        and ``seq``; an id accepted within the dedupe window comes back with
+        its original seq and ``is_duplicate`` set, and is not delivered again.
+
         Raises:
             PublishError: an event cannot be encoded (nothing was published).
             BackplaneUnavailable: nothing was accepted; the publisher should retry.
+            PublishOutcomeUnknown: it may have been accepted; the publisher
+                should retry with the same ids (a duplicate is answered, not
+                published). Any other ``BackplaneError`` means the same.
         """
         pending = [to_pending(hub, event, index) for index, event in enumerate(events)]
         published = await self._backplane.publish(pending)
