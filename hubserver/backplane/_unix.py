@@ -210,7 +210,7 @@ class BrokerServer:
         if op == "pub":
             rows = request[2] if len(request) > 2 else None
             if not isinstance(rows, list):
-                raise BackplaneError("expected [\"pub\", id, rows]")
+                raise BackplaneError('expected ["pub", id, rows]')
             pending = [_pending(row) for row in rows]
             numbered = await self._backplane.publish(pending)
             return ["ok", request[1], [_numbered_row(event) for event in numbered]]
@@ -419,7 +419,7 @@ class UnixBackplane:
                                 # reconnect makes the caller recover from history.
                                 rows = frame[1] if len(frame) > 1 else None
                                 if not isinstance(rows, list) or not rows:
-                                    raise BackplaneError("expected [\"ev\", rows]")
+                                    raise BackplaneError('expected ["ev", rows]')
                                 deliver([_numbered(row) for row in rows])
                     except (
                         OSError,
