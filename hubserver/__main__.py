@@ -93,6 +93,34 @@ def _parser() -> argparse.ArgumentParser:
         help="events awaiting local delivery before publishes wait (1: lowest latency)",
     )
     _add(s, "--workers", default="1", help="worker processes on the port: a number or 'auto'")
+    _add(
+        s,
+        "--dedupe-window",
+        type=float,
+        default=600.0,
+        help="seconds a published event id is remembered: a retry is not published again (0: off)",
+    )
+    _add(
+        s,
+        "--max-dedupe-ids",
+        type=int,
+        default=100_000,
+        help="event ids remembered at most without Redis (past it the oldest go early)",
+    )
+    _add(
+        s,
+        "--site-idle-timeout",
+        type=float,
+        default=600.0,
+        help="seconds before a site with no subscriber and no event is forgotten from memory",
+    )
+    _add(
+        s,
+        "--max-history-sites",
+        type=int,
+        default=10_000,
+        help="sites whose history is kept at most without Redis (least recently used go first)",
+    )
     _add(s, "--log-level", default="info", help="debug, info, warning or error")
     # Set by the --workers parent for its workers only.
     s.add_argument("--reuse-port", action="store_true", help=argparse.SUPPRESS)
@@ -157,6 +185,10 @@ def _config(args: argparse.Namespace) -> ServerConfig:
         reuse_port=bool(args.reuse_port),
         broker_socket=args.broker_socket,
         broker_max_queue_bytes=int(args.broker_max_queue_bytes),
+        dedupe_window=float(args.dedupe_window),
+        max_dedupe_ids=int(args.max_dedupe_ids),
+        site_idle_timeout=float(args.site_idle_timeout),
+        max_history_sites=int(args.max_history_sites),
     )
 
 

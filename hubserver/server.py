@@ -84,10 +84,24 @@ def build_verifier(config: ServerConfig) -> TokenVerifier:
 def build_backplane(config: ServerConfig) -> Backplane:
     """Redis when ``--backplane`` is given, the parent's broker for a worker, else in-process."""
     if config.backplane is not None:
-        return RedisBackplane(config.backplane, history_size=config.history_size)
+        return RedisBackplane(
+            config.backplane,
+            history_size=config.history_size,
+            dedupe_window=config.dedupe_window,
+        )
     if config.broker_socket is not None:
         return UnixBackplane(config.broker_socket)
-    return MemoryBackplane(history_size=config.history_size)
+    return build_memory_backplane(config)
+
+
+def build_memory_backplane(config: ServerConfig) -> MemoryBackplane:
+    """The in-process backplane (this process's, or the ``--workers`` parent's)."""
+    return MemoryBackplane(
+        history_size=config.history_size,
+        dedupe_window=config.dedupe_window,
+        max_dedupe_ids=config.max_dedupe_ids,
+        max_sites=config.max_history_sites,
+    )
 
 
 def reuse_port_listener(host: str, port: int) -> trio.SocketListener:
@@ -139,6 +153,7 @@ async def serve(
                 build_backplane(config),
                 trio.current_time,
                 publish_window=config.publish_window,
+                site_idle_timeout=config.site_idle_timeout,
             ),
         )
         await _run(app, task_status)

@@ -97,7 +97,12 @@ async def run_workers(
     if config.backplane is None:
         path = config.data_dir / f"broker-{os.getpid()}.sock"
         broker = BrokerServer(
-            MemoryBackplane(history_size=config.history_size),
+            MemoryBackplane(
+                history_size=config.history_size,
+                dedupe_window=config.dedupe_window,
+                max_dedupe_ids=config.max_dedupe_ids,
+                max_sites=config.max_history_sites,
+            ),
             path,
             max_queue_bytes=config.broker_max_queue_bytes,
         )

@@ -9,6 +9,7 @@ from ._contract import (
     History,
     NumberedEvent,
     PendingEvent,
+    PublishOutcomeUnknown,
 )
 from ._memory import MemoryBackplane
 from ._redis import RedisBackplane
@@ -24,6 +25,7 @@ __all__ = [
     "MemoryBackplane",
     "NumberedEvent",
     "PendingEvent",
+    "PublishOutcomeUnknown",
     "RedisAddress",
     "RedisBackplane",
     "RedisConnection",

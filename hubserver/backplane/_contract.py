@@ -10,6 +10,22 @@ Event texts travel as *prefixes*: compact JSON of the event without its last
 ``}``, ending in ``"seq":``. The backplane assigns the seq and appends
 ``<seq>}``, inside the same atomic step that numbers, stores and publishes,
 so per-site order on the wire is seq order on every node.
+
+Publishing is idempotent on the event's ``id``, per (hub, site): an event whose
+id was accepted for the same hub and site within the dedupe window is not
+numbered, stored or broadcast again; ``publish`` returns it with its original
+seq and ``is_duplicate`` set. The window runs from the first acceptance (a
+retry does not extend it). Within one batch, a repeated id is treated the same
+way: the first occurrence is published, the later ones report its seq. The
+same id on another site or hub is another event.
+
+Errors say what the publisher may assume. ``BackplaneUnavailable``: nothing
+of the batch was accepted (the request never reached the backplane, or it
+refused it before doing anything); retrying is safe and cannot duplicate.
+``PublishOutcomeUnknown``: the request was sent and its answer was lost; the
+batch may have been accepted. A retry with the same ids is still safe: the
+dedupe window turns an accepted event into a duplicate answered with its
+original seq.
 """
 
 from __future__ import annotations
@@ -27,6 +43,7 @@ __all__ = [
     "BackplaneError",
     "BackplaneUnavailable",
     "History",
+    "PublishOutcomeUnknown",
     "NumberedEvent",
     "PendingEvent",
 ]
@@ -37,7 +54,21 @@ class BackplaneError(HubError):
 
 
 class BackplaneUnavailable(BackplaneError):
-    """The backplane cannot be reached now: publish answers 503, nothing is accepted."""
+    """Nothing was accepted: the backplane could not be reached or refused the request.
+
+    Raised only when that is certain (the request was never sent, or the
+    backplane answered that it did not run it). Publish answers 503; a retry
+    cannot duplicate anything.
+    """
+
+
+class PublishOutcomeUnknown(BackplaneError):
+    """A publish was sent, and its answer was lost (timed out, connection dropped).
+
+    The batch may or may not have been accepted. Publish answers 503 with
+    ``"outcome": "unknown"``; retrying with the same event ids is safe (see
+    the module docstring on idempotency).
+    """
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -72,6 +103,9 @@ class NumberedEvent:
     #: Identifies the backplane's numbering: it changes when the backplane lost
     #: its data (a Redis restarted without persistence) and seqs start over.
     epoch: str = ""
+    #: Only in what ``publish`` returns: the id was already accepted within the
+    #: dedupe window, ``seq`` is the original one and nothing was broadcast.
+    is_duplicate: bool = False
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -97,8 +131,13 @@ class Backplane(Protocol):
     async def publish(self, events: Sequence[PendingEvent]) -> list[NumberedEvent]:
         """Number, store and broadcast ``events`` atomically, in order.
 
-        Returns the numbered events. Raises ``BackplaneUnavailable`` when
-        nothing was accepted (the publisher should retry).
+        Returns one numbered event per pending one, in order; an id accepted
+        within the dedupe window comes back with its original seq and
+        ``is_duplicate`` set, and is not broadcast again (see the module
+        docstring). Raises ``BackplaneUnavailable`` when nothing was accepted,
+        ``PublishOutcomeUnknown`` when the outcome is unknown (the publisher
+        should retry with the same ids in both cases); never another exception
+        type for a backplane failure.
         """
         ...
 

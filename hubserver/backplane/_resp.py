@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import enum
 import logging
+import select
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
@@ -252,6 +253,9 @@ class RedisConnection:
         self._is_broken = False
         self._is_closed = False
         self._is_subscribed = False
+        # A command was sent whole and its reply not read yet: if the wait ends
+        # here, Redis may or may not have run it.
+        self._is_awaiting_reply = False
 
     @classmethod
     async def connect(
@@ -300,6 +304,30 @@ class RedisConnection:
     def is_subscribed(self) -> bool:
         return self._is_subscribed
 
+    @property
+    def is_awaiting_reply(self) -> bool:
+        """True from the moment a command was sent whole until its reply is read.
+
+        A command interrupted while this is False never reached Redis in full
+        (Redis runs nothing of a partial command); while True, it may have run.
+        """
+        return self._is_awaiting_reply
+
+    def is_stale(self) -> bool:
+        """True when an idle command connection has input waiting: Redis closed it.
+
+        Redis sends nothing unasked to a connection that is not subscribed, so
+        anything readable between commands is the peer's close (or an error it
+        sent before closing). Checking before reuse turns "the connection died
+        while idle" into a failure before sending, where it is certain that
+        nothing ran, instead of a lost reply.
+        """
+        if not self.is_usable:
+            return True
+        poller = select.poll()
+        poller.register(self._stream.socket.fileno(), select.POLLIN)
+        return bool(poller.poll(0))
+
     async def aclose(self) -> None:
         """Close the socket (always succeeds, even when cancelled)."""
         self._is_closed = True
@@ -334,7 +362,9 @@ class RedisConnection:
             # Until the reply is read, an interruption leaves an unread reply behind.
             self._is_broken = True
             await self._send(command)
+            self._is_awaiting_reply = True
             reply = await self._read_reply()
+            self._is_awaiting_reply = False
             self._is_broken = False
         if isinstance(reply, RedisReplyError):
             raise reply

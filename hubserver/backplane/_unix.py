@@ -8,8 +8,15 @@ Wire: frames of a 4-byte big-endian length and a MessagePack array.
 Requests ``["pub", id, [[hub, site, user, event_id, prefix], ...]]`` and
 ``["hist", id, hub, site, after_seq]`` are answered ``["ok", id, ...]`` or
 ``["err", id, text]``; ``["sub"]`` turns a connection into a stream of
-``["ev", [[hub, site, user, event_id, seq, text], ...]]`` pushes, one per
-published batch, in publish order.
+``["ev", [[hub, site, user, event_id, seq, text, epoch, is_duplicate], ...]]``
+pushes, one per published batch, in publish order (``pub`` answers rows of
+the same shape).
+
+A publish whose reply is lost after its frame was written whole raises
+``PublishOutcomeUnknown`` (the parent may have published it); one that fails
+before, or that the parent answers with an error, ``BackplaneUnavailable``.
+A frame that does not decode ends that connection (a subscription then
+reconnects and the caller recovers from history), never the process.
 """
 
 from __future__ import annotations
@@ -24,7 +31,14 @@ from typing import Final
 import msgpack
 import trio
 
-from ._contract import BackplaneError, BackplaneUnavailable, History, NumberedEvent, PendingEvent
+from ._contract import (
+    BackplaneError,
+    BackplaneUnavailable,
+    History,
+    NumberedEvent,
+    PendingEvent,
+    PublishOutcomeUnknown,
+)
 from ._memory import MemoryBackplane
 
 __all__ = ["BrokerServer", "UnixBackplane"]
@@ -54,20 +68,50 @@ def _numbered_row(event: NumberedEvent) -> list[object]:
         event.seq,
         event.text,
         event.epoch,
+        event.is_duplicate,
     ]
 
 
-def _numbered(row: Sequence[object]) -> NumberedEvent:
-    hub, site_id, user_id, event_id, seq, text, epoch = row
-    return NumberedEvent(
-        hub=str(hub),
-        site_id=str(site_id),
-        user_id=None if user_id is None else str(user_id),
-        event_id=str(event_id),
-        seq=int(seq),  # type: ignore[call-overload]  # msgpack gives an int here
-        text=str(text),
-        epoch=str(epoch),
-    )
+def _numbered(row: object) -> NumberedEvent:
+    """A row of ``_numbered_row`` back as an event; anything else is a ``BackplaneError``."""
+    match row:
+        case [
+            str(hub),
+            str(site_id),
+            str() | None as user_id,
+            str(event_id),
+            int(seq),
+            str(text),
+            str(epoch),
+            *rest,
+        ] if not isinstance(seq, bool) and rest in ([], [True], [False]):
+            return NumberedEvent(
+                hub=hub,
+                site_id=site_id,
+                user_id=user_id,
+                event_id=event_id,
+                seq=seq,
+                text=text,
+                epoch=epoch,
+                is_duplicate=rest == [True],
+            )
+    raise BackplaneError(f"expected a numbered event row from the broker, got {_describe(row)}")
+
+
+def _pending(row: object) -> PendingEvent:
+    match row:
+        case [str(hub), str(site_id), str() | None as user_id, str(event_id), str(prefix)]:
+            return PendingEvent(
+                hub=hub, site_id=site_id, user_id=user_id, event_id=event_id, prefix=prefix
+            )
+    raise BackplaneError(f"expected [hub, site, user, id, prefix], got {_describe(row)}")
+
+
+def _describe(value: object) -> str:
+    """The shape of a malformed value, without its content (it may be a payload)."""
+    if isinstance(value, list):
+        return f"an array of {len(value)}: [{', '.join(type(v).__name__ for v in value[:8])}]"
+    return type(value).__name__
 
 
 class _FrameReader:
@@ -87,9 +131,12 @@ class _FrameReader:
                 if len(self._buffer) >= end:
                     body = bytes(self._buffer[_HEADER.size : end])
                     del self._buffer[:end]
-                    value = msgpack.unpackb(body, raw=False)
-                    if not isinstance(value, list):
-                        raise BackplaneError("broker frame is not an array")
+                    try:
+                        value = msgpack.unpackb(body, raw=False)
+                    except (ValueError, msgpack.UnpackException) as exc:
+                        raise BackplaneError(f"broker frame is not MessagePack: {exc}") from exc
+                    if not isinstance(value, list) or not value:
+                        raise BackplaneError("broker frame is not a non-empty array")
                     return value
             data = await self._stream.receive_some(65536)
             if not data:
@@ -181,12 +228,10 @@ class BrokerServer:
 
     async def _answer(self, op: object, request: list[object]) -> list[object]:
         if op == "pub":
-            rows = request[2]
-            assert isinstance(rows, list)
-            pending = [
-                PendingEvent(hub=h, site_id=s, user_id=u, event_id=i, prefix=p)
-                for h, s, u, i, p in rows
-            ]
+            rows = request[2] if len(request) > 2 else None
+            if not isinstance(rows, list):
+                raise BackplaneError('expected ["pub", id, rows]')
+            pending = [_pending(row) for row in rows]
             numbered = await self._backplane.publish(pending)
             return ["ok", request[1], [_numbered_row(event) for event in numbered]]
         if op == "ping":
@@ -293,9 +338,17 @@ class UnixBackplane:
     def is_available(self) -> bool:
         return self._available
 
-    async def _request(self, request: list[object]) -> list[object]:
+    async def _request(self, request: list[object], *, is_write: bool = False) -> list[object]:
+        """One request and its ``ok`` reply.
+
+        Raises:
+            BackplaneUnavailable: not sent whole, or answered with an error.
+            PublishOutcomeUnknown: with ``is_write``, sent whole and the reply
+                was lost (the parent may have applied it).
+        """
         async with self._limiter:
             conn: tuple[trio.SocketStream, _FrameReader] | None = None
+            is_sent = False
             try:
                 with trio.fail_after(self._op_timeout):
                     if self._idle:
@@ -304,23 +357,33 @@ class UnixBackplane:
                         stream = await trio.open_unix_socket(self._path)
                         conn = (stream, _FrameReader(stream))
                     await conn[0].send_all(_pack(request))
+                    is_sent = True
                     reply = await conn[1].next()
+                if reply is None:
+                    raise BackplaneError("the workers' broker closed the connection")
             except (OSError, trio.BrokenResourceError, trio.TooSlowError, BackplaneError) as exc:
                 await self._close(conn)
                 await self._drop()
                 self._available = False
-                raise BackplaneUnavailable(f"the workers' broker is unreachable: {exc}") from exc
+                if is_write and is_sent:
+                    raise PublishOutcomeUnknown(
+                        f"lost the workers' broker's reply, the publish may have been applied: "
+                        f"{exc or type(exc).__name__}"
+                    ) from exc
+                raise BackplaneUnavailable(
+                    f"the workers' broker is unreachable: {exc or type(exc).__name__}"
+                ) from exc
             except trio.Cancelled:
                 await self._close(conn)  # a request half done leaves the stream out of step
                 raise
-            if reply is None:
-                await self._close(conn)
-                self._available = False
-                raise BackplaneUnavailable("the workers' broker closed the connection")
             self._idle.append(conn)
             self._available = True
             if reply[0] != "ok":
-                raise BackplaneError(str(reply[2]) if len(reply) > 2 else "broker error")
+                # The parent answers "err" before doing anything (a request it cannot parse).
+                raise BackplaneUnavailable(
+                    f"the workers' broker refused the request: "
+                    f"{reply[2] if len(reply) > 2 else 'no reason given'}"
+                )
             return reply
 
     @staticmethod
@@ -340,19 +403,30 @@ class UnixBackplane:
             return []
         self._ids += 1
         rows = [[e.hub, e.site_id, e.user_id, e.event_id, e.prefix] for e in events]
-        reply = await self._request(["pub", self._ids, rows])
-        return [_numbered(row) for row in reply[2]]  # type: ignore[attr-defined]
+        reply = await self._request(["pub", self._ids, rows], is_write=True)
+        try:
+            match reply:
+                case [_, _, list(numbered)] if len(numbered) == len(events):
+                    return [_numbered(row) for row in numbered]
+            raise BackplaneError(f"expected {len(events)} rows")
+        except BackplaneError as exc:
+            raise PublishOutcomeUnknown(
+                f"the workers' broker answered the publish with a malformed reply: {exc}"
+            ) from exc
 
     async def history(self, hub: str, site_id: str, after_seq: int) -> History:
         self._ids += 1
         reply = await self._request(["hist", self._ids, hub, site_id, after_seq])
-        _, _, rows, first_seq, last_seq, epoch = reply
-        return History(
-            epoch=str(epoch),
-            events=[_numbered(row) for row in rows],  # type: ignore[attr-defined]
-            first_seq=None if first_seq is None else int(first_seq),  # type: ignore[call-overload]
-            last_seq=int(last_seq),  # type: ignore[call-overload]
-        )
+        match reply:
+            case [_, _, list(rows), int() | None as first_seq, int(last_seq), str(epoch)]:
+                events: list[NumberedEvent] = []
+                for row in rows:
+                    try:
+                        events.append(_numbered(row))
+                    except BackplaneError as exc:
+                        log.error("skipped a malformed history row of %s/%s: %s", hub, site_id, exc)
+                return History(epoch=epoch, events=events, first_seq=first_seq, last_seq=last_seq)
+        raise BackplaneError(f"{hub}/{site_id}: malformed history reply from the workers' broker")
 
     async def run(
         self,
@@ -393,7 +467,12 @@ class UnixBackplane:
                             on_reconnect()
                         while (frame := await reader.next()) is not None:
                             if frame[0] == "ev":
-                                deliver([_numbered(row) for row in frame[1]])  # type: ignore[attr-defined]
+                                # A bad row ends the subscription (BackplaneError): the
+                                # reconnect makes the caller recover from history.
+                                rows = frame[1] if len(frame) > 1 else None
+                                if not isinstance(rows, list) or not rows:
+                                    raise BackplaneError('expected ["ev", rows]')
+                                deliver([_numbered(row) for row in rows])
                         # The parent closes a stream that fell too far behind (or
                         # is stopping): resubscribe at once; ``on_reconnect`` has
                         # the broker fetch what was missed from history.

@@ -55,6 +55,14 @@ class ServerConfig:
             bytes the parent queues for one worker's event stream before it
             disconnects that worker (which resubscribes and recovers the rest
             from history, or sends its subscribers a Gap).
+        dedupe_window: seconds an accepted event id keeps a retry from being
+            published again (per hub and site; 0 turns it off).
+        max_dedupe_ids: ids remembered for that, at most, without Redis (past
+            it the oldest are forgotten early).
+        site_idle_timeout: a site without local subscribers and without
+            events for this long is forgotten from the broker's memory.
+        max_history_sites: sites whose history is kept, at most, without
+            Redis (the least recently used is forgotten first).
     """
 
     host: str = "127.0.0.1"
@@ -81,6 +89,10 @@ class ServerConfig:
     reuse_port: bool = False
     broker_socket: Path | None = None
     broker_max_queue_bytes: int = 8 << 20
+    dedupe_window: float = 600.0
+    max_dedupe_ids: int = 100_000
+    site_idle_timeout: float = 600.0
+    max_history_sites: int = 10_000
 
     def __post_init__(self) -> None:
         if self.jwks_file is not None and self.jwks_url is not None:
@@ -94,6 +106,9 @@ class ServerConfig:
         for name in ("max_outbox_bytes", "max_publish_bytes", "history_size", "publish_window"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be positive")
+        for name in ("max_dedupe_ids", "max_history_sites"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be positive")
         for name in (
             "drain_timeout",
             "request_timeout",
@@ -102,6 +117,8 @@ class ServerConfig:
             "demo_interval",
             "resume_window",
             "slow_client_timeout",
+            "dedupe_window",
+            "site_idle_timeout",
         ):
             value = getattr(self, name)
             if not math.isfinite(value) or value < 0:

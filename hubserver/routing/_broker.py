@@ -8,6 +8,22 @@ skips ahead (the backplane connection dropped, a node missed a broadcast)
 holds that site's delivery while the missing events are fetched from history,
 so subscribers see every event once and in seq order. After a backplane
 reconnect every known site is checked the same way.
+
+Nothing the backplane sends can stall or crash a node:
+
+- An event that cannot be delivered (an unknown hub, a seq out of range) is
+  logged and skipped.
+- Whenever what is released for a site skips seqs (history lost them, an
+  entry could not be read, recovery gave up), the site's subscribers get a
+  ``Gap`` naming the next seq they will see, before it.
+- A recovery that keeps failing gives up after ``recovery_timeout`` and
+  releases what it held, with a ``Gap``; at most ``max_held_events`` wait
+  per site (later ones are dropped: the next event after the release finds
+  them missing and fetches them from history again).
+- A site with no local subscriber that saw no event for ``site_idle_timeout``
+  (checked every ``site_idle_timeout``, so forgotten after one to two of
+  them) is forgotten: its position is only needed to spot missed events for
+  local subscribers.
 """
 
 from __future__ import annotations
@@ -21,7 +37,14 @@ import trio
 from hubserver.backplane import Backplane, BackplaneError, History, NumberedEvent
 
 from ._groups import GroupKey, Hub, Router
-from ._stream import Delivery, StreamEvent, gap_message, to_pending, to_stream_event
+from ._stream import (
+    Delivery,
+    StreamEvent,
+    gap_message,
+    malformation,
+    to_pending,
+    to_stream_event,
+)
 
 __all__ = ["Broker", "Replay", "deliver_to"]
 
@@ -89,6 +112,11 @@ class Broker:
             return once what waited, its own events included, reached the
             local subscribers: the lowest latency, but fewer events share a
             frame, so less throughput in bursts.
+        site_idle_timeout: seconds after which a site without local
+            subscribers and without events is forgotten (0: never).
+        recovery_timeout: how long a site's recovery retries an unavailable
+            history before it gives up and releases what it held, with a Gap.
+        max_held_events: live events held per site during its recovery.
     """
 
     def __init__(
@@ -98,10 +126,26 @@ class Broker:
         clock: Callable[[], float],
         *,
         publish_window: int = 1000,
+        site_idle_timeout: float = 600.0,
+        recovery_timeout: float = 10.0,
+        max_held_events: int = 10_000,
     ) -> None:
         if publish_window < 1:
             raise ValueError(f"publish_window must be positive, got {publish_window}")
+        if max_held_events < 1:
+            raise ValueError(f"max_held_events must be positive, got {max_held_events}")
+        if not (site_idle_timeout >= 0 and recovery_timeout > 0):
+            raise ValueError(
+                f"site_idle_timeout must not be negative, got {site_idle_timeout}, and "
+                f"recovery_timeout must be positive, got {recovery_timeout}"
+            )
         self._window = publish_window
+        self._site_idle_timeout = site_idle_timeout
+        self._recovery_timeout = recovery_timeout
+        self._max_held = max_held_events
+        # Sites that saw an event since the last idle sweep.
+        self._recent: set[_Site] = set()
+        self.skipped_events = 0
         self._router = router
         self._backplane = backplane
         self._clock = clock
@@ -127,6 +171,11 @@ class Broker:
     def backplane(self) -> Backplane:
         return self._backplane
 
+    @property
+    def site_count(self) -> int:
+        """Sites whose last seq this node keeps (see ``site_idle_timeout``)."""
+        return len(self._last)
+
     async def run(
         self,
         *,
@@ -144,6 +193,8 @@ class Broker:
             self._nursery = nursery
             nursery.start_soon(self._dispatch_pending)
             nursery.start_soon(self._run_backplane, _EventStatus(subscribed))
+            if self._site_idle_timeout > 0:
+                nursery.start_soon(self._forget_idle_sites)
             with trio.move_on_after(subscribe_timeout):
                 await subscribed.wait()
             if not subscribed.is_set():
@@ -156,9 +207,16 @@ class Broker:
     async def publish(self, hub: Hub, events: list[dict[str, object]]) -> list[NumberedEvent]:
         """Number and broadcast validated events, in order, all or nothing.
 
+        Returns one ``NumberedEvent`` per event, in order, with its ``event_id``
+        and ``seq``; an id accepted within the dedupe window comes back with
+        its original seq and ``is_duplicate`` set, and is not delivered again.
+
         Raises:
             PublishError: an event cannot be encoded (nothing was published).
             BackplaneUnavailable: nothing was accepted; the publisher should retry.
+            PublishOutcomeUnknown: it may have been accepted; the publisher
+                should retry with the same ids (a duplicate is answered, not
+                published). Any other ``BackplaneError`` means the same.
         """
         pending = [to_pending(hub, event, index) for index, event in enumerate(events)]
         published = await self._backplane.publish(pending)
@@ -172,11 +230,33 @@ class Broker:
         return published
 
     async def replay(self, hub: Hub, site_id: str, after_seq: int) -> Replay:
-        """History of (hub, site) after ``after_seq``, prepared for sending."""
+        """History of (hub, site) after ``after_seq``, prepared for sending.
+
+        If what history returns skips seqs (an entry could not be read), only
+        the part after the last hole is replayed, starting at
+        ``first_available``: the client gets a Gap where events may be missing.
+        """
         history = await self._backplane.history(hub.value, site_id, after_seq)
         first = history.first_seq if history.first_seq is not None else history.last_seq + 1
+        events = [event for event in history.events if self._is_deliverable(event)]
+        expected = max(after_seq + 1, first)
+        start = 0
+        for index, event in enumerate(events):
+            if event.seq != expected:
+                start = index
+            expected = event.seq + 1
+        if events and start == 0 and events[0].seq > max(after_seq + 1, first):
+            first = events[0].seq
+        elif start:
+            first = events[start].seq
+        events = events[start:]
+        if history.last_seq >= max(after_seq + 1, first) and (
+            not events or events[-1].seq < history.last_seq
+        ):
+            # The newest ones are missing: what comes next is after them.
+            events, first = [], history.last_seq + 1
         return Replay(
-            events=[to_stream_event(event) for event in history.events],
+            events=[to_stream_event(event) for event in events],
             first_available=first,
             last_seq=history.last_seq,
         )
@@ -187,11 +267,17 @@ class Broker:
         if events and (events[0].epoch or None) != self._epoch:
             self._new_epoch(events[0].epoch or None)
         ready: list[NumberedEvent] = []
+        is_tracking = self._site_idle_timeout > 0
         for event in events:
+            if not self._is_deliverable(event):
+                continue
             site = (event.hub, event.site_id)
+            if is_tracking:
+                self._recent.add(site)
             held = self._held.get(site)
             if held is not None:
-                held.append(event)
+                if len(held) < self._max_held:
+                    held.append(event)
                 continue
             last = self._last.get(site)
             if last is not None:
@@ -213,6 +299,26 @@ class Broker:
                 self._recover(site, last)
 
     # -- internals ---------------------------------------------------------------
+
+    def _is_deliverable(self, event: NumberedEvent) -> bool:
+        reason = malformation(event)
+        if reason is None:
+            return True
+        self.skipped_events += 1
+        log.error(
+            "skipped a malformed event from the backplane (%s/%.64s seq %.32r): %s",
+            str(event.hub)[:32],
+            event.site_id,
+            event.seq,
+            reason,
+        )
+        return False
+
+    def _flush(self) -> None:
+        """Deliver what waits for the dispatcher now: a Gap must not overtake it."""
+        if self._pending:
+            stream, self._pending = self._pending, []
+            self.deliveries += deliver_to(self._router, stream, self._clock())
 
     def _deliver(self, events: Sequence[NumberedEvent]) -> None:
         stream = [to_stream_event(event) for event in events]
@@ -253,48 +359,87 @@ class Broker:
 
     async def _fetch_missing(self, site: _Site, last: int, epoch: str | None) -> None:
         hub, site_id = site
-        history = await self._history(hub, site_id, last)
-        if (history.epoch or None) != epoch:
-            # ``last`` counted in a numbering that is gone: take all that is kept.
-            if (history.epoch or None) != self._epoch:
-                self._new_epoch(history.epoch or None)
-            last = 0
-            history = await self._history(hub, site_id, 0)
-        if history.first_seq is not None and history.first_seq > last + 1:
-            log.warning(
-                "%s/%s: events %d..%d are no longer in history; subscribers get a Gap",
+        recovered: list[NumberedEvent] = []
+        try:
+            with trio.fail_after(self._recovery_timeout):
+                history = await self._history(hub, site_id, last)
+                if (history.epoch or None) != epoch:
+                    # ``last`` counted in a numbering that is gone: take all that is kept.
+                    if (history.epoch or None) != self._epoch:
+                        self._new_epoch(history.epoch or None)
+                    last = 0
+                    history = await self._history(hub, site_id, 0)
+            recovered = [event for event in history.events if self._is_deliverable(event)]
+            if history.first_seq is not None and history.first_seq > last + 1:
+                log.warning(
+                    "%s/%.64s: events %d..%d are no longer in history; subscribers get a Gap",
+                    hub,
+                    site_id,
+                    last + 1,
+                    history.first_seq - 1,
+                )
+        except trio.TooSlowError:
+            log.error(
+                "%s/%.64s: history stayed unavailable for %.1f s; releasing %d held "
+                "event(s) with a Gap",
                 hub,
                 site_id,
-                last + 1,
-                history.first_seq - 1,
+                self._recovery_timeout,
+                len(self._held.get(site, ())),
             )
-            self._gap(site, history.first_seq)
-        self._release(site, list(history.events), last)
+        except Exception:
+            # One site's recovery must not take the node down, nor hold the site forever.
+            log.exception("%s/%.64s: recovery failed; releasing held events", hub, site_id)
+        self._release(site, recovered, last)
 
     async def _history(self, hub: str, site_id: str, after: int) -> History:
-        """History, retried with backoff: recovery waits for the backplane to come back."""
+        """History, retried with backoff until the caller's deadline."""
         delay = 0.1
         while True:
             try:
                 return await self._backplane.history(hub, site_id, after)
             except BackplaneError as exc:
-                log.warning("history of %s/%s unavailable (%s); retrying", hub, site_id, exc)
+                log.warning("history of %s/%.64s unavailable (%s); retrying", hub, site_id, exc)
                 await trio.sleep(delay)
                 delay = min(delay * 2, 2.0)
 
     def _gap(self, site: _Site, first_available: int) -> None:
+        self._flush()
         hub = Hub(site[0])
         message = gap_message(first_available)
         for key in self._router.keys_of(hub, site[1]):
             self._router.notify(key, message)
 
     def _release(self, site: _Site, recovered: list[NumberedEvent], last: int) -> None:
+        """Deliver what was recovered and held, in order, with a Gap before any hole."""
         held = self._held.pop(site, [])
         ready: list[NumberedEvent] = []
         for event in sorted([*recovered, *held], key=lambda e: e.seq):
-            if event.seq > last:
-                ready.append(event)
-                last = event.seq
+            if event.seq <= last:
+                continue
+            if event.seq > last + 1:
+                # Events last+1 .. seq-1 are not coming: say so before what follows.
+                if ready:
+                    self._deliver(ready)
+                    ready = []
+                self._gap(site, event.seq)
+            ready.append(event)
+            last = event.seq
         if ready:
             self._last[site] = last
             self._deliver(ready)
+
+    async def _forget_idle_sites(self) -> None:
+        while True:
+            await trio.sleep(self._site_idle_timeout)
+            subscribed = self._router.sites()
+            recent, self._recent = self._recent, set()
+            idle = [
+                site
+                for site in self._last
+                if site not in recent and site not in self._held and site not in subscribed
+            ]
+            for site in idle:
+                del self._last[site]
+            if idle:
+                log.debug("forgot %d idle sites", len(idle))

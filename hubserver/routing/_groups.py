@@ -74,6 +74,10 @@ class Router:
     def subscriber_count(self) -> int:
         return sum(len(members) for members in self._groups.values())
 
+    def sites(self) -> set[tuple[str, str]]:
+        """(hub value, site_id) of every site with local subscribers (to it or its users)."""
+        return {(key.hub.value, key.site_id) for key in self._groups}
+
     def keys_of(self, hub: Hub, site_id: str) -> list[GroupKey]:
         """Every group with local subscribers for (hub, site): the site's and its users'."""
         return [key for key in self._groups if key.hub is hub and key.site_id == site_id]

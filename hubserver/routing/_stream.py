@@ -15,12 +15,23 @@ from hubserver.transports import server_frame
 from ._events import PublishError
 from ._groups import Hub
 
-__all__ = ["Delivery", "StreamEvent", "gap_message", "to_pending", "to_stream_event"]
+__all__ = [
+    "MAX_SEQ",
+    "Delivery",
+    "StreamEvent",
+    "gap_message",
+    "malformation",
+    "to_pending",
+    "to_stream_event",
+]
 
 #: The client method every event is delivered to (the reference's samples).
 TARGET: Final = "ReceiveMessage"
 #: Sent before a replay that cannot start where the client asked (history was trimmed).
 GAP_TARGET: Final = "Gap"
+#: The largest seq a subscriber can be given: JSON clients (JavaScript) read
+#: numbers as doubles, exact up to 2^53.
+MAX_SEQ: Final = 2**53
 
 _compact = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode
 _HUBS: Final = {hub.value: hub for hub in Hub}
@@ -71,8 +82,28 @@ def to_pending(hub: Hub, event: dict[str, object], index: int) -> PendingEvent:
     )
 
 
+def malformation(event: NumberedEvent) -> str | None:
+    """Why ``event`` (from a backplane) cannot be delivered, or None when it can.
+
+    The backplane's data is trusted but not assumed: whatever else wrote to
+    it (a bug, an operator, another version) must not crash a node.
+    """
+    if event.hub not in _HUBS:
+        return f"unknown hub {event.hub[:32]!r}"
+    if type(event.seq) is not int or not 0 < event.seq <= MAX_SEQ:
+        return f"seq {event.seq!r:.32} is not in 1..2^53"
+    if not (type(event.site_id) is str and event.site_id and type(event.text) is str):
+        return "site_id or text is not a non-empty string"
+    if event.user_id is not None and type(event.user_id) is not str:
+        return "user_id is not a string"
+    return None
+
+
 def to_stream_event(event: NumberedEvent) -> StreamEvent:
-    """Prepare a numbered event for delivery (one encoding per protocol, later)."""
+    """Prepare a numbered event for delivery (one encoding per protocol, later).
+
+    ``event`` must pass ``malformation`` (an unknown hub raises ``KeyError``).
+    """
     return StreamEvent(
         hub=_HUBS[event.hub],
         site_id=event.site_id,

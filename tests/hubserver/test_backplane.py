@@ -14,14 +14,17 @@ from __future__ import annotations
 
 import itertools
 import json
+import socket
 import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 from typing import Any, Protocol
 
 import pytest
 import trio
+import trio.testing
 
 from hubserver.backplane import (
     Backplane,
@@ -31,6 +34,7 @@ from hubserver.backplane import (
     MemoryBackplane,
     NumberedEvent,
     PendingEvent,
+    PublishOutcomeUnknown,
     RedisBackplane,
     RedisConnection,
     UnixBackplane,
@@ -116,7 +120,9 @@ async def wait_for(predicate: Callable[[], bool]) -> None:
 
 
 class MakeNodes(Protocol):
-    def __call__(self, count: int = 1, *, history_size: int = 1000) -> list[Backplane]: ...
+    def __call__(
+        self, count: int = 1, *, history_size: int = 1000, dedupe_window: float = 600.0
+    ) -> list[Backplane]: ...
 
 
 @pytest.fixture(params=["memory", "unix", "redis"])
@@ -135,13 +141,17 @@ async def make_nodes(
     """``make_nodes(count, history_size=...)``: nodes sharing one backplane."""
     made: list[RedisBackplane | UnixBackplane] = []
 
-    def make(count: int = 1, *, history_size: int = 1000) -> list[Backplane]:
+    def make(
+        count: int = 1, *, history_size: int = 1000, dedupe_window: float = 600.0
+    ) -> list[Backplane]:
         if backplane_url is None:
-            return [MemoryBackplane(history_size=history_size)] * count
+            return [MemoryBackplane(history_size=history_size, dedupe_window=dedupe_window)] * count
         if backplane_url == "unix":
             # Worker processes' view: one parent broker, one UnixBackplane each.
             path = tmp_path / f"broker-{uuid.uuid4().hex[:8]}.sock"
-            broker = BrokerServer(MemoryBackplane(history_size=history_size), path)
+            broker = BrokerServer(
+                MemoryBackplane(history_size=history_size, dedupe_window=dedupe_window), path
+            )
             broker.listen()
             nursery.start_soon(broker.serve)
             workers = [UnixBackplane(path) for _ in range(count)]
@@ -155,6 +165,7 @@ async def make_nodes(
                 key_prefix=name,
                 channel=name,
                 op_timeout=2.0,
+                dedupe_window=dedupe_window,
             )
             for _ in range(count)
         ]
@@ -322,6 +333,166 @@ async def test_is_available_and_ping(make_nodes: MakeNodes) -> None:
         assert isinstance(node, MemoryBackplane | RedisBackplane | UnixBackplane)
         await node.ping()
         assert node.is_available
+
+
+# -- the contract: idempotent publish (memory, unix and Redis) --------------------------
+
+
+def retry_of(pending: PendingEvent, **fields: Any) -> PendingEvent:
+    """The same event id again (a publisher's retry), possibly with other content."""
+    body = {"site_id": pending.site_id, "id": pending.event_id, **fields}
+    prefix = json.dumps(body, separators=(",", ":"))[:-1] + ',"seq":'
+    return PendingEvent(
+        hub=pending.hub,
+        site_id=pending.site_id,
+        user_id=pending.user_id,
+        event_id=pending.event_id,
+        prefix=prefix,
+    )
+
+
+async def test_an_accepted_id_is_not_published_again(make_nodes: MakeNodes) -> None:
+    with trio.fail_after(CAP):
+        first, second = make_nodes(2)
+        listeners = [Listener(), Listener()]
+        async with trio.open_nursery() as nursery:
+            await start(nursery, first, listeners[0])
+            await start(nursery, second, listeners[1])
+            pending = make_event()[0]
+            [original] = await first.publish([pending])
+            assert (original.seq, original.is_duplicate) == (1, False)
+            # A retry, on this node and on another, even with other content.
+            for node in (first, second, first):
+                [again] = await node.publish([retry_of(pending, changed=True)])
+                assert (again.event_id, again.seq, again.is_duplicate) == (
+                    pending.event_id,
+                    1,
+                    True,
+                )
+            # Mixed with new events: only the new ones are numbered and broadcast.
+            fresh = events(2)
+            mixed = await second.publish([fresh[0], retry_of(pending), fresh[1]])
+            assert [(e.seq, e.is_duplicate) for e in mixed] == [(2, False), (1, True), (3, False)]
+            marker = await first.publish(events(1, site_id="marker"))
+            for listener in listeners:
+                await listener.wait_batch(marker)
+            nursery.cancel_scope.cancel()
+        for listener in listeners:
+            assert listener.batches == [[original], [mixed[0], mixed[2]], marker]
+        history = await first.history("entries", "site-a", 0)
+        assert seqs(history.events) == [1, 2, 3]
+
+
+async def test_a_repeated_id_in_one_batch_is_published_once(make_nodes: MakeNodes) -> None:
+    with trio.fail_after(CAP):
+        [node] = make_nodes()
+        listener = Listener()
+        async with trio.open_nursery() as nursery:
+            await start(nursery, node, listener)
+            pending, other = make_event()[0], make_event()[0]
+            numbered = await node.publish([pending, other, retry_of(pending)])
+            assert [(e.seq, e.is_duplicate) for e in numbered] == [
+                (1, False),
+                (2, False),
+                (1, True),
+            ]
+            await listener.wait_events(2)
+            marker = await node.publish(events(1, site_id="marker"))
+            await listener.wait_batch(marker)
+            nursery.cancel_scope.cancel()
+        assert listener.batches == [numbered[:2], marker]
+
+
+async def test_an_id_is_scoped_to_its_hub_and_site(make_nodes: MakeNodes) -> None:
+    with trio.fail_after(CAP):
+        [node] = make_nodes()
+        pending = make_event(site_id="site:a")[0]
+        await node.publish([pending])
+        others = [
+            replace(pending, site_id="site:a:x"),  # a colon cannot make two sites one
+            replace(pending, site_id="site"),
+            replace(pending, hub="incidents"),
+        ]
+        numbered = await node.publish(others)
+        assert [(e.seq, e.is_duplicate) for e in numbered] == [(1, False)] * 3
+        # The same id with a colon in it is another id, too.
+        colon = replace(pending, event_id=pending.event_id + ":1")
+        [event] = await node.publish([colon])
+        assert (event.seq, event.is_duplicate) == (2, False)
+
+
+async def test_an_id_is_published_again_after_the_window(make_nodes: MakeNodes) -> None:
+    window = 0.3
+    with trio.fail_after(CAP):
+        [node] = make_nodes(dedupe_window=window)
+        pending = make_event()[0]
+        [first] = await node.publish([pending])
+        [retry] = await node.publish([pending])
+        assert (first.seq, retry.seq, retry.is_duplicate) == (1, 1, True)
+        await trio.sleep(window + 0.1)
+        [late] = await node.publish([pending])
+        assert (late.seq, late.is_duplicate) == (2, False)
+        # The new acceptance starts a new window.
+        [retry] = await node.publish([pending])
+        assert (retry.seq, retry.is_duplicate) == (2, True)
+
+
+async def test_a_window_of_zero_turns_deduplication_off(make_nodes: MakeNodes) -> None:
+    with trio.fail_after(CAP):
+        [node] = make_nodes(dedupe_window=0)
+        pending = make_event()[0]
+        numbered = await node.publish([pending, pending])
+        numbered += await node.publish([pending])
+        assert [(e.seq, e.is_duplicate) for e in numbered] == [(1, False), (2, False), (3, False)]
+
+
+# -- memory only -----------------------------------------------------------------------
+
+
+async def test_memory_dedupe_ids_are_capped_oldest_forgotten_first() -> None:
+    node = MemoryBackplane(max_dedupe_ids=3)
+    first, *rest = events(4)
+    await node.publish([first, *rest])
+    assert node.dedupe_count == 3
+    # The oldest id was forgotten early: its retry is published again (documented).
+    [again] = await node.publish([first])
+    assert (again.seq, again.is_duplicate) == (5, False)
+    # The newer ones are still remembered.
+    assert all(e.is_duplicate for e in await node.publish(rest[1:]))
+
+
+async def test_memory_dedupe_ids_expire(autojump_clock: trio.testing.MockClock) -> None:
+    node = MemoryBackplane(dedupe_window=60.0)
+    await node.publish(events(100))
+    assert node.dedupe_count == 100
+    await trio.sleep(61)
+    await node.publish(events(1))
+    assert node.dedupe_count == 1
+
+
+async def test_memory_sites_are_capped_and_a_new_numbering_starts_after_the_forgotten() -> None:
+    node = MemoryBackplane(max_sites=2)
+    await node.publish(events(5, site_id="a"))
+    await node.publish(events(3, site_id="b"))
+    await node.history("entries", "a", 0)  # a read counts as use: "b" is now the oldest
+    await node.publish(events(1, site_id="c"))
+    assert node.site_count == 2
+    assert seqs((await node.history("entries", "a", 0)).events) == [1, 2, 3, 4, 5]
+    # "b" is forgotten: a client that saw up to 3 learns that nothing after 3 is kept...
+    forgotten = await node.history("entries", "b", 2)
+    assert (list(forgotten.events), forgotten.first_seq) == ([], None)
+    assert forgotten.last_seq >= 3
+    # ...and new events of "b" are numbered after anything it saw (never 1 again).
+    [event] = await node.publish(events(1, site_id="b"))
+    assert event.seq > 3
+
+
+async def test_memory_history_after_any_seq() -> None:
+    node = MemoryBackplane()
+    await node.publish(events(3))
+    for after in (2**63, 2**64, 10**30):
+        history = await node.history("entries", "site-a", after)
+        assert (list(history.events), history.last_seq) == ([], 3)
 
 
 # -- Redis only ------------------------------------------------------------------------
@@ -541,7 +712,8 @@ async def test_redis_silent_server_times_out_publish() -> None:
             port = await serve_fake(nursery, FakeRedis())
             async with RedisBackplane(f"redis://127.0.0.1:{port}", op_timeout=0.3) as node:
                 started_at = trio.current_time()
-                with pytest.raises(BackplaneUnavailable, match=r"within 0\.3 s"):
+                # The script was sent and no answer came: it may have run.
+                with pytest.raises(PublishOutcomeUnknown, match=r"within 0\.3 s"):
                     await node.publish(events(1))
                 assert 0.3 <= trio.current_time() - started_at < 1.0
                 assert not node.is_available
@@ -562,3 +734,188 @@ async def test_redis_silent_subscription_is_noticed_by_ping() -> None:
             await fake.client_closed.wait()  # the silent connection was dropped
             assert node.is_available
             nursery.cancel_scope.cancel()
+
+
+# -- Redis refusing or corrupt: nothing half done, the node keeps going ----------------
+
+
+async def raw_redis(node: RedisBackplane, *command: str | int) -> object:
+    async with await RedisConnection.connect(node.address) as raw:
+        return await raw.execute(*command)
+
+
+@pytest.mark.parametrize("refusal", ["OOM", "READONLY", "NOPERM"])
+async def test_redis_refusing_writes_is_unavailable_with_nothing_done(
+    own_redis_server: RedisServer, refusal: str
+) -> None:
+    admin = redis_node(own_redis_server.url)
+    url = own_redis_server.url
+    if refusal == "NOPERM":
+        # A user that may do anything but run scripts (a mis-set ACL).
+        await raw_redis(admin, "ACL", "SETUSER", "pub", "on", ">pw", "~*", "&*", "+@all")
+        url = url.replace("redis://", "redis://pub:pw@")
+    refuse: dict[str, list[tuple[str | int, ...]]] = {
+        "OOM": [
+            ("CONFIG", "SET", "maxmemory-policy", "noeviction"),
+            ("CONFIG", "SET", "maxmemory", 1),
+        ],
+        "READONLY": [("REPLICAOF", "127.0.0.1", 1)],  # a master that is not there
+        "NOPERM": [("ACL", "SETUSER", "pub", "-evalsha", "-eval")],
+    }
+    allow: dict[str, list[tuple[str | int, ...]]] = {
+        "OOM": [("CONFIG", "SET", "maxmemory", 0)],
+        "READONLY": [("REPLICAOF", "NO", "ONE")],
+        "NOPERM": [("ACL", "SETUSER", "pub", "+evalsha", "+eval")],
+    }
+    with trio.fail_after(CAP):
+        node = redis_node(url, op_timeout=0.5, ping_interval=0.1)
+        listener = Listener()
+        async with node, trio.open_nursery() as nursery:
+            await start(nursery, node, listener)
+            accepted = make_event()[0]
+            assert seqs(await node.publish([accepted])) == [1]
+            for command in refuse[refusal]:
+                await raw_redis(admin, *command)
+            for _ in range(3):
+                with pytest.raises(BackplaneUnavailable, match=refusal):
+                    await node.publish(events(2))
+            assert not node.is_available  # /readyz says not ready
+            if refusal != "NOPERM":
+                # A retry of what was accepted writes nothing, so it is still answered.
+                [retry] = await node.publish([accepted])
+                assert (retry.seq, retry.is_duplicate) == (1, True)
+            for command in allow[refusal]:
+                await raw_redis(admin, *command)
+            # The write probe notices, without any publish.
+            await wait_for(lambda: node.is_available)
+            # Nothing of the refused publishes was numbered, stored or broadcast.
+            assert seqs(await node.publish(events(1))) == [2]
+            await listener.wait_events(2)
+            assert seqs((await node.history("entries", "site-a", 0)).events) == [1, 2]
+            nursery.cancel_scope.cancel()
+        assert seqs(listener.events) == [1, 2]
+
+
+async def test_redis_corrupt_counter_refuses_and_corrupt_history_costs_only_history(
+    redis_server: RedisServer,
+) -> None:
+    with trio.fail_after(CAP):
+        node = redis_node(redis_server.url)
+        prefix = node._key_prefix
+        listener = Listener()
+        async with node, trio.open_nursery() as nursery:
+            await start(nursery, node, listener)
+            await node.publish(events(2))
+            await raw_redis(node, "SET", f"{prefix}:seq:entries:site-a", "garbage")
+            with pytest.raises(BackplaneUnavailable, match="not a seq"):
+                await node.publish(events(1))
+            assert await raw_redis(node, "XLEN", f"{prefix}:hist:entries:site-a") == 2
+
+            await raw_redis(node, "SET", f"{prefix}:seq:entries:site-a", 2)
+            await raw_redis(node, "DEL", f"{prefix}:hist:entries:site-a")
+            await raw_redis(node, "LPUSH", f"{prefix}:hist:entries:site-a", "junk")
+            # Still numbered and broadcast; only history cannot keep it.
+            assert seqs(await node.publish(events(1))) == [3]
+            with pytest.raises(BackplaneError, match="WRONGTYPE"):
+                await node.history("entries", "site-a", 0)
+            await listener.wait_events(3)
+            nursery.cancel_scope.cancel()
+        assert seqs(listener.events) == [1, 2, 3]
+
+
+async def test_redis_history_skips_entries_it_cannot_read(redis_server: RedisServer) -> None:
+    with trio.fail_after(CAP):
+        async with redis_node(redis_server.url) as node:
+            prefix = node._key_prefix
+            hist = f"{prefix}:hist:entries:site-a"
+            await node.publish(events(2))
+            await raw_redis(node, "XADD", hist, "3-1", "junk", "1")  # no id, no text
+            await raw_redis(node, "XADD", hist, "4-0", "id", "x", "text", "{}")  # not <seq>-1
+            await raw_redis(node, "SET", f"{prefix}:seq:entries:site-a", 4)
+            await node.publish(events(1))
+            history = await node.history("entries", "site-a", 0)
+            assert seqs(history.events) == [1, 2, 5]
+            assert history.last_seq == 5
+
+
+# -- the workers' broker: lost replies, malformed frames --------------------------------
+
+
+def unix_listener(path: Path) -> trio.SocketListener:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.bind(str(path))
+    sock.listen(8)
+    return trio.SocketListener(trio.socket.from_stdlib_socket(sock))
+
+
+@pytest.mark.parametrize("broker", ["silent", "closes"])
+async def test_unix_publish_whose_reply_is_lost_has_an_unknown_outcome(
+    tmp_path: Path, nursery: trio.Nursery, broker: str
+) -> None:
+    """A parent that read the request and never answered may have published it."""
+    path = tmp_path / "broker.sock"
+    node = UnixBackplane(path, op_timeout=0.3)
+    with trio.fail_after(CAP):
+        # Nothing listening: certain that nothing was accepted.
+        with pytest.raises(BackplaneUnavailable):
+            await node.publish(events(1))
+
+        async def handle(stream: trio.SocketStream) -> None:
+            async with stream:
+                await stream.receive_some(65536)
+                if broker == "silent":
+                    await trio.sleep_forever()
+
+        nursery.start_soon(trio.serve_listeners, handle, [unix_listener(path)])
+        await trio.testing.wait_all_tasks_blocked()
+        with pytest.raises(PublishOutcomeUnknown):
+            await node.publish(events(1))
+        assert not node.is_available
+
+
+async def test_unix_malformed_frames_are_refused_or_resubscribed_never_fatal(
+    tmp_path: Path, nursery: trio.Nursery
+) -> None:
+    from hubserver.backplane._unix import _FrameReader, _pack
+
+    path = tmp_path / "broker.sock"
+    server = BrokerServer(MemoryBackplane(), path)
+    server.listen()
+    nursery.start_soon(server.serve)
+    node = UnixBackplane(path)
+    listener = Listener()
+    with trio.fail_after(CAP):
+        await start(nursery, node, listener)
+        # A publish whose rows are not [hub, site, user, id, prefix] of strings.
+        async with await trio.open_unix_socket(str(path)) as raw:
+            await raw.send_all(_pack(["pub", 1, [[1, "s", None, "i", "{"]]]))
+            await raw.send_all(_pack(["pub", 2, [["entries", "s"]]]))
+            reader = _FrameReader(raw)
+            replies = [await reader.next(), await reader.next()]
+        assert [reply[:2] for reply in replies if reply] == [["err", 1], ["err", 2]]
+        published = await node.publish(events(1))
+        await listener.wait_batch(published)
+        assert listener.batches == [published]
+
+    # A parent sending rows a worker cannot read: the worker resubscribes, and says so.
+    fake_path = tmp_path / "fake.sock"
+    connections = 0
+
+    async def fake_parent(stream: trio.SocketStream) -> None:
+        nonlocal connections
+        connections += 1
+        async with stream:
+            await stream.receive_some(65536)  # ["sub"]
+            await stream.send_all(_pack(["subscribed"]))
+            if connections == 1:
+                bad_row = ["entries", "s", None, "i", "not a seq", "{}", "epoch"]
+                await stream.send_all(_pack(["ev", [bad_row]]) + b"\x00\x00\x00\x01\xc1")
+            await trio.sleep_forever()
+
+    nursery.start_soon(trio.serve_listeners, fake_parent, [unix_listener(fake_path)])
+    fake_node, fake_listener = UnixBackplane(fake_path), Listener()
+    with trio.fail_after(CAP):
+        await start(nursery, fake_node, fake_listener)
+        await fake_listener.wait_until(lambda: fake_listener.reconnects == 1)
+        assert fake_listener.batches == []
+    nursery.cancel_scope.cancel()
