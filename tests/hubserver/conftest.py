@@ -115,6 +115,7 @@ def _no_handler_crash(caplog: pytest.LogCaptureFixture) -> Iterator[None]:
     crashes = [
         record
         for record in caplog.get_records("call")
-        if record.name.startswith("hubserver") and "connection handler failed" in record.getMessage()
+        if record.name.startswith("hubserver")
+        and "connection handler failed" in record.getMessage()
     ]
     assert not crashes, f"a connection handler crashed: {crashes[0].exc_text or crashes[0]}"
