@@ -42,9 +42,7 @@ class TaskGuard:
         self._scopes: set[trio.CancelScope] | None = None
         self._is_closed = False
 
-    def start_soon(
-        self, fn: Callable[[Unpack[Ts]], Awaitable[object]], *args: *Ts
-    ) -> None:
+    def start_soon(self, fn: Callable[[Unpack[Ts]], Awaitable[object]], *args: *Ts) -> None:
         """Run ``fn(*args)`` under the guard (nothing happens once the guard is closed)."""
         if not self._is_closed:
             self._nursery.start_soon(self._run, fn, args)
