@@ -29,6 +29,7 @@ from .auth import (
 from .backplane import Backplane, MemoryBackplane, RedisBackplane, UnixBackplane
 from .config import ServerConfig
 from .http import handle_connection
+from .http._accept import ConnectionGate, accept_connections, descriptor_budget
 from .permissions import CachedPermissionStore, PermissionStore, SqlitePermissionStore
 from .routing import Broker, Router
 from .session import ACCESS_REVOKED_TEXT, SessionContext
@@ -173,12 +174,31 @@ async def _run(app: App, task_status: trio.TaskStatus[RunningServer]) -> None:
         )
         async with trio.open_nursery() as root:
             accept_scope = trio.CancelScope()
+            gate = ConnectionGate(
+                max_total=(
+                    descriptor_budget()
+                    if config.max_connections is None
+                    else config.max_connections
+                ),
+                max_per_ip=config.max_connections_per_ip,
+            )
+            log.info(
+                "connection limits: %d in total, %s per address",
+                gate.max_total,
+                gate.max_per_ip or "no limit",
+            )
 
             async def accept() -> None:
                 with accept_scope:
-                    await trio.serve_listeners(
-                        partial(_handle, app=app), listeners, handler_nursery=handlers
-                    )
+                    async with trio.open_nursery() as loops:
+                        for listener in listeners:
+                            loops.start_soon(
+                                accept_connections,
+                                listener,
+                                partial(_handle, app=app),
+                                handlers,
+                                gate,
+                            )
 
             await root.start(app.broker.run)
             root.start_soon(accept)
@@ -208,7 +228,10 @@ async def _handle(stream: trio.SocketStream, *, app: App) -> None:
         if session is not None:
             # Run here, not inside handle_connection: an idle session's stack
             # (kept for its whole life) is then only this frame and its own.
-            await session.run()
+            try:
+                await session.run()
+            finally:
+                app.hub_closed(session.subject)  # counted by the front's hub_opened
     except Exception:
         # The per-connection boundary: one connection's bug never takes the server down.
         log.exception("connection handler failed")
