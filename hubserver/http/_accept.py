@@ -8,8 +8,10 @@ traceback every 100 ms. This loop instead:
   both with ``Retry-After`` and a short JSON body, then closed, so a client
   learns at once why instead of waiting in the backlog. The answer goes out
   before the request is read (any client reads a response that arrives early),
-  and at most ``MAX_REFUSING`` such answers are in flight, so refusing costs a
-  bounded number of descriptors (part of ``FD_HEADROOM``);
+  and at most ``MAX_REFUSING`` such answers wait for their client to read them:
+  a new refusal ends the oldest wait, so refusing costs a bounded number of
+  descriptors (part of ``FD_HEADROOM``) and clients that never read (the ones
+  filling the server) cannot crowd out the answer to a newcomer;
 - at EMFILE/ENFILE (and ENOBUFS/ENOMEM) stops accepting for a moment, longer
   while it lasts, and logs one line per ``LOG_INTERVAL`` rather than one per
   attempt.
@@ -22,7 +24,9 @@ import json
 import logging
 import resource
 import socket
+from collections import deque
 from collections.abc import Awaitable, Callable
+from contextlib import suppress
 from dataclasses import dataclass, field
 from typing import Final
 
@@ -42,7 +46,7 @@ log = logging.getLogger("hubserver.http")
 #: pool and subscriber, the broker socket, trio's own, logs, JWKS fetches, and
 #: the refusals in flight.
 FD_HEADROOM: Final = 64
-#: Over-limit connections being answered at once; more are closed unanswered.
+#: Over-limit connections waiting for their client to read the answer.
 MAX_REFUSING: Final = 16
 #: How long a refused connection may take to read its answer.
 REFUSAL_TIMEOUT: Final = 1.0
@@ -112,8 +116,9 @@ class ConnectionGate:
     max_per_ip: int
     open: int = 0
     refused: int = 0
-    refusing: int = 0
     _by_ip: dict[str, int] = field(default_factory=dict)
+    #: The refusals waiting for their client, oldest first.
+    _refusing: deque[trio.CancelScope] = field(default_factory=deque)
 
     def admit(self, ip: str) -> bytes | None:
         """Count a new connection from ``ip``; None, or the refusal to send it instead."""
@@ -203,12 +208,11 @@ async def _accept_forever(
             handlers.start_soon(_serve, stream, ip, handler, gate)
             continue
         gate.refused += 1
-        if gate.refusing < MAX_REFUSING:
-            gate.refusing += 1
-            handlers.start_soon(_refuse, stream, refusal, gate)
-        else:
-            # Too many answers in flight already: the descriptor matters more.
-            stream.socket.close()
+        if len(gate._refusing) >= MAX_REFUSING:
+            gate._refusing.popleft().cancel()  # its task closes that socket
+        waiting = trio.CancelScope(deadline=trio.current_time() + REFUSAL_TIMEOUT)
+        gate._refusing.append(waiting)
+        handlers.start_soon(_refuse, stream, refusal, gate, waiting)
 
 
 async def _serve(
@@ -223,16 +227,20 @@ async def _serve(
         gate.release(ip)
 
 
-async def _refuse(stream: trio.SocketStream, refusal: bytes, gate: ConnectionGate) -> None:
+async def _refuse(
+    stream: trio.SocketStream, refusal: bytes, gate: ConnectionGate, waiting: trio.CancelScope
+) -> None:
     """Answer, end our side, and let the client read the answer before closing.
 
     Closing with the request unread would make the kernel send a reset, which
     can destroy the answer before the client reads it; so read and discard
-    until the client closes, within ``REFUSAL_TIMEOUT``.
+    until the client closes, within ``waiting`` (``REFUSAL_TIMEOUT``, or until
+    a newer refusal needs the place).
     """
     try:
-        with trio.move_on_after(REFUSAL_TIMEOUT):
+        with waiting:
             try:
+                # A fresh socket's send buffer takes the small answer at once.
                 await stream.send_all(refusal)
                 stream.socket.shutdown(socket.SHUT_WR)
                 while await stream.receive_some(4096):
@@ -240,5 +248,6 @@ async def _refuse(stream: trio.SocketStream, refusal: bytes, gate: ConnectionGat
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
                 pass
     finally:
-        gate.refusing -= 1
+        with suppress(ValueError):  # not there when a newer refusal ended this wait
+            gate._refusing.remove(waiting)
         stream.socket.close()

@@ -294,7 +294,12 @@ async def _dispatch(
         headers = [_WWW_AUTHENTICATE] if status == 401 else []
         if status == 426:  # RFC 6455 §4.2.2: name the versions we understand
             headers.append((b"sec-websocket-version", b"13"))
-        close = event.method not in (b"GET", b"HEAD")
+        # A request without a body can keep its connection: h11 yields its end
+        # without reading. One whose body we leave unread cannot.
+        is_done = conn.their_state is h11.DONE or (
+            conn.their_state is h11.SEND_BODY and type(conn.next_event()) is h11.EndOfMessage
+        )
+        close = event.method not in (b"GET", b"HEAD") or not is_done
         is_head = event.method == b"HEAD"
         if refusal.code is not None:
             headers.append(_RETRY_AFTER)
