@@ -247,9 +247,13 @@ async def test_over_the_per_subject_limit_an_upgrade_gets_429(start_server) -> N
 
 @asynccontextmanager
 async def server_process(
-    tmp_path: Path, nursery: trio.Nursery, nofile: int, *args: str
+    tmp_path: Path, nursery: trio.Nursery, nofile: int, **env_flags: str
 ) -> AsyncIterator[tuple[int, list[str]]]:
-    """``python -m hubserver serve`` with RLIMIT_NOFILE (soft and hard) at ``nofile``."""
+    """``python -m hubserver serve`` with RLIMIT_NOFILE (soft and hard) at ``nofile``.
+
+    Flags go through the environment (``HUBSERVER_<FLAG>``), which a server
+    that does not know one ignores, so these tests also run against older code.
+    """
     data = tmp_path / "data"
     ensure_dev_key(data)
 
@@ -257,8 +261,9 @@ async def server_process(
         resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
 
     env = {k: v for k, v in os.environ.items() if not k.startswith("HUBSERVER_")}
+    env |= {f"HUBSERVER_{name.upper()}": value for name, value in env_flags.items()}
     command = [sys.executable, "-m", "hubserver", "serve", "--port", "0"]
-    command += ["--data-dir", str(data), *args]
+    command += ["--data-dir", str(data)]
     process = await trio.lowlevel.open_process(
         command,
         stdin=subprocess.DEVNULL,
@@ -321,10 +326,7 @@ async def test_at_emfile_accepting_pauses_with_one_log_line_per_interval(
     tmp_path: Path, nursery: trio.Nursery
 ) -> None:
     # --max-connections above the descriptor limit: the accept itself fails.
-    async with server_process(tmp_path, nursery, 128, "--max-connections", "1000") as (
-        port,
-        log,
-    ):
+    async with server_process(tmp_path, nursery, 128, max_connections="1000") as (port, log):
         with trio.fail_after(20):
             hogs = [await open_tcp(port) for _ in range(160)]
             try:
@@ -338,9 +340,8 @@ async def test_at_emfile_accepting_pauses_with_one_log_line_per_interval(
                     if response.status == 200:
                         break
                 await trio.sleep(0.1)
-    accept_lines = [line for line in log if "accept" in line.lower()]
-    assert any("EMFILE" in line for line in accept_lines), log[-20:]
-    assert len(accept_lines) <= 5, accept_lines  # ~1 a second, not ~10
+    emfile_lines = [line for line in log if "EMFILE" in line]
+    assert 1 <= len(emfile_lines) <= 5, emfile_lines  # ~1 a second, not ~10
     assert not any("Traceback" in line for line in log), log
 
 
