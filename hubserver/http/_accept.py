@@ -22,6 +22,7 @@ from __future__ import annotations
 import errno
 import json
 import logging
+import math
 import resource
 import socket
 from collections import deque
@@ -54,6 +55,7 @@ CAPACITY_ERRNOS: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, e
 FIRST_PAUSE_INTERVAL: Final = 0.1
 MAX_PAUSE_INTERVAL: Final = 1.0
 LOG_INTERVAL: Final = 1.0
+REFUSAL_LOG_INTERVAL: Final = 10.0
 
 
 def descriptor_budget(headroom: int = FD_HEADROOM) -> int:
@@ -117,6 +119,8 @@ class ConnectionGate:
     open: int = 0
     refused: int = 0
     _by_ip: dict[str, int] = field(default_factory=dict)
+    _refused_unlogged: int = 0
+    _refusal_logged_at: float = -math.inf
     #: The refusals waiting for their client, oldest first.
     _refusing: deque[trio.CancelScope] = field(default_factory=deque)
 
@@ -140,8 +144,20 @@ class ConnectionGate:
         else:
             self._by_ip.pop(ip, None)  # the map holds only addresses with open connections
 
-    def count_of(self, ip: str) -> int:
-        return self._by_ip.get(ip, 0)
+    def note_refusal(self, now: float) -> None:
+        """Count a refused connection; log how many, at most once per ``REFUSAL_LOG_INTERVAL``."""
+        self.refused += 1
+        self._refused_unlogged += 1
+        if now - self._refusal_logged_at >= REFUSAL_LOG_INTERVAL:
+            log.warning(
+                "refused %d connections over the limits since the last such line "
+                "(%d open; limits: %d in total, %s per address)",
+                self._refused_unlogged,
+                self.open,
+                self.max_total,
+                self.max_per_ip or "none",
+            )
+            self._refusal_logged_at, self._refused_unlogged = now, 0
 
 
 def _peer_ip(stream: trio.SocketStream) -> str:
@@ -207,7 +223,7 @@ async def _accept_forever(
         if refusal is None:
             handlers.start_soon(_serve, stream, ip, handler, gate)
             continue
-        gate.refused += 1
+        gate.note_refusal(trio.current_time())
         if len(gate._refusing) >= MAX_REFUSING:
             gate._refusing.popleft().cancel()  # its task closes that socket
         waiting = trio.CancelScope(deadline=trio.current_time() + REFUSAL_TIMEOUT)

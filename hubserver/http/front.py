@@ -454,14 +454,10 @@ async def _hub(
     except UpgradeError as exc:
         raise _Refusal(exc.status, str(exc)) from None
     group, claims = await _authorize(app, event, query, hub)
-    connection_token = query.get("id")
-    if connection_token is not None and not app.negotiations.claim(
-        connection_token, _stream_name(group), claims.subject, trio.current_time()
-    ):
-        raise _Refusal(404, "No Connection with that ID")
     since_seq = _since_seq(query)
     if is_head:
         raise _Refusal(405, "WebSocket upgrades use GET")
+    # Before the negotiation's id is claimed: a refused client can retry with it.
     if not app.hub_opened(claims.subject):
         raise _Refusal(
             429,
@@ -469,6 +465,11 @@ async def _hub(
             code="too_many_connections",
         )
     try:
+        connection_token = query.get("id")
+        if connection_token is not None and not app.negotiations.claim(
+            connection_token, _stream_name(group), claims.subject, trio.current_time()
+        ):
+            raise _Refusal(404, "No Connection with that ID")
         return await _upgrade(stream, conn, app, key, group, claims, since_seq)
     except BaseException:
         app.hub_closed(claims.subject)  # no session will end to release it
