@@ -205,10 +205,10 @@ async def _handle_event(
     if handling.cancelled_caught:
         status = await _answer_missed_deadline(stream, conn, event, progress)
     log.info(
-        "%s %s -> %d (%.1f ms)",
+        "%s %s -> %s (%.1f ms)",
         event.method.decode("ascii", "replace"),
         _loggable(event.target),
-        status,
+        status or "cut off at the request deadline",
         (trio.current_time() - started) * 1000,
     )
     if handling.cancelled_caught:
