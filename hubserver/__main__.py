@@ -121,6 +121,42 @@ def _parser() -> argparse.ArgumentParser:
         default=10_000,
         help="sites whose history is kept at most without Redis (least recently used go first)",
     )
+    _add(
+        s,
+        "--request-timeout",
+        type=float,
+        default=15.0,
+        help="seconds for one HTTP request: head, body and writing the answer",
+    )
+    _add(
+        s,
+        "--http-idle-timeout",
+        type=float,
+        default=120.0,
+        help="seconds a keep-alive HTTP connection may idle between requests",
+    )
+    _add(
+        s,
+        "--max-connections",
+        default="auto",
+        help="open connections per process, 503 above ('auto': the open-files limit, "
+        "raised to its hard limit, minus 64)",
+    )
+    _add(
+        s,
+        "--max-connections-per-ip",
+        type=int,
+        default=1000,
+        help="open connections per client address, 429 above (0 = off; raise it or "
+        "turn it off behind a proxy)",
+    )
+    _add(
+        s,
+        "--max-hub-connections-per-subject",
+        type=int,
+        default=100,
+        help="open hub connections per token subject, 429 above (0 = off)",
+    )
     _add(s, "--log-level", default="info", help="debug, info, warning or error")
     # Set by the --workers parent for its workers only.
     s.add_argument("--reuse-port", action="store_true", help=argparse.SUPPRESS)
@@ -189,7 +225,22 @@ def _config(args: argparse.Namespace) -> ServerConfig:
         max_dedupe_ids=int(args.max_dedupe_ids),
         site_idle_timeout=float(args.site_idle_timeout),
         max_history_sites=int(args.max_history_sites),
+        request_timeout=float(args.request_timeout),
+        http_idle_timeout=float(args.http_idle_timeout),
+        max_connections=_max_connections(str(args.max_connections)),
+        max_connections_per_ip=int(args.max_connections_per_ip),
+        max_hub_connections_per_subject=int(args.max_hub_connections_per_subject),
     )
+
+
+def _max_connections(value: str) -> int | None:
+    """``--max-connections``: a number, or 'auto' (None: from the open-files limit)."""
+    if value.strip().lower() == "auto":
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise ConfigError(f"--max-connections must be a number or 'auto', got {value!r}") from None
 
 
 def _announce(config: ServerConfig, port: int) -> None:

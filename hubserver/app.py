@@ -38,6 +38,8 @@ class App:
     #: What sessions share; set by the server once its connection nursery is open.
     sessions: SessionContext | None = None
     _ids: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
+    #: Open hub connections per token subject (``--max-hub-connections-per-subject``).
+    _hubs_by_subject: dict[str, int] = field(default_factory=dict)
 
     def next_id(self) -> int:
         return next(self._ids)
@@ -57,3 +59,24 @@ class App:
         """The site-role rule for opening ``key`` (unknown site and no role look alike)."""
         role: Role | None = await self.store.role_of(key.site_id, subject)
         return may_subscribe(role, subject=subject, user_id=key.user_id)
+
+    def hub_opened(self, subject: str) -> bool:
+        """Count a hub connection of ``subject``; False (and not counted) over the limit.
+
+        Every True must be matched by one ``hub_closed`` when that connection ends.
+        """
+        count = self._hubs_by_subject.get(subject, 0)
+        limit = self.config.max_hub_connections_per_subject
+        if limit and count >= limit:
+            return False
+        self._hubs_by_subject[subject] = count + 1
+        return True
+
+    def hub_closed(self, subject: str) -> None:
+        """A hub connection counted by ``hub_opened`` ended."""
+        count = self._hubs_by_subject.get(subject, 0) - 1
+        if count > 0:
+            self._hubs_by_subject[subject] = count
+        else:
+            # Forgotten at zero: the map holds only subjects with open connections.
+            self._hubs_by_subject.pop(subject, None)

@@ -30,6 +30,7 @@ from .backplane import Backplane, MemoryBackplane, RedisBackplane, UnixBackplane
 from .config import ServerConfig
 from .connection import ACCESS_REVOKED_TEXT, SessionContext
 from .http import handle_connection
+from .http._accept import ConnectionGate, accept_connections, descriptor_budget
 from .permissions import CachedPermissionStore, PermissionStore, SqlitePermissionStore
 from .routing import Broker, Router
 from .timers import TimerQueue
@@ -189,12 +190,31 @@ async def _run(app: App, task_status: trio.TaskStatus[RunningServer]) -> None:
         )
         async with trio.open_nursery() as root:
             accept_scope = trio.CancelScope()
+            gate = ConnectionGate(
+                max_total=(
+                    descriptor_budget()
+                    if config.max_connections is None
+                    else config.max_connections
+                ),
+                max_per_ip=config.max_connections_per_ip,
+            )
+            log.info(
+                "connection limits: %d in total, %s per address",
+                gate.max_total,
+                gate.max_per_ip or "no limit",
+            )
 
             async def accept() -> None:
                 with accept_scope:
-                    await trio.serve_listeners(
-                        partial(_handle, app=app), listeners, handler_nursery=handlers
-                    )
+                    async with trio.open_nursery() as loops:
+                        for listener in listeners:
+                            loops.start_soon(
+                                accept_connections,
+                                listener,
+                                partial(_handle, app=app),
+                                handlers,
+                                gate,
+                            )
 
             await root.start(app.broker.run)
             root.start_soon(accept)
@@ -230,7 +250,10 @@ async def _handle(stream: trio.SocketStream, *, app: App) -> None:
         # Run here, not inside handle_connection: an idle session's stack (kept
         # for its whole life) is then only this frame and its own. It contains
         # its own failures (its guard), as it does those of the tasks it starts.
-        await session.run()
+        try:
+            await session.run()
+        finally:
+            app.hub_closed(session.subject)  # counted by the front's hub_opened
 
 
 async def _drain(app: App) -> None:

@@ -34,7 +34,9 @@ class ServerConfig:
             its budget before it is closed as too slow.
         max_publish_bytes: largest publish request body (413 above).
         drain_timeout: how long shutdown waits for connections to close.
-        request_timeout: how long a client may take to send a request head.
+        request_timeout: the one deadline of an HTTP request: its head, its
+            body and the writing of the response (a response that cannot be
+            written in time closes the connection).
         permission_poll_interval: how often the permission store is asked
             whether grants changed (revocations reach open connections).
         token_leeway: clock skew allowed on ``exp`` / ``nbf``.
@@ -63,6 +65,16 @@ class ServerConfig:
             events for this long is forgotten from the broker's memory.
         max_history_sites: sites whose history is kept, at most, without
             Redis (the least recently used is forgotten first).
+        http_idle_timeout: how long a keep-alive HTTP connection may wait
+            between requests before it is closed.
+        max_connections: open TCP connections this process serves at once
+            (503 above); None: what the descriptor limit allows, after raising
+            the soft RLIMIT_NOFILE to the hard one (see ``http.descriptor_budget``).
+        max_connections_per_ip: open TCP connections per peer address (429
+            above; 0 turns it off; behind a proxy every client shares the
+            proxy's address: raise it or turn it off there).
+        max_hub_connections_per_subject: open hub connections per token
+            subject (429 at the upgrade above it; 0 turns it off).
     """
 
     host: str = "127.0.0.1"
@@ -93,6 +105,10 @@ class ServerConfig:
     max_dedupe_ids: int = 100_000
     site_idle_timeout: float = 600.0
     max_history_sites: int = 10_000
+    http_idle_timeout: float = 120.0
+    max_connections: int | None = None
+    max_connections_per_ip: int = 1000
+    max_hub_connections_per_subject: int = 100
 
     def __post_init__(self) -> None:
         if self.jwks_file is not None and self.jwks_url is not None:
@@ -125,6 +141,15 @@ class ServerConfig:
                 raise ConfigError(f"{name} must be a non-negative number of seconds")
         if self.broker_max_queue_bytes < 1:
             raise ConfigError("broker_max_queue_bytes must be positive")
+        if not math.isfinite(self.http_idle_timeout) or self.http_idle_timeout <= 0:
+            raise ConfigError("http_idle_timeout must be a positive number of seconds")
+        if not math.isfinite(self.request_timeout) or self.request_timeout <= 0:
+            raise ConfigError("request_timeout must be a positive number of seconds")
+        if self.max_connections is not None and self.max_connections < 1:
+            raise ConfigError("max_connections must be positive (or None: from the fd limit)")
+        for name in ("max_connections_per_ip", "max_hub_connections_per_subject"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be non-negative (0 turns it off)")
 
     @property
     def is_dev_mode(self) -> bool:

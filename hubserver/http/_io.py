@@ -11,7 +11,7 @@ import trio
 
 from hubserver.transports import TransportError
 
-__all__ = ["read_body", "receive_event", "send_json", "send_response"]
+__all__ = ["read_body", "receive_bytes", "receive_event", "send_json", "send_response"]
 
 RECEIVE_BYTES = 65536
 SERVER_HEADER = (b"server", b"hubserver")
@@ -30,11 +30,19 @@ async def receive_event(
         event = conn.next_event()
         if event is not h11.NEED_DATA:
             return event  # type: ignore[return-value]  # NEED_DATA was just excluded
-        try:
-            data = await stream.receive_some(RECEIVE_BYTES)
-        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-            raise TransportError(f"connection lost: {exc}") from exc
-        conn.receive_data(bytes(data))
+        conn.receive_data(await receive_bytes(stream))
+
+
+async def receive_bytes(stream: trio.abc.Stream) -> bytes:
+    """The next bytes from the stream; b"" at its end.
+
+    Raises:
+        TransportError: the stream broke.
+    """
+    try:
+        return bytes(await stream.receive_some(RECEIVE_BYTES))
+    except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+        raise TransportError(f"connection lost: {exc}") from exc
 
 
 async def read_body(stream: trio.abc.Stream, conn: h11.Connection, max_bytes: int) -> bytes | None:
@@ -70,8 +78,13 @@ async def send_response(
     content_type: bytes = b"text/plain; charset=utf-8",
     headers: Sequence[tuple[bytes, bytes]] = (),
     close: bool = False,
+    is_head: bool = False,
 ) -> None:
-    """Send a complete response with a fixed-length body."""
+    """Send a complete response with a fixed-length body.
+
+    For a HEAD request (``is_head``) the headers are those of the GET answer,
+    Content-Length included, and the body is left out (RFC 9110 §9.3.2).
+    """
     all_headers = [
         SERVER_HEADER,
         (b"content-type", content_type),
@@ -82,7 +95,7 @@ async def send_response(
     if close:
         all_headers.append((b"connection", b"close"))
     data = conn.send(h11.Response(status_code=status, headers=all_headers, reason=_reason(status)))
-    data += conn.send(h11.Data(data=body)) if body else b""
+    data += conn.send(h11.Data(data=body)) if body and not is_head else b""
     data += conn.send(h11.EndOfMessage())
     try:
         await stream.send_all(data)
@@ -98,8 +111,16 @@ async def send_json(
     *,
     headers: Sequence[tuple[bytes, bytes]] = (),
     close: bool = False,
+    is_head: bool = False,
 ) -> None:
     body = json.dumps(payload, separators=(",", ":")).encode()
     await send_response(
-        stream, conn, status, body, content_type=b"application/json", headers=headers, close=close
+        stream,
+        conn,
+        status,
+        body,
+        content_type=b"application/json",
+        headers=headers,
+        close=close,
+        is_head=is_head,
     )

@@ -8,7 +8,15 @@
 
 Refusals before an upgrade are plain HTTP with a short ``text/plain`` body
 (spec §13: operators read them in logs and devtools); the publish API answers
-JSON. Every request is logged with ``access_token`` redacted.
+JSON. Every request is logged with ``access_token`` redacted (its target cut
+at ``MAX_LOGGED_TARGET_CHARS``).
+
+Deadlines: each request has one, ``request_timeout`` from its first byte,
+covering its head, its body and the writing of its answer; a client that
+misses it gets 408 if nothing was answered yet (503 when the server was the
+slow one), and the connection is closed. Between requests a keep-alive
+connection may stay idle for ``http_idle_timeout``. HEAD is answered as GET,
+without the body.
 """
 
 from __future__ import annotations
@@ -17,6 +25,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Final
 from urllib.parse import parse_qsl, urlsplit
 
@@ -25,13 +34,21 @@ import trio
 
 from hubserver.app import HUB_SCOPE, PUBLISH_SCOPE, App
 from hubserver.auth import AuthError, Claims, InvalidToken, extract_token, redact_url
-from hubserver.backplane import BackplaneUnavailable
+from hubserver.backplane import BackplaneError, BackplaneUnavailable
 from hubserver.connection import HubSession
 from hubserver.routing import GroupKey, Hub, PublishError, parse_publish_body
+from hubserver.routing._events import MAX_ID_CHARS
 from hubserver.transports import TransportError, UpgradeError, check_upgrade, websocket_accept
 from hubserver.transports.negotiate import negotiate_body
 
-from ._io import SERVER_HEADER, read_body, receive_event, send_json, send_response
+from ._io import (
+    SERVER_HEADER,
+    read_body,
+    receive_bytes,
+    receive_event,
+    send_json,
+    send_response,
+)
 
 __all__ = ["handle_connection"]
 
@@ -42,15 +59,32 @@ HUB_PREFIX: Final = "/v1/hub/"
 EVENTS_PREFIX: Final = "/v1/events/"
 _HUBS: Final = {hub.value: hub for hub in Hub}
 _WWW_AUTHENTICATE: Final = (b"www-authenticate", b'Bearer error="invalid_token"')
+_RETRY_AFTER: Final = (b"retry-after", b"1")
+#: Logged request targets are cut here: a URL is the client's to choose.
+MAX_LOGGED_TARGET_CHARS: Final = 200
+#: How long a missed deadline's 408 or 503 may take to go out before the close.
+TIMEOUT_REPLY_TIMEOUT: Final = 0.5
 
 
 class _Refusal(Exception):
-    """Answer the request with ``status`` and ``text`` (internal control of this module)."""
+    """Answer the request with ``status`` and ``text`` (internal control of this module).
 
-    def __init__(self, status: int, text: str) -> None:
+    With ``code``, the answer is JSON ``{"code", "message"}`` instead of text
+    (limits, which clients and operators handle by code), with ``Retry-After``.
+    """
+
+    def __init__(self, status: int, text: str, *, code: str | None = None) -> None:
         super().__init__(text)
         self.status = status
         self.text = text
+        self.code = code
+
+
+@dataclass(slots=True)
+class _Progress:
+    """How far a request got, for the answer to a missed deadline."""
+
+    is_publishing: bool = False
 
 
 def _parse_target(target: bytes) -> tuple[str, dict[str, str]]:
@@ -91,13 +125,25 @@ async def handle_connection(stream: trio.SocketStream, app: App) -> HubSession |
 
 async def _serve_requests(stream: trio.SocketStream, app: App) -> HubSession | None:
     conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEADER_BYTES)
+    config = app.config
     try:
+        is_first = True
         while True:
-            with trio.move_on_after(app.config.request_timeout) as waiting:
+            # A new connection's first request is timed from the accept; a later
+            # one from its first byte, after at most http_idle_timeout of quiet.
+            if not is_first and not conn.trailing_data[0]:
+                with trio.move_on_after(config.http_idle_timeout) as idling:
+                    data = await receive_bytes(stream)
+                if idling.cancelled_caught:
+                    return None
+                conn.receive_data(data)
+            is_first = False
+            deadline = trio.current_time() + config.request_timeout
+            with trio.move_on_at(deadline) as waiting:
                 event = await receive_event(stream, conn)
             if waiting.cancelled_caught:
-                return None  # no complete request in time (slowloris, or an idle keep-alive)
-            outcome = await _handle_event(stream, conn, app, event)
+                return None  # no complete request head in time (slowloris): nothing to say
+            outcome = await _handle_event(stream, conn, app, event, deadline)
             if isinstance(outcome, HubSession):
                 return outcome
             if outcome:
@@ -118,9 +164,20 @@ async def _serve_requests(stream: trio.SocketStream, app: App) -> HubSession | N
             text = f"bad request: {reason}\n".encode()
             with contextlib.suppress(TransportError, h11.LocalProtocolError):
                 await send_response(stream, conn, status, text, close=True)
+    except h11.LocalProtocolError as exc:
+        # Our side of h11 refused what we asked of it (a state this front did not
+        # foresee): that connection ends, quietly; nobody else is affected.
+        log.debug("closing the connection from %s: %s", _peer(stream), exc)
     except TransportError as exc:
         log.debug("connection from %s lost: %s", _peer(stream), exc)
     return None
+
+
+def _loggable(target: bytes) -> str:
+    text = redact_url(target.decode("ascii", "replace"))
+    if len(text) > MAX_LOGGED_TARGET_CHARS:
+        return text[:MAX_LOGGED_TARGET_CHARS] + f"... ({len(text)} chars)"
+    return text
 
 
 def _peer(stream: trio.SocketStream) -> str:
@@ -132,15 +189,81 @@ def _peer(stream: trio.SocketStream) -> str:
 
 
 async def _handle_event(
-    stream: trio.SocketStream, conn: h11.Connection, app: App, event: object
+    stream: trio.SocketStream, conn: h11.Connection, app: App, event: object, deadline: float
 ) -> HubSession | bool:
-    """Handle one request; the session to run after an upgrade, True when closed."""
+    """Handle one request by ``deadline``; the session to run after an upgrade, True when closed."""
     if isinstance(event, h11.ConnectionClosed) or event is h11.PAUSED:
         return True
     if not isinstance(event, h11.Request):
         return True
-    target = redact_url(event.target.decode("ascii", "replace"))
     started = trio.current_time()
+    progress = _Progress()
+    status = 0
+    session: HubSession | None = None
+    with trio.move_on_at(deadline) as handling:
+        status, session = await _dispatch(stream, conn, app, event, progress)
+    if handling.cancelled_caught:
+        status = await _answer_missed_deadline(stream, conn, event, progress)
+    log.info(
+        "%s %s -> %s (%.1f ms)",
+        event.method.decode("ascii", "replace"),
+        _loggable(event.target),
+        status or "cut off at the request deadline",
+        (trio.current_time() - started) * 1000,
+    )
+    if handling.cancelled_caught:
+        return True
+    if isinstance(session, HubSession):
+        return session
+    return conn.our_state is h11.MUST_CLOSE
+
+
+async def _answer_missed_deadline(
+    stream: trio.SocketStream, conn: h11.Connection, event: h11.Request, progress: _Progress
+) -> int:
+    """408 (the client was slow) or 503 (we were), if nothing was answered yet; 0 if not.
+
+    The connection is closed after this either way: a response cut short
+    cannot be resumed, and a client that missed a deadline gets no more time.
+    """
+    if conn.our_state is not h11.SEND_RESPONSE:
+        return 0  # an answer is (partly) out already: the close tells the rest
+    is_json = event.target.startswith(EVENTS_PREFIX.encode())
+    if conn.their_state is not h11.DONE:
+        status, code, text = 408, "timeout", "the request did not arrive in time"
+        extra: dict[str, object] = {}
+        headers: list[tuple[bytes, bytes]] = []
+    else:
+        status, code, text = 503, "unavailable", "the server could not answer in time; retry"
+        # A publish that reached the backplane may have been applied.
+        extra = {"outcome": "unknown"} if progress.is_publishing else {}
+        headers = [_RETRY_AFTER]
+    with trio.move_on_after(TIMEOUT_REPLY_TIMEOUT):
+        with contextlib.suppress(TransportError, h11.LocalProtocolError):
+            if is_json:
+                payload = {"code": code, "message": text, **extra}
+                await send_json(stream, conn, status, payload, headers=headers, close=True)
+            else:
+                await send_response(
+                    stream,
+                    conn,
+                    status,
+                    (text + "\n").encode(),
+                    headers=headers,
+                    close=True,
+                    is_head=event.method == b"HEAD",
+                )
+    return status
+
+
+async def _dispatch(
+    stream: trio.SocketStream,
+    conn: h11.Connection,
+    app: App,
+    event: h11.Request,
+    progress: _Progress,
+) -> tuple[int, HubSession | None]:
+    """Answer one request: its status, and the hub session after an upgrade."""
     session: HubSession | None = None
     try:
         # h11 bounds only a head still incomplete; one that arrived whole in a
@@ -156,7 +279,7 @@ async def _handle_event(
             else:
                 status = result
         elif path.startswith(EVENTS_PREFIX):
-            status = await _publish(stream, conn, app, event, path, query)
+            status = await _publish(stream, conn, app, event, path, query, progress)
         elif path == "/healthz":
             status = await _simple(stream, conn, event, 200, "ok")
         elif path == "/readyz":
@@ -171,24 +294,30 @@ async def _handle_event(
         headers = [_WWW_AUTHENTICATE] if status == 401 else []
         if status == 426:  # RFC 6455 §4.2.2: name the versions we understand
             headers.append((b"sec-websocket-version", b"13"))
-        await send_response(
-            stream,
-            conn,
-            status,
-            (refusal.text + "\n").encode(),
-            headers=headers,
-            close=event.method != b"GET",
+        # A request without a body can keep its connection: h11 yields its end
+        # without reading. One whose body we leave unread cannot.
+        is_done = conn.their_state is h11.DONE or (
+            conn.their_state is h11.SEND_BODY and type(conn.next_event()) is h11.EndOfMessage
         )
-    log.info(
-        "%s %s -> %d (%.1f ms)",
-        event.method.decode("ascii", "replace"),
-        target,
-        status,
-        (trio.current_time() - started) * 1000,
-    )
-    if isinstance(session, HubSession):
-        return session
-    return conn.our_state is h11.MUST_CLOSE
+        close = event.method not in (b"GET", b"HEAD") or not is_done
+        is_head = event.method == b"HEAD"
+        if refusal.code is not None:
+            headers.append(_RETRY_AFTER)
+            payload = {"code": refusal.code, "message": refusal.text}
+            await send_json(
+                stream, conn, status, payload, headers=headers, close=close, is_head=is_head
+            )
+        else:
+            await send_response(
+                stream,
+                conn,
+                status,
+                (refusal.text + "\n").encode(),
+                headers=headers,
+                close=close,
+                is_head=is_head,
+            )
+    return status, session
 
 
 async def _simple(
@@ -197,7 +326,9 @@ async def _simple(
     if event.method not in (b"GET", b"HEAD"):
         raise _Refusal(405, "method not allowed")
     await _discard_body(stream, conn)
-    await send_response(stream, conn, status, (text + "\n").encode())
+    await send_response(
+        stream, conn, status, (text + "\n").encode(), is_head=event.method == b"HEAD"
+    )
     return status
 
 
@@ -238,6 +369,9 @@ async def _authorize(
     user_id = query.get("user_id")
     if user_id is not None and not user_id:
         raise _Refusal(400, "the 'user_id' query parameter must not be empty")
+    # As on the publish API; checked before the role lookup, whose cache keeps every pair.
+    if len(site_id) > MAX_ID_CHARS or (user_id is not None and len(user_id) > MAX_ID_CHARS):
+        raise _Refusal(400, f"'site_id' and 'user_id' are at most {MAX_ID_CHARS} characters")
     group = GroupKey(hub, site_id, user_id)
     if not await app.may_open(group, claims.subject):
         # The same answer for an unknown site and a site without rights: no enumeration.
@@ -273,11 +407,13 @@ async def _negotiate(
     await _discard_body(stream, conn)
     # Spec §6: missing negotiateVersion is 0; we answer min(requested, 1).
     requested = query.get("negotiateversion", "0")
-    if not requested.isdigit():
+    # ASCII digits only: str.isdigit() also takes '²' and other digits int() refuses.
+    if not requested.isascii() or not requested.isdigit():
         body: object = {"error": "The client requested a non-integer protocol version."}
         await send_json(stream, conn, 200, body)
         return 200
-    version = min(int(requested), 1)
+    # min(int(requested), 1) without int(): a long run of digits is no error either.
+    version = 0 if not requested.strip("0") else 1
     connection_id, token = app.negotiations.create(
         _stream_name(group), claims.subject, trio.current_time()
     )
@@ -311,18 +447,47 @@ async def _hub(
         raise _Refusal(503, "server is shutting down")
     if is_negotiate:
         return await _negotiate(stream, conn, app, event, hub, query)
+    # HEAD gets GET's checks and answers; only the upgrade itself needs GET.
+    is_head = event.method == b"HEAD"
     try:
-        key = check_upgrade(event.method, event.headers)
+        key = check_upgrade(b"GET" if is_head else event.method, event.headers)
     except UpgradeError as exc:
         raise _Refusal(exc.status, str(exc)) from None
     group, claims = await _authorize(app, event, query, hub)
-    connection_token = query.get("id")
-    if connection_token is not None and not app.negotiations.claim(
-        connection_token, _stream_name(group), claims.subject, trio.current_time()
-    ):
-        raise _Refusal(404, "No Connection with that ID")
-    user_id = group.user_id
     since_seq = _since_seq(query)
+    if is_head:
+        raise _Refusal(405, "WebSocket upgrades use GET")
+    # Before the negotiation's id is claimed: a refused client can retry with it.
+    if not app.hub_opened(claims.subject):
+        raise _Refusal(
+            429,
+            "too many open hub connections for this subject; retry later",
+            code="too_many_connections",
+        )
+    try:
+        connection_token = query.get("id")
+        if connection_token is not None and not app.negotiations.claim(
+            connection_token, _stream_name(group), claims.subject, trio.current_time()
+        ):
+            raise _Refusal(404, "No Connection with that ID")
+        return await _upgrade(stream, conn, app, key, group, claims, since_seq)
+    except BaseException:
+        app.hub_closed(claims.subject)  # no session will end to release it
+        raise
+
+
+async def _upgrade(
+    stream: trio.SocketStream,
+    conn: h11.Connection,
+    app: App,
+    key: bytes,
+    group: GroupKey,
+    claims: Claims,
+    since_seq: int | None,
+) -> HubSession:
+    """Send the 101 and make the session (the caller counted it with ``hub_opened``)."""
+    hub = group.hub
+    user_id = group.user_id
     # What the client sent after its request (nothing more is read before the 101).
     trailing, _ = conn.trailing_data
     session = HubSession(
@@ -374,6 +539,7 @@ async def _publish(
     event: h11.Request,
     path: str,
     query: dict[str, str],
+    progress: _Progress,
 ) -> int:
     hub = _hub_of(path, EVENTS_PREFIX)
     if event.method != b"POST":
@@ -414,14 +580,13 @@ async def _publish(
     for name, value in event.headers:
         if name == b"content-length" and int(value) > limit:
             return await fail(413, "too_large", f"the body is larger than {limit} bytes")
-    with trio.move_on_after(app.config.request_timeout) as reading:
-        body = await read_body(stream, conn, limit)
-    if reading.cancelled_caught:
-        return await fail(408, "timeout", "the request body did not arrive in time")
+    # The request deadline bounds this read (408 from _answer_missed_deadline).
+    body = await read_body(stream, conn, limit)
     if body is None:
         return await fail(413, "too_large", f"the body is larger than {limit} bytes")
     try:
         events = parse_publish_body(body)
+        progress.is_publishing = True
         published = await app.broker.publish(hub, events)
     except BackplaneUnavailable as exc:
         log.warning("publish refused, backplane unavailable: %s", exc)
@@ -429,7 +594,21 @@ async def _publish(
             503,
             "unavailable",
             "the event backplane is unavailable; nothing was accepted, retry later",
-            headers_extra=[(b"retry-after", b"1")],
+            headers_extra=[_RETRY_AFTER],
+            extra={"outcome": "not_accepted"},
+        )
+    except BackplaneError as exc:
+        # Redis refused or failed mid-way (OOM, READONLY, NOPERM, a malformed
+        # reply...): the events may or may not be stored. Retrying with the same
+        # ids is safe (the publish API is idempotent on id).
+        log.warning("publish failed, outcome unknown: %s", exc)
+        return await fail(
+            503,
+            "unavailable",
+            "the event backplane failed; the events may or may not have been accepted: "
+            "retry later with the same ids",
+            headers_extra=[_RETRY_AFTER],
+            extra={"outcome": "unknown"},
         )
     except PublishError as exc:
         extra: dict[str, object] = {} if exc.index is None else {"index": exc.index}
@@ -441,6 +620,13 @@ async def _publish(
             extra=extra,
         )
     await send_json(
-        stream, conn, 202, {"accepted": len(published), "ids": [e.event_id for e in published]}
+        stream,
+        conn,
+        202,
+        {
+            "accepted": len(published),
+            "ids": [e.event_id for e in published],
+            "seqs": [e.seq for e in published],
+        },
     )
     return 202

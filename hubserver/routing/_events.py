@@ -4,6 +4,8 @@ A body is one event object or a non-empty array of them. Each event needs a
 non-empty string ``site_id``; ``user_id`` may be absent, null or a non-empty
 string; ``id``, when given, must be a non-empty string. Every other field
 passes through untouched. ``seq`` is the server's: a publisher's is replaced.
+The body may nest at most ``MAX_DEPTH`` levels of arrays and objects: deeper
+values would exhaust the encoder's recursion later, far from here.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ __all__ = ["PublishError", "parse_publish_body"]
 
 MAX_ID_CHARS: Final = 256
 MAX_EVENTS_PER_REQUEST: Final = 10_000
+#: Levels of arrays and objects a body may nest (the body itself is level 1).
+MAX_DEPTH: Final = 32
 
 
 class PublishError(HubError):
@@ -47,6 +51,25 @@ def _check_key(event: dict[str, object], index: int, key: str, *, required: bool
         )
 
 
+def _is_within_depth(value: object) -> bool:
+    """Whether ``value`` nests at most ``MAX_DEPTH`` levels, without recursion."""
+    level: list[object] = [value]
+    depth = 0
+    while level:
+        depth += 1
+        if depth > MAX_DEPTH:
+            return False
+        # Breadth first, one level per pass, keeping only the containers.
+        below: list[object] = []
+        for container in level:
+            if type(container) is dict:
+                below += [v for v in container.values() if type(v) is dict or type(v) is list]
+            elif type(container) is list:
+                below += [v for v in container if type(v) is dict or type(v) is list]
+        level = below
+    return True
+
+
 def parse_publish_body(body: bytes) -> list[dict[str, object]]:
     """Parse and validate a publish body.
 
@@ -61,6 +84,10 @@ def parse_publish_body(body: bytes) -> list[dict[str, object]]:
         parsed = loads_json(body)
     except RemoteProtocolError as exc:
         raise PublishError(f"body is not valid JSON: {exc}") from None
+    # Fewer brackets than the limit cannot nest deeper than it: the common
+    # single event costs two C-level counts; a batch costs one walk.
+    if body.count(b"[") + body.count(b"{") > MAX_DEPTH and not _is_within_depth(parsed):
+        raise PublishError(f"body nests deeper than {MAX_DEPTH} levels")
     items = parsed if type(parsed) is list else [parsed]
     if not items:
         raise PublishError("body is an empty array: nothing to publish")
