@@ -26,6 +26,7 @@ import trio
 from hubserver.app import HUB_SCOPE, PUBLISH_SCOPE, App
 from hubserver.auth import AuthError, Claims, InvalidToken, extract_token, redact_url
 from hubserver.backplane import BackplaneUnavailable
+from hubserver.permissions import PermissionStoreUnavailable
 from hubserver.routing import GroupKey, Hub, PublishError, parse_publish_body
 from hubserver.session import HubSession
 from hubserver.transports import TransportError, UpgradeError, check_upgrade, websocket_accept
@@ -161,6 +162,7 @@ async def _handle_event(
             status = await _simple(stream, conn, event, 200, "ok")
         elif path == "/readyz":
             ready = app.is_ready and not app.is_draining and app.broker.backplane.is_available
+            ready = ready and app.store.is_available
             status = await _simple(
                 stream, conn, event, 200 if ready else 503, "ready" if ready else "not ready"
             )
@@ -171,6 +173,8 @@ async def _handle_event(
         headers = [_WWW_AUTHENTICATE] if status == 401 else []
         if status == 426:  # RFC 6455 §4.2.2: name the versions we understand
             headers.append((b"sec-websocket-version", b"13"))
+        if status == 503:
+            headers.append((b"retry-after", b"1"))
         await send_response(
             stream,
             conn,
@@ -239,7 +243,11 @@ async def _authorize(
     if user_id is not None and not user_id:
         raise _Refusal(400, "the 'user_id' query parameter must not be empty")
     group = GroupKey(hub, site_id, user_id)
-    if not await app.may_open(group, claims.subject):
+    try:
+        is_allowed = await app.may_open(group, claims.subject)
+    except PermissionStoreUnavailable:
+        raise _Refusal(503, "permission store unavailable") from None  # the watcher logs it
+    if not is_allowed:
         # The same answer for an unknown site and a site without rights: no enumeration.
         raise _Refusal(403, "forbidden: no access to this stream")
     return group, claims
