@@ -47,6 +47,8 @@ class ServerConfig:
             batching in bursts).
         reuse_port: listen with SO_REUSEPORT (a worker of ``--workers``).
         broker_socket: the parent's broker (a worker without ``--backplane``).
+        allow_any_audience: with a JWKS, accept tokens without checking ``aud``
+            (``--no-audience-check``); otherwise ``audience`` is required.
     """
 
     host: str = "127.0.0.1"
@@ -71,6 +73,7 @@ class ServerConfig:
     publish_window: int = 1000
     reuse_port: bool = False
     broker_socket: Path | None = None
+    allow_any_audience: bool = False
 
     def __post_init__(self) -> None:
         if self.jwks_file is not None and self.jwks_url is not None:
@@ -95,6 +98,16 @@ class ServerConfig:
             value = getattr(self, name)
             if not math.isfinite(value) or value < 0:
                 raise ConfigError(f"{name} must be a non-negative number of seconds")
+        # RFC 8725 §3.9: a token the identity provider issued for another API
+        # must not open this one, so a real key source needs an audience.
+        if not self.is_dev_mode and self.audience is None and not self.allow_any_audience:
+            raise ConfigError(
+                "--jwks-file/--jwks-url need --audience (the aud your identity provider puts "
+                "in tokens for this API); without it a token issued for any other API would "
+                "be accepted. Give --no-audience-check to accept that on purpose."
+            )
+        if self.audience is not None and self.allow_any_audience:
+            raise ConfigError("give --audience or --no-audience-check, not both")
 
     @property
     def is_dev_mode(self) -> bool:
