@@ -66,6 +66,12 @@ def _parser() -> argparse.ArgumentParser:
     _add(keys, "--jwks-url", help="trust the keys of this JWKS URL")
     _add(s, "--issuer", help="required token issuer (iss)")
     _add(s, "--audience", help="required token audience (aud)")
+    _add(
+        s,
+        "--no-audience-check",
+        action="store_true",
+        help="with --jwks-file/--jwks-url, accept tokens for any audience (not recommended)",
+    )
     _add(s, "--demo", action="store_true", help="publish demo events, grant a demo Site Admin")
     _add(s, "--demo-interval", type=float, default=1.0, help="seconds between demo entries")
     _add(s, "--keepalive-interval", type=float, default=15.0, help="seconds between hub Pings")
@@ -230,6 +236,7 @@ def _config(args: argparse.Namespace) -> ServerConfig:
         max_connections=_max_connections(str(args.max_connections)),
         max_connections_per_ip=int(args.max_connections_per_ip),
         max_hub_connections_per_subject=int(args.max_hub_connections_per_subject),
+        allow_any_audience=bool(args.no_audience_check),
     )
 
 

@@ -31,7 +31,12 @@ from .config import ServerConfig
 from .connection import ACCESS_REVOKED_TEXT, SessionContext
 from .http import handle_connection
 from .http._accept import ConnectionGate, accept_connections, descriptor_budget
-from .permissions import CachedPermissionStore, PermissionStore, SqlitePermissionStore
+from .permissions import (
+    CachedPermissionStore,
+    PermissionStore,
+    SqlitePermissionStore,
+    watch_permissions,
+)
 from .routing import Broker, Router
 from .timers import TimerQueue
 
@@ -269,18 +274,18 @@ async def _drain(app: App) -> None:
 
 async def _watch_permissions(app: App) -> None:
     """Re-check open connections whenever the grants change (revoke takes effect live)."""
-    interval = app.config.permission_poll_interval
-    if interval <= 0:
-        return
-    version = await app.store.version()
-    while True:
-        await trio.sleep(interval)
-        current = await app.store.version()
-        if current == version:
-            continue
-        version = current
-        for session in list(app.stats.by_id.values()):
-            if not await app.may_open(session.key, session.subject):
-                app.stats.revoked_closed += 1
-                log.info("session %d: access revoked, closing", session.session_id)
-                session.close(Close(error=ACCESS_REVOKED_TEXT, allow_reconnect=False))
+    await watch_permissions(
+        app.store,
+        partial(_recheck_permissions, app),
+        poll_interval=app.config.permission_poll_interval,
+    )
+
+
+async def _recheck_permissions(app: App) -> None:
+    # A store failure raises out of here and leaves every connection open;
+    # the watcher runs this again once the store is back.
+    for session in list(app.stats.by_id.values()):
+        if not await app.may_open(session.key, session.subject):
+            app.stats.revoked_closed += 1
+            log.info("session %d: access revoked, closing", session.session_id)
+            session.close(Close(error=ACCESS_REVOKED_TEXT, allow_reconnect=False))

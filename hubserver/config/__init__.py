@@ -75,6 +75,8 @@ class ServerConfig:
             proxy's address: raise it or turn it off there).
         max_hub_connections_per_subject: open hub connections per token
             subject (429 at the upgrade above it; 0 turns it off).
+        allow_any_audience: with a JWKS, accept tokens without checking ``aud``
+            (``--no-audience-check``); otherwise ``audience`` is required.
     """
 
     host: str = "127.0.0.1"
@@ -109,6 +111,7 @@ class ServerConfig:
     max_connections: int | None = None
     max_connections_per_ip: int = 1000
     max_hub_connections_per_subject: int = 100
+    allow_any_audience: bool = False
 
     def __post_init__(self) -> None:
         if self.jwks_file is not None and self.jwks_url is not None:
@@ -150,6 +153,16 @@ class ServerConfig:
         for name in ("max_connections_per_ip", "max_hub_connections_per_subject"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be non-negative (0 turns it off)")
+        # RFC 8725 §3.9: a token the identity provider issued for another API
+        # must not open this one, so a real key source needs an audience.
+        if not self.is_dev_mode and self.audience is None and not self.allow_any_audience:
+            raise ConfigError(
+                "--jwks-file/--jwks-url need --audience (the aud your identity provider puts "
+                "in tokens for this API); without it a token issued for any other API would "
+                "be accepted. Give --no-audience-check to accept that on purpose."
+            )
+        if self.audience is not None and self.allow_any_audience:
+            raise ConfigError("give --audience or --no-audience-check, not both")
 
     @property
     def is_dev_mode(self) -> bool:

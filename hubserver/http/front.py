@@ -36,6 +36,7 @@ from hubserver.app import HUB_SCOPE, PUBLISH_SCOPE, App
 from hubserver.auth import AuthError, Claims, InvalidToken, extract_token, redact_url
 from hubserver.backplane import BackplaneError, BackplaneUnavailable
 from hubserver.connection import HubSession
+from hubserver.permissions import PermissionStoreUnavailable
 from hubserver.routing import GroupKey, Hub, PublishError, parse_publish_body
 from hubserver.routing._events import MAX_ID_CHARS
 from hubserver.transports import TransportError, UpgradeError, check_upgrade, websocket_accept
@@ -284,6 +285,7 @@ async def _dispatch(
             status = await _simple(stream, conn, event, 200, "ok")
         elif path == "/readyz":
             ready = app.is_ready and not app.is_draining and app.broker.backplane.is_available
+            ready = ready and app.store.is_available
             status = await _simple(
                 stream, conn, event, 200 if ready else 503, "ready" if ready else "not ready"
             )
@@ -294,6 +296,8 @@ async def _dispatch(
         headers = [_WWW_AUTHENTICATE] if status == 401 else []
         if status == 426:  # RFC 6455 §4.2.2: name the versions we understand
             headers.append((b"sec-websocket-version", b"13"))
+        if status == 503 and refusal.code is None:  # refusals with a code add it below
+            headers.append(_RETRY_AFTER)
         # A request without a body can keep its connection: h11 yields its end
         # without reading. One whose body we leave unread cannot.
         is_done = conn.their_state is h11.DONE or (
@@ -373,7 +377,11 @@ async def _authorize(
     if len(site_id) > MAX_ID_CHARS or (user_id is not None and len(user_id) > MAX_ID_CHARS):
         raise _Refusal(400, f"'site_id' and 'user_id' are at most {MAX_ID_CHARS} characters")
     group = GroupKey(hub, site_id, user_id)
-    if not await app.may_open(group, claims.subject):
+    try:
+        is_allowed = await app.may_open(group, claims.subject)
+    except PermissionStoreUnavailable:
+        raise _Refusal(503, "permission store unavailable") from None  # the watcher logs it
+    if not is_allowed:
         # The same answer for an unknown site and a site without rights: no enumeration.
         raise _Refusal(403, "forbidden: no access to this stream")
     return group, claims

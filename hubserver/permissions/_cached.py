@@ -58,3 +58,7 @@ class CachedPermissionStore:
             self._version = version
             self._roles.clear()
         return version
+
+    @property
+    def is_available(self) -> bool:
+        return self._inner.is_available

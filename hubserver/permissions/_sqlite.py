@@ -5,23 +5,27 @@ from __future__ import annotations
 import builtins
 import sqlite3
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
-from typing import Final, Self
+from typing import Final, Self, TypeVar
 
 import trio
 
 from ._model import Member, Role, check_id, check_role
-from ._store import PermissionStoreError
+from ._store import PermissionStoreError, PermissionStoreUnavailable
 
 __all__ = ["SqlitePermissionStore"]
+
+_T = TypeVar("_T")
 
 FILE_NAME: Final = "permissions.sqlite3"
 #: How long a statement waits for another process's write lock, in seconds.
 BUSY_TIMEOUT: Final = 5.0
+#: How long `role_of` and `version` may take before they raise, in seconds.
+CALL_TIMEOUT: Final = 2.0
 
 _ROLE_VALUES: Final = ", ".join(f"'{role.value}'" for role in Role)
 _SCHEMA: Final = f"""
@@ -51,16 +55,31 @@ class SqlitePermissionStore:
     all be closed by `close` (and would leak on each retired thread); the
     statements are single-row lookups, so serialising them on a
     ``threading.Lock`` costs nothing measurable.
+
+    `role_of` and `version` raise `PermissionStoreUnavailable` for any
+    database failure and after ``call_timeout`` seconds: a busy timeout alone
+    would not do, since a reader that finds the WAL locks held by another
+    process retries inside SQLite for about 10 s and then fails with
+    "locking protocol", whatever the busy timeout. The thread of a call past
+    its deadline is abandoned and finishes on its own; calls queued behind it
+    on the lock give up after ``call_timeout`` too, so threads do not pile up.
     """
 
-    def __init__(self, conn: sqlite3.Connection) -> None:
+    def __init__(self, conn: sqlite3.Connection, *, call_timeout: float = CALL_TIMEOUT) -> None:
         """Wrap an open connection; prefer `open`, which also creates the schema."""
         self._conn = conn
         self._lock = threading.Lock()
+        self._call_timeout = call_timeout
+        self._is_closed = False
+        self._is_available = True
 
     @classmethod
-    def open(cls, data_dir: Path) -> Self:
+    def open(cls, data_dir: Path, *, call_timeout: float = CALL_TIMEOUT) -> Self:
         """Open (creating if needed) ``data_dir`` and ``permissions.sqlite3`` in it.
+
+        Args:
+            data_dir: the data directory.
+            call_timeout: the deadline of each `role_of` and `version`, in seconds.
 
         Raises:
             PermissionStoreError: the directory or database cannot be created or opened.
@@ -80,7 +99,7 @@ class SqlitePermissionStore:
             )
         except sqlite3.Error as exc:
             raise PermissionStoreError(f"cannot open {data_dir / FILE_NAME}: {exc}") from exc
-        store = cls(conn)
+        store = cls(conn, call_timeout=call_timeout)
         try:
             with store._locked():
                 # WAL lets the server read while the CLI writes; it is a
@@ -93,9 +112,18 @@ class SqlitePermissionStore:
         return store
 
     def close(self) -> None:
-        """Close the connection; later calls raise `PermissionStoreError`. Idempotent."""
-        with self._lock:
-            self._conn.close()
+        """Close the connection; later calls raise `PermissionStoreError`. Idempotent.
+
+        A lookup abandoned at its deadline may still be running in its thread;
+        close waits for it at most ``call_timeout`` seconds, then leaves the
+        connection to process exit rather than close it under that thread.
+        """
+        self._is_closed = True
+        if self._lock.acquire(timeout=self._call_timeout):
+            try:
+                self._conn.close()
+            finally:
+                self._lock.release()
 
     def __enter__(self) -> Self:
         return self
@@ -110,13 +138,34 @@ class SqlitePermissionStore:
 
     async def role_of(self, site_id: str, subject: str) -> Role | None:
         """See `PermissionStore.role_of`; runs in a worker thread."""
-        # Not abandon_on_cancel: an abandoned thread would keep using the
-        # connection after the caller (maybe `close`) has moved on.
-        return await trio.to_thread.run_sync(self._role_of, site_id, subject)
+        return await self._call(lambda: self._role_of(site_id, subject))
 
     async def version(self) -> int:
         """See `PermissionStore.version`; runs in a worker thread."""
-        return await trio.to_thread.run_sync(self._version)
+        return await self._call(self._version)
+
+    @property
+    def is_available(self) -> bool:
+        """False since a lookup failed or timed out, until one succeeds."""
+        return self._is_available
+
+    async def _call(self, fn: Callable[[], _T]) -> _T:
+        # abandon_on_cancel: a thread stuck in SQLite cannot be interrupted, and
+        # the caller (a request, the watcher) must not wait for it. The
+        # abandoned thread only ever touches the connection under the lock,
+        # which `close` respects.
+        with trio.move_on_after(self._call_timeout):
+            try:
+                result = await trio.to_thread.run_sync(fn, abandon_on_cancel=True)
+            except PermissionStoreUnavailable:
+                self._is_available = False
+                raise
+            self._is_available = True
+            return result
+        self._is_available = False
+        raise PermissionStoreUnavailable(
+            f"the permission database did not answer within {self._call_timeout:g} s"
+        )
 
     def grant(self, site_id: str, subject: str, role: Role) -> None:
         """Give ``subject`` ``role`` on ``site_id``, replacing any role it had there.
@@ -177,21 +226,36 @@ class SqlitePermissionStore:
             row = conn.execute(
                 "SELECT role FROM members WHERE site_id = ? AND subject = ?", (site_id, subject)
             ).fetchone()
-        return None if row is None else Role(row[0])
+        if row is None:
+            return None
+        try:
+            return Role(row[0])
+        except ValueError as exc:  # the file was edited around the CHECK constraint
+            raise PermissionStoreUnavailable(
+                "the permission database holds an unknown role"
+            ) from exc
 
     def _version(self) -> int:
         with self._locked() as conn:
-            (value,) = conn.execute("SELECT value FROM meta WHERE key = 'version'").fetchone()
-        return int(value)
+            row = conn.execute("SELECT value FROM meta WHERE key = 'version'").fetchone()
+        if row is None or not isinstance(row[0], int):
+            raise PermissionStoreUnavailable("the permission database has no version row")
+        return row[0]
 
     @contextmanager
     def _locked(self) -> Iterator[sqlite3.Connection]:
-        # The one place sqlite3 errors become ours.
-        with self._lock:
-            try:
-                yield self._conn
-            except sqlite3.Error as exc:
-                raise PermissionStoreError(f"permission database error: {exc}") from exc
+        # The one place sqlite3 errors become ours. The lock wait is bounded:
+        # a lookup abandoned at its deadline may still hold it.
+        if not self._lock.acquire(timeout=self._call_timeout):
+            raise PermissionStoreUnavailable("the permission database is busy with an earlier call")
+        try:
+            if self._is_closed:
+                raise PermissionStoreUnavailable("the permission store is closed")
+            yield self._conn
+        except sqlite3.Error as exc:
+            raise PermissionStoreUnavailable(f"permission database error: {exc}") from exc
+        finally:
+            self._lock.release()
 
     @contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:

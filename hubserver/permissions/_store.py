@@ -12,11 +12,26 @@ from hubcore._errors import HubError
 
 from ._model import Member, Role, check_id, check_role
 
-__all__ = ["InMemoryPermissionStore", "PermissionStore", "PermissionStoreError"]
+__all__ = [
+    "InMemoryPermissionStore",
+    "PermissionStore",
+    "PermissionStoreError",
+    "PermissionStoreUnavailable",
+]
 
 
 class PermissionStoreError(HubError):
     """The permission store could not answer (database error, closed store, backend down)."""
+
+
+class PermissionStoreUnavailable(PermissionStoreError):
+    """A lookup failed or missed its deadline; the same call may succeed later.
+
+    Raised by `PermissionStore.role_of` and `PermissionStore.version` for any
+    failure of the store behind them (a locked or corrupt database, an I/O
+    error, a closed store). The server keeps open connections on their last
+    known roles and refuses new ones with 503 and ``Retry-After`` meanwhile.
+    """
 
 
 class PermissionStore(Protocol):
@@ -26,7 +41,7 @@ class PermissionStore(Protocol):
         """Return the subject's role on the site, or None if it has none.
 
         Raises:
-            PermissionStoreError: the store could not answer.
+            PermissionStoreUnavailable: the store could not answer in time.
         """
         ...
 
@@ -37,8 +52,13 @@ class PermissionStore(Protocol):
         changes, so a revoke reaches open connections within seconds.
 
         Raises:
-            PermissionStoreError: the store could not answer.
+            PermissionStoreUnavailable: the store could not answer in time.
         """
+        ...
+
+    @property
+    def is_available(self) -> bool:
+        """False since a lookup failed, until one succeeds (``/readyz`` reports it)."""
         ...
 
 
@@ -60,6 +80,11 @@ class InMemoryPermissionStore:
         """See `PermissionStore.version`."""
         await trio.lowlevel.checkpoint()
         return self._version
+
+    @property
+    def is_available(self) -> bool:
+        """Always True: a dict cannot fail."""
+        return True
 
     def grant(self, site_id: str, subject: str, role: Role) -> None:
         """Give ``subject`` ``role`` on ``site_id``, replacing any role it had there.
