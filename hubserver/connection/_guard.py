@@ -24,6 +24,10 @@ log = logging.getLogger("hubserver.connection")
 Ts = TypeVarTuple("Ts")
 
 
+def _late_crash(exc: BaseException) -> None:
+    log.error("a connection's task failed after the connection ended", exc_info=exc)
+
+
 class TaskGuard:
     """Starts a connection's tasks, contains their failures, cancels them at its end.
 
@@ -73,6 +77,7 @@ class TaskGuard:
     def close(self) -> None:
         """Cancel the tasks still running; start no more."""
         self._is_closed = True
+        self._on_crash = _late_crash  # no reference cycle through the owner's bound method
         scopes, self._scopes = self._scopes, None
         for scope in scopes or ():
             scope.cancel()

@@ -22,7 +22,6 @@ from __future__ import annotations
 import enum
 import os
 from collections.abc import Awaitable, Callable
-from typing import Final
 
 import trio
 
@@ -32,6 +31,8 @@ __all__ = ["Outbound", "Report"]
 
 
 class Report(enum.Enum):
+    #: Bytes wait for a writer: the connection must not write directly now.
+    BUSY = "busy"
     #: ``queued_bytes`` went over ``max_bytes``.
     OVER_BUDGET = "over budget"
     #: Nothing waits any more (the writer finished, or a flush wrote all).
@@ -40,8 +41,8 @@ class Report(enum.Enum):
     LOST = "lost"
 
 
-#: Frames a write may join: one ``send`` for many small queued frames.
-_JOIN: Final = b"".join
+def _ignore(report: Report, exc: BaseException | None) -> None:
+    pass  # a closed Outbound reports nothing (and holds no reference to its owner)
 
 
 class Outbound:
@@ -56,12 +57,14 @@ class Outbound:
     """
 
     __slots__ = (
+        "_current",
+        "_ends",
         "_fd",
         "_flushed",
-        "_in_flight",
         "_is_closed",
         "_is_sealed",
         "_is_writing",
+        "_offset",
         "_outbox",
         "_pending",
         "_report",
@@ -86,14 +89,19 @@ class Outbound:
         self.max_bytes = max_bytes
         self._report = report
         self._start_writer = start_writer
-        # Lists only while something waits: most connections queue nothing.
-        self._pending: list[bytes | memoryview] | None = None
+        # The buffer being written, how far, and where each frame in it ends:
+        # a slow client's close cuts what waits, never a frame already begun.
+        self._current: bytes | None = None
+        self._offset = 0
+        self._ends: list[int] | None = None
+        # Waiting behind it, in order: whole frames, then hub messages still to
+        # be framed (several go in one frame). Lists only while something
+        # waits: most connections queue nothing.
+        self._pending: list[bytes] | None = None
         self._outbox: list[bytes] | None = None
         self.queued_bytes = 0
         self.is_over_budget = False
         self._is_writing = False
-        # Bytes of the buffer the writer is in the middle of (a frame cannot be cut short).
-        self._in_flight = 0
         self._flushed: trio.Event | None = None
         # Our close frame is queued: nothing may follow it.
         self._is_sealed = False
@@ -103,7 +111,7 @@ class Outbound:
     @property
     def is_idle(self) -> bool:
         """Nothing waits and nothing is being written: a direct write keeps the order."""
-        return not self._is_writing and self._pending is None and self._outbox is None
+        return self._current is None and self._pending is None and self._outbox is None
 
     @property
     def is_sealed(self) -> bool:
@@ -111,10 +119,13 @@ class Outbound:
 
     # -- queueing ----------------------------------------------------------------
 
-    def queue_rest(self, rest: memoryview) -> None:
-        """The unsent rest of a direct write: first in line, the writer sends it."""
-        self._pending = [rest]
-        self._count(len(rest))
+    def queue_rest(self, frame: bytes, sent: int) -> None:
+        """A direct write of ``frame`` took only ``sent`` bytes: the writer sends the rest.
+
+        Only while idle (the caller's fast path checks): it goes first in line.
+        """
+        self._current, self._offset, self._ends = frame, sent, None
+        self._count(len(frame) - sent)
         self._begin_writing()
 
     def queue_message(self, data: bytes) -> None:
@@ -129,15 +140,9 @@ class Outbound:
 
     def queue_frame(self, frame: bytes) -> None:
         """Queue a whole WebSocket frame (a control frame) after everything queued."""
-        if self._is_sealed:
-            return
-        self._frame_outbox()
-        if self._pending is None:
-            self._pending = [frame]
-        else:
-            self._pending.append(frame)
-        self._count(len(frame))
-        self.flush()
+        if not self._is_sealed:
+            self._append_frame(frame)
+            self.flush()
 
     def seal(self, close_frame: bytes | None) -> None:
         """Queue our close frame (once): the last thing this connection sends.
@@ -145,25 +150,39 @@ class Outbound:
         None seals without a frame (after a bare EOF nobody would read one).
         """
         if not self._is_sealed:
-            if close_frame is not None:
-                self.queue_frame(close_frame)
             self._is_sealed = True
+            if close_frame is not None:
+                self._append_frame(close_frame)
+                self.flush()
 
     def drop_unsent(self) -> None:
         """Forget what waits (a slow client): only a frame already begun stays, to finish it."""
-        pending = self._pending
         self._outbox = self._pending = None
-        self.queued_bytes = self._in_flight
-        # The rest of a partial write is always a memoryview; whole frames are bytes.
-        if pending and isinstance(pending[0], memoryview):
-            self._pending = [pending[0]]
-            self.queued_bytes += len(pending[0])
+        current, offset, ends = self._current, self._offset, self._ends
+        self._ends = None
+        if current is None or offset == 0:
+            self._current = None
+            self._offset = self.queued_bytes = 0
+            return
+        end = len(current) if ends is None else next(e for e in ends if e > offset)
+        if end < len(current):
+            self._current = current[:end]
+        self.queued_bytes = end - offset
 
     def close(self) -> None:
-        """The socket is closed: drop everything, write nothing more."""
+        """The socket is closed: drop everything, write nothing more, report nothing."""
         self._is_closed = self._is_sealed = True
-        self._pending = self._outbox = None
+        self._current = self._pending = self._outbox = self._ends = None
         self.queued_bytes = 0
+        self._report = _ignore  # no reference cycle through the owner's bound method
+
+    def _append_frame(self, frame: bytes) -> None:
+        self._frame_outbox()
+        if self._pending is None:
+            self._pending = [frame]
+        else:
+            self._pending.append(frame)
+        self._count(len(frame))
 
     def _count(self, size: int) -> None:
         self.queued_bytes += size
@@ -174,25 +193,20 @@ class Outbound:
     # -- writing -----------------------------------------------------------------
 
     def flush(self) -> None:
-        """Write what is queued now, as far as the socket takes it; a task writes the rest."""
+        """Write what waits now, as far as the socket takes it; a task writes the rest."""
         if self._is_writing or self._is_closed:
             return  # the writer sends it after what it is writing
-        data = self._take_output()
-        if data is None:
+        if self._current is None and not self._take_output():
             return
         try:
-            sent = os.write(self._fd, data)
-        except BlockingIOError:
-            sent = 0
+            self._write_some()
         except OSError as exc:
             self._report(Report.LOST, exc)
             return
-        self.queued_bytes -= sent
-        if sent < len(data):
-            self._pending = [memoryview(data)[sent:]]
+        if self._current is None:
+            self._drained()
+        else:
             self._begin_writing()
-            return
-        self._drained()
 
     async def wait_drained(self) -> None:
         """Until nothing waits (the caller bounds it): the close frame's last chance."""
@@ -209,14 +223,15 @@ class Outbound:
     def _begin_writing(self) -> None:
         if not self._is_writing:
             self._is_writing = True
+            self._report(Report.BUSY, None)
             self._start_writer(self._writer)
 
     async def _writer(self) -> None:
         try:
             await self._write_out()
         except (trio.ClosedResourceError, OSError) as exc:
+            self._is_writing = False
             if not self._is_closed:
-                self._is_writing = False
                 self._report(Report.LOST, exc)
             return
         finally:
@@ -226,38 +241,54 @@ class Outbound:
         self._drained()
 
     async def _write_out(self) -> None:
-        """Write until nothing is queued, waiting for writability between sends."""
-        fd = self._fd
-        while (data := self._take_output()) is not None:
-            view = memoryview(data)
-            self._in_flight = len(view)
-            while True:
-                if self._is_closed:
-                    raise trio.ClosedResourceError("the connection was closed")
-                try:
-                    sent = os.write(fd, view)
-                except BlockingIOError:
-                    sent = 0
-                self.queued_bytes -= sent
-                self._in_flight -= sent
-                if sent == len(view):
-                    break
-                view = view[sent:]
-                await trio.lowlevel.wait_writable(fd)
+        """Write until nothing waits, waiting for writability between sends."""
+        while self._current is not None or self._take_output():
+            if self._is_closed:
+                raise trio.ClosedResourceError("the connection was closed")
+            self._write_some()
+            if self._current is not None:
+                await trio.lowlevel.wait_writable(self._fd)
 
-    def _take_output(self) -> bytes | memoryview | None:
-        """Everything queued, as one buffer to write; None when nothing is."""
+    def _write_some(self) -> None:
+        """One non-blocking send of the current buffer's rest."""
+        current = self._current
+        assert current is not None
+        offset = self._offset
+        try:
+            sent = os.write(self._fd, memoryview(current)[offset:] if offset else current)
+        except BlockingIOError:
+            return
+        self.queued_bytes -= sent
+        offset += sent
+        if offset == len(current):
+            self._current = self._ends = None
+            self._offset = 0
+        else:
+            self._offset = offset
+
+    def _take_output(self) -> bool:
+        """Make everything that waits the current buffer (one send for many frames)."""
         self._frame_outbox()
         pending, self._pending = self._pending, None
         if pending is None:
-            return None
-        return pending[0] if len(pending) == 1 else _JOIN(pending)
+            return False
+        if len(pending) == 1:
+            self._current, self._ends = pending[0], None
+        else:
+            self._current = b"".join(pending)
+            total, ends = 0, []
+            for frame in pending:
+                total += len(frame)
+                ends.append(total)
+            self._ends = ends
+        self._offset = 0
+        return True
 
     def _frame_outbox(self) -> None:
         outbox = self._outbox
         if outbox is not None:
             self._outbox = None
-            payload = _JOIN(outbox) if len(outbox) > 1 else outbox[0]
+            payload = b"".join(outbox) if len(outbox) > 1 else outbox[0]
             frame = server_frame(self.opcode, payload)
             # The frame header is counted too: the budget counts bytes to write.
             self.queued_bytes += len(frame) - len(payload)
@@ -267,6 +298,6 @@ class Outbound:
                 self._pending.append(frame)
 
     def _drained(self) -> None:
-        if self._pending is None and self._outbox is None:
+        if self.is_idle:
             self.is_over_budget = False
             self._report(Report.DRAINED, None)

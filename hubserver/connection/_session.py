@@ -107,12 +107,14 @@ class HubSession:
     __slots__ = (
         "_ctx",
         "_direct",
+        "_early_close",
         "_fd",
         "_frames",
         "_gate",
         "_goodbye_at",
         "_guard",
         "_hub",
+        "_live_ceiling",
         "_out",
         "_phase",
         "_protocol",
@@ -168,6 +170,11 @@ class HubSession:
         self._since_seq = since_seq
         # True only while a delivery may write its shared frame itself (see ``deliver``).
         self._direct = False
+        # Live events close a client at once only past this (2x the budget, plus
+        # a replay still queued); over the budget alone, the slow deadline decides.
+        self._live_ceiling = 2 * ctx.max_outbox_bytes
+        # A close asked for before the hub handshake: sent right after it.
+        self._early_close: Close | None = None
         self._protocol: HubProtocol | None = None
         self._sent_at = now  # last direct write, told to hubcore in bulk
         self._goodbye_at = math.inf
@@ -200,21 +207,23 @@ class HubSession:
     # -- delivery (called by the router, synchronously) --------------------------
 
     def deliver(self, delivery: Delivery, now: float) -> None:
-        if self._direct and delivery.first_seq > self._gate.replayed_upto:
-            # The common case, with one send() and no task switch.
-            self._sent_at = now
-            frame = delivery.frame_for(self._out.opcode, self._protocol)  # type: ignore[arg-type]  # set at the handshake, before any delivery
-            try:
-                sent = os.write(self._fd, frame)
-            except BlockingIOError:
-                sent = 0
-            except OSError as exc:
-                self._lost(exc)
+        try:
+            if self._direct and delivery.first_seq > self._gate.replayed_upto:
+                # The common case, with one send() and no task switch.
+                self._sent_at = now
+                frame = delivery.frame_for(self._out.opcode, self._protocol)  # type: ignore[arg-type]  # set at the handshake, before any delivery
+                try:
+                    sent = os.write(self._fd, frame)
+                except BlockingIOError:
+                    sent = 0
+                if sent != len(frame):
+                    self._out.queue_rest(frame, sent)  # reports BUSY: no more direct writes
                 return
-            if sent != len(frame):
-                self._direct = False
-                self._out.queue_rest(memoryview(frame)[sent:])
-            return
+            self._deliver_queued(delivery, now)
+        except Exception as exc:  # OSError of the socket included: this connection ends
+            self._crash_or_lost(exc)
+
+    def _deliver_queued(self, delivery: Delivery, now: float) -> None:
         if self._phase is not Phase.OPEN:
             return
         try:
@@ -224,12 +233,15 @@ class HubSession:
             return
         if rest is not None:
             self._send(rest.payload, now)
-            if self._out.queued_bytes > self._out.max_bytes:
+            if self._out.queued_bytes > self._live_ceiling:
                 self._close_slow(f"{self._out.queued_bytes} bytes queued")
 
     def notify(self, message: PreparedMessage) -> None:
         if self._phase is Phase.OPEN:
-            self._send(message, trio.current_time())
+            try:
+                self._send(message, trio.current_time())
+            except Exception as exc:
+                self._crash_or_lost(exc)
 
     def restart_numbering(self) -> None:
         # The client's seqs refer to a numbering that is gone: a Gap from 1 tells
@@ -239,9 +251,22 @@ class HubSession:
         self.notify(gap_message(1))
 
     def close(self, message: Close) -> None:
-        """Send ``message`` after what is queued, then end the connection."""
-        if self._phase in (Phase.CLOSING, Phase.CLOSED):
-            return
+        """Send ``message`` after what is queued, then end the connection.
+
+        Before the hub handshake (a revoke or a drain while the 101 goes out)
+        the Close can only follow the handshake's answer: it waits for it, at
+        most ``CLOSE_TIMEOUT``, and the connection never joins its group.
+        """
+        phase = self._phase
+        if phase is Phase.UPGRADING or phase is Phase.HANDSHAKE:
+            if self._early_close is None:
+                self._early_close = message
+                self._goodbye_at = trio.current_time() + CLOSE_TIMEOUT
+                self._schedule()
+        elif phase is Phase.OPEN:
+            self._end_with(message)
+
+    def _end_with(self, message: Close) -> None:
         if self._hub.state in _MAY_CLOSE:
             with contextlib.suppress(LocalProtocolError):  # already closed: nothing to say
                 self._out.queue_message(self._hub.send(message, trio.current_time()))
@@ -264,8 +289,11 @@ class HubSession:
             self._send(delivery.payload, now)
 
     def _on_output(self, report: Report, exc: BaseException | None) -> None:
-        if report is Report.DRAINED:
+        if report is Report.BUSY:
+            self._direct = False
+        elif report is Report.DRAINED:
             self._slow_deadline = math.inf
+            self._live_ceiling = 2 * self._out.max_bytes
             if self._reading is Reading.PAUSED:
                 self._reading = Reading.ACTIVE
                 if self._unpaused is not None:
@@ -342,6 +370,7 @@ class HubSession:
             return
         outcome = self._gate.complete(since_seq, replay, is_lost=is_lost)
         now = trio.current_time()
+        queued_before = self._out.queued_bytes
         if outcome.gap is not None:
             self._send(outcome.gap, now)
         if outcome.replay is not None:
@@ -349,11 +378,21 @@ class HubSession:
         if invocation_id is not None:
             self._send(Completion.void(invocation_id), now)
         self._send_deliveries(outcome.released)
+        if not self._out.is_idle:
+            # A replay says nothing of the client's speed: live events may queue
+            # behind it before the slow deadline judges.
+            self._live_ceiling += self._out.queued_bytes - queued_before
         self._update_direct()
 
     # -- timers (called by the server's TimerQueue) --------------------------------
 
     def on_timer(self, now: float) -> None:
+        try:
+            self._on_timer(now)
+        except Exception as exc:
+            self._crash_or_lost(exc)
+
+    def _on_timer(self, now: float) -> None:
         phase = self._phase
         if phase is Phase.CLOSED:
             return
@@ -362,6 +401,10 @@ class HubSession:
                 log.info("session %d: no closing handshake in time, dropping", self.session_id)
                 self._abort()
                 return
+        elif now >= self._goodbye_at:
+            self._finish()  # closed before a hub handshake that did not come in time
+        elif self._early_close is not None:
+            pass  # only the handshake (hubcore's timer) or the goodbye deadline count now
         elif now >= self._token_deadline:
             self._ctx.stats.expired_closed += 1
             # ASP.NET Core's close on authentication expiry: no error text,
@@ -374,7 +417,8 @@ class HubSession:
             if released is not None:  # no Resume came: held events go out as they are
                 self._send_deliveries(released)
                 self._update_direct()
-            hub = self._hub
+        hub = self._hub
+        if self._phase is Phase.OPEN or self._phase is Phase.HANDSHAKE:
             if hub.state is ConnectionState.OPEN and not hub.is_stateful:
                 hub.note_sent(self._sent_at)
             timer = hub.next_deadline()
@@ -393,12 +437,13 @@ class HubSession:
             return
         else:
             hub_deadline = self._hub.next_deadline()
-            deadline = min(
-                math.inf if hub_deadline is None else hub_deadline,
-                self._token_deadline,
-                self._gate.hold_deadline,
-                self._slow_deadline,
-            )
+            deadline = math.inf if hub_deadline is None else hub_deadline
+            if self._early_close is not None:
+                deadline = min(deadline, self._goodbye_at)
+            else:
+                deadline = min(
+                    deadline, self._token_deadline, self._gate.hold_deadline, self._slow_deadline
+                )
         if deadline < math.inf:
             self._ctx.timers.schedule(self, deadline)
 
@@ -414,8 +459,7 @@ class HubSession:
             self._ctx.leave(self)
         self._phase = next_phase(phase, Move.FINISH)
         self._gate.close()
-        if phase is not Phase.UPGRADING:  # else run() says goodbye once the 101 is out
-            self._say_goodbye()
+        self._say_goodbye()
 
     def _say_goodbye(self) -> None:
         # From here the connection has CLOSE_TIMEOUT to say goodbye, however the
@@ -429,6 +473,12 @@ class HubSession:
     def _lost(self, exc: BaseException | None) -> None:
         log.info("session %d: peer went away: %s", self.session_id, exc)
         self._abort()
+
+    def _crash_or_lost(self, exc: BaseException) -> None:
+        if isinstance(exc, OSError):
+            self._lost(exc)  # the socket failed under a direct write: the peer's doing
+        else:
+            self._crash(exc)
 
     def _crash(self, exc: BaseException) -> None:
         self._ctx.stats.crashed += 1
@@ -464,16 +514,15 @@ class HubSession:
             self._unregister()
 
     async def _serve(self) -> None:
-        if self._phase is Phase.UPGRADING:
-            self._phase = next_phase(Phase.UPGRADING, Move.UPGRADED)
-            self._schedule()  # the handshake timeout
-            received, self._received = self._received, None
-            if received:
-                self._on_data(received)
-            await self._read()
+        if self._phase is not Phase.UPGRADING:
+            return  # discarded
+        self._phase = next_phase(Phase.UPGRADING, Move.UPGRADED)
+        self._schedule()  # the handshake timeout (and an early close's deadline)
+        received, self._received = self._received, None
+        if received:
+            self._on_data(received)
+        await self._read()
         if self._phase is not Phase.CLOSED:
-            if self._phase is Phase.CLOSING and self._goodbye_at == math.inf:
-                self._say_goodbye()  # closed while its 101 was written
             self._finish()
             with trio.move_on_at(self._goodbye_at):
                 try:
@@ -556,7 +605,7 @@ class HubSession:
                     self._send(HandshakeResponse(error=exc.handshake_error), now)
                     self._finish()
                 else:
-                    self.close(exc.close_hint)
+                    self._end_with(exc.close_hint)
                 return
             if event is None:
                 return
@@ -587,6 +636,14 @@ class HubSession:
             self._out.opcode = OPCODE_BINARY
         self._protocol = protocol
         self._send(HandshakeResponse(), now)
+        if self._phase is not Phase.HANDSHAKE:
+            return  # the answer's write failed: the connection has ended
+        early, self._early_close = self._early_close, None
+        if early is not None:
+            # Revoked or drained before its handshake: answered, told, never joined.
+            self._goodbye_at = math.inf
+            self._end_with(early)
+            return
         self._phase = next_phase(self._phase, Move.HANDSHAKE_OK)
         self._ctx.join(self)
         if self._since_seq is not None:

@@ -53,7 +53,6 @@ class Reading(enum.Enum):
 
 _TRANSITIONS: Final[dict[tuple[Phase, Move], Phase]] = {
     (Phase.UPGRADING, Move.UPGRADED): Phase.HANDSHAKE,
-    (Phase.UPGRADING, Move.FINISH): Phase.CLOSING,
     (Phase.UPGRADING, Move.ABORT): Phase.CLOSED,
     (Phase.HANDSHAKE, Move.HANDSHAKE_OK): Phase.OPEN,
     (Phase.HANDSHAKE, Move.FINISH): Phase.CLOSING,

@@ -9,6 +9,8 @@ every connection's tasks run under. Each test runs a real server on
 
 from __future__ import annotations
 
+import socket
+import struct
 from contextlib import suppress
 from typing import Any
 
@@ -16,12 +18,24 @@ import pytest
 import trio
 import trio.lowlevel
 
+import hubserver.connection._session as session_module
 from hubserver.auth import DevKey
+from hubserver.connection import ACCESS_REVOKED_TEXT
 from hubserver.connection._guard import TaskGuard
 from hubserver.permissions import Role
 
 from .conftest import Harness
-from .helpers import RS, WsClosed, bearer, bystander, hub_target, open_hub, open_ws, publish_ok
+from .helpers import (
+    RS,
+    HubClient,
+    WsClosed,
+    bearer,
+    bystander,
+    hub_target,
+    open_hub,
+    open_ws,
+    publish_ok,
+)
 from .test_resume import RESUME_ARGUMENT_ERROR, Publisher, events_of, new_site, subscribe
 
 CAP = 20.0
@@ -193,15 +207,20 @@ async def test_a_revoke_while_the_101_is_written_reaches_the_connection(
                 release.set()
             monkeypatch.undo()
             (ws,) = opened
-            ended = await ws.receive()  # no handshake response, no event: the close
-            await ws.aclose()
+            client = HubClient(ws)
+            # Answered, then told why, and never joined: no event reaches it.
+            assert await client.handshake() == {}
             await publish_ok(h, "entries", {"site_id": "s1"})
+            ended = await client.expect_close()
+            await ws.aclose()
             await b.check()
-    assert ended == WsClosed(1000), ended
+    assert ended.close == {"type": 7, "error": ACCESS_REVOKED_TEXT}, ended
     assert h.server.app.stats.revoked_closed == 1
 
 
-async def test_a_connection_revoked_before_its_handshake_is_closed(start_server: Any) -> None:
+async def test_a_connection_revoked_before_its_handshake_is_told_after_it(
+    start_server: Any,
+) -> None:
     h: Harness = await start_server(permission_poll_interval=0.05)
     h.grant("s1", "alice", Role.SITE_ADMIN)
     with trio.fail_after(CAP):
@@ -209,14 +228,26 @@ async def test_a_connection_revoked_before_its_handshake_is_closed(start_server:
             async with open_hub(h, hub_target("entries", "s1"), handshake=False) as client:
                 h.store.revoke("s1", "alice")
                 await trio.sleep(0.3)  # several watcher rounds, before any hub handshake
-                await client.ws.send_text('{"protocol":"json","version":1}' + RS)
-                data = b""
-                while chunk := await client.ws.stream.receive_some(1000):
-                    data += chunk
+                assert await client.handshake() == {}
+                ended = await client.expect_close()
             await b.check()
-    # No handshake response: the WebSocket closes (1000) and the stream is never joined.
-    assert data.endswith(b"\x88\x02\x03\xe8"), data
-    assert b"ReceiveMessage" not in data
+    assert ended.close == {"type": 7, "error": ACCESS_REVOKED_TEXT}, ended
+    assert ended.ws.code == 1000
+
+
+async def test_a_connection_closed_before_a_handshake_that_never_comes_ends(
+    start_server: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(session_module, "CLOSE_TIMEOUT", 0.3)
+    h: Harness = await start_server(permission_poll_interval=0.05)
+    h.grant("s1", "alice", Role.SITE_ADMIN)
+    with trio.fail_after(CAP):
+        async with open_hub(h, hub_target("entries", "s1"), handshake=False) as client:
+            h.store.revoke("s1", "alice")
+            started = trio.current_time()
+            assert await client.ws.receive() == WsClosed(1000)
+            # The watcher's round, the goodbye deadline, and the closing handshake.
+            assert trio.current_time() - started < 2.0
 
 
 # -- the guard ---------------------------------------------------------------------------
@@ -259,3 +290,71 @@ async def test_closing_a_guard_cancels_its_tasks_and_starts_no_more() -> None:
         guard.close()
         guard.start_soon(wait)  # too late: never runs
     assert ended == ["cancelled"]
+
+
+# -- found in review ---------------------------------------------------------------------
+
+
+async def test_the_fast_path_is_off_whenever_output_waits(start_server: Any) -> None:
+    # A client that pings and reads slowly: while a pong waits for the writer,
+    # an event's direct write would overtake (or tear) it. The old fast-path flag
+    # stayed on while the writer ran. Small socket buffers make the pongs wait.
+    h: Harness = await start_server(resume_window=0, max_outbox_bytes=1 << 24)
+    masked_ping = bytes([0x89, 0x80 | 125]) + b"\0\0\0\0" + b"p" * 125
+    site, pub = new_site(), Publisher(h)
+    h.grant(site, "pinger", Role.SITE_ADMIN)
+    with trio.fail_after(CAP):
+        target = hub_target("entries", site)
+        async with open_hub(h, target, token=h.token("pinger"), rcvbuf=4096) as client:
+            session = h.server.app.stats.by_id[max(h.server.app.stats.by_id)]
+            session._sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+            await pub.some(site, 1)
+            assert (await client.next_event())["seq"] == 1
+            await trio.sleep(0.05)
+            assert session._direct  # the fast path is on: nothing waits
+            waited = 0
+            for i in range(2000):
+                await client.ws.send_raw(masked_ping)
+                await trio.lowlevel.checkpoint()
+                out = session._out
+                waited += not out.is_idle
+                assert not (session._direct and not out.is_idle), f"ping {i}"
+            assert waited, "no pong ever waited: the test proved nothing"
+            await pub.some(site, 1)
+            assert (await client.next_event())["seq"] == 2  # and the stream is intact
+
+
+async def test_a_client_that_resets_right_after_its_handshake_is_no_crash(
+    start_server: Any,
+) -> None:
+    # The handshake answer's write fails (RST): the connection ends, quietly.
+    h: Harness = await start_server()
+    h.grant("s1", "alice", Role.SITE_ADMIN)
+    with trio.fail_after(CAP):
+        async with bystander(h) as b:
+            for _ in range(20):
+                ws = await open_ws(h.port, hub_target("entries", "s1"), headers=[bearer(h.token())])
+                await ws.send_text('{"protocol":"json","version":1}' + RS)
+                ws.stream.socket.setsockopt(
+                    socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0)
+                )
+                await ws.aclose()
+            await trio.sleep(0.2)
+            await b.check()
+    assert h.server.app.stats.crashed == 0
+
+
+async def test_a_replay_over_the_budget_does_not_close_a_reader_at_the_next_event(
+    start_server: Any,
+) -> None:
+    h: Harness = await start_server(max_outbox_bytes=64 * 1024, slow_client_timeout=5.0)
+    site, pub = new_site(), Publisher(h)
+    with trio.fail_after(CAP):
+        for _ in range(4):  # a replay of ~200 KB: three times the budget
+            await pub.some(site, 50, pad="x" * 800)
+        async with subscribe(h, site) as sub:
+            await sub.resume(0, invocation_id="r")
+            await pub.some(site, 1)  # live, while the replay waits for the reader
+            records = await sub.take(202)
+    assert records == [*events_of(*range(1, 201)), ("done", "r", None), *events_of(201)]
+    assert h.server.app.stats.slow_closed == 0
