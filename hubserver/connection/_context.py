@@ -40,6 +40,18 @@ class SessionStats:
     #: Set by the server when it drains; fired when the last connection ends.
     drained: trio.Event | None = None
 
+    def register(self, session: HubSession) -> None:
+        """Known to role changes and the drain from now on (before the 101 goes out)."""
+        self.open += 1
+        self.opened += 1
+        self.by_id[session.session_id] = session
+
+    def unregister(self, session: HubSession) -> None:
+        if self.by_id.pop(session.session_id, None) is not None:
+            self.open -= 1
+            if self.open == 0 and self.drained is not None:
+                self.drained.set()
+
 
 @dataclass(slots=True, kw_only=True)
 class SessionContext:

@@ -23,13 +23,27 @@ import math
 from dataclasses import dataclass
 from typing import Final
 
-from hubcore import PreparedMessage
-from hubserver.routing import Delivery, Replay, gap_message
+import trio
 
-__all__ = ["MAX_HELD_DELIVERIES", "MAX_RESUME_SEQ", "HoldOverflow", "ResumeGate", "ResumeOutcome"]
+from hubcore import PreparedMessage
+from hubserver.routing import Delivery, GroupKey, Replay, gap_message
+
+from ._context import ReplayFn
+
+__all__ = [
+    "MAX_HELD_DELIVERIES",
+    "MAX_RESUME_SEQ",
+    "RESUME_TIMEOUT",
+    "HoldOverflow",
+    "ResumeGate",
+    "ResumeOutcome",
+    "fetch_replay",
+]
 
 #: Deliveries a connection may hold while its resume is prepared.
 MAX_HELD_DELIVERIES: Final = 100_000
+#: A resume's history fetch must finish within this many seconds.
+RESUME_TIMEOUT: Final = 10.0
 #: The largest seq a client may resume from: JavaScript's largest safe
 #: integer, beyond anything a stream reaches and within every backplane's range.
 MAX_RESUME_SEQ: Final = 2**53
@@ -186,3 +200,21 @@ class ResumeGate:
                 released.append(rest)
                 after_seq = rest.last_seq
         return released
+
+
+async def fetch_replay(replay: ReplayFn, key: GroupKey, since_seq: int) -> tuple[Replay, bool]:
+    """History after ``since_seq`` for ``key``'s stream, and whether the client is lost.
+
+    Lost: the client saw seqs this stream never reached (history was lost,
+    e.g. an in-memory backplane restarted), so all that is kept is fetched.
+
+    Raises:
+        BackplaneError: the history is unavailable.
+        trio.TooSlowError: no answer within ``RESUME_TIMEOUT``.
+    """
+    with trio.fail_after(RESUME_TIMEOUT):
+        found = await replay(key.hub, key.site_id, since_seq)
+        is_lost = since_seq > found.last_seq
+        if is_lost:
+            found = await replay(key.hub, key.site_id, 0)
+    return found, is_lost

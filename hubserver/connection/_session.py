@@ -1,21 +1,14 @@
 """One hub connection over a WebSocket: the glue between its parts, in one task.
 
-An idle connection is one Trio task waiting for its socket to be readable
-(memory per idle connection bounds how many subscribers a process holds).
-The parts, each owning its own state:
-
-- ``Phase`` / ``Reading`` (``_state.py``): where the connection is in its life.
-- ``Outbound``: every byte still to write, the one budget, the writer task.
-- ``ResumeGate``: what a live delivery or a replay makes the connection send.
-- ``TaskGuard``: the tasks the connection starts, and their failures.
-- hubcore's ``HubConnection`` and the RFC 6455 ``FrameReader``.
-
-Deliveries take a fast path while nothing waits and no resume is under way:
-the router's call writes the event's shared frame straight to the socket (one
-``send``, no task switch, no hubcore call; hubcore hears of those writes in
-bulk through ``note_sent``). Timers (keep-alive, handshake and client
-timeouts, token expiry, the resume window, the slow-client and goodbye
-deadlines) are served for every connection by one ``TimerQueue``.
+Each part owns its state: ``Phase`` (``_state``), ``Inbound`` (reading,
+paused over budget), ``Outbound`` (every byte to write, the budget, the
+writer), ``ResumeGate`` (what a live delivery or a replay sends),
+``Deadlines`` (token, slow client, goodbye), ``TaskGuard`` (the tasks the
+connection starts), and hubcore's ``HubConnection``. An idle connection is one
+task waiting in ``Inbound.receive``; one server-wide ``TimerQueue`` calls
+``on_timer``. While nothing waits and no resume is under way, ``deliver``
+writes an event's shared frame straight to the socket (one ``send``, no task
+switch; hubcore hears of it in bulk through ``note_sent``).
 """
 
 from __future__ import annotations
@@ -30,7 +23,6 @@ from typing import Final
 import trio
 
 from hubcore import (
-    CancelInvocation,
     Close,
     Completion,
     ConnectionClosed,
@@ -52,7 +44,6 @@ from hubserver.routing import Delivery, GroupKey, gap_message
 from hubserver.transports import (
     OPCODE_BINARY,
     OPCODE_TEXT,
-    FrameReader,
     PeerClose,
     PeerPing,
     WebSocketError,
@@ -62,35 +53,25 @@ from hubserver.transports import (
 )
 
 from ._context import SessionContext
+from ._deadlines import Deadlines, Due
 from ._guard import TaskGuard
+from ._inbound import Inbound, InboundItem
 from ._outbound import Outbound, Report
-from ._resume import MAX_RESUME_SEQ, HoldOverflow, ResumeGate
+from ._resume import MAX_RESUME_SEQ, HoldOverflow, ResumeGate, fetch_replay
 from ._state import Move, Phase, Reading, next_phase
 
 __all__ = ["ACCESS_REVOKED_TEXT", "HubSession"]
 
 log = logging.getLogger("hubserver.session")
 
-RECEIVE_BYTES: Final = 65536
 #: How long we wait for the peer's closing handshake (ASP.NET Core: 5 s).
 CLOSE_TIMEOUT: Final = 5.0
-#: A resume's history fetch must finish within this many seconds.
-RESUME_TIMEOUT: Final = 10.0
 NORMAL_CLOSURE: Final = 1000
 SLOW_CLIENT_TEXT: Final = "Connection closed: the client did not keep up with the event stream."
 ACCESS_REVOKED_TEXT: Final = "Access to this stream was revoked."
-BUSY_RESUMING_TEXT: Final = "A resume is already in progress."
-RESUME_FAILED_TEXT: Final = "Resume failed: the event history is unavailable; try again."
-#: hubcore states in which a Close can still be sent.
+_RESUME_BUSY: Final = "A resume is already in progress."
+_RESUME_FAILED: Final = "Resume failed: the event history is unavailable; try again."
 _MAY_CLOSE: Final = (ConnectionState.OPEN, ConnectionState.CLOSING, ConnectionState.ERROR)
-
-
-def _method_missing(target: str) -> str:
-    # What ASP.NET Core answers for an unknown hub method (spec §3.3).
-    return (
-        f"Failed to invoke '{target}' due to an error on the server. "
-        "HubException: Method does not exist."
-    )
 
 
 class HubSession:
@@ -105,32 +86,10 @@ class HubSession:
     """
 
     __slots__ = (
-        "_ctx",
-        "_direct",
-        "_early_close",
-        "_fd",
-        "_frames",
-        "_gate",
-        "_goodbye_at",
-        "_guard",
-        "_hub",
-        "_live_ceiling",
-        "_out",
-        "_phase",
-        "_protocol",
-        "_reading",
-        "_received",
-        "_sent_at",
-        "_since_seq",
-        "_slow_deadline",
-        "_sock",
-        "_token_deadline",
-        "_unpaused",
-        "key",
-        "session_id",
-        "subject",
-        "timer_at",
-    )
+        "_ctx", "_deadlines", "_direct", "_early_close", "_fd", "_gate", "_guard", "_hub",
+        "_in", "_live_ceiling", "_out", "_phase", "_protocol", "_sent_at", "_since_seq",
+        "_sock", "key", "session_id", "subject", "timer_at",
+    )  # fmt: skip
 
     def __init__(
         self,
@@ -145,71 +104,49 @@ class HubSession:
         since_seq: int | None = None,
     ) -> None:
         now = trio.current_time()
-        self.key = key
-        self.subject = subject
-        self.session_id = session_id
+        self.key, self.subject, self.session_id = key, subject, session_id
         self.timer_at = math.inf
         self._ctx = ctx
         self._sock = stream.socket
-        self._fd = stream.socket.fileno()
-        self._received: bytes | None = received or None
-        self._frames = FrameReader()
+        self._fd = fd = stream.socket.fileno()
         self._hub = HubConnection(now=now, limits=ctx.limits)
         self._phase = Phase.UPGRADING
-        self._reading = Reading.ACTIVE
-        self._unpaused: trio.Event | None = None
         self._guard = TaskGuard(ctx.tasks, self._crash)
+        self._in = Inbound(fd, received)
         self._out = Outbound(
-            self._fd,
+            fd,
             opcode=OPCODE_TEXT,
             max_bytes=ctx.max_outbox_bytes,
             report=self._on_output,
             start_writer=self._guard.start_soon,
         )
         self._gate = ResumeGate(key.user_id)
+        self._deadlines = Deadlines(
+            math.inf if token_expires_at is None else now + (token_expires_at - time.time())
+        )
         self._since_seq = since_seq
-        # True only while a delivery may write its shared frame itself (see ``deliver``).
-        self._direct = False
-        # Live events close a client at once only past this (2x the budget, plus
-        # a replay still queued); over the budget alone, the slow deadline decides.
+        self._direct = False  # a delivery may write its shared frame itself (see deliver)
+        # Live events close a client at once only past this (twice the budget,
+        # plus a replay still queued); over the budget alone the slow deadline decides.
         self._live_ceiling = 2 * ctx.max_outbox_bytes
-        # A close asked for before the hub handshake: sent right after it.
-        self._early_close: Close | None = None
+        self._early_close: Close | None = None  # asked before the hub handshake
         self._protocol: HubProtocol | None = None
         self._sent_at = now  # last direct write, told to hubcore in bulk
-        self._goodbye_at = math.inf
-        self._slow_deadline = math.inf
-        self._token_deadline = math.inf
-        if token_expires_at is not None:
-            self._token_deadline = now + (token_expires_at - time.time())
-
-    # -- registration (before the 101 goes out) -----------------------------------
 
     def register(self) -> None:
-        """Make the connection known to role changes and the drain (once, before the 101)."""
-        stats = self._ctx.stats
-        stats.open += 1
-        stats.opened += 1
-        stats.by_id[self.session_id] = self
+        """Known to role changes and the drain from now on: call before the 101 goes out."""
+        self._ctx.stats.register(self)
 
     def discard(self) -> None:
         """The 101 never went out: end a registered connection that will not run."""
         self._abort()
-        self._unregister()
+        self._ctx.stats.unregister(self)
 
-    def _unregister(self) -> None:
-        stats = self._ctx.stats
-        if stats.by_id.pop(self.session_id, None) is not None:
-            stats.open -= 1
-            if stats.open == 0 and stats.drained is not None:
-                stats.drained.set()
-
-    # -- delivery (called by the router, synchronously) --------------------------
+    # -- called by the router, the watcher, the drain (synchronously) --------------
 
     def deliver(self, delivery: Delivery, now: float) -> None:
         try:
             if self._direct and delivery.first_seq > self._gate.replayed_upto:
-                # The common case, with one send() and no task switch.
                 self._sent_at = now
                 frame = delivery.frame_for(self._out.opcode, self._protocol)  # type: ignore[arg-type]  # set at the handshake, before any delivery
                 try:
@@ -219,22 +156,19 @@ class HubSession:
                 if sent != len(frame):
                     self._out.queue_rest(frame, sent)  # reports BUSY: no more direct writes
                 return
-            self._deliver_queued(delivery, now)
-        except Exception as exc:  # OSError of the socket included: this connection ends
+            if self._phase is not Phase.OPEN:
+                return
+            try:
+                rest = self._gate.on_live(delivery)
+            except HoldOverflow:
+                self._close_slow("too many events waiting for a resume")
+                return
+            if rest is not None:
+                self._send(rest.payload, now)
+                if self._out.queued_bytes > self._live_ceiling:
+                    self._close_slow(f"{self._out.queued_bytes} bytes queued")
+        except Exception as exc:  # the socket's OSError included: this connection ends
             self._crash_or_lost(exc)
-
-    def _deliver_queued(self, delivery: Delivery, now: float) -> None:
-        if self._phase is not Phase.OPEN:
-            return
-        try:
-            rest = self._gate.on_live(delivery)
-        except HoldOverflow:
-            self._close_slow("too many events waiting for a resume")
-            return
-        if rest is not None:
-            self._send(rest.payload, now)
-            if self._out.queued_bytes > self._live_ceiling:
-                self._close_slow(f"{self._out.queued_bytes} bytes queued")
 
     def notify(self, message: PreparedMessage) -> None:
         if self._phase is Phase.OPEN:
@@ -254,23 +188,15 @@ class HubSession:
         """Send ``message`` after what is queued, then end the connection.
 
         Before the hub handshake (a revoke or a drain while the 101 goes out)
-        the Close can only follow the handshake's answer: it waits for it, at
+        the Close can only follow the handshake's answer: it waits for it at
         most ``CLOSE_TIMEOUT``, and the connection never joins its group.
         """
-        phase = self._phase
-        if phase is Phase.UPGRADING or phase is Phase.HANDSHAKE:
-            if self._early_close is None:
-                self._early_close = message
-                self._goodbye_at = trio.current_time() + CLOSE_TIMEOUT
-                self._schedule()
-        elif phase is Phase.OPEN:
+        if self._phase is Phase.OPEN:
             self._end_with(message)
-
-    def _end_with(self, message: Close) -> None:
-        if self._hub.state in _MAY_CLOSE:
-            with contextlib.suppress(LocalProtocolError):  # already closed: nothing to say
-                self._out.queue_message(self._hub.send(message, trio.current_time()))
-        self._finish()
+        elif self._phase in (Phase.UPGRADING, Phase.HANDSHAKE) and self._early_close is None:
+            self._early_close = message
+            self._deadlines.goodbye_at = trio.current_time() + CLOSE_TIMEOUT
+            self._schedule()
 
     # -- output ------------------------------------------------------------------
 
@@ -283,31 +209,21 @@ class HubSession:
             return
         self._out.queue_message(data)
 
-    def _send_deliveries(self, deliveries: list[Delivery]) -> None:
-        now = trio.current_time()
-        for delivery in deliveries:
-            self._send(delivery.payload, now)
-
     def _on_output(self, report: Report, exc: BaseException | None) -> None:
         if report is Report.BUSY:
             self._direct = False
         elif report is Report.DRAINED:
-            self._slow_deadline = math.inf
+            self._deadlines.slow_at = math.inf
             self._live_ceiling = 2 * self._out.max_bytes
-            if self._reading is Reading.PAUSED:
-                self._reading = Reading.ACTIVE
-                if self._unpaused is not None:
-                    self._unpaused.set()
-            if self._out.is_sealed and self._reading is Reading.DONE:
+            self._in.unpause()
+            if self._out.is_sealed and self._in.state is Reading.DONE:
                 self._abort()  # all said, and the peer is done: nothing left to wait for
             else:
                 self._update_direct()
         elif report is Report.OVER_BUDGET:
-            # The client must read before it may make us write more.
-            if self._reading is Reading.ACTIVE:
-                self._reading = Reading.PAUSED
+            self._in.pause()  # the client must read before it may make us write more
             if self._phase in (Phase.HANDSHAKE, Phase.OPEN):
-                self._slow_deadline = trio.current_time() + self._ctx.slow_client_timeout
+                self._deadlines.slow_at = trio.current_time() + self._ctx.slow_client_timeout
                 self._schedule()
         else:
             self._lost(exc)
@@ -328,60 +244,47 @@ class HubSession:
 
     # -- resume ------------------------------------------------------------------
 
-    def _on_resume(self, event: Invocation) -> None:
-        arguments = event.arguments
-        since = arguments[0] if len(arguments) == 1 else None
-        if type(since) is not int or not 0 <= since <= MAX_RESUME_SEQ:
-            if event.invocation_id is not None:
-                # ASP.NET Core's answer for arguments it cannot bind (spec §3.3).
-                error = f"Failed to invoke '{event.target}' due to an error on the server."
-                self._send(Completion.with_error(event.invocation_id, error), trio.current_time())
-            return
-        self._start_resume(since, event.invocation_id)
-
     def _start_resume(self, since_seq: int, invocation_id: str | None) -> None:
-        if not self._gate.begin():
-            if invocation_id is not None:
-                reply = Completion.with_error(invocation_id, BUSY_RESUMING_TEXT)
-                self._send(reply, trio.current_time())
-            return
-        self._direct = False
-        self._guard.start_soon(self._resume, since_seq, invocation_id)
+        if self._gate.begin():
+            self._direct = False
+            self._guard.start_soon(self._resume, since_seq, invocation_id)
+        elif invocation_id is not None:
+            self._send(Completion.with_error(invocation_id, _RESUME_BUSY), trio.current_time())
 
     async def _resume(self, since_seq: int, invocation_id: str | None) -> None:
-        key = self.key
         try:
-            with trio.fail_after(RESUME_TIMEOUT):
-                replay = await self._ctx.replay(key.hub, key.site_id, since_seq)
-                is_lost = since_seq > replay.last_seq
-                if is_lost:  # history after since_seq is empty: fetch all that is kept
-                    replay = await self._ctx.replay(key.hub, key.site_id, 0)
+            replay, is_lost = await fetch_replay(self._ctx.replay, self.key, since_seq)
         except (BackplaneError, trio.TooSlowError) as exc:
             log.warning("session %d: resume failed: %s", self.session_id, exc)
             released = self._gate.fail(since_seq)
             if self._phase is Phase.OPEN:
-                self._send_deliveries(released)
-                if invocation_id is not None:
-                    reply = Completion.with_error(invocation_id, RESUME_FAILED_TEXT)
-                    self._send(reply, trio.current_time())
-                self._update_direct()
+                self._send_all(released, invocation_id, _RESUME_FAILED)
             return
-        if self._phase is not Phase.OPEN:
-            return
-        outcome = self._gate.complete(since_seq, replay, is_lost=is_lost)
-        now = trio.current_time()
-        queued_before = self._out.queued_bytes
-        if outcome.gap is not None:
-            self._send(outcome.gap, now)
-        if outcome.replay is not None:
-            self._send(outcome.replay.payload, now)
-        if invocation_id is not None:
-            self._send(Completion.void(invocation_id), now)
-        self._send_deliveries(outcome.released)
-        if not self._out.is_idle:
+        if self._phase is Phase.OPEN:
+            outcome = self._gate.complete(since_seq, replay, is_lost=is_lost)
+            queued_before = self._out.queued_bytes
+            now = trio.current_time()
+            if outcome.gap is not None:
+                self._send(outcome.gap, now)
+            if outcome.replay is not None:
+                self._send(outcome.replay.payload, now)
+            self._send_all(outcome.released, invocation_id, None)
             # A replay says nothing of the client's speed: live events may queue
             # behind it before the slow deadline judges.
-            self._live_ceiling += self._out.queued_bytes - queued_before
+            self._live_ceiling += max(0, self._out.queued_bytes - queued_before)
+
+    def _send_all(
+        self, deliveries: list[Delivery], invocation_id: str | None, error: str | None
+    ) -> None:
+        """The resume's Completion (if asked for), then the live events it held."""
+        now = trio.current_time()
+        if invocation_id is not None:
+            reply = Completion.void(invocation_id)
+            if error is not None:
+                reply = Completion.with_error(invocation_id, error)
+            self._send(reply, now)
+        for delivery in deliveries:
+            self._send(delivery.payload, now)
         self._update_direct()
 
     # -- timers (called by the server's TimerQueue) --------------------------------
@@ -396,29 +299,24 @@ class HubSession:
         phase = self._phase
         if phase is Phase.CLOSED:
             return
-        if phase is Phase.CLOSING:
-            if now >= self._goodbye_at:
+        due = self._deadlines.due(now, is_closing=self._is_closing)
+        if due is Due.GOODBYE:
+            if phase is Phase.CLOSING:
                 log.info("session %d: no closing handshake in time, dropping", self.session_id)
                 self._abort()
                 return
-        elif now >= self._goodbye_at:
             self._finish()  # closed before a hub handshake that did not come in time
-        elif self._early_close is not None:
-            pass  # only the handshake (hubcore's timer) or the goodbye deadline count now
-        elif now >= self._token_deadline:
+        elif due is Due.TOKEN:
             self._ctx.stats.expired_closed += 1
             # ASP.NET Core's close on authentication expiry: no error text,
             # reconnect allowed, so clients come back with a fresh token (spec §5).
             self.close(Close(allow_reconnect=True))
-        elif now >= self._slow_deadline:
+        elif due is Due.SLOW:
             self._close_slow(f"{self._out.queued_bytes} bytes unread for too long")
-        else:
-            released = self._gate.on_timer(now)
-            if released is not None:  # no Resume came: held events go out as they are
-                self._send_deliveries(released)
-                self._update_direct()
+        elif (released := self._gate.on_timer(now)) is not None:
+            self._send_all(released, None, None)  # no Resume came: held events go out as they are
         hub = self._hub
-        if self._phase is Phase.OPEN or self._phase is Phase.HANDSHAKE:
+        if self._phase in (Phase.HANDSHAKE, Phase.OPEN):
             if hub.state is ConnectionState.OPEN and not hub.is_stateful:
                 hub.note_sent(self._sent_at)
             timer = hub.next_deadline()
@@ -429,28 +327,33 @@ class HubSession:
                     self._finish()
         self._schedule()
 
+    @property
+    def _is_closing(self) -> bool:
+        return self._phase is Phase.CLOSING or self._early_close is not None
+
     def _schedule(self) -> None:
         phase = self._phase
-        if phase is Phase.CLOSING:
-            deadline = self._goodbye_at
-        elif phase is Phase.CLOSED or phase is Phase.UPGRADING:
+        if phase is Phase.CLOSED or phase is Phase.UPGRADING:
             return
-        else:
+        deadline = self._deadlines.next(is_closing=self._is_closing)
+        if phase is not Phase.CLOSING:
             hub_deadline = self._hub.next_deadline()
-            deadline = math.inf if hub_deadline is None else hub_deadline
-            if self._early_close is not None:
-                deadline = min(deadline, self._goodbye_at)
-            else:
-                deadline = min(
-                    deadline, self._token_deadline, self._gate.hold_deadline, self._slow_deadline
-                )
+            deadline = min(deadline, math.inf if hub_deadline is None else hub_deadline)
+            if self._early_close is None:
+                deadline = min(deadline, self._gate.hold_deadline)
         if deadline < math.inf:
             self._ctx.timers.schedule(self, deadline)
 
     # -- ending ----------------------------------------------------------------------
 
+    def _end_with(self, message: Close) -> None:
+        if self._hub.state in _MAY_CLOSE:
+            with contextlib.suppress(LocalProtocolError):  # already closed: nothing to say
+                self._out.queue_message(self._hub.send(message, trio.current_time()))
+        self._finish()
+
     def _finish(self) -> None:
-        """Stop taking events; say goodbye (a close frame after what is queued)."""
+        """Stop taking events; say goodbye: a close frame after what is queued."""
         phase = self._phase
         if phase is Phase.CLOSING or phase is Phase.CLOSED:
             return
@@ -459,15 +362,11 @@ class HubSession:
             self._ctx.leave(self)
         self._phase = next_phase(phase, Move.FINISH)
         self._gate.close()
-        self._say_goodbye()
-
-    def _say_goodbye(self) -> None:
-        # From here the connection has CLOSE_TIMEOUT to say goodbye, however the
-        # peer behaves (a slow reader, a silent one).
-        self._goodbye_at = trio.current_time() + CLOSE_TIMEOUT
-        self._ctx.timers.schedule(self, self._goodbye_at)
+        # From here the connection has CLOSE_TIMEOUT, however the peer behaves.
+        self._deadlines.goodbye_at = trio.current_time() + CLOSE_TIMEOUT
+        self._ctx.timers.schedule(self, self._deadlines.goodbye_at)
         self._out.seal(close_frame(NORMAL_CLOSURE))
-        if self._reading is Reading.DONE and self._out.is_idle:
+        if self._in.state is Reading.DONE and self._out.is_idle:
             self._abort()
 
     def _lost(self, exc: BaseException | None) -> None:
@@ -494,9 +393,7 @@ class HubSession:
             self._ctx.leave(self)
         self._phase = next_phase(phase, Move.ABORT)
         self._direct = False
-        self._reading = Reading.DONE
-        if self._unpaused is not None:
-            self._unpaused.set()
+        self._in.stop()
         self._out.close()
         self._gate.close()
         self._guard.close()
@@ -511,75 +408,48 @@ class HubSession:
             await self._guard.run(self._serve)
         finally:
             self._abort()
-            self._unregister()
+            self._ctx.stats.unregister(self)
 
     async def _serve(self) -> None:
         if self._phase is not Phase.UPGRADING:
             return  # discarded
         self._phase = next_phase(Phase.UPGRADING, Move.UPGRADED)
         self._schedule()  # the handshake timeout (and an early close's deadline)
-        received, self._received = self._received, None
-        if received:
-            self._on_data(received)
-        await self._read()
+        while self._in.state is not Reading.DONE:
+            try:
+                items = await self._in.receive()
+            except WebSocketError as exc:
+                log.info("session %d: bad WebSocket data: %s", self.session_id, exc)
+                self._peer_done(close_frame(exc.code))
+                break
+            if items is None:
+                if self._phase is not Phase.CLOSED:
+                    self._peer_done(None)  # EOF: nobody would read a close frame
+                break
+            self._on_input(items)
         if self._phase is not Phase.CLOSED:
             self._finish()
-            with trio.move_on_at(self._goodbye_at):
+            with trio.move_on_at(self._deadlines.goodbye_at):
                 try:
                     await self._out.wait_drained()
                 except (trio.ClosedResourceError, OSError) as exc:
                     log.info("session %d: peer went away at goodbye: %s", self.session_id, exc)
 
-    async def _read(self) -> None:
-        fd = self._fd
-        while (reading := self._reading) is not Reading.DONE:
-            if reading is Reading.PAUSED:
-                self._unpaused = trio.Event()
-                await self._unpaused.wait()
-                self._unpaused = None
-                self._on_hub_events()  # what the last read brought, before reading more
-                continue
-            try:
-                await trio.lowlevel.wait_readable(fd)
-            except trio.ClosedResourceError:
-                return  # ended by _abort
-            if self._phase is Phase.CLOSED:
-                return  # the fd may already be someone else's
-            try:
-                data = os.read(fd, RECEIVE_BYTES)
-            except BlockingIOError:
-                continue
-            except OSError as exc:
-                log.info("session %d: transport lost: %s", self.session_id, exc)
-                data = b""
-            if not data:
-                self._peer_done(None)
-                return
-            self._on_data(data)
-
     def _peer_done(self, reply: bytes | None) -> None:
         """The peer sends nothing more: answer with ``reply`` (a close frame), then finish."""
-        self._reading = Reading.DONE
-        self._out.seal(reply)  # None after a bare EOF: nobody would read a close frame
-        hub = self._hub
-        if hub.state is not ConnectionState.CLOSED:
-            hub.receive_eof(trio.current_time())
+        self._in.stop()
+        self._out.seal(reply)
+        if self._hub.state is not ConnectionState.CLOSED:
+            self._hub.receive_eof(trio.current_time())
             self._on_hub_events()
         self._finish()
 
-    def _on_data(self, data: bytes) -> None:
-        try:
-            items = self._frames.receive_data(data)
-        except WebSocketError as exc:
-            log.info("session %d: bad WebSocket data: %s", self.session_id, exc)
-            self._peer_done(close_frame(exc.code))
-            return
+    def _on_input(self, items: list[InboundItem]) -> None:
         now = trio.current_time()
-        hub = self._hub
         for item in items:
             if type(item) is bytes:
-                if self._phase is Phase.HANDSHAKE or self._phase is Phase.OPEN:
-                    hub.receive_data(item, now)
+                if self._phase in (Phase.HANDSHAKE, Phase.OPEN):
+                    self._hub.receive_data(item, now)
             elif isinstance(item, PeerPing):
                 self._out.queue_frame(pong_frame(item.payload))
             elif isinstance(item, PeerClose):
@@ -589,44 +459,41 @@ class HubSession:
         self._schedule()
 
     def _on_hub_events(self) -> None:
-        hub = self._hub
-        now = trio.current_time()
+        hub, now = self._hub, trio.current_time()
         # Over its output budget, a client gets no more answers until it reads:
         # what it sent waits in hubcore (one read's worth at most).
-        while (
-            self._phase is Phase.HANDSHAKE or self._phase is Phase.OPEN
-        ) and self._reading is not Reading.PAUSED:
+        while self._phase in (Phase.HANDSHAKE, Phase.OPEN) and self._in.state is not Reading.PAUSED:
             try:
                 event = hub.next_event()
             except RemoteProtocolError as exc:
                 self._ctx.stats.protocol_errors += 1
                 log.info("session %d: protocol error: %s", self.session_id, exc)
-                if exc.handshake_error is not None:
+                if exc.handshake_error is None:
+                    self._end_with(exc.close_hint)
+                else:
                     self._send(HandshakeResponse(error=exc.handshake_error), now)
                     self._finish()
-                else:
-                    self._end_with(exc.close_hint)
-                return
-            if event is None:
                 return
             match event:
+                case None:
+                    return
                 case HandshakeRequest():
                     self._on_handshake(now)
                 case Invocation() if event.target.lower() == "resume":
-                    self._on_resume(event)
-                case Invocation() | StreamInvocation():
-                    # No other server methods; answer like ASP.NET Core.
-                    if event.invocation_id is not None:
-                        reply = Completion.with_error(
-                            event.invocation_id, _method_missing(event.target)
-                        )
-                        self._send(reply, now)
+                    self._on_resume(event, now)
+                case Invocation() | StreamInvocation() if event.invocation_id is not None:
+                    # No other server methods: ASP.NET Core's answer (spec §3.3).
+                    error = (
+                        f"Failed to invoke '{event.target}' due to an error on the server. "
+                        "HubException: Method does not exist."
+                    )
+                    self._send(Completion.with_error(event.invocation_id, error), now)
                 case Close():
                     self.close(Close())
                 case ConnectionClosed():
                     self._finish()
-                case CancelInvocation() | _:
-                    pass  # Ping, Ack, Sequence, StreamItem, Completion: nothing to do
+                case _:
+                    pass  # Ping, Ack, Sequence, StreamItem, Completion, CancelInvocation
 
     def _on_handshake(self, now: float) -> None:
         protocol = self._hub.protocol
@@ -636,15 +503,14 @@ class HubSession:
             self._out.opcode = OPCODE_BINARY
         self._protocol = protocol
         self._send(HandshakeResponse(), now)
+        early, self._early_close = self._early_close, None
         if self._phase is not Phase.HANDSHAKE:
             return  # the answer's write failed: the connection has ended
-        early, self._early_close = self._early_close, None
-        if early is not None:
-            # Revoked or drained before its handshake: answered, told, never joined.
-            self._goodbye_at = math.inf
+        if early is not None:  # revoked or drained before its handshake: told, never joined
+            self._deadlines.goodbye_at = math.inf
             self._end_with(early)
             return
-        self._phase = next_phase(self._phase, Move.HANDSHAKE_OK)
+        self._phase = next_phase(Phase.HANDSHAKE, Move.HANDSHAKE_OK)
         self._ctx.join(self)
         if self._since_seq is not None:
             self._start_resume(self._since_seq, None)
@@ -653,3 +519,13 @@ class HubSession:
             self._schedule()
         else:
             self._update_direct()
+
+    def _on_resume(self, event: Invocation, now: float) -> None:
+        arguments = event.arguments
+        since = arguments[0] if len(arguments) == 1 else None
+        if type(since) is int and 0 <= since <= MAX_RESUME_SEQ:
+            self._start_resume(since, event.invocation_id)
+        elif event.invocation_id is not None:
+            # ASP.NET Core's answer for arguments it cannot bind (spec §3.3).
+            error = f"Failed to invoke '{event.target}' due to an error on the server."
+            self._send(Completion.with_error(event.invocation_id, error), now)
