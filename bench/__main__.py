@@ -45,6 +45,7 @@ PROFILE_MODULES: Final = (
     "bench.server.fanout",
     "bench.server.connect",
     "bench.server.idle",
+    "bench.server.soak",
 )
 
 

@@ -106,7 +106,7 @@ class Stage:
         for index in range(connections):
             site = index % self.sites
             node = (index // self.sites) % len(ports)  # the site's k-th subscriber
-            target = self.kind.hub_target(site, self.credentials)
+            target = self.kind.hub_target(site, self.credentials, subject=index)
             targets[index % procs].append((site, target, ports[node]))
         for index in range(procs):
             self.pool.send(
@@ -189,8 +189,13 @@ def open_stage(
     label: str,
     progress: Progress,
     hubserver_source: Path | None = None,
+    subjects: int = 1,
 ) -> Iterator[Stage]:
-    """Start ``kind`` and ``client_procs`` load clients; stop both on the way out."""
+    """Start ``kind`` and ``client_procs`` load clients; stop both on the way out.
+
+    ``subjects``: subscriber subjects to mint tokens for (``Stage.connect``
+    deals them out round-robin).
+    """
     fd_limit = connections + FD_HEADROOM
     raise_fd_limit(fd_limit + 64)
     work_dir = Path(tempfile.mkdtemp(prefix=f"bench-{kind.name}-"))
@@ -199,7 +204,12 @@ def open_stage(
     try:
         progress.update(f"{label}: starting {kind.name}", is_milestone=True)
         server, credentials = launch(
-            kind, work_dir, sites=sites, fd_limit=fd_limit, hubserver_source=hubserver_source
+            kind,
+            work_dir,
+            sites=sites,
+            fd_limit=fd_limit,
+            hubserver_source=hubserver_source,
+            subjects=subjects,
         )
         options = ClientOptions(
             host="127.0.0.1",
