@@ -39,7 +39,6 @@ import os
 import statistics
 import threading
 import time
-from array import array
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from multiprocessing.connection import Connection
@@ -49,7 +48,7 @@ from typing import Any, Final
 from bench.profile import BenchError, Profile
 from bench.report import JsonValue, Outcome, Progress, Table, percentile
 from bench.server.chaos import ChaosPlan, run_chaos
-from bench.server.harness import Stage, open_stage, parse_rate
+from bench.server.harness import Counts, Stage, open_stage, parse_rate
 from bench.server.procs import ServerGroup
 from bench.server.publisher import EventFactory, Publisher, PublishResult, plan_requests
 from bench.server.servers import (
@@ -237,14 +236,8 @@ class SoakResult:
     connect_errors: dict[str, int] = field(default_factory=dict)
     planned: int = 0
     published: PublishResult | None = None
-    deliveries: int = 0
     expected_deliveries: int = 0
-    lost: int = 0
-    duplicated: int = 0
-    foreign: int = 0
-    closed_by_server: int = 0
-    close_reasons: dict[str, int] = field(default_factory=dict)
-    latencies_ms: list[float] = field(default_factory=list)
+    counts: Counts = field(default_factory=Counts)
     chaos: dict[str, Any] = field(default_factory=dict)
     crashes: CrashCount = CrashCount(0, "")
     slow_closes_logged: int = 0
@@ -282,7 +275,7 @@ class SoakResult:
         return values[0], values[-1], max(values)
 
     def latency(self, fraction: float) -> float | None:
-        return percentile(self.latencies_ms, fraction)
+        return percentile(self.counts.latencies_ms, fraction)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -518,19 +511,7 @@ class SoakRun:
                 progress=progress,
                 what="last deliveries",
             )
-        reports = stage.pool.ask("report", timeout=60.0)
-        result.deliveries = sum(r["received_all"] for r in reports)
-        result.lost = sum(r["lost"] for r in reports)
-        result.duplicated = sum(r["duplicated"] for r in reports)
-        result.foreign = sum(r["foreign"] for r in reports)
-        result.closed_by_server = sum(r["closed_by_server"] for r in reports)
-        for report in reports:
-            for reason, count in report["close_reasons"].items():
-                result.close_reasons[reason] = result.close_reasons.get(reason, 0) + count
-        latencies: array[int] = array("q")
-        for report in reports:
-            latencies.frombytes(report["latencies_ns"])
-        result.latencies_ms = sorted(value / 1e6 for value in latencies)
+        result.counts = stage.report()
         if not stage.server.is_alive():
             result.server_exit = result.server_exit or stage.server.exit_status()
         result.slope = rss_slope([(s, rss) for s, rss, _ in result.samples], self.warmup_seconds)
@@ -561,8 +542,8 @@ def _descriptors(server: ServerGroup) -> int:
 
 def _checks(run: SoakRun, result: SoakResult) -> list[tuple[str, str, str, bool | None]]:
     churn = result.churn
-    lost = result.lost + churn.get("lost", 0)
-    duplicated = result.duplicated + churn.get("duplicated", 0)
+    lost = result.counts.lost + churn.get("lost", 0)
+    duplicated = result.counts.duplicated + churn.get("duplicated", 0)
     slope = result.slope
     return [
         ("server alive", result.server_exit or "yes", "yes", not result.server_exit),
@@ -571,9 +552,9 @@ def _checks(run: SoakRun, result: SoakResult) -> list[tuple[str, str, str, bool 
         ("handler crashes", f"{result.crashes.crashes}", "0", result.crashes.crashes == 0),
         (
             "subscribers cut off",
-            f"{result.closed_by_server + result.subscribers - result.connected}",
+            f"{result.counts.closed_by_server + result.subscribers - result.connected}",
             "0",
-            result.closed_by_server == 0 and result.connected == result.subscribers,
+            result.counts.closed_by_server == 0 and result.connected == result.subscribers,
         ),
         ("publish failures", f"{result.publish_failed:,}", "0", result.publish_failed == 0),
         ("garbage unanswered", f"{result.unanswered:,}", "0", result.unanswered == 0),
@@ -619,8 +600,8 @@ def _outcome(run: SoakRun, result: SoakResult) -> Outcome:
             f"{published.events_accepted:,} of {result.planned:,}" if published else "-",
         ),
         ("subscribers connected", f"{result.connected} of {result.subscribers}"),
-        ("deliveries", f"{result.deliveries:,} of {result.expected_deliveries:,}"),
-        ("lost / duplicated", f"{result.lost:,} / {result.duplicated:,}"),
+        ("deliveries", f"{result.counts.received:,} of {result.expected_deliveries:,}"),
+        ("lost / duplicated", f"{result.counts.lost:,} / {result.counts.duplicated:,}"),
         ("latency p50 / p99", f"{_ms(p50)} / {_ms(p99)} ms"),
         (
             "churn connections",
@@ -682,10 +663,12 @@ def _notes(result: SoakResult) -> list[str]:
     ]
     if result.connect_errors:
         notes.append(f"subscribers that did not connect: {result.connect_errors}")
-    if result.close_reasons:
-        notes.append(f"subscribers cut off by the server: {result.close_reasons}")
-    if result.foreign:
-        notes.append(f"{result.foreign} deliveries were of events the subscribers did not expect")
+    if result.counts.close_reasons:
+        notes.append(f"subscribers cut off by the server: {result.counts.close_reasons}")
+    if result.counts.foreign:
+        notes.append(
+            f"{result.counts.foreign} deliveries were of events the subscribers did not expect"
+        )
     if result.published is not None and result.published.errors:
         notes.append(f"publish errors: {dict(result.published.errors)}")
     for key, label in (
@@ -718,7 +701,7 @@ def _notes(result: SoakResult) -> list[str]:
 def _to_json(run: SoakRun, result: SoakResult) -> dict[str, JsonValue]:
     start, end, peak = result.rss()
     published = result.published
-    lat = result.latencies_ms
+    lat = result.counts.latencies_ms
     return {
         "server": run.server,
         "seconds": result.seconds,
@@ -735,13 +718,13 @@ def _to_json(run: SoakRun, result: SoakResult) -> dict[str, JsonValue]:
         "published_events": published.events_accepted if published else 0,
         "publish_failed": result.publish_failed,
         "publish_errors": dict(published.errors) if published else {},
-        "deliveries": result.deliveries,
+        "deliveries": result.counts.received,
         "expected_deliveries": result.expected_deliveries,
-        "lost": result.lost,
-        "duplicated": result.duplicated,
-        "foreign": result.foreign,
-        "closed_by_server": result.closed_by_server,
-        "close_reasons": dict(result.close_reasons),
+        "lost": result.counts.lost,
+        "duplicated": result.counts.duplicated,
+        "foreign": result.counts.foreign,
+        "closed_by_server": result.counts.closed_by_server,
+        "close_reasons": dict(result.counts.close_reasons),
         "latency_ms": {
             "samples": len(lat),
             "p50": result.latency(0.5),
