@@ -40,7 +40,7 @@ import statistics
 import threading
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any, Final
@@ -314,6 +314,8 @@ class SoakRun:
             raise ValueError("--churn-rate, --garbage-rate, --slow-readers, --prefill must be >= 0")
         if self.client_procs < 1 or self.sample_every < 1 or self.answer_timeout <= 0:
             raise ValueError("--client-procs, --sample-every >= 1 and --answer-timeout > 0")
+        if self.sample_interval is not None and self.sample_interval <= 0:
+            raise ValueError("--sample-interval must be > 0")
 
     @property
     def duration(self) -> float:
@@ -403,7 +405,11 @@ class SoakRun:
         server, credentials = stage.server, stage.credentials
         factory = EventFactory(self.sites, self.seed)
         try:
-            publisher = Publisher("127.0.0.1", server.port, PUBLISH_PATH, credentials.publish_token)
+            # One keep-alive connection, always in use: spares would idle past the
+            # server's --http-idle-timeout and be closed under a later request.
+            publisher = Publisher(
+                "127.0.0.1", server.port, PUBLISH_PATH, credentials.publish_token, connections=1
+            )
         except OSError as exc:
             raise BenchError(f"{stage.label}: the publisher cannot connect: {exc}") from exc
         chaos: _Chaos | None = None
@@ -756,7 +762,9 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--subscribers", type=int, default=200, help="well-behaved subscribers")
     parser.add_argument("--sites", type=int, default=20, help="sites they spread over")
-    parser.add_argument("--rate", default="200/s", help="events published per second")
+    parser.add_argument(
+        "--rate", type=parse_rate, default=200.0, help="events published per second (200 or 200/s)"
+    )
     parser.add_argument("--churn-rate", type=float, default=10.0, help="churn connections/s")
     parser.add_argument(
         "--churn-max-life", type=float, default=5.0, help="longest a churn connection lasts (s)"
@@ -791,6 +799,7 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sample-every", type=int, default=10, help="latency: sample 1 event in N")
     parser.add_argument(
         "--server-arg",
+        dest="server_args",
         action="append",
         default=[],
         metavar="ARG",
@@ -803,30 +812,10 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _prepare(args: argparse.Namespace) -> SoakRun:
-    if args.sample_interval is not None and args.sample_interval <= 0:
-        raise ValueError("--sample-interval must be > 0")
-    return SoakRun(
-        server=args.server,
-        minutes=args.minutes,
-        subscribers=args.subscribers,
-        sites=args.sites,
-        rate=parse_rate(args.rate),
-        churn_rate=args.churn_rate,
-        churn_max_life=args.churn_max_life,
-        slow_readers=args.slow_readers,
-        garbage_rate=args.garbage_rate,
-        answer_timeout=args.answer_timeout,
-        sample_interval=args.sample_interval,
-        warmup=args.warmup,
-        max_slope=args.max_slope,
-        prefill=args.prefill,
-        client_procs=args.client_procs,
-        sample_every=args.sample_every,
-        server_args=tuple(args.server_arg),
-        server_log=args.server_log,
-        seed=args.seed,
-        hubserver_src=args.hubserver_src,
-    )
+    # Every option's dest is the name of a SoakRun field.
+    options = {f.name: getattr(args, f.name) for f in fields(SoakRun) if hasattr(args, f.name)}
+    options["server_args"] = tuple(options["server_args"])
+    return SoakRun(**options)
 
 
 PROFILE = Profile(
