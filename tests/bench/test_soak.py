@@ -9,7 +9,7 @@ import pytest
 
 from bench.__main__ import main
 from bench.server.chaos import SeqBook, scan_records
-from bench.server.soak import MIB, count_crashes, rss_slope
+from bench.server.soak import MIB, SoakRun, count_crashes, rss_slope
 
 SUBSCRIBERS = 6
 
@@ -106,6 +106,14 @@ def test_the_slope_is_least_squares_over_the_samples_after_the_warm_up() -> None
     assert rss_slope(samples, after=0.0) is not None and rss_slope(samples, after=0.0) > 2.0
     assert rss_slope(samples[:4], after=60.0) is None  # two samples after the warm-up
     assert rss_slope([(0.0, MIB), (5.0, MIB), (10.0, MIB)], after=0.0) is None  # 10 s only
+
+
+def test_the_default_warm_up_outlasts_the_filling_of_history_and_dedupe_window() -> None:
+    # 1000 prefilled events per site over 20 sites at 200/s turn over in 100 s.
+    assert SoakRun().warmup_seconds == pytest.approx(120.0)
+    assert SoakRun(minutes=30).warmup_seconds == pytest.approx(360.0)  # a fifth of the run
+    assert SoakRun(prefill=0, minutes=2).warmup_seconds == pytest.approx(72.0)  # dedupe window
+    assert SoakRun(warmup=5).warmup_seconds == 5
 
 
 def test_a_crash_record_with_its_traceback_counts_once() -> None:
