@@ -80,23 +80,6 @@ def test_a_tiny_soak_loses_nothing_and_crashes_nothing(
     assert log.read_text(encoding="utf-8")  # the server's log was kept
 
 
-@pytest.mark.parametrize(
-    ("argv", "message"),
-    [
-        (["soak", "--subscribers", "0"], "--subscribers"),
-        (["soak", "--server", "aiosignalr"], "--server"),
-        (["soak", "--sites", "5", "--subscribers", "4"], "--sites"),
-        (["soak", "--sample-interval", "0"], "--sample-interval"),
-    ],
-)
-def test_soak_options_out_of_range_exit_2_with_the_reason(
-    argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
-) -> None:
-    assert main(argv) == 2
-    error = capsys.readouterr().err
-    assert error.startswith("python -m bench soak: error: ") and message in error
-
-
 def test_the_slope_is_least_squares_over_the_samples_after_the_warm_up() -> None:
     # 2 MiB per minute after 60 s; the warm-up's jump must not count.
     samples = [(0.0, 10 * MIB), (30.0, 90 * MIB)]
