@@ -12,6 +12,10 @@ profiles:
            hubserver beside aiosignalr, python-socketio and a raw "ceiling"
   connect  N clients connecting at once (TCP, upgrade, JWT, handshake): conn/s, p99
   idle     RSS per idle connection at 10,000 connections with keep-alive running
+  soak     N minutes (default 10) of connection churn, publishing, slow readers and
+           garbage clients against one hubserver: RSS over time and its slope,
+           deliveries lost, handler crashes, p99 of the well-behaved clients; a
+           PASS/FAIL verdict (not run in CI)
 
 Every profile prints its parameters and the machine, then its table; --json FILE
 also writes all of it, with every sample, as JSON. A progress line on stderr
@@ -45,6 +49,7 @@ PROFILE_MODULES: Final = (
     "bench.server.fanout",
     "bench.server.connect",
     "bench.server.idle",
+    "bench.server.soak",
 )
 
 

@@ -6,6 +6,8 @@
 - ``connect``: N subscribers open as fast as they can: connections/s and
   connect time.
 - ``idle``: RSS and keep-alive CPU per idle subscriber.
+- ``soak``: everything at once for N minutes (churn, publishing, slow
+  readers, garbage from ``chaos``): RSS slope, exact loss, handler crashes.
 
 Every server (``servers``: hubserver, and the peers in ``peers``: aiosignalr,
 socketio, ceiling) is a subprocess on 127.0.0.1 with a free port, started and

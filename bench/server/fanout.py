@@ -40,7 +40,6 @@ import math
 import statistics
 import subprocess
 import time
-from array import array
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -351,27 +350,19 @@ class FanoutRun:
         ours += self_cpu_seconds() - cpu_publisher0
         row.cpu_others = max(0.0, machine_busy_seconds() - busy0 - ours)
         self._stop_py_spy(spy)
-        reports = stage.pool.ask("report", timeout=60.0)
+        counts = stage.report()
         row.expected = expected
-        row.deliveries = sum(r["measured"] for r in reports)
-        row.lost = sum(r["lost"] for r in reports)
-        row.duplicated = sum(r["duplicated"] for r in reports)
-        row.foreign = sum(r["foreign"] for r in reports)
-        row.frames = sum(r["frames"] for r in reports)
-        row.reads = sum(r["reads"] for r in reports)
-        row.closed_by_server = sum(r["closed_by_server"] for r in reports)
-        for report in reports:
-            for reason, count in report["close_reasons"].items():
-                row.close_reasons[reason] = row.close_reasons.get(reason, 0) + count
-        latencies: array[int] = array("q")
-        for report in reports:
-            latencies.frombytes(report["latencies_ns"])
-        row.latencies_ms = sorted(value / 1e6 for value in latencies)
+        row.deliveries = counts.measured
+        row.lost, row.duplicated, row.foreign = counts.lost, counts.duplicated, counts.foreign
+        row.frames, row.reads = counts.frames, counts.reads
+        row.closed_by_server = counts.closed_by_server
+        row.close_reasons = counts.close_reasons
+        row.latencies_ms = counts.latencies_ms
         row.requests = published.requests
         row.publish_failed = published.failed
         row.publish_errors = dict(published.errors)
         row.statuses = dict(published.statuses)
-        last_delivery = max(r["last_delivery_ns"] for r in reports)
+        last_delivery = counts.last_delivery_ns
         if published.first_send_ns and last_delivery > published.first_send_ns:
             row.seconds = (last_delivery - published.first_send_ns) / 1e9
         if published.first_send_ns and published.last_response_ns:

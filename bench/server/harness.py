@@ -16,6 +16,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from array import array
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +30,7 @@ from bench.server.servers import Credentials, ServerKind, launch
 
 __all__ = [
     "ConnectResult",
+    "Counts",
     "Stage",
     "open_stage",
     "parse_list",
@@ -74,6 +76,47 @@ class ConnectResult:
 
 
 @dataclass(slots=True)
+class Counts:
+    """The load clients' exact counts, summed over their processes (``Stage.report``).
+
+    ``received`` counts every event since the connections opened, ``measured``
+    those since the last ``("measure",)``.
+    """
+
+    measured: int = 0
+    received: int = 0
+    lost: int = 0
+    duplicated: int = 0
+    foreign: int = 0
+    frames: int = 0
+    reads: int = 0
+    closed_by_server: int = 0
+    close_reasons: dict[str, int] = field(default_factory=dict)
+    latencies_ms: list[float] = field(default_factory=list)
+    last_delivery_ns: int = 0
+
+    @classmethod
+    def of(cls, reports: list[dict[str, Any]]) -> Counts:
+        counts = cls()
+        latencies: array[int] = array("q")
+        for report in reports:
+            counts.measured += report["measured"]
+            counts.received += report["received_all"]
+            counts.lost += report["lost"]
+            counts.duplicated += report["duplicated"]
+            counts.foreign += report["foreign"]
+            counts.frames += report["frames"]
+            counts.reads += report["reads"]
+            counts.closed_by_server += report["closed_by_server"]
+            for reason, count in report["close_reasons"].items():
+                counts.close_reasons[reason] = counts.close_reasons.get(reason, 0) + count
+            latencies.frombytes(report["latencies_ns"])
+            counts.last_delivery_ns = max(counts.last_delivery_ns, report["last_delivery_ns"])
+        counts.latencies_ms = sorted(value / 1e6 for value in latencies)
+        return counts
+
+
+@dataclass(slots=True)
 class Stage:
     """A running server, its credentials and its load clients."""
 
@@ -106,7 +149,7 @@ class Stage:
         for index in range(connections):
             site = index % self.sites
             node = (index // self.sites) % len(ports)  # the site's k-th subscriber
-            target = self.kind.hub_target(site, self.credentials)
+            target = self.kind.hub_target(site, self.credentials, subject=index)
             targets[index % procs].append((site, target, ports[node]))
         for index in range(procs):
             self.pool.send(
@@ -136,6 +179,10 @@ class Stage:
                 result.errors[reason] = result.errors.get(reason, 0) + count
         result.seconds = max(0.0, (last - first) / 1e9) if result.ok else 0.0
         return result
+
+    def report(self, timeout: float = 60.0) -> Counts:
+        """The exact counts of every subscriber so far."""
+        return Counts.of(self.pool.ask("report", timeout=timeout))
 
     def totals(self) -> dict[str, Any]:
         """Summed running totals of the client processes."""
@@ -189,8 +236,13 @@ def open_stage(
     label: str,
     progress: Progress,
     hubserver_source: Path | None = None,
+    subjects: int = 1,
 ) -> Iterator[Stage]:
-    """Start ``kind`` and ``client_procs`` load clients; stop both on the way out."""
+    """Start ``kind`` and ``client_procs`` load clients; stop both on the way out.
+
+    ``subjects``: subscriber subjects to mint tokens for (``Stage.connect``
+    deals them out round-robin).
+    """
     fd_limit = connections + FD_HEADROOM
     raise_fd_limit(fd_limit + 64)
     work_dir = Path(tempfile.mkdtemp(prefix=f"bench-{kind.name}-"))
@@ -199,7 +251,12 @@ def open_stage(
     try:
         progress.update(f"{label}: starting {kind.name}", is_milestone=True)
         server, credentials = launch(
-            kind, work_dir, sites=sites, fd_limit=fd_limit, hubserver_source=hubserver_source
+            kind,
+            work_dir,
+            sites=sites,
+            fd_limit=fd_limit,
+            hubserver_source=hubserver_source,
+            subjects=subjects,
         )
         options = ClientOptions(
             host="127.0.0.1",

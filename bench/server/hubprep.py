@@ -1,11 +1,14 @@
 """Prepare a hubserver data directory for a bench run; print the tokens as JSON.
 
-    python -m bench.server.hubprep DATA_DIR SITES
+    python -m bench.server.hubprep DATA_DIR SITES [SUBJECTS]
 
 Creates the development key, mints a hub token for the subscriber and a
 publish token for the publisher, and makes the subscriber Site Admin of every
-site. It runs as a subprocess from the hubserver source being measured (its
-working directory), so the bench itself never imports that hubserver.
+site. With SUBJECTS > 1 there are that many subscriber subjects (each Site
+Admin of every site, one hub token each in ``hub_tokens``), so that a run can
+stay under the server's per-subject connection limit. It runs as a
+subprocess from the hubserver source being measured (its working
+directory), so the bench itself never imports that hubserver.
 """
 
 from __future__ import annotations
@@ -28,14 +31,25 @@ def main(argv: list[str]) -> None:
     from hubserver.permissions import Role, SqlitePermissionStore
 
     data_dir, sites = Path(argv[0]), int(argv[1])
+    subjects = [subject_name(index) for index in range(int(argv[2]) if len(argv) > 2 else 1)]
     key = ensure_dev_key(data_dir)
     now = time.time()
-    hub_token = key.mint(SUBSCRIBER, [HUB_SCOPE], TOKEN_TTL_SECONDS, now)
+    hub_tokens = [key.mint(subject, [HUB_SCOPE], TOKEN_TTL_SECONDS, now) for subject in subjects]
     publish_token = key.mint(PUBLISHER, [PUBLISH_SCOPE], TOKEN_TTL_SECONDS, now)
     with SqlitePermissionStore.open(data_dir) as store:
-        for index in range(sites):
-            store.grant(site_name(index), SUBSCRIBER, Role.SITE_ADMIN)
-    print(json.dumps({"hub_token": hub_token, "publish_token": publish_token}))
+        for subject in subjects:
+            for index in range(sites):
+                store.grant(site_name(index), subject, Role.SITE_ADMIN)
+    print(
+        json.dumps(
+            {"hub_token": hub_tokens[0], "hub_tokens": hub_tokens, "publish_token": publish_token}
+        )
+    )
+
+
+def subject_name(index: int) -> str:
+    """The subscriber subject ``index`` (the first is ``SUBSCRIBER`` itself)."""
+    return SUBSCRIBER if index == 0 else f"{SUBSCRIBER}-{index + 1}"
 
 
 if __name__ == "__main__":

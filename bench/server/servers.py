@@ -50,6 +50,7 @@ __all__ = [
     "DEFAULT_SERVERS",
     "SERVERS",
     "Credentials",
+    "add_hubserver_src_argument",
     "ServerKind",
     "describe_hubserver",
     "launch",
@@ -68,6 +69,8 @@ class Credentials:
 
     hub_token: str | None = None
     publish_token: str | None = None
+    #: One hub token per subscriber subject (``hub_token`` is the first).
+    hub_tokens: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,16 +124,20 @@ class ServerKind:
             return [*command, *self.extra_args]
         return [python(), "-m", self.module, "--port", str(port), *self.extra_args]
 
-    def prepare(self, data_dir: Path, sites: int, source: Path) -> Credentials:
+    def prepare(self, data_dir: Path, sites: int, source: Path, subjects: int = 1) -> Credentials:
         """Keys, tokens and grants the server needs before it starts.
 
         For hubserver this runs ``bench.server.hubprep`` in ``source`` (the
-        hubserver being measured), not in the bench's own process.
+        hubserver being measured), not in the bench's own process;
+        ``subjects`` subscriber subjects get a hub token each.
         """
         if not self.is_hubserver:
             return Credentials()
+        command = [python(), "-m", "bench.server.hubprep", str(data_dir), str(sites)]
+        if subjects > 1:
+            command.append(str(subjects))
         done = subprocess.run(
-            [python(), "-m", "bench.server.hubprep", str(data_dir), str(sites)],
+            command,
             cwd=source,
             capture_output=True,
             text=True,
@@ -140,15 +147,21 @@ class ServerKind:
         if done.returncode != 0:
             raise BenchError(f"hubserver from {source}: preparing failed:\n{done.stderr[-2000:]}")
         tokens = json.loads(done.stdout.strip().splitlines()[-1])
-        return Credentials(tokens["hub_token"], tokens["publish_token"])
+        # An older hubprep (``--hubserver-src``) mints one subject only.
+        hub_tokens = tuple(tokens.get("hub_tokens", [tokens["hub_token"]]))
+        return Credentials(tokens["hub_token"], tokens["publish_token"], hub_tokens)
 
-    def hub_target(self, site: int, credentials: Credentials) -> str:
-        """The request target a subscriber of ``site`` upgrades on."""
+    def hub_target(self, site: int, credentials: Credentials, subject: int = 0) -> str:
+        """The request target a subscriber of ``site`` upgrades on, as subject
+        ``subject`` (modulo the subjects there are tokens for)."""
         if self.dialect is Dialect.ENGINEIO:
             return f"/socket.io/?EIO=4&transport=websocket&site_id={site_name(site)}"
         target = f"/v1/hub/entries?site_id={site_name(site)}"
-        if credentials.hub_token is not None:
-            target += f"&access_token={credentials.hub_token}"
+        token = credentials.hub_token
+        if credentials.hub_tokens:
+            token = credentials.hub_tokens[subject % len(credentials.hub_tokens)]
+        if token is not None:
+            target += f"&access_token={token}"
         return target
 
 
@@ -169,13 +182,7 @@ DEFAULT_SERVERS: Final = ("hubserver", "aiosignalr", "socketio", "ceiling")
 
 def add_server_arguments(parser: argparse.ArgumentParser) -> None:
     """The options every server profile shares: which servers, and which hubserver code."""
-    parser.add_argument(
-        "--hubserver-src",
-        type=Path,
-        metavar="DIR",
-        help="run the hubserver/ and hubcore/ found in DIR (e.g. a `git archive` export) "
-        "instead of this checkout's",
-    )
+    add_hubserver_src_argument(parser)
     parser.add_argument(
         "--servers",
         default=",".join(DEFAULT_SERVERS),
@@ -183,6 +190,17 @@ def add_server_arguments(parser: argparse.ArgumentParser) -> None:
         + ", ".join(SERVERS)
         + " (hubserver-w2: --workers 2; hubserver-redis2: two nodes sharing a redis-server "
         "the bench starts)",
+    )
+
+
+def add_hubserver_src_argument(parser: argparse.ArgumentParser) -> None:
+    """``--hubserver-src DIR``: which hubserver code a profile runs."""
+    parser.add_argument(
+        "--hubserver-src",
+        type=Path,
+        metavar="DIR",
+        help="run the hubserver/ and hubcore/ found in DIR (e.g. a `git archive` export) "
+        "instead of this checkout's",
     )
 
 
@@ -202,6 +220,7 @@ def launch(
     sites: int,
     fd_limit: int,
     hubserver_source: Path | None = None,
+    subjects: int = 1,
 ) -> tuple[ServerGroup, Credentials]:
     """Prepare and start ``kind`` with its data in ``work_dir``.
 
@@ -219,7 +238,7 @@ def launch(
     source = REPO_ROOT
     if kind.is_hubserver and hubserver_source is not None:
         source = hubserver_source.resolve()
-    credentials = kind.prepare(data_dir, sites, source)
+    credentials = kind.prepare(data_dir, sites, source, subjects)
     group = ServerGroup(kind.name)
     try:
         backplane = None

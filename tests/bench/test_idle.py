@@ -55,6 +55,10 @@ def test_a_tiny_idle_run_holds_every_connection(
         (["idle", "--connections", "0"], "--connections"),
         (["connect", "--clients", "0"], "--clients"),
         (["fanout", "--servers", "nope"], "unknown server"),
+        (["soak", "--subscribers", "0"], "--subscribers"),
+        (["soak", "--server", "aiosignalr"], "--server"),
+        (["soak", "--sites", "5", "--subscribers", "4"], "--sites"),
+        (["soak", "--sample-interval", "0"], "--sample-interval"),
     ],
 )
 def test_options_out_of_range_exit_2_with_the_reason(
