@@ -213,6 +213,16 @@ def parse_servers(text: str) -> tuple[str, ...]:
     return names
 
 
+#: Every load client connects from 127.0.0.1, most with one token subject: a
+#: server's per-address and per-subject limits (issue #9) would refuse the load
+#: generator itself. Set through the environment, which a ``--hubserver-src``
+#: tree without those settings ignores.
+LOAD_GENERATOR_ENV: Final = {
+    "HUBSERVER_MAX_CONNECTIONS_PER_IP": "0",
+    "HUBSERVER_MAX_HUB_CONNECTIONS_PER_SUBJECT": "0",
+}
+
+
 def launch(
     kind: ServerKind,
     work_dir: Path,
@@ -255,6 +265,7 @@ def launch(
                 log_path=work_dir / f"{name.replace(' ', '-')}.log",
                 fd_limit=fd_limit,
                 cwd=source,
+                env=LOAD_GENERATOR_ENV if kind.is_hubserver else None,
             )
             group.nodes.append(node)
         if kind.is_scale_out:
