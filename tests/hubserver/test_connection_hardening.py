@@ -35,6 +35,7 @@ from .helpers import (
     open_hub,
     open_ws,
     publish_ok,
+    upgrade_refused,
 )
 from .test_resume import RESUME_ARGUMENT_ERROR, Publisher, events_of, new_site, subscribe
 
@@ -358,3 +359,20 @@ async def test_a_replay_over_the_budget_does_not_close_a_reader_at_the_next_even
             records = await sub.take(202)
     assert records == [*events_of(*range(1, 201)), ("done", "r", None), *events_of(201)]
     assert h.server.app.stats.slow_closed == 0
+
+
+@pytest.mark.parametrize(
+    ("since", "status"),
+    [("9007199254740992", 101), ("9007199254740993", 400), ("99999999999999999", 400)],
+)
+async def test_since_seq_is_bounded_like_resume(start_server: Any, since: str, status: int) -> None:
+    h: Harness = await start_server()
+    h.grant("s1", "alice", Role.SITE_ADMIN)
+    with trio.fail_after(CAP):
+        target = hub_target("entries", "s1") + f"&since_seq={since}"
+        if status == 101:
+            async with open_hub(h, target) as client:
+                assert (await client.next_message())["target"] == "Gap"
+        else:
+            refused = await upgrade_refused(h.port, target, token=h.token())
+            assert refused.status == status
