@@ -46,6 +46,7 @@ __all__ = [
     "PublishOutcomeUnknown",
     "NumberedEvent",
     "PendingEvent",
+    "number",
 ]
 
 
@@ -106,6 +107,22 @@ class NumberedEvent:
     #: Only in what ``publish`` returns: the id was already accepted within the
     #: dedupe window, ``seq`` is the original one and nothing was broadcast.
     is_duplicate: bool = False
+
+
+def number(
+    event: PendingEvent, seq: int, epoch: str, *, is_duplicate: bool = False
+) -> NumberedEvent:
+    """``event`` with its seq: what a backplane returns for it and broadcasts."""
+    return NumberedEvent(
+        hub=event.hub,
+        site_id=event.site_id,
+        user_id=event.user_id,
+        event_id=event.event_id,
+        seq=seq,
+        text=f"{event.prefix}{seq}}}",
+        epoch=epoch,
+        is_duplicate=is_duplicate,
+    )
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -31,7 +31,7 @@ from itertools import islice
 
 import trio
 
-from ._contract import History, NumberedEvent, PendingEvent
+from ._contract import History, NumberedEvent, PendingEvent, number
 
 __all__ = ["MemoryBackplane"]
 
@@ -130,11 +130,11 @@ class MemoryBackplane:
             if is_deduping:
                 prior = self._accepted.get(id_key)
                 if prior is not None:
-                    returned.append(self._numbered(event, prior[0], is_duplicate=True))
+                    returned.append(number(event, prior[0], self._epoch, is_duplicate=True))
                     continue
             site = self._site(event.hub, event.site_id)
             seq = site.last_seq = site.last_seq + 1
-            item = self._numbered(event, seq)
+            item = number(event, seq, self._epoch)
             site.history.append(item)
             numbered.append(item)
             returned.append(item)
@@ -191,20 +191,6 @@ class MemoryBackplane:
         await trio.lowlevel.checkpoint()
 
     # -- internals ---------------------------------------------------------------
-
-    def _numbered(
-        self, event: PendingEvent, seq: int, *, is_duplicate: bool = False
-    ) -> NumberedEvent:
-        return NumberedEvent(
-            hub=event.hub,
-            site_id=event.site_id,
-            user_id=event.user_id,
-            event_id=event.event_id,
-            seq=seq,
-            text=f"{event.prefix}{seq}}}",
-            epoch=self._epoch,
-            is_duplicate=is_duplicate,
-        )
 
     def _site(self, hub: str, site_id: str) -> _Site:
         key = (hub, site_id)

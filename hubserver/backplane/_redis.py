@@ -90,6 +90,7 @@ from ._contract import (
     NumberedEvent,
     PendingEvent,
     PublishOutcomeUnknown,
+    number,
 )
 from ._resp import Arg, RedisAddress, RedisConnection, RedisReplyError, Reply, parse_redis_url
 
@@ -551,18 +552,7 @@ class RedisBackplane:
                 raise PublishOutcomeUnknown(
                     f"Redis at {self._address}: a non-integer seq in the publish reply"
                 )
-            numbered.append(
-                NumberedEvent(
-                    hub=event.hub,
-                    site_id=event.site_id,
-                    user_id=event.user_id,
-                    event_id=event.event_id,
-                    seq=seq,
-                    text=f"{event.prefix}{seq}}}",
-                    epoch=epoch,
-                    is_duplicate=duplicate == 1,
-                )
-            )
+            numbered.append(number(event, seq, epoch, is_duplicate=duplicate == 1))
         return numbered
 
     async def history(self, hub: str, site_id: str, after_seq: int) -> History:
