@@ -50,7 +50,7 @@ import sys
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from contextlib import asynccontextmanager, suppress
+from contextlib import AsyncExitStack, asynccontextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -106,6 +106,8 @@ MAX_OUTBOX_BYTES = 64 * 1024
 MAX_PUBLISH_BYTES = 64 * 1024
 MAX_MESSAGE_BYTES = 32 * 1024
 HISTORY_SIZE = 200
+#: Small, so the fuzzing meets it and the end can check that no count leaked.
+MAX_HUBS_PER_SUBJECT = 20
 MAX_HISTORY_SITES = 200
 
 #: What the server process may grow by, at most, over its RSS before the fuzzing.
@@ -209,6 +211,7 @@ async def fuzz_server(tmp_path: Path) -> AsyncIterator[FuzzServer]:
         "max-history-sites": str(MAX_HISTORY_SITES),
         "max-dedupe-ids": "20000",
         "drain-timeout": "3",
+        "max-hub-connections-per-subject": str(MAX_HUBS_PER_SUBJECT),
     }
     command = [sys.executable, "-m", "hubserver", "serve", "--port", "0"]
     command += ["--data-dir", str(data), "--log-level", "info"]
@@ -260,6 +263,20 @@ class Tally:
     statuses: Counter[int] = field(default_factory=Counter)
     refused_upgrades: Counter[int] = field(default_factory=Counter)
     errors: Counter[str] = field(default_factory=Counter)
+
+
+def _runs(seqs: list[int]) -> str:
+    """``1-5, 4-9``: where a list of seqs repeats or skips (short, for a failure message)."""
+    runs: list[str] = []
+    start = previous = None
+    for seq in [*seqs, None]:
+        if start is not None and (seq is None or seq != previous + 1):
+            runs.append(f"{start}-{previous}")
+            start = None
+        if start is None:
+            start = seq
+        previous = seq
+    return ", ".join(runs[:20])
 
 
 def expected_errors(exc: BaseException) -> list[BaseException]:
@@ -371,6 +388,7 @@ class Client:
             (1, self.http_keep_alive_chain),
             (1, self.upgrade_with_trailing_data),
             (1, self.negotiate_then_connect),
+            (1, self.hub_swarm),
         ]
         weights = [weight for weight, _ in scenarios]
         while trio.current_time() < deadline:
@@ -830,6 +848,26 @@ class Client:
                 nursery.cancel_scope.cancel()
             await self.end_rudely(ws.stream)
 
+    async def hub_swarm(self) -> None:
+        """Many hub connections of one subject at once: some over its limit (429)."""
+        rng = self.rng
+        subject = rng.randrange(FUZZ_SUBJECTS)
+        token = self.server.tokens.hub[subject]
+        target = hub_target("entries", FUZZ_SITE, f"fuzz-{subject}" if subject % 3 == 2 else None)
+        async with AsyncExitStack() as stack:
+            for _ in range(rng.randint(5, MAX_HUBS_PER_SUBJECT + 5)):
+                try:
+                    ws = await open_ws(self.server.port, target, headers=[bearer(token)])
+                except UpgradeRefused as refused:
+                    self.tally.refused_upgrades[refused.response.status] += 1
+                    continue
+                await stack.enter_async_context(ws.stream)
+                if rng.random() < 0.5:
+                    await ws.send_raw(ws_frame(1, HANDSHAKE_JSON.encode()))
+                if rng.random() < 0.2:
+                    await self.end_rudely(ws.stream)
+            await trio.sleep(rng.uniform(0.2, 2))
+
     async def resume_flood_unread(self) -> None:
         """Make the server answer as fast as possible; never read an answer.
 
@@ -1020,6 +1058,69 @@ async def wait_for(received: Received, count: int) -> None:
         await received.arrived.wait()
 
 
+@dataclass
+class Resumer(Received):
+    """A bystander that reconnects all the time and resumes where it stopped."""
+
+    reconnects: int = 0
+    gaps: list[Any] = field(default_factory=list)
+    errors: list[Any] = field(default_factory=list)  # Completions with an error
+
+
+async def resume_repeatedly(
+    server: FuzzServer, resumer: Resumer, rng: random.Random, is_done: Callable[[], bool]
+) -> None:
+    """Connect, resume from the last seq seen (``Resume`` or ``since_seq``), read a while, drop.
+
+    Whatever was sent and not read when it drops must come again in the next
+    replay; nothing read may come twice.
+    """
+    while not is_done():
+        last = resumer.events[-1][1] if resumer.events else 0
+        is_in_url = rng.random() < 0.3
+        target = hub_target("entries", BYSTANDER_SITE)
+        if is_in_url:
+            target += f"&since_seq={last}"
+        protocol = rng.choice(["json", "messagepack"])
+        try:
+            ws = await open_ws(server.port, target, headers=[bearer(server.tokens.bystander)])
+        except BaseException as exc:
+            expected_errors(exc)  # a refused connection: try again
+            await trio.sleep(0.1)
+            continue
+        client = HubClient(ws, protocol)
+        async with ws.stream:
+            assert await client.handshake() == {}
+            if not is_in_url:
+                if client.is_binary:
+                    resume = msgpack.packb([1, {}, "r", "Resume", [last]])
+                    await ws.send_raw(ws_frame(2, encode_varint(len(resume)) + resume))
+                else:
+                    invocation = {"type": 1, "invocationId": "r", "target": "Resume"}
+                    text = json.dumps({**invocation, "arguments": [last]}) + RS
+                    await ws.send_raw(ws_frame(1, text.encode()))
+            with trio.move_on_after(rng.uniform(0.05, 1)):
+                while True:
+                    message = await client.next_message()
+                    if isinstance(message, HubClosed):
+                        break
+                    record = message if isinstance(message, dict) else None
+                    kind = record["type"] if record else message[0]
+                    target_name = (record or {}).get("target") if record else message[3]
+                    if kind == 1 and target_name == "ReceiveMessage":
+                        event = client_event(client, message)
+                        resumer.events.append((event["id"], event["seq"]))
+                        resumer.arrived.set()
+                        resumer.arrived = trio.Event()
+                    elif kind == 1:
+                        resumer.gaps.append(message)
+                    elif kind == 3 and ((record or {}).get("error") if record else message[3] == 1):
+                        resumer.errors.append(message)
+            if rng.random() < 0.3:  # a reset, possibly with events under way
+                ws.stream.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        resumer.reconnects += 1
+
+
 # -- the test ------------------------------------------------------------------------
 
 
@@ -1075,6 +1176,12 @@ async def _fuzz(server: FuzzServer, seed: int) -> None:
             with trio.fail_after(10):
                 await ready.wait()
         nursery.start_soon(publish_steadily, server, steady)
+        resumer = Resumer()
+
+        def has_all() -> bool:
+            return steady.done.is_set() and len(resumer.events) >= len(steady.accepted)
+
+        nursery.start_soon(resume_repeatedly, server, resumer, random.Random(seed), has_all)
         baseline = server.rss_bytes()
         nursery.start_soon(sample_rss)
 
@@ -1093,6 +1200,8 @@ async def _fuzz(server: FuzzServer, seed: int) -> None:
             expected = list(steady.accepted)
             for received in bystanders.values():
                 await wait_for(received, len(expected))
+            while not has_all():
+                await resumer.arrived.wait()
         stop_sampling.set()
         nursery.cancel_scope.cancel()
 
@@ -1100,7 +1209,8 @@ async def _fuzz(server: FuzzServer, seed: int) -> None:
         f"fuzz: seed {seed}: scenarios {dict(tally.scenarios)}, statuses "
         f"{dict(sorted(tally.statuses.items()))}, refused upgrades "
         f"{dict(tally.refused_upgrades)}, client errors {dict(tally.errors)}; "
-        f"{len(expected)} steady events ({steady.retries} retries); RSS "
+        f"{len(expected)} steady events ({steady.retries} retries), "
+        f"{resumer.reconnects} resumes; RSS "
         f"{baseline >> 20} MiB before, {max(rss) >> 20} MiB at most"
     )
     for protocol, received in bystanders.items():
@@ -1114,6 +1224,12 @@ async def _fuzz(server: FuzzServer, seed: int) -> None:
         # Seqs of the site are 1, 2, 3...: no event skipped or numbered twice.
         assert [seq for _, seq in got] == list(range(1, len(expected) + 1)), f"seed {seed}"
         assert len(received.events) == len(expected), f"seed {seed}: extra events"
+    # The resumer: every event once, in order, across some hundred reconnects.
+    assert not resumer.gaps and not resumer.errors, f"seed {seed}: {resumer}"
+    assert [event_id for event_id, _ in resumer.events] == expected, (
+        f"seed {seed}: the resuming bystander lost or repeated events "
+        f"(seqs {_runs([seq for _, seq in resumer.events])})"
+    )
     assert 500 not in tally.statuses, f"seed {seed}: a 500 answer: {tally.statuses}"
     growth = max(rss) - baseline
     assert growth < MAX_RSS_GROWTH_BYTES, (
@@ -1141,10 +1257,40 @@ async def _check_still_serving(server: FuzzServer, seed: int) -> None:
             await wait_for(received, 1)
             assert received.events[0][0] == "after", f"seed {seed}: {received.events}"
             nursery.cancel_scope.cancel()
-        # And it still drains on SIGTERM, exiting cleanly.
-        server.process.send_signal(signal.SIGTERM)
-        await server.process.wait()
+        await _check_subject_counts(server, seed)
+    # And it drains on SIGTERM while garbage still arrives, exiting cleanly.
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            deadline = trio.current_time() + 3
+            for index in range(8):
+                client = Client(server, random.Random(f"{seed}-drain-{index}"), Tally())
+                nursery.start_soon(client.run, deadline)
+            await trio.sleep(1)
+            server.process.send_signal(signal.SIGTERM)
+            await server.process.wait()
     assert server.process.returncode == 0, f"seed {seed}: exit code {server.process.returncode}"
+
+
+async def _check_subject_counts(server: FuzzServer, seed: int) -> None:
+    """Every subject may open its full allowance of hub connections again: no count leaked.
+
+    The server may still be ending the fuzz clients' last connections: a 429
+    is retried for a few seconds.
+    """
+    for subject, token in enumerate(server.tokens.hub):
+        user = f"fuzz-{subject}" if subject % 3 == 2 else None
+        target = hub_target("entries", FUZZ_SITE, user)
+        for attempt in range(10):
+            try:
+                async with AsyncExitStack() as stack:
+                    for _ in range(MAX_HUBS_PER_SUBJECT):
+                        ws = await open_ws(server.port, target, headers=[bearer(token)])
+                        await stack.enter_async_context(ws.stream)
+                break
+            except UpgradeRefused as refused:
+                assert refused.response.status == 429, f"seed {seed}: {refused.response}"
+                assert attempt < 9, f"seed {seed}: fuzz-{subject}'s connection count leaked"
+                await trio.sleep(0.5)
 
 
 def _check_log(server: FuzzServer, seed: int) -> None:
