@@ -125,7 +125,8 @@ HISTORY_SIZE = 200
 MAX_HUBS_PER_SUBJECT = 20
 MAX_HISTORY_SITES = 200
 
-#: What the server process may grow by, at most, over its RSS before the fuzzing.
+#: What the server's processes (all together) may grow by, at most, over their
+#: RSS before the fuzzing.
 #: Each connection's memory is bounded: its output budget (64 KiB, plus at
 #: most one replay of 200 KB past it), one read (64 KiB), its hub message
 #: buffer (32 KiB), or an HTTP head (16 KiB) or a publish body (64 KiB, some
@@ -168,22 +169,16 @@ class FuzzServer:
     log_path: Path
     tokens: Tokens
     data_dir: Path
+    #: With --workers, from the log at start (a restart is an ERROR in the log).
+    worker_pids: list[int] = field(default_factory=list)
 
     def publisher_token(self) -> str:
         return self.tokens.publisher
 
-    def pids(self) -> list[int]:
-        """The server's process, and its workers' (from its log) that still run."""
-        pids = [self.process.pid]
-        pids += [
-            int(pid) for pid in re.findall(r"started \(pid (\d+)\)", self.log_path.read_text())
-        ]
-        return [pid for pid in pids if Path(f"/proc/{pid}/status").exists()]
-
     def rss_bytes(self) -> int:
         """The resident memory of all the server's processes."""
         total = 0
-        for pid in self.pids():
+        for pid in [self.process.pid, *self.worker_pids]:
             with suppress(FileNotFoundError, ProcessLookupError):
                 for line in Path(f"/proc/{pid}/status").read_text().splitlines():
                     if line.startswith("VmRSS:"):  # absent once a zombie
@@ -246,7 +241,9 @@ async def fuzz_server(
     if backplane is not None:
         flags["backplane"] = backplane
     command = [sys.executable, "-m", "hubserver", "serve", "--port", "0"]
-    command += ["--data-dir", str(data), "--log-level", "info", "--workers", str(processes)]
+    command += ["--data-dir", str(data), "--log-level", "info"]
+    if processes > 1:
+        command += ["--workers", str(processes)]
     env = {k: v for k, v in os.environ.items() if not k.startswith("HUBSERVER_")}
     env |= {"HUBSERVER_" + name.upper().replace("-", "_"): value for name, value in flags.items()}
     log_path = tmp_path / "server.log"
@@ -275,6 +272,7 @@ async def fuzz_server(
                     port = int(match.group(1))
                     break
         server = FuzzServer(process, port, key, log_path, _mint_tokens(key), data)
+        server.worker_pids = [int(pid) for pid in re.findall(r"started \(pid (\d+)\)", text)]
         yield server
     finally:
         if process.poll() is None:
@@ -351,9 +349,6 @@ class Client:
         self.tally = tally
 
     # -- building blocks -------------------------------------------------------------
-
-    def hub_token(self) -> str:
-        return self.rng.choice(self.server.tokens.hub)
 
     def any_token(self) -> str:
         rng, tokens = self.rng, self.server.tokens
