@@ -1140,6 +1140,16 @@ def client_event(client: HubClient, message: Any) -> dict[str, Any]:
     return event
 
 
+def _describe(message: Any) -> tuple[int, str | None, bool]:
+    """A hub message's type, target (invocations) and whether it is a Completion with an error."""
+    if isinstance(message, dict):  # JSON
+        kind = message["type"]
+        return kind, message.get("target"), kind == 3 and "error" in message
+    # MessagePack: [1, headers, id, target, args] or [3, headers, id, resultKind, ...]
+    kind = message[0]
+    return kind, message[3] if kind == 1 else None, kind == 3 and message[3] == 1
+
+
 async def wait_for(received: Received, count: int) -> None:
     while len(received.events) < count and received.closed is None:
         await received.arrived.wait()
@@ -1191,17 +1201,15 @@ async def resume_repeatedly(
                     message = await client.next_message()
                     if isinstance(message, HubClosed):
                         break
-                    record = message if isinstance(message, dict) else None
-                    kind = record["type"] if record else message[0]
-                    target_name = (record or {}).get("target") if record else message[3]
+                    kind, target_name, is_error = _describe(message)
                     if kind == 1 and target_name == "ReceiveMessage":
                         event = client_event(client, message)
                         resumer.events.append((event["id"], event["seq"]))
                         resumer.arrived.set()
                         resumer.arrived = trio.Event()
-                    elif kind == 1:
+                    elif kind == 1:  # a Gap: events left history before we got them
                         resumer.gaps.append(message)
-                    elif kind == 3 and ((record or {}).get("error") if record else message[3] == 1):
+                    elif is_error:
                         resumer.errors.append(message)
             if rng.random() < 0.3:  # a reset, possibly with events under way
                 ws.stream.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
@@ -1240,8 +1248,7 @@ async def _fuzz(server: FuzzServer, seed: int, seconds: float) -> None:
 
     async def sample_rss() -> None:
         while not stop_sampling.is_set():
-            with suppress(FileNotFoundError, ProcessLookupError, AssertionError):
-                rss.append(server.rss_bytes())
+            rss.append(server.rss_bytes())
             await trio.sleep(0.2)
 
     async def churn_roles() -> None:
