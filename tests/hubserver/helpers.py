@@ -543,3 +543,40 @@ async def _keep_pinging(client: HubClient, interval: float) -> None:
         while True:
             await client.ws.send_text(PING_JSON)
             await trio.sleep(interval)
+
+
+# -- raw WebSocket frames: what no well-behaved library would send ---------------------
+
+
+def ws_frame(
+    opcode: int,
+    payload: bytes,
+    *,
+    fin: bool = True,
+    rsv: int = 0,
+    mask: bytes | None = b"\x00\x00\x00\x00",
+    length: int | None = None,
+) -> bytes:
+    """One client frame (RFC 6455 §5.2) built by hand, rules optional.
+
+    ``mask=None`` sends it unmasked (a client must mask); ``length`` overrides
+    the announced payload length (a lie, up to 2**64 - 1); ``rsv`` sets the
+    three reserved bits (0..7). The payload is masked with ``mask``.
+    """
+    announced = len(payload) if length is None else length
+    head = bytearray([(0x80 if fin else 0) | (rsv & 7) << 4 | (opcode & 0x0F)])
+    mask_bit = 0 if mask is None else 0x80
+    if announced < 126:
+        head.append(mask_bit | announced)
+    elif announced < 1 << 16:
+        head.append(mask_bit | 126)
+        head += announced.to_bytes(2, "big")
+    else:
+        head.append(mask_bit | 127)
+        head += announced.to_bytes(8, "big")
+    if mask is None:
+        return bytes(head) + payload
+    size = len(payload)
+    key = (mask * (size // 4 + 1))[:size]
+    masked = (int.from_bytes(payload, "big") ^ int.from_bytes(key, "big")).to_bytes(size, "big")
+    return bytes(head) + mask + masked
