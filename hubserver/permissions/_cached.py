@@ -20,7 +20,9 @@ from ._store import PermissionStore
 __all__ = ["CachedPermissionStore"]
 
 DEFAULT_MAX_AGE: Final = 1.0
-DEFAULT_MAX_ENTRIES: Final = 100_000
+#: Answers live ``max_age`` (1 s): more entries than lookups in a second are
+#: dead weight, and each distinct (site, subject) of a hostile client is one.
+DEFAULT_MAX_ENTRIES: Final = 10_000
 
 
 class CachedPermissionStore:
@@ -47,9 +49,13 @@ class CachedPermissionStore:
             await trio.lowlevel.checkpoint()
             return entry[0]
         role = await self._inner.role_of(site_id, subject)
-        if len(self._roles) >= self._max_entries:
-            self._roles.clear()  # rare; simpler than an LRU and still bounded
-        self._roles[key] = (role, now)
+        roles = self._roles
+        if len(roles) >= self._max_entries:
+            # Expired answers go first; if every answer is fresh, all go: the
+            # cache only saves store lookups, and its memory stays bounded.
+            fresh = {k: v for k, v in roles.items() if now - v[1] < self._max_age}
+            roles = self._roles = fresh if len(fresh) < self._max_entries // 2 else {}
+        roles[key] = (role, now)
         return role
 
     async def version(self) -> int:

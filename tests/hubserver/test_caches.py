@@ -74,3 +74,21 @@ async def test_role_cache_follows_version_and_age(autojump_clock: object) -> Non
     inner.revoke("s1", "alice")
     await trio.sleep(1.01)
     assert await cache.role_of("s1", "alice") is None
+
+
+async def test_role_cache_stays_bounded_under_distinct_lookups(autojump_clock: object) -> None:
+    # Issue #9 (10): every distinct (site, subject) a client names is an entry.
+    inner = InMemoryPermissionStore()
+    inner.grant("s1", "alice", Role.SITE_ADMIN)
+    cache = CachedPermissionStore(inner, max_age=1.0, max_entries=100)
+    largest = 0
+    for round_ in range(20):
+        for i in range(60):
+            await cache.role_of(f"site-{round_}-{i}", "mallory")
+            largest = max(largest, len(cache._roles))
+        await trio.sleep(0.3)  # some answers expire between rounds
+    assert largest <= 100
+    # Answers still come from the store, and a fresh one is still cached.
+    assert await cache.role_of("s1", "alice") is Role.SITE_ADMIN
+    inner.revoke("s1", "alice")
+    assert await cache.role_of("s1", "alice") is Role.SITE_ADMIN  # within max_age
