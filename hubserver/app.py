@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import logging
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from .auth import TokenVerifier
 from .config import ServerConfig
@@ -12,6 +13,9 @@ from .connection import HubSession, SessionContext, SessionStats
 from .permissions import PermissionStore, Role, may_subscribe
 from .routing import Broker, GroupKey, Router
 from .transports.negotiate import Negotiations
+
+if TYPE_CHECKING:
+    from .http._accept import ConnectionGate
 
 __all__ = ["App", "HUB_SCOPE", "PUBLISH_SCOPE"]
 
@@ -37,6 +41,8 @@ class App:
     is_draining: bool = False
     #: What sessions share; set by the server once its connection nursery is open.
     sessions: SessionContext | None = None
+    #: The accept loop's connection counts; set by the server once it listens.
+    connections: ConnectionGate | None = None
     _ids: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
     #: Open hub connections per token subject (``--max-hub-connections-per-subject``).
     _hubs_by_subject: dict[str, int] = field(default_factory=dict)
@@ -51,6 +57,7 @@ class App:
 
     def join(self, session: HubSession) -> None:
         self.router.add(session.key, session)
+        self.broker.watch_site(session.key.hub, session.key.site_id)
 
     def leave(self, session: HubSession) -> None:
         self.router.remove(session.key, session)

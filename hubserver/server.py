@@ -195,14 +195,19 @@ async def _run(app: App, task_status: trio.TaskStatus[RunningServer]) -> None:
         )
         async with trio.open_nursery() as root:
             accept_scope = trio.CancelScope()
-            gate = ConnectionGate(
-                max_total=(
-                    descriptor_budget()
-                    if config.max_connections is None
-                    else config.max_connections
-                ),
-                max_per_ip=config.max_connections_per_ip,
-            )
+            # Raised to the hard limit in any case: an explicit --max-connections
+            # above what the descriptors allow would meet EMFILE, not its 503.
+            budget = descriptor_budget()
+            max_total = budget if config.max_connections is None else config.max_connections
+            if max_total > budget:
+                log.warning(
+                    "--max-connections %d is more than the open-files limit allows (%d): "
+                    "past that, accepts fail (EMFILE) instead of answering 503",
+                    max_total,
+                    budget,
+                )
+            gate = ConnectionGate(max_total=max_total, max_per_ip=config.max_connections_per_ip)
+            app.connections = gate
             log.info(
                 "connection limits: %d in total, %s per address",
                 gate.max_total,
@@ -254,9 +259,12 @@ async def _handle(stream: trio.SocketStream, *, app: App) -> None:
     if session is not None:
         # Run here, not inside handle_connection: an idle session's stack (kept
         # for its whole life) is then only this frame and its own. It contains
-        # its own failures (its guard), as it does those of the tasks it starts.
+        # its own failures (its guard); this boundary is the last line.
         try:
             await session.run()
+        except Exception:
+            app.stats.crashed += 1
+            log.exception("connection handler failed (session %d)", session.session_id)
         finally:
             app.hub_closed(session.subject)  # counted by the front's hub_opened
 

@@ -32,6 +32,7 @@ __all__ = ["PARENT_GONE_EXIT_TIMEOUT", "run_workers", "watch_parent", "worker_co
 log = logging.getLogger("hubserver.workers")
 
 RESTART_DELAY: Final = 1.0
+MAX_RESTART_DELAY: Final = 30.0
 #: Seconds the parent waits for draining workers beyond their drain timeout.
 STOP_MARGIN: Final = 5.0
 #: Seconds a worker whose parent died has to drain before it exits.
@@ -195,10 +196,20 @@ async def _supervise(
     processes: dict[int, trio.Process],
     stopping: trio.Event,
 ) -> None:
+    delay = RESTART_DELAY
     while not stopping.is_set():
-        process = await trio.lowlevel.open_process(
-            command, env=env, stdin=subprocess.DEVNULL, pass_fds=(lifeline,)
-        )
+        try:
+            process = await trio.lowlevel.open_process(
+                command, env=env, stdin=subprocess.DEVNULL, pass_fds=(lifeline,)
+            )
+        except OSError as exc:
+            # Out of processes or memory, the interpreter replaced by a deploy:
+            # the other workers and the event stream carry on; try again later.
+            log.error("worker %d could not be started: %s; retrying in %g s", index, exc, delay)
+            await trio.sleep(delay)
+            delay = min(delay * 2, MAX_RESTART_DELAY)
+            continue
+        delay = RESTART_DELAY
         processes[index] = process
         log.info("worker %d started (pid %d)", index, process.pid)
         if stopping.is_set():

@@ -34,12 +34,16 @@ Redis evicts first, before the counters and histories (which have no TTL).
 Their memory is about (rate of published events) x (window) x ~100 bytes
 plus the key; lower ``--dedupe-window`` if that is too much.
 
-What a failed publish means (see ``Backplane.publish``): an error reply to
-the script (``OOM``, ``READONLY``, ``NOPERM``, ``BUSY``, any ``-ERR``) means
-it did nothing, because the script reads before it writes and Redis refuses a
-script's first write, so that is ``BackplaneUnavailable``; so is a failure
-before the command was sent whole. A failure after it was sent (timeout,
-lost connection, an unreadable reply) is ``PublishOutcomeUnknown``.
+What a failed publish means (see ``Backplane.publish``): an error reply that
+Redis gives before a script writes anything (``OOM``, ``READONLY``,
+``MISCONF``, ``NOREPLICAS``, ``BUSY``, ``MASTERDOWN``, a ``NOPERM`` for the
+script command itself, the script's own "nothing was published" refusal)
+means it did nothing, because the script reads before it writes and a Redis
+that refuses writes refuses the script's first one: ``BackplaneUnavailable``;
+so is a failure before the command was sent whole. Any other error (one
+raised inside the script after it wrote, such as an ACL refusing PUBLISH),
+and a failure after the command was sent (timeout, lost connection, an
+unreadable reply), is ``PublishOutcomeUnknown``.
 
 ``MAXLEN ~`` trims whole stream nodes (``stream-node-max-entries``, 100 by
 default), never below the limit, so a stream holds between ``history_size``
@@ -222,6 +226,22 @@ end
 redis.call('PUBLISH', ARGV[1], cmsgpack.pack({epoch, batch}))
 return {epoch, seqs, duplicates, unstored, first_error}
 """
+
+#: Error codes Redis gives before a script's first write takes effect: Redis
+#: refuses a script's writes as a whole in these states, so nothing was done.
+_PRE_WRITE_CODES: Final = frozenset(
+    {"OOM", "READONLY", "MISCONF", "NOREPLICAS", "BUSY", "MASTERDOWN", "NOSCRIPT"}
+)
+
+
+def _refused_before_any_write(exc: RedisReplyError) -> bool:
+    if exc.code in _PRE_WRITE_CODES:
+        return True
+    text = str(exc)
+    if exc.code == "NOPERM":
+        return "@user_script" not in text  # the script command itself was refused
+    return "nothing was published" in text  # our script's own read-phase refusal
+
 
 #: A write through a script: what a publish needs (scripting, writing, memory).
 _PROBE_LUA: Final = """
@@ -690,9 +710,16 @@ class RedisBackplane:
                     f"Redis at {self._address} cannot run {what} yet: {exc}"
                 ) from exc
             self._is_command_ok = True  # Redis answered: it is reachable
-            if is_write:
+            if is_write and _refused_before_any_write(exc):
                 raise BackplaneUnavailable(
                     f"Redis at {self._address} refused {what}, nothing was done: {exc}"
+                ) from exc
+            if is_write:
+                # An error inside the script after its first write (an ACL on
+                # PUBLISH, say): what it wrote stays. Say so.
+                raise PublishOutcomeUnknown(
+                    f"Redis at {self._address} failed {what} part way, "
+                    f"which may have been applied: {exc}"
                 ) from exc
             raise
         except BackplaneError as exc:

@@ -163,7 +163,12 @@ async def _serve_requests(stream: trio.SocketStream, app: App) -> HubSession | N
         if conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):
             status = exc.error_status_hint
             text = f"bad request: {reason}\n".encode()
-            with contextlib.suppress(TransportError, h11.LocalProtocolError):
+            # Bounded like every other answer: a client that stopped reading
+            # (pipelined answers fill its socket) must not hold this task.
+            with (
+                trio.move_on_after(TIMEOUT_REPLY_TIMEOUT),
+                contextlib.suppress(TransportError, h11.LocalProtocolError),
+            ):
                 await send_response(stream, conn, status, text, close=True)
     except h11.LocalProtocolError as exc:
         # Our side of h11 refused what we asked of it (a state this front did not
@@ -586,7 +591,13 @@ async def _publish(
     if not claims.has_scope(PUBLISH_SCOPE):
         return await fail(403, "forbidden", f"the token lacks the '{PUBLISH_SCOPE}' scope")
     if app.is_draining:
-        return await fail(503, "unavailable", "server is shutting down")
+        return await fail(
+            503,
+            "unavailable",
+            "server is shutting down; nothing was accepted, retry with the same ids",
+            headers_extra=[_RETRY_AFTER],
+            extra={"outcome": "not_accepted"},
+        )
     limit = app.config.max_publish_bytes
     for name, value in event.headers:
         if name == b"content-length" and int(value) > limit:

@@ -69,6 +69,8 @@ class SqlitePermissionStore:
         """Wrap an open connection; prefer `open`, which also creates the schema."""
         self._conn = conn
         self._lock = threading.Lock()
+        # One thread at a time: SQLite serializes on ``_lock`` anyway.
+        self._limiter = trio.CapacityLimiter(1)
         self._call_timeout = call_timeout
         self._is_closed = False
         self._is_available = True
@@ -156,7 +158,13 @@ class SqlitePermissionStore:
         # which `close` respects.
         with trio.move_on_after(self._call_timeout):
             try:
-                result = await trio.to_thread.run_sync(fn, abandon_on_cancel=True)
+                # Its own limiter of one: while SQLite is stuck, the abandoned
+                # thread keeps the slot, later calls wait for it (within their
+                # deadline) instead of starting threads, and trio's default
+                # limiter (name lookups use it) keeps all its slots.
+                result = await trio.to_thread.run_sync(
+                    fn, abandon_on_cancel=True, limiter=self._limiter
+                )
             except PermissionStoreUnavailable:
                 self._is_available = False
                 raise

@@ -31,6 +31,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Final
 
 import trio
 
@@ -51,6 +52,8 @@ __all__ = ["Broker", "Replay", "deliver_to"]
 log = logging.getLogger("hubserver.broker")
 
 _Site = tuple[str, str]  # (hub value, site_id)
+#: A seq no stream reaches: history after it is empty, but says where the stream stands.
+_NO_SEQ_AFTER: Final = 2**53
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -154,6 +157,10 @@ class Broker:
         self._epoch: str | None = None
         # Sites whose delivery waits for a history fetch: live events queue here.
         self._held: dict[_Site, list[NumberedEvent]] = {}
+        # Where a subscribed site's history stood when it got its first local
+        # subscriber, for sites with no delivered event yet (no ``_last``): after a
+        # backplane drop, what was published meanwhile is fetched from there.
+        self._known: dict[_Site, int] = {}
         self._nursery: trio.Nursery | None = None
         # Events ready for delivery wait here for the dispatcher task, which runs
         # after the tasks that were ready with it: events published by several
@@ -297,6 +304,37 @@ class Broker:
             if site not in self._held:
                 self._held[site] = []
                 self._recover(site, last)
+        for site in self._router.sites():
+            known = self._known.get(site)
+            is_unplaced = site not in self._last and site not in self._held
+            if known is not None and known >= 0 and is_unplaced:
+                self._held[site] = []
+                self._recover(site, known)
+
+    def watch_site(self, hub: Hub, site_id: str) -> None:
+        """A local subscriber joined (hub, site): learn where its history stands.
+
+        Without it, a site that has had no live event on this node since its
+        subscribers joined has no position, and events published while the
+        backplane connection was down would never be fetched for them.
+        """
+        site = (hub.value, site_id)
+        if site not in self._last and site not in self._known and self._nursery is not None:
+            self._known[site] = -1  # being learned
+            self._nursery.start_soon(self._learn_position, site)
+
+    async def _learn_position(self, site: _Site) -> None:
+        try:
+            with trio.fail_after(self._recovery_timeout):
+                history = await self._backplane.history(site[0], site[1], _NO_SEQ_AFTER)
+        except (BackplaneError, trio.TooSlowError) as exc:
+            log.info("%s/%.64s: position not learned (%s)", site[0], site[1], exc)
+            self._known.pop(site, None)
+            return
+        if (history.epoch or None) == self._epoch or self._epoch is None:
+            self._known[site] = history.last_seq
+        else:
+            self._known.pop(site, None)
 
     # -- internals ---------------------------------------------------------------
 
@@ -354,6 +392,7 @@ class Broker:
             # its seqs started over. Forget positions; tell every subscriber.
             log.warning("the backplane lost its data (epoch changed); seqs start over")
             self._last.clear()
+            self._known.clear()
             self._router.restart_numbering()
         self._epoch = epoch
 
@@ -412,7 +451,12 @@ class Broker:
 
     def _release(self, site: _Site, recovered: list[NumberedEvent], last: int) -> None:
         """Deliver what was recovered and held, in order, with a Gap before any hole."""
-        held = self._held.pop(site, [])
+        # Held events of a numbering that has since been replaced are not these seqs.
+        held = [
+            event
+            for event in self._held.pop(site, [])
+            if (event.epoch or None) == self._epoch or self._epoch is None
+        ]
         ready: list[NumberedEvent] = []
         for event in sorted([*recovered, *held], key=lambda e: e.seq):
             if event.seq <= last:
@@ -441,5 +485,7 @@ class Broker:
             ]
             for site in idle:
                 del self._last[site]
+            for site in [site for site in self._known if site not in subscribed]:
+                del self._known[site]
             if idle:
                 log.debug("forgot %d idle sites", len(idle))

@@ -796,6 +796,27 @@ async def test_redis_refusing_writes_is_unavailable_with_nothing_done(
         assert seqs(listener.events) == [1, 2]
 
 
+async def test_redis_error_after_the_scripts_first_write_is_outcome_unknown(
+    own_redis_server: RedisServer,
+) -> None:
+    # An ACL that allows everything but PUBLISH: the script numbers and stores
+    # the event, then fails. "Nothing was done" would be false (found in review).
+    admin = redis_node(own_redis_server.url)
+    await raw_redis(admin, "ACL", "SETUSER", "pub", "on", ">pw", "~*", "&*", "+@all", "-publish")
+    url = own_redis_server.url.replace("redis://", "redis://pub:pw@")
+    with trio.fail_after(CAP):
+        node = redis_node(url, op_timeout=0.5, ping_interval=0.1)
+        async with node, trio.open_nursery() as nursery:
+            await start(nursery, node, Listener())
+            event = make_event()[0]
+            with pytest.raises(PublishOutcomeUnknown, match="may have been applied"):
+                await node.publish([event])
+            # It was numbered: the retry with the same id says so, with its seq.
+            [retry] = await node.publish([event])
+            assert (retry.seq, retry.is_duplicate) == (1, True)
+            nursery.cancel_scope.cancel()
+
+
 async def test_redis_corrupt_counter_refuses_and_corrupt_history_costs_only_history(
     redis_server: RedisServer,
 ) -> None:

@@ -77,3 +77,50 @@ async def test_publishes_of_one_scheduling_round_are_delivered_together(
 def test_the_window_must_be_positive() -> None:
     with pytest.raises(ValueError, match="publish_window"):
         Broker(Router(), MemoryBackplane(), trio.current_time, publish_window=0)
+
+
+class DroppingBackplane(MemoryBackplane):
+    """The in-process backplane, with its broadcast to this node cut at will.
+
+    What a node sees while its Pub/Sub connection (or the workers' event
+    stream) is down: publishes are numbered and stored, nothing arrives.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.is_connected = True
+
+    async def run(self, deliver, on_reconnect, *, task_status=trio.TASK_STATUS_IGNORED):  # type: ignore[no-untyped-def]
+        def maybe(events):  # type: ignore[no-untyped-def]
+            if self.is_connected:
+                deliver(events)
+
+        await super().run(maybe, on_reconnect, task_status=task_status)
+
+
+async def test_a_site_with_no_live_event_yet_recovers_what_a_drop_missed(
+    nursery: trio.Nursery,
+) -> None:
+    # Found in review: the broker knew a site's position only from a live
+    # event, so a subscriber that had seen none lost what was published while
+    # the connection was down (no event, no Gap).
+    router = Router()
+    recorder = Recorder()
+    backplane = DroppingBackplane()
+    broker = Broker(router, backplane, trio.current_time)
+    await nursery.start(broker.run)
+    router.add(GroupKey(Hub.ENTRIES, "s1"), recorder)
+    broker.watch_site(Hub.ENTRIES, "s1")
+    await trio.sleep(0.05)  # the position is learned
+    backplane.is_connected = False
+    for _ in range(3):
+        await broker.publish(Hub.ENTRIES, [{"site_id": "s1"}])
+    await trio.sleep(0.05)
+    assert recorder.seqs == []
+    backplane.is_connected = True
+    broker.on_reconnect()  # what the backplane calls when it is back
+    await trio.sleep(0.1)
+    assert recorder.seqs == [1, 2, 3]
+    await broker.publish(Hub.ENTRIES, [{"site_id": "s1"}])
+    await trio.sleep(0.05)
+    assert recorder.seqs == [1, 2, 3, 4]

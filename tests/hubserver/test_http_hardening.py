@@ -537,3 +537,46 @@ async def test_an_unreachable_backplane_says_nothing_was_accepted(
     assert response.status == 503, response
     assert response.headers.get("retry-after") == "1"
     assert response.json()["outcome"] == "not_accepted", response.json()
+
+
+# -- found in review --------------------------------------------------------------------
+
+
+async def test_a_bad_request_to_a_client_that_never_reads_is_not_answered_forever(
+    start_server,
+) -> None:
+    # The 400 for malformed HTTP was written without a deadline: behind pipelined
+    # answers that nearly filled the socket, it blocked its task for as long as
+    # the client held the connection. Several fill levels: one of them blocks.
+    h: Harness = await start_server(request_timeout=1.0)
+    gate = h.server.app.connections
+    assert gate is not None
+    base = gate.open
+    streams = []
+    with trio.fail_after(20):
+        async with bystander(h) as b:
+            try:
+                for i in range(100):
+                    stream = await open_tcp(h.port, rcvbuf=2048)
+                    streams.append(stream)
+                    pipelined = b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n" * (60 + i)
+                    await stream.send_all(pipelined + b"BAD\x00garbage\r\n\r\n")
+                # Every request deadline (1 s) and the answer's bound have passed:
+                # no connection may still be held, though none of them read.
+                await trio.sleep(4)
+                assert gate.open == base + 1, (gate.open, base)  # the bystander only
+                await b.check()
+            finally:
+                for stream in streams:
+                    await stream.aclose()
+
+
+async def test_a_publish_while_draining_says_nothing_was_accepted(start_server) -> None:
+    h: Harness = await start_server()
+    h.server.app.is_draining = True  # what the shutdown sets first
+    with trio.fail_after(5):
+        response = await publish(h, "entries", {"site_id": "s1", "id": "e1"})
+    h.server.app.is_draining = False
+    assert response.status == 503
+    assert response.headers.get("retry-after") == "1"
+    assert response.json()["outcome"] == "not_accepted"

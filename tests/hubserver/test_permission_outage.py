@@ -306,3 +306,25 @@ async def test_watcher_backs_off_logs_once_and_rechecks_after_recovery(
         finally:
             other.close()
     assert len(unavailable_warnings(caplog)) == 1
+
+
+async def test_a_stuck_database_keeps_to_one_thread(tmp_path: Path) -> None:
+    # Found in review: every lookup during a lock took (and abandoned) a thread
+    # of trio's default limiter, so after 40 of them nothing else that needs a
+    # thread (a Redis or JWKS host name lookup) could run.
+    with SqlitePermissionStore.open(tmp_path, call_timeout=0.5) as store:
+        store.grant("s1", "alice", Role.SITE_USER)
+        with trio.fail_after(10):
+            async with hold_wal_locks(tmp_path / FILE_NAME):
+
+                async def look_up() -> None:
+                    with pytest.raises(PermissionStoreUnavailable):
+                        await store.role_of("s1", f"user-{trio.current_time()}")
+
+                async with trio.open_nursery() as nursery:
+                    for _ in range(60):
+                        nursery.start_soon(look_up)
+                    await trio.sleep(0.2)
+                    started = trio.current_time()
+                    await trio.to_thread.run_sync(lambda: None)
+                    assert trio.current_time() - started < 0.2

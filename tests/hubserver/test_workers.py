@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import site
 import subprocess
 import sys
 import time
@@ -39,6 +40,7 @@ from .helpers import (
 )
 
 CAP = 60
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 @dataclass
@@ -72,13 +74,18 @@ class Workers:
 
 @asynccontextmanager
 async def run_workers(
-    tmp_path: Path, nursery: trio.Nursery, *extra: str, new_session: bool = False
+    tmp_path: Path,
+    nursery: trio.Nursery,
+    *extra: str,
+    new_session: bool = False,
+    interpreter: str = sys.executable,
+    env_extra: dict[str, str] | None = None,
 ) -> AsyncIterator[Workers]:
     data = tmp_path / "data"
     with SqlitePermissionStore.open(data) as store:
         store.grant("s1", "alice", Role.SITE_ADMIN)
     command = [
-        sys.executable,
+        interpreter,
         "-m",
         "hubserver",
         "serve",
@@ -93,6 +100,7 @@ async def run_workers(
         *extra,
     ]
     env = {k: v for k, v in os.environ.items() if not k.startswith("HUBSERVER_")}
+    env.update(env_extra or {})
     process = await trio.lowlevel.open_process(
         command,
         stdin=subprocess.DEVNULL,
@@ -447,3 +455,30 @@ async def test_workers_exit_when_their_parent_is_killed(
             while any(_is_alive(pid) for pid in pids):
                 assert trio.current_time() - killed_at < 5.0, "a worker outlived its parent"
                 await trio.sleep(0.05)
+
+
+async def test_a_worker_that_cannot_be_restarted_is_retried_and_shutdown_still_works(
+    tmp_path: Path, nursery: trio.Nursery
+) -> None:
+    """Found in review: one failed restart (the interpreter gone after a deploy,
+    out of processes) stopped the parent's broker and hung the parent."""
+    python = tmp_path / "python"
+    python.symlink_to(sys.executable)
+    # The link is outside the venv: the venv's packages and this checkout by path.
+    paths = [*site.getsitepackages(), REPO_ROOT]
+    env = {"PYTHONPATH": os.pathsep.join(paths)}
+    with trio.fail_after(CAP):
+        async with run_workers(tmp_path, nursery, interpreter=str(python), env_extra=env) as w:
+            await _ready(w)
+            python.unlink()  # a deploy replaced the interpreter
+            victim, *_ = sorted(_live_worker_pids(w.log))
+            os.kill(victim, signal.SIGKILL)
+            while not any("could not be started" in line for line in w.log):
+                await w.lot.park()
+            await _ready(w)  # the other worker still serves, with its event stream
+            (event_id,) = await publish_ok(w, "entries", {"site_id": "s1"})  # type: ignore[arg-type]
+            assert event_id
+            w.process.send_signal(signal.SIGTERM)
+            with trio.fail_after(15):
+                await w.process.wait()
+    assert w.process.returncode == 0, w.log[-20:]
