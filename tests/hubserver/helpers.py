@@ -18,6 +18,7 @@ import base64
 import hashlib
 import json
 import os
+import re
 import socket
 from collections import deque
 from collections.abc import AsyncIterator, Iterable, Sequence
@@ -580,3 +581,33 @@ def ws_frame(
     key = (mask * (size // 4 + 1))[:size]
     masked = (int.from_bytes(payload, "big") ^ int.from_bytes(key, "big")).to_bytes(size, "big")
     return bytes(head) + mask + masked
+
+
+# -- a server process's log ------------------------------------------------------------
+
+
+class ProcessLog:
+    """A server process's stderr, kept line by line as it comes (``pump`` runs in a task)."""
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+        self.lot = trio.lowlevel.ParkingLot()  # woken at every new line
+
+    async def pump(self, stream: trio.abc.ReceiveStream) -> None:
+        buffer = b""
+        async for chunk in stream:
+            buffer += chunk
+            *lines, buffer = buffer.split(b"\n")
+            for line in lines:
+                self.lines.append(line.decode(errors="replace"))
+            self.lot.unpark_all()
+
+    async def wait_for(self, pattern: str) -> re.Match[str]:
+        """The first line matching ``pattern`` (waiting for it if it has not come)."""
+        seen = 0
+        while True:
+            for line in self.lines[seen:]:
+                if match := re.search(pattern, line):
+                    return match
+            seen = len(self.lines)
+            await self.lot.park()

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import resource
 import socket
 import subprocess
@@ -33,6 +32,7 @@ from hubserver.permissions import Role
 from .conftest import Harness
 from .helpers import (
     HttpResponse,
+    ProcessLog,
     ResponseReader,
     UpgradeRefused,
     bearer,
@@ -272,29 +272,13 @@ async def server_process(
         env=env,
         preexec_fn=limit_files,
     )
-    log: list[str] = []
-    listening = trio.Event()
-    port = 0
-
-    async def read_log() -> None:
-        nonlocal port
-        assert process.stderr is not None
-        buffer = b""
-        async for chunk in process.stderr:
-            buffer += chunk
-            *lines, buffer = buffer.split(b"\n")
-            for line in lines:
-                text = line.decode(errors="replace")
-                log.append(text)
-                if match := re.search(r"listening on http://[\d.]+:(\d+)", text):
-                    port = int(match.group(1))
-                    listening.set()
-
-    nursery.start_soon(read_log)
+    log = ProcessLog()
+    assert process.stderr is not None
+    nursery.start_soon(log.pump, process.stderr)
     try:
         with trio.fail_after(20):
-            await listening.wait()
-        yield port, log
+            port = int((await log.wait_for(r"listening on http://[\d.]+:(\d+)")).group(1))
+        yield port, log.lines
     finally:
         process.terminate()
         with trio.move_on_after(10):

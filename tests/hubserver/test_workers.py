@@ -30,6 +30,7 @@ from hubserver.permissions import Role, SqlitePermissionStore
 from .helpers import (
     HubClient,
     HubClosed,
+    ProcessLog,
     ResponseReader,
     bearer,
     build_request,
@@ -110,32 +111,14 @@ async def run_workers(
         # Its own process group: a test can signal the parent and its workers at once.
         start_new_session=new_session,
     )
-    log: list[str] = []
-    lot = trio.lowlevel.ParkingLot()  # woken at every new log line
-    port_found = trio.Event()
-    port = 0
-
-    async def read_log() -> None:
-        nonlocal port
-        assert process.stderr is not None
-        buffer = b""
-        async for chunk in process.stderr:
-            buffer += chunk
-            *lines, buffer = buffer.split(b"\n")
-            for line in lines:
-                text = line.decode(errors="replace")
-                log.append(text)
-                lot.unpark_all()
-                if "workers on http://" in text:
-                    port = int(text.rsplit(":", 1)[1])
-                    port_found.set()
-
-    nursery.start_soon(read_log)
+    log = ProcessLog()
+    assert process.stderr is not None
+    nursery.start_soon(log.pump, process.stderr)
     try:
         with trio.fail_after(20):
-            await port_found.wait()
+            port = int((await log.wait_for(r"workers on http://.*:(\d+)")).group(1))
             # Both workers listening: wait until two different pids answer.
-            workers = Workers(process, port, ensure_dev_key(data), log, lot)
+            workers = Workers(process, port, ensure_dev_key(data), log.lines, log.lot)
             await workers.wait_workers(2)
         yield workers
     finally:
@@ -146,7 +129,7 @@ async def run_workers(
             if process.returncode is None:
                 process.kill()
         # Whatever the test did to the parent, no worker outlives the test.
-        for pid in _live_worker_pids(log):
+        for pid in _live_worker_pids(log.lines):
             os.kill(pid, signal.SIGCONT)
             os.kill(pid, signal.SIGKILL)
 
