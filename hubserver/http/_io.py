@@ -11,7 +11,14 @@ import trio
 
 from hubserver.transports import TransportError
 
-__all__ = ["read_body", "receive_bytes", "receive_event", "send_json", "send_response"]
+__all__ = [
+    "read_body",
+    "receive_bytes",
+    "receive_event",
+    "send_continue",
+    "send_json",
+    "send_response",
+]
 
 RECEIVE_BYTES = 65536
 SERVER_HEADER = (b"server", b"hubserver")
@@ -67,6 +74,15 @@ def _reason(status: int) -> bytes:
         return HTTPStatus(status).phrase.encode("ascii")
     except ValueError:
         return b""
+
+
+async def send_continue(stream: trio.abc.Stream, conn: h11.Connection) -> None:
+    """``100 Continue``: the client that asked may send its body now (RFC 9110 §10.1.1)."""
+    data = conn.send(h11.InformationalResponse(status_code=100, headers=[SERVER_HEADER]))
+    try:
+        await stream.send_all(data)
+    except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+        raise TransportError(f"connection lost: {exc}") from exc
 
 
 async def send_response(

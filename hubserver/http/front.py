@@ -47,6 +47,7 @@ from ._io import (
     read_body,
     receive_bytes,
     receive_event,
+    send_continue,
     send_json,
     send_response,
 )
@@ -602,6 +603,9 @@ async def _publish(
     for name, value in event.headers:
         if name == b"content-length" and int(value) > limit:
             return await fail(413, "too_large", f"the body is larger than {limit} bytes")
+    if conn.they_are_waiting_for_100_continue:
+        # curl asks before sending a body over 1 KiB, and waits a second for it.
+        await send_continue(stream, conn)
     # The request deadline bounds this read (408 from _answer_missed_deadline).
     body = await read_body(stream, conn, limit)
     if body is None:

@@ -564,3 +564,27 @@ async def test_a_publish_while_draining_says_nothing_was_accepted(start_server) 
     assert response.status == 503
     assert response.headers.get("retry-after") == "1"
     assert response.json()["outcome"] == "not_accepted"
+
+
+async def test_a_publisher_that_expects_100_continue_gets_it_at_once(start_server) -> None:
+    # curl sends "Expect: 100-continue" for bodies over 1 KiB and waits a second.
+    h: Harness = await start_server()
+    body = b'[{"site_id":"s1","pad":"' + b"x" * 2000 + b'"}]'
+    head = (
+        "POST /v1/events/entries HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        f"Authorization: Bearer {h.publisher_token()}\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+        "Expect: 100-continue\r\n\r\n"
+    ).encode()
+    with trio.fail_after(5):
+        stream = await open_tcp(h.port)
+        async with stream:
+            await stream.send_all(head)
+            reader = ResponseReader(stream)
+            started = trio.current_time()
+            status, _ = await reader.read_head()
+            assert status == 100
+            assert trio.current_time() - started < 0.5
+            await stream.send_all(body)
+            status, _ = await reader.read_head()
+            assert status == 202
