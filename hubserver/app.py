@@ -7,6 +7,8 @@ import logging
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+import trio
+
 from .auth import TokenVerifier
 from .config import ServerConfig
 from .connection import HubSession, SessionContext, SessionStats
@@ -41,11 +43,20 @@ class App:
     is_draining: bool = False
     #: What sessions share; set by the server once its connection nursery is open.
     sessions: SessionContext | None = None
+    #: HTTP requests being handled (the drain waits for their answers).
+    requests_in_flight: int = 0
+    #: Set by the drain; fired when the last request in flight is answered.
+    requests_done: trio.Event | None = None
     #: The accept loop's connection counts; set by the server once it listens.
     connections: ConnectionGate | None = None
     _ids: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
     #: Open hub connections per token subject (``--max-hub-connections-per-subject``).
     _hubs_by_subject: dict[str, int] = field(default_factory=dict)
+
+    def request_done(self) -> None:
+        self.requests_in_flight -= 1
+        if self.requests_in_flight == 0 and self.requests_done is not None:
+            self.requests_done.set()
 
     def next_id(self) -> int:
         return next(self._ids)

@@ -271,13 +271,22 @@ async def _handle(stream: trio.SocketStream, *, app: App) -> None:
 
 async def _drain(app: App) -> None:
     drained = app.stats.drained = trio.Event()
+    answered = app.requests_done = trio.Event()
     for session in list(app.stats.by_id.values()):
         session.close(Close(error=SHUTDOWN_TEXT, allow_reconnect=True))
     with trio.move_on_after(app.config.drain_timeout):
         if app.stats.open:
             await drained.wait()
-    if app.stats.open:
-        log.warning("drain timeout: %d connections still open, cutting them", app.stats.open)
+        # A request being handled (a publish whose body is still coming) gets
+        # its answer: cutting it would leave its publisher guessing.
+        if app.requests_in_flight:
+            await answered.wait()
+    if app.stats.open or app.requests_in_flight:
+        log.warning(
+            "drain timeout: cutting %d hub connections and %d HTTP requests",
+            app.stats.open,
+            app.requests_in_flight,
+        )
 
 
 async def _watch_permissions(app: App) -> None:

@@ -145,7 +145,11 @@ async def _serve_requests(stream: trio.SocketStream, app: App) -> HubSession | N
                 event = await receive_event(stream, conn)
             if waiting.cancelled_caught:
                 return None  # no complete request head in time (slowloris): nothing to say
-            outcome = await _handle_event(stream, conn, app, event, deadline)
+            app.requests_in_flight += 1
+            try:
+                outcome = await _handle_event(stream, conn, app, event, deadline)
+            finally:
+                app.request_done()
             if isinstance(outcome, HubSession):
                 return outcome
             if outcome:

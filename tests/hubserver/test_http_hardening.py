@@ -588,3 +588,26 @@ async def test_a_publisher_that_expects_100_continue_gets_it_at_once(start_serve
             await stream.send_all(body)
             status, _ = await reader.read_head()
             assert status == 202
+
+
+async def test_a_publish_under_way_when_the_drain_starts_gets_its_answer(start_server) -> None:
+    # Found in review: the drain waited for hub connections only, then cut every
+    # HTTP request: a publisher whose body was still coming got no answer.
+    h: Harness = await start_server(drain_timeout=5.0)
+    body = b'{"site_id":"s1","id":"e-drain"}'
+    head = (
+        "POST /v1/events/entries HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        f"Authorization: Bearer {h.publisher_token()}\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+    ).encode()
+    with trio.fail_after(10):
+        stream = await open_tcp(h.port)
+        async with stream:
+            await stream.send_all(head + body[:10])
+            await trio.sleep(0.2)  # the request is being handled, its body half here
+            h.server.request_shutdown()
+            await trio.sleep(0.2)
+            await stream.send_all(body[10:])
+            reader = ResponseReader(stream)
+            status, headers = await reader.read_head()
+    assert status == 202, (status, headers)
