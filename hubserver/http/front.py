@@ -474,6 +474,11 @@ async def _hub(
         key = check_upgrade(b"GET" if is_head else event.method, event.headers)
     except UpgradeError as exc:
         raise _Refusal(exc.status, str(exc)) from None
+    for header, value in event.headers:
+        # A body would be read as the WebSocket's first frames (RFC 6455 §4.1:
+        # the opening handshake is a GET without one).
+        if (header == b"content-length" and value != b"0") or header == b"transfer-encoding":
+            raise _Refusal(400, "a WebSocket upgrade request has no body")
     group, claims = await _authorize(app, event, query, hub)
     since_seq = _since_seq(query)
     if is_head:

@@ -611,3 +611,26 @@ async def test_a_publish_under_way_when_the_drain_starts_gets_its_answer(start_s
             reader = ResponseReader(stream)
             status, headers = await reader.read_head()
     assert status == 202, (status, headers)
+
+
+@pytest.mark.parametrize(
+    "body_headers",
+    [[("Content-Length", "5")], [("Transfer-Encoding", "chunked")]],
+    ids=["content-length", "chunked"],
+)
+async def test_an_upgrade_with_a_body_is_refused(
+    start_server, body_headers: list[tuple[str, str]]
+) -> None:
+    # Found in review: the body's bytes reached the WebSocket frame reader.
+    h: Harness = await start_server()
+    h.grant("s1", "alice", Role.SITE_ADMIN)
+    with trio.fail_after(5):
+        async with bystander(h) as b:
+            raw = build_request(
+                "GET",
+                hub_target("entries", "s1"),
+                headers=[*upgrade_headers(token=h.token()), *body_headers],
+            )
+            response = await exchange(port=h.port, raw=raw + b"hello")
+            assert response.status == 400, response
+            await b.check()
