@@ -40,6 +40,9 @@ from hubserver.server import serve
 
 from .conftest import Harness
 from .helpers import (
+    Bystander,
+    HttpResponse,
+    HubClient,
     bystander,
     http_request,
     hub_target,
@@ -139,6 +142,36 @@ def restore(db: Path, backup_dir: Path) -> None:
         file.write(b"\0" * shm.stat().st_size)
 
 
+async def _refused_while_failing(h: Harness) -> HttpResponse:
+    """dave's role was never looked up, so the store must answer: a 503 to retry."""
+    refused = await upgrade_refused(h.port, hub_target("entries", "s1"), token=h.token("dave"))
+    assert refused.status == 503, refused
+    assert refused.headers["retry-after"] == "1"
+    return refused
+
+
+async def _open_connections_are_served(
+    h: Harness, b: Bystander, alice: HubClient, carol: HubClient
+) -> None:
+    """The open connections keep their last known roles."""
+    await b.check()
+    for client, site in [(alice, "s1"), (carol, "s2")]:
+        (event_id,) = await publish_ok(h, "entries", {"site_id": site})
+        assert (await client.next_event())["id"] == event_id
+
+
+async def _recovered(h: Harness, b: Bystander, alice: HubClient, carol: HubClient) -> None:
+    """carol's revoke (made during the outage) applies; alice and dave are served."""
+    ended = await carol.expect_close()
+    assert ended.close is not None and not ended.close.get("allowReconnect", False)
+    await wait_for_readyz(h, 200)
+    (event_id,) = await publish_ok(h, "entries", {"site_id": "s1"})
+    assert (await alice.next_event())["id"] == event_id
+    await b.check()
+    async with open_hub(h, hub_target("entries", "s1"), token=h.token("dave")):
+        pass
+
+
 async def test_locked_database_refuses_new_connections_and_keeps_the_others(
     tmp_path: Path, dev_key: DevKey, nursery: trio.Nursery, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -154,32 +187,17 @@ async def test_locked_database_refuses_new_connections_and_keeps_the_others(
                 await wait_for_readyz(h, 200)
                 async with hold_wal_locks(tmp_path / "data" / FILE_NAME):
                     held_at = trio.current_time()
-                    # dave's role was never looked up, so the store must answer.
-                    refused = await upgrade_refused(
-                        h.port, hub_target("entries", "s1"), token=h.token("dave")
-                    )
+                    refused = await _refused_while_failing(h)
                     assert trio.current_time() - held_at < 5, "no timely answer"
-                    assert refused.status == 503, refused
-                    assert refused.headers["retry-after"] == "1"
                     assert refused.text == "permission store unavailable\n"
                     await wait_for_readyz(h, 503)
-                    # The open connections keep their last known roles.
-                    await b.check()
-                    for client, site in [(alice, "s1"), (carol, "s2")]:
-                        (event_id,) = await publish_ok(h, "entries", {"site_id": site})
-                        assert (await client.next_event())["id"] == event_id
+                    await _open_connections_are_served(h, b, alice, carol)
                     # Hold long enough for the watcher to fail more than once.
                     await trio.sleep_until(held_at + 5)
                     await b.check()
                 await wait_for_readyz(h, 200)
                 h.store.revoke("s2", "carol")
-                ended = await carol.expect_close()
-                assert ended.close is not None and not ended.close.get("allowReconnect", False)
-                (event_id,) = await publish_ok(h, "entries", {"site_id": "s1"})
-                assert (await alice.next_event())["id"] == event_id
-                await b.check()
-                async with open_hub(h, hub_target("entries", "s1"), token=h.token("dave")):
-                    pass
+                await _recovered(h, b, alice, carol)
         assert h.server.app.stats.revoked_closed == 1
     assert len(unavailable_warnings(caplog)) == 1, unavailable_warnings(caplog)
 
@@ -202,31 +220,16 @@ async def test_corrupt_database_is_survived_and_a_restore_applies_its_revokes(
                 await wait_for_readyz(h, 200)
                 corrupt(db, backup_dir)
 
-                refused = await upgrade_refused(
-                    h.port, hub_target("entries", "s1"), token=h.token("dave")
-                )
-                assert refused.status == 503, refused
-                assert refused.headers["retry-after"] == "1"
+                await _refused_while_failing(h)
                 await wait_for_readyz(h, 503)
                 await trio.sleep(1.5)  # several failed polls
-                await b.check()
-                for client, site in [(alice, "s1"), (carol, "s2")]:
-                    (event_id,) = await publish_ok(h, "entries", {"site_id": site})
-                    assert (await client.next_event())["id"] == event_id
+                await _open_connections_are_served(h, b, alice, carol)
 
                 # The operator restores a backup in which carol was revoked meanwhile.
                 with SqlitePermissionStore.open(backup_dir) as restored:
                     assert restored.revoke("s2", "carol")
                 restore(db, backup_dir)
-
-                ended = await carol.expect_close()
-                assert ended.close is not None and not ended.close.get("allowReconnect", False)
-                await wait_for_readyz(h, 200)
-                (event_id,) = await publish_ok(h, "entries", {"site_id": "s1"})
-                assert (await alice.next_event())["id"] == event_id
-                await b.check()
-                async with open_hub(h, hub_target("entries", "s1"), token=h.token("dave")):
-                    pass
+                await _recovered(h, b, alice, carol)
         assert h.server.app.stats.revoked_closed == 1
     assert len(unavailable_warnings(caplog)) == 1, unavailable_warnings(caplog)
     assert any("available again" in r.getMessage() for r in caplog.records)
