@@ -35,6 +35,7 @@ GAP_TARGET: Final = "Gap"
 #: numbers as doubles, exact up to 2^53.
 MAX_SEQ: Final = 2**53
 
+
 def _ids() -> Iterator[str]:
     """Ids for events published without one: unique across processes and restarts.
 

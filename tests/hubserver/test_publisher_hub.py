@@ -24,6 +24,7 @@ import trio
 from hubcore import encode_varint
 from hubserver.app import HUB_SCOPE, PUBLISH_SCOPE
 from hubserver.auth import DevKey
+from hubserver.backplane import RedisBackplane
 from hubserver.permissions import Role
 
 from .conftest import Harness
@@ -245,7 +246,7 @@ async def test_a_publisher_stops_being_read_while_the_backplane_stalls(
     in order, and every event delivered once."""
     h: Harness = await start_server(backplane=own_redis_server.url)
     site = new_site()
-    batch = [{"site_id": site, "pad": "x" * 200} for _ in range(100)]  # ~25 KB a call
+    batch = [{"site_id": site, "pad": "x" * 2500} for _ in range(10)]  # ~25 KB a call
     calls = 400  # ~10 MB: more than the socket buffers of both sides hold
     total = calls * len(batch)
     with trio.fail_after(6 * CAP):
@@ -285,3 +286,39 @@ async def test_a_publisher_stops_being_read_while_the_backplane_stalls(
             assert answered == list(range(2, 2 + total))
             assert delivered == list(range(2, 2 + total))
             await b.check()
+
+
+async def test_a_call_as_large_as_a_publish_body_is_taken(start_server: Any) -> None:
+    """Larger than SignalR's 32 KiB default: a publisher's batch is as large as a
+    POST body may be (``max_publish_bytes``)."""
+    h: Harness = await start_server(max_publish_bytes=300_000)
+    site = new_site()
+    batch = [{"site_id": site, "pad": "x" * 1000} for _ in range(250)]
+    with trio.fail_after(CAP):
+        async with subscriber(h, site) as sub, open_publisher(h) as pub:
+            reply = await pub.call("Publish", "entries", batch)
+            assert reply["result"]["accepted"] == 250
+            assert (await sub.next_event())["seq"] == 1
+
+
+async def test_a_drain_answers_the_call_in_progress_before_it_closes(
+    start_server: Any, own_redis_server: RedisServer
+) -> None:
+    """A publisher cut off before its answer could not know what was accepted."""
+    h: Harness = await start_server(backplane=own_redis_server.url)
+    site = new_site()
+    with trio.fail_after(CAP):
+        async with open_publisher(h) as pub:
+            await pub.call("Publish", "entries", {"site_id": site})
+            await redis_command(own_redis_server.url, "CLIENT", "PAUSE", 800, "WRITE")
+            invocation_id = await pub.send("Publish", "entries", {"site_id": site, "id": "d"})
+            await trio.sleep(0.3)  # the call waits on Redis
+            h.server.request_shutdown()
+            reply = await pub.completion(invocation_id)
+            assert reply["result"] == {"accepted": 1, "ids": ["d"], "seqs": [2]}
+            closed = await pub.client.expect_close()
+            assert closed.close is not None and closed.close.get("allowReconnect") is True
+            # Accepted means stored: a subscriber resumes it after the restart.
+            async with RedisBackplane(own_redis_server.url) as stored:
+                history = await stored.history("entries", site, 1)
+            assert [(e.event_id, e.seq) for e in history.events] == [("d", 2)]
