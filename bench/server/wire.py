@@ -221,19 +221,14 @@ class Tally:
     close_reason: bytes = b""
     is_open: bool = False  # past the hub handshake
 
-    #: The site's digits as EVENT_PATTERN captures them, and the JSON-escaped id
-    #: prefix of its events as delivered (None: not checked).
+    #: The site's digits as EVENT_PATTERN captures them (None: not checked).
     site_digits: bytes | None = field(init=False)
-    site_needle: bytes | None = field(init=False)
 
     def __post_init__(self) -> None:
         self.seen = bytearray(self.expected + 1)
-        if self.site is None:
-            self.site_digits = self.site_needle = None
-        else:
-            name = site_name(self.site).encode()
-            self.site_digits = name[len(SITE_PREFIX) :]
-            self.site_needle = b'\\"id\\":\\"' + name + b"-"
+        self.site_digits = (
+            None if self.site is None else site_name(self.site)[len(SITE_PREFIX) :].encode()
+        )
 
     @property
     def distinct(self) -> int:
@@ -318,28 +313,9 @@ class Receiver:
         self.frames += frames
         self.reads += 1
         if pos:
-            matches = EVENT_PATTERN.findall(data, 0, pos)
-            needle = tally.site_needle
-            # Every event found is this site's when the site's id prefix occurs as
-            # often (one C-level count); only otherwise are the matches sorted out.
-            if matches and needle is not None and data.count(needle, 0, pos) != len(matches):
-                matches = self._own_site(tally, matches, now_ns)
-            self._count(tally, matches, now_ns)
+            self._count(tally, EVENT_PATTERN.findall(data, 0, pos), now_ns)
         tally.buffer = data[pos:] if pos < end else b""
         return replies
-
-    def _own_site(
-        self, tally: Tally, matches: list[tuple[bytes, bytes, bytes]], now_ns: int
-    ) -> list[tuple[bytes, bytes, bytes]]:
-        """The matches of the tally's own site; the others are counted as misrouted."""
-        digits = tally.site_digits
-        own = [match for match in matches if match[2] == digits]
-        misrouted = len(matches) - len(own)
-        if misrouted:
-            tally.misrouted += misrouted
-            tally.received += misrouted
-            self.last_delivery_ns = now_ns
-        return own
 
     def _count(self, tally: Tally, matches: list[tuple[bytes, bytes, bytes]], now_ns: int) -> None:
         count = len(matches)
@@ -348,17 +324,26 @@ class Receiver:
         tally.received += count
         self.last_delivery_ns = now_ns
         seen = tally.seen
+        digits = tally.site_digits
+        is_clean = True
         try:
-            for n, _t, _s in matches:
+            for n, _t, site in matches:
+                if site != digits and digits is not None:
+                    is_clean = False
+                    break
                 seen[int(n)] = 1
-            is_clean = not seen[0]
+            is_clean = is_clean and not seen[0]
         except IndexError:
             is_clean = False
         if not is_clean:
-            # Some n is outside 1..expected: recount this chunk carefully
-            # (marking is idempotent, so what the fast loop did stays right).
+            # Another site's event, or some n outside 1..expected: recount this
+            # chunk carefully (marking is idempotent, so what the fast loop did
+            # stays right; it marked only this site's events).
             seen[0] = 0
-            for n, _t, _s in matches:
+            for n, _t, site in matches:
+                if site != digits and digits is not None:
+                    tally.misrouted += 1
+                    continue
                 index = int(n)
                 if 1 <= index < len(seen):
                     seen[index] = 1
