@@ -195,7 +195,9 @@ class FanoutRun:
             "servers": list(self.servers),
             "hubserver": describe_hubserver(self.hubserver_src),
             "versions": dict(peer_versions()),
-            "connections": [connections for connections, _sites in self.shapes()],
+            "connections": list(self.connections)
+            if self.subscribers_per_site is None
+            else [connections for connections, _sites in self.shapes()],
             "sites": list(self.sites),
             "subscribers per site": self.subscribers_per_site
             if self.subscribers_per_site is not None
