@@ -58,6 +58,8 @@ log = logging.getLogger("hubserver.http")
 
 MAX_HEADER_BYTES: Final = 16 * 1024
 HUB_PREFIX: Final = "/v1/hub/"
+#: ``/v1/hub/publish``: the publisher hub (``Publish(hub, events)``).
+PUBLISHER_HUB: Final = "publish"
 EVENTS_PREFIX: Final = "/v1/events/"
 _HUBS: Final = {hub.value: hub for hub in Hub}
 _WWW_AUTHENTICATE: Final = (b"www-authenticate", b'Bearer error="invalid_token"')
@@ -414,17 +416,30 @@ def _stream_name(group: GroupKey) -> str:
     return f"{group.hub.value}\x00{group.site_id}\x00{group.user_id or ''}"
 
 
+async def _authorize_publisher(app: App, event: h11.Request, query: Mapping[str, str]) -> Claims:
+    claims = await _authenticate(app, event, query)
+    if not claims.has_scope(PUBLISH_SCOPE):
+        raise _Refusal(403, f"forbidden: the token lacks the '{PUBLISH_SCOPE}' scope")
+    return claims
+
+
 async def _negotiate(
     stream: trio.SocketStream,
     conn: h11.Connection,
     app: App,
     event: h11.Request,
-    hub: Hub,
+    hub: Hub | None,
     query: dict[str, str],
 ) -> int:
+    """Negotiate for a hub, or for the publisher hub (``hub`` None)."""
     if event.method != b"POST":
         raise _Refusal(405, "negotiate takes POST")
-    group, claims = await _authorize(app, event, query, hub)
+    if hub is None:
+        claims = await _authorize_publisher(app, event, query)
+        stream_name = PUBLISHER_HUB
+    else:
+        group, claims = await _authorize(app, event, query, hub)
+        stream_name = _stream_name(group)
     await _discard_body(stream, conn)
     # Spec §6: missing negotiateVersion is 0; we answer min(requested, 1).
     requested = query.get("negotiateversion", "0")
@@ -435,9 +450,7 @@ async def _negotiate(
         return 200
     # min(int(requested), 1) without int(): a long run of digits is no error either.
     version = 0 if not requested.strip("0") else 1
-    connection_id, token = app.negotiations.create(
-        _stream_name(group), claims.subject, trio.current_time()
-    )
+    connection_id, token = app.negotiations.create(stream_name, claims.subject, trio.current_time())
     if version == 0:
         connection_id = token  # version 0 clients send the connectionId as `id`
     await send_response(
@@ -461,8 +474,9 @@ async def _hub(
     """Upgrade to a hub session (returned, not yet running), or answer negotiate."""
     name = path[len(HUB_PREFIX) :].rstrip("/")
     is_negotiate = name.endswith("/negotiate")
-    hub = _HUBS.get(name.removesuffix("/negotiate"))
-    if hub is None:
+    name = name.removesuffix("/negotiate")
+    hub = _HUBS.get(name)
+    if hub is None and name != PUBLISHER_HUB:
         raise _Refusal(404, "not found")
     if app.is_draining:
         raise _Refusal(503, "server is shutting down")
@@ -479,8 +493,13 @@ async def _hub(
         # the opening handshake is a GET without one).
         if (header == b"content-length" and value != b"0") or header == b"transfer-encoding":
             raise _Refusal(400, "a WebSocket upgrade request has no body")
-    group, claims = await _authorize(app, event, query, hub)
-    since_seq = _since_seq(query)
+    group: GroupKey | None = None
+    if hub is None:
+        claims = await _authorize_publisher(app, event, query)
+        stream_name, since_seq = PUBLISHER_HUB, None
+    else:
+        group, claims = await _authorize(app, event, query, hub)
+        stream_name, since_seq = _stream_name(group), _since_seq(query)
     if is_head:
         raise _Refusal(405, "WebSocket upgrades use GET")
     # Before the negotiation's id is claimed: a refused client can retry with it.
@@ -493,7 +512,7 @@ async def _hub(
     try:
         connection_token = query.get("id")
         if connection_token is not None and not app.negotiations.claim(
-            connection_token, _stream_name(group), claims.subject, trio.current_time()
+            connection_token, stream_name, claims.subject, trio.current_time()
         ):
             raise _Refusal(404, "No Connection with that ID")
         return await _upgrade(stream, conn, app, key, group, claims, since_seq)
@@ -507,13 +526,14 @@ async def _upgrade(
     conn: h11.Connection,
     app: App,
     key: bytes,
-    group: GroupKey,
+    group: GroupKey | None,
     claims: Claims,
     since_seq: int | None,
 ) -> HubSession:
-    """Send the 101 and make the session (the caller counted it with ``hub_opened``)."""
-    hub = group.hub
-    user_id = group.user_id
+    """Send the 101 and make the session (the caller counted it with ``hub_opened``).
+
+    ``group`` None: a publisher's connection.
+    """
     # What the client sent after its request (nothing more is read before the 101).
     trailing, _ = conn.trailing_data
     session = HubSession(
@@ -549,10 +569,11 @@ async def _upgrade(
             raise TransportError(f"connection lost: {exc}") from exc
         raise
     log.info(
-        "session %d: %s hub, site stream%s, subject %s",
+        "session %d: %s, subject %s",
         session.session_id,
-        hub.value,
-        "" if user_id is None else " of one user",
+        "publisher hub"
+        if group is None
+        else f"{group.hub.value} hub, site stream{'' if group.user_id is None else ' of one user'}",
         claims.subject[:64],
     )
     return session
