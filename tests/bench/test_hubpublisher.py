@@ -1,17 +1,20 @@
-"""The bench's publisher-hub client against the protocol's wire vectors (issue #10, item 3).
+"""The bench's publisher-hub client (issue #10, item 3): wire vectors, then a tiny real row.
 
 The records below are the ones the publisher hub's protocol states: the
 handshake, a ``Publish`` invocation, its Completion (a result or an error),
-the server's Ping and a Close.
+the server's Ping and a Close. The tiny rows run ``hubserver-pubhub`` end to
+end: hubserver, its publisher hub, the real load client, exact counts.
 """
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
-from bench.server.hubpublisher import HubClosed, HubReader, publish_invocation
+from bench.__main__ import main
+from bench.server.hubpublisher import HUB_PUBLISH_PATH, HubClosed, HubReader, publish_invocation
 from bench.server.publisher import EventFactory
 from bench.server.wire import OP_CLOSE, OP_PING, OP_TEXT, OpeningError, client_frame
 
@@ -112,3 +115,53 @@ def test_a_close_record_or_frame_ends_the_connection() -> None:
 def test_a_broken_server_is_a_protocol_error(frame: bytes) -> None:
     with pytest.raises(OpeningError):
         HubReader().feed(frame)
+
+
+# -- the real thing, tiny: hubserver with its publisher hub ---------------------------------
+
+
+@pytest.mark.parametrize(("mode", "publish_connections"), [("burst", 1), ("batch", 4)])
+def test_a_tiny_pubhub_row_counts_exactly(
+    mode: str, publish_connections: int, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    sites, per_site, deliveries, batch = 5, 2, 2000, 7
+    json_path = tmp_path / "pubhub.json"
+    argv = [
+        "fanout",
+        "--servers",
+        "hubserver-pubhub",
+        "--sites",
+        str(sites),
+        "--subscribers-per-site",
+        str(per_site),
+        "--deliveries",
+        str(deliveries),
+        "--mode",
+        mode,
+        "--batch",
+        str(batch),
+        "--publish-connections",
+        str(publish_connections),
+        "--quiet-timeout",
+        "5",
+        "--row-timeout",
+        "60",
+        "--quiet",
+        "--json",
+        str(json_path),
+    ]
+
+    assert main(argv) == 0
+
+    out = capsys.readouterr().out
+    assert "hubserver-pubhub lost + duplicated" in out and HUB_PUBLISH_PATH in out
+    (result,) = json.loads(json_path.read_text(encoding="utf-8"))["results"]
+    events = deliveries // (sites * per_site) * sites  # 200 per site
+    assert result["publish"] == "hub" and result["publish_connections"] == publish_connections
+    assert result["connected"] == sites * per_site and result["closed_by_server"] == 0
+    assert result["publish_failed"] == 0 and result["publish_errors"] == {}
+    assert result["events"] == events
+    assert result["requests"] == (events if mode == "burst" else -(-events // batch))
+    assert result["deliveries"] == result["expected_deliveries"] == deliveries
+    assert [result[key] for key in ("lost", "duplicated", "misrouted", "foreign")] == [0] * 4
+    assert result["server_exit"] is None
