@@ -185,8 +185,15 @@ def _parser() -> argparse.ArgumentParser:
 
     m = commands.add_parser("members", help="grant, revoke or list site roles")
     actions = m.add_subparsers(dest="action", required=True)
-    grant = actions.add_parser("grant")
-    grant.add_argument("--site", required=True)
+    grant = actions.add_parser(
+        "grant", help="grant a role on one site or many (one transaction for all of them)"
+    )
+    grant.add_argument(
+        "--site", action="append", default=[], help="a site id (repeatable for several sites)"
+    )
+    grant.add_argument(
+        "--sites-file", type=Path, help="a file of site ids, one per line (with or without --site)"
+    )
     grant.add_argument("--subject", required=True)
     grant.add_argument("--role", required=True, choices=[role.value for role in Role])
     revoke = actions.add_parser("revoke")
@@ -385,7 +392,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif args.command == "members":
             data_dir = Path(args.data_dir)
             if args.action == "grant":
-                print(members_cli.grant(data_dir, args.site, args.subject, args.role))
+                sites = list(args.site)
+                if args.sites_file is not None:
+                    sites += members_cli.read_sites_file(Path(args.sites_file))
+                print(members_cli.grant_sites(data_dir, sites, args.subject, args.role))
             elif args.action == "revoke":
                 print(members_cli.revoke(data_dir, args.site, args.subject))
             else:

@@ -8,19 +8,33 @@ with the same load client, in turn, each from a fresh start:
    processes, paced by ``--connect-rate``), each through the upgrade and the
    SignalR handshake (hubserver: with a JWT); read its RSS again;
 3. warm up: a few events per site, all of them delivered before going on;
-4. measure: publish ``events_per_site`` events per site, in the mode's way:
-   ``rate``: one event per request at ``--rate`` events/s;
-   ``burst``: one event per request, back to back over a few keep-alive
-   connections; ``batch``: ``--batch`` events per request, back to back;
+4. measure: publish ``events_per_site`` events per site, spread over the
+   sites round-robin or in a seeded random order (``--spread``), in the
+   mode's way: ``rate``: one event per request at ``--rate`` events/s;
+   ``burst``: one event per request, back to back, ``--publish-connections``
+   W requests in flight (one per keep-alive connection; W = 1 is one publish
+   at a time); ``batch``: ``--batch`` events per request, back to back;
 5. wait until every subscriber has every event of its site, or deliveries
    stop for ``--quiet-timeout`` s, or ``--row-timeout`` passes;
-6. count: every delivered record is matched by its site sequence ``n``, so
-   lost and duplicated events are exact; latency (now - ``t``) is sampled.
+6. count: every delivered record is matched by its site and its site
+   sequence ``n``, so lost, duplicated and misrouted (another site's)
+   events are exact per site; latency (now - ``t``) is sampled.
+
+A row is sized by ``--connections`` (split evenly over the sites) or by
+``--subscribers-per-site K`` (N sites get N x K connections): the service's
+real shape is thousands of sites with one to a few subscribers each
+(issue #10), ``--sites 500 --subscribers-per-site 2``.
 
 deliveries/s is the number of measured deliveries over the time from the
-first measured publish to the last delivery. CPU is read from ``/proc`` over
-the measured phase: the server's process tree, each load-client process,
-and the publisher (this process).
+first measured publish to the last delivery, events/s the events published
+over the same time. CPU is read from ``/proc`` over the measured phase: the
+server's process tree (also per event and per delivery, in microseconds),
+each load-client process, and the publisher (this process).
+
+``hubserver-pubhub`` is one hubserver process whose events the bench
+publishes over the publisher hub (``/v1/hub/publish``: one ``Publish``
+invocation per request, W connections with one invocation in flight each)
+instead of HTTP POSTs; everything else is the same.
 
 Scale-out layouts of hubserver (issue #5) run beside the single process in
 the same run: ``hubserver-w2`` (``--workers 2``: one port, the server CPU is
@@ -55,10 +69,12 @@ from bench.server.harness import (
     start_py_spy,
     stop_py_spy,
 )
+from bench.server.hubpublisher import HUB_PUBLISH_PATH, HubPublisher
 from bench.server.procs import machine_busy_seconds, self_cpu_seconds
-from bench.server.publisher import EventFactory, Publisher, plan_requests
+from bench.server.publisher import SPREADS, EventFactory, Publisher, plan_requests
 from bench.server.servers import (
-    DEFAULT_SERVERS,
+    FANOUT_DEFAULT_SERVERS,
+    HUB_PUBLISH,
     PUBLISH_PATH,
     SERVERS,
     add_server_arguments,
@@ -66,12 +82,14 @@ from bench.server.servers import (
     parse_servers,
     peer_versions,
 )
+from bench.server.wire import site_name
 
 __all__ = [
     "BAR",
     "MODES",
     "PROFILE",
     "SCALE_OUT_BAR",
+    "SITES_BAR",
     "FanoutRun",
     "RowResult",
     "judge",
@@ -79,7 +97,8 @@ __all__ = [
 
 MODES: Final = ("rate", "burst", "batch")
 BAR: Final = (
-    "at 1000 and 5000 connections, one event per publish, burst: hubserver >= 0.9x ceiling "
+    "at 1000 and 5000 connections (more than 4 subscribers per site), one event per "
+    "publish, burst: hubserver >= 0.9x ceiling "
     "deliveries/s, >= 4x aiosignalr, >= 10x socketio, p99 latency <= 2x ceiling; "
     "batch 100 at 1000 connections >= 1,000,000 deliveries/s; 0 lost, 0 duplicated"
 )
@@ -96,6 +115,23 @@ SCALE_OUT_BAR: Final = (
 )
 MAX_CPU_PER_DELIVERY_WORKERS: Final = 1.25
 MIN_PER_NODE_REDIS: Final = 0.7
+#: The many-sites shape (issue #10): rows with at most this many subscribers per
+#: site are judged by SITES_BAR; rows with more by BAR.
+MAX_SITES_SHAPE_SUBSCRIBERS: Final = 4
+SITES_BAR: Final = (
+    "sites (<= 4 subscribers per site), burst, one event per publish (issue #10): "
+    "hubserver >= 1.0x aiosignalr deliveries/s; over the publisher hub (hubserver-pubhub) "
+    ">= 0.5x ceiling and >= 2x aiosignalr; 0 lost, duplicated or misrouted"
+)
+MIN_SITES_VS_AIOSIGNALR: Final = 1.0
+MIN_SITES_PUBHUB_VS_CEILING: Final = 0.5
+MIN_SITES_PUBHUB_VS_AIOSIGNALR: Final = 2.0
+#: How many sites with a problem a row lists in its JSON (the totals are exact anyway).
+MAX_PROBLEM_SITES: Final = 20
+_SPREAD_TEXT: Final = {
+    "round-robin": "round-robin over the sites (site 0, 1, ..., N-1, then again)",
+    "random": "seeded random order over the sites (seed {seed}; each site's events in order)",
+}
 
 DEFAULT_DELIVERIES: Final = {"burst": 400_000, "batch": 2_000_000}
 WARMUP_EVENTS_PER_SITE: Final = 3
@@ -106,9 +142,12 @@ QUANTILES: Final = (0.5, 0.9, 0.99)
 class FanoutRun:
     """One configured ``fanout`` run (see the module docstring)."""
 
-    servers: tuple[str, ...] = DEFAULT_SERVERS
+    servers: tuple[str, ...] = FANOUT_DEFAULT_SERVERS
     connections: tuple[int, ...] = (1000,)
     sites: tuple[int, ...] = (1, 50)
+    #: when set, a row of N sites has N x this many connections (``connections`` unused)
+    subscribers_per_site: int | None = None
+    spread: str = "round-robin"
     modes: tuple[str, ...] = ("burst",)
     batch: int = 100
     rate: float = 200.0
@@ -139,6 +178,16 @@ class FanoutRun:
                 raise ValueError(f"unknown server {name!r}")
         if self.batch < 1 or self.client_procs < 1 or self.publish_connections < 1:
             raise ValueError("--batch, --client-procs and --publish-connections must be >= 1")
+        if self.subscribers_per_site is not None and self.subscribers_per_site < 1:
+            raise ValueError("--subscribers-per-site must be >= 1")
+        if self.spread not in SPREADS:
+            raise ValueError(f"unknown spread {self.spread!r}; choose from {', '.join(SPREADS)}")
+
+    def shapes(self) -> list[tuple[int, int]]:
+        """The (connections, sites) of every row, in order."""
+        if self.subscribers_per_site is not None:
+            return [(sites * self.subscribers_per_site, sites) for sites in self.sites]
+        return [(connections, sites) for connections in self.connections for sites in self.sites]
 
     @property
     def parameters(self) -> Mapping[str, JsonValue]:
@@ -146,8 +195,14 @@ class FanoutRun:
             "servers": list(self.servers),
             "hubserver": describe_hubserver(self.hubserver_src),
             "versions": dict(peer_versions()),
-            "connections": list(self.connections),
+            "connections": list(self.connections)
+            if self.subscribers_per_site is None
+            else [connections for connections, _sites in self.shapes()],
             "sites": list(self.sites),
+            "subscribers per site": self.subscribers_per_site
+            if self.subscribers_per_site is not None
+            else "connections / sites (round-robin)",
+            "spread": _SPREAD_TEXT[self.spread].format(seed=self.seed),
             "modes": list(self.modes),
             "batch (batch mode)": self.batch,
             "rate (rate mode)": f"{self.rate:g} events/s for {self.duration:g} s",
@@ -161,7 +216,8 @@ class FanoutRun:
             ),
             "warm-up events per site": self.warmup_events,
             "client processes": self.client_procs,
-            "publish connections": self.publish_connections,
+            "publish connections": f"{self.publish_connections} (requests in flight: one per "
+            "connection; hubserver-pubhub: one Publish invocation per hub connection)",
             "connect rate": f"{self.connect_rate:g}/s, {self.connect_concurrency} in flight",
             "latency sample": f"1 event in {self.sample_every}",
             "timeouts": f"quiet {self.quiet_timeout:g} s, row {self.row_timeout:g} s",
@@ -181,13 +237,12 @@ class FanoutRun:
 
     def execute(self, progress: Progress) -> Outcome:
         rows: list[RowResult] = []
-        for connections in self.connections:
-            for sites in self.sites:
-                if sites > connections:
-                    raise BenchError(f"{sites} sites need at least as many connections")
-                for mode in self.modes:
-                    for name in self.servers:
-                        rows.append(self._row(name, connections, sites, mode, progress))
+        for connections, sites in self.shapes():
+            if sites > connections:
+                raise BenchError(f"{sites} sites need at least as many connections")
+            for mode in self.modes:
+                for name in self.servers:
+                    rows.append(self._row(name, connections, sites, mode, progress))
         progress.clear()
         outcome = _outcome(self, rows)
         if self.plot is not None:
@@ -216,6 +271,9 @@ class FanoutRun:
             events_per_site=per_site,
             layout=kind.layout,
             nodes=kind.nodes,
+            publish=kind.publish,
+            publish_connections=self.publish_connections,
+            spread=self.spread,
         )
         with open_stage(
             kind,
@@ -249,16 +307,28 @@ class FanoutRun:
                 row.connections_by_process = server.connections_by_process()
 
             factory = EventFactory(sites, self.seed)
+            publisher: Publisher | HubPublisher
             try:
-                publisher = Publisher(
-                    "127.0.0.1",
-                    server.port,
-                    PUBLISH_PATH,
-                    stage.credentials.publish_token,
-                    connections=self.publish_connections,
-                )
+                if kind.publish == HUB_PUBLISH:
+                    publisher = HubPublisher(
+                        "127.0.0.1",
+                        server.port,
+                        HUB_PUBLISH_PATH,
+                        stage.credentials.publish_token,
+                        connections=self.publish_connections,
+                    )
+                else:
+                    publisher = Publisher(
+                        "127.0.0.1",
+                        server.port,
+                        PUBLISH_PATH,
+                        stage.credentials.publish_token,
+                        connections=self.publish_connections,
+                    )
             except OSError as exc:
                 raise BenchError(f"{label}: the publisher cannot connect: {exc}") from exc
+            except BenchError as exc:
+                raise BenchError(f"{label}: {exc}") from exc
             try:
                 self._warm_up(stage, publisher, factory, sites, warmup, connected.ok, progress)
                 self._measure(stage, publisher, factory, row, progress, label)
@@ -270,7 +340,7 @@ class FanoutRun:
     def _warm_up(
         self,
         stage: Stage,
-        publisher: Publisher,
+        publisher: Publisher | HubPublisher,
         factory: EventFactory,
         sites: int,
         warmup: int,
@@ -295,14 +365,16 @@ class FanoutRun:
     def _measure(
         self,
         stage: Stage,
-        publisher: Publisher,
+        publisher: Publisher | HubPublisher,
         factory: EventFactory,
         row: RowResult,
         progress: Progress,
         label: str,
     ) -> None:
         sites, per_site = row.sites, row.events_per_site
-        requests = plan_requests(sites, self.warmup_events + 1, per_site, row.batch)
+        requests = plan_requests(
+            sites, self.warmup_events + 1, per_site, row.batch, spread=self.spread, seed=self.seed
+        )
         expected = per_site * row.connected  # every subscriber gets each event of its site
         stage.pool.ask("measure")
         server = stage.server
@@ -354,11 +426,18 @@ class FanoutRun:
         row.expected = expected
         row.deliveries = counts.measured
         row.lost, row.duplicated, row.foreign = counts.lost, counts.duplicated, counts.foreign
+        row.misrouted = counts.misrouted
+        row.problem_sites = {
+            site_name(site): values
+            for site, values in sorted(counts.problem_sites.items())[:MAX_PROBLEM_SITES]
+        }
+        row.problem_site_count = len(counts.problem_sites)
         row.frames, row.reads = counts.frames, counts.reads
         row.closed_by_server = counts.closed_by_server
         row.close_reasons = counts.close_reasons
         row.latencies_ms = counts.latencies_ms
         row.requests = published.requests
+        row.events = published.events_accepted
         row.publish_failed = published.failed
         row.publish_errors = dict(published.errors)
         row.statuses = dict(published.statuses)
@@ -409,6 +488,8 @@ class RowResult:
     connected: int = 0
     connect_errors: dict[str, int] = field(default_factory=dict)
     requests: int = 0
+    #: measured events the server accepted (a publish that failed is not counted)
+    events: int = 0
     publish_failed: int = 0
     publish_errors: dict[str, int] = field(default_factory=dict)
     statuses: dict[int, int] = field(default_factory=dict)
@@ -417,6 +498,11 @@ class RowResult:
     lost: int = 0
     duplicated: int = 0
     foreign: int = 0
+    #: deliveries of another site's events (a server that does not route by site)
+    misrouted: int = 0
+    #: site -> (lost, duplicated, misrouted, foreign) for the first sites with a problem
+    problem_sites: dict[str, tuple[int, int, int, int]] = field(default_factory=dict)
+    problem_site_count: int = 0
     frames: int = 0  # data frames the subscribers received in the measured phase
     reads: int = 0  # their recv() calls that returned data
     closed_by_server: int = 0
@@ -444,6 +530,11 @@ class RowResult:
     cpu_processes: dict[str, float] = field(default_factory=dict)
     #: subscriber connections held by each process of a scale-out layout, by role.
     connections_by_process: dict[str, int] = field(default_factory=dict)
+    #: how the bench published: "http" (POSTs) or "hub" (the publisher hub).
+    publish: str = "http"
+    #: requests in flight (keep-alive HTTP connections, or hub connections).
+    publish_connections: int = 1
+    spread: str = "round-robin"
 
     @property
     def row_key(self) -> tuple[int, int, str, int]:
@@ -452,6 +543,20 @@ class RowResult:
     @property
     def deliveries_per_second(self) -> float | None:
         return self.deliveries / self.seconds if self.seconds > 0 and self.deliveries else None
+
+    @property
+    def events_per_second(self) -> float | None:
+        """Events published over the same time as deliveries/s."""
+        return self.events / self.seconds if self.seconds > 0 and self.events else None
+
+    @property
+    def subscribers_per_site(self) -> float:
+        return self.connections / self.sites
+
+    @property
+    def is_sites_shape(self) -> bool:
+        """Many sites with a few subscribers each (issue #10), judged by SITES_BAR."""
+        return self.subscribers_per_site <= MAX_SITES_SHAPE_SUBSCRIBERS
 
     @property
     def deliveries_per_second_per_node(self) -> float | None:
@@ -470,6 +575,16 @@ class RowResult:
     def cpu_per_delivery(self) -> float | None:
         """Server CPU-seconds per delivery."""
         return self.cpu_server / self.deliveries if self.deliveries else None
+
+    @property
+    def cpu_us_per_delivery(self) -> float | None:
+        """Server CPU-microseconds per delivery."""
+        return self.cpu_server * 1e6 / self.deliveries if self.deliveries else None
+
+    @property
+    def cpu_us_per_event(self) -> float | None:
+        """Server CPU-microseconds per event published (its deliveries included)."""
+        return self.cpu_server * 1e6 / self.events if self.events else None
 
     @property
     def deliveries_per_cpu_second(self) -> float | None:
@@ -500,6 +615,7 @@ class RowResult:
             self.lost == 0
             and self.duplicated == 0
             and self.foreign == 0
+            and self.misrouted == 0
             and self.publish_failed == 0
             and self.connected > 0
         )
@@ -515,7 +631,12 @@ class RowResult:
             "mode": self.mode,
             "batch": self.batch,
             "events_per_site": self.events_per_site,
+            "subscribers_per_site": self.subscribers_per_site,
+            "spread": self.spread,
+            "publish": self.publish,
+            "publish_connections": self.publish_connections,
             "requests": self.requests,
+            "events": self.events,
             "publish_failed": self.publish_failed,
             "publish_errors": dict(self.publish_errors),
             "http_statuses": {str(k): v for k, v in self.statuses.items()},
@@ -524,6 +645,12 @@ class RowResult:
             "lost": self.lost,
             "duplicated": self.duplicated,
             "foreign": self.foreign,
+            "misrouted": self.misrouted,
+            "problem_site_count": self.problem_site_count,
+            "problem_sites": {
+                site: dict(zip(("lost", "duplicated", "misrouted", "foreign"), values, strict=True))
+                for site, values in self.problem_sites.items()
+            },
             "frames": self.frames,
             "reads": self.reads,
             "deliveries_per_frame": self.deliveries_per_frame,
@@ -532,6 +659,7 @@ class RowResult:
             "close_reasons": dict(self.close_reasons),
             "seconds": self.seconds,
             "publish_seconds": self.publish_seconds,
+            "events_per_second": self.events_per_second,
             "deliveries_per_second": self.deliveries_per_second,
             "deliveries_per_second_per_node": self.deliveries_per_second_per_node,
             "deliveries_per_server_cpu_second": self.deliveries_per_cpu_second,
@@ -549,6 +677,8 @@ class RowResult:
             "nodes": self.nodes,
             "server_cpu_seconds": self.cpu_server,
             "server_cpu_percent": self.percent(self.cpu_server),
+            "server_cpu_us_per_event": self.cpu_us_per_event,
+            "server_cpu_us_per_delivery": self.cpu_us_per_delivery,
             "server_cpu_seconds_by_process": dict(self.cpu_processes),
             "server_connections_by_process": dict(self.connections_by_process),
             "backplane_cpu_seconds": self.cpu_backplane,
@@ -578,6 +708,7 @@ _COLUMNS: Final = (
     "mode",
     "events",
     "deliveries",
+    "events/s",
     "deliv/s",
     "p50 ms",
     "p90 ms",
@@ -587,7 +718,8 @@ _COLUMNS: Final = (
     "dup",
     "ev/frame,read",
     "srv CPU",
-    "deliv/CPU-s",
+    "µs/event",
+    "µs/deliv",
     "srv RSS",
     "KB/conn",
     "client CPU",
@@ -618,6 +750,7 @@ def _scale_out_cells(row: RowResult) -> tuple[str, ...]:
 
 def _cells(row: RowResult) -> tuple[str, ...]:
     rate = row.deliveries_per_second
+    event_rate = row.events_per_second
     per_conn = row.rss_per_connection
     clients = row.cpu_clients
     client_cell = (
@@ -635,16 +768,18 @@ def _cells(row: RowResult) -> tuple[str, ...]:
         mode,
         f"{row.events_per_site * row.sites:,}",
         f"{row.deliveries:,}",
+        "-" if event_rate is None else f"{event_rate:,.0f}",
         "-" if rate is None else f"{rate:,.0f}",
         _short(row.latency(0.5)),
         _short(row.latency(0.9)),
         _short(row.latency(0.99)),
         _short(row.latency_max),
         f"{row.lost:,}",
-        f"{row.duplicated:,}",
+        f"{row.duplicated:,}" + (f" +{row.misrouted:,} misr." if row.misrouted else ""),
         f"{_short(row.deliveries_per_frame)} {_short(row.deliveries_per_read)}",
         f"{row.cpu_server:.1f}s {row.percent(row.cpu_server):.0f}%",
-        "-" if row.deliveries_per_cpu_second is None else f"{row.deliveries_per_cpu_second:,.0f}",
+        _short(row.cpu_us_per_event),
+        _short(row.cpu_us_per_delivery),
         f"{row.rss_connected / 2**20:.0f} MB",
         "-" if per_conn is None else f"{per_conn / 1024:.1f}",
         client_cell,
@@ -699,15 +834,49 @@ def judge(rows: Sequence[RowResult]) -> tuple[list[tuple[str, ...]], bool | None
         informative.append((f"(info) {name}", _row_label(key), shown, "-", "info"))
 
     def exact(name: str, key: tuple[int, int, str, int], row: RowResult) -> None:
-        lost = float(row.lost + row.duplicated + row.foreign)
+        # foreign and misrouted deliveries are counting failures as much as lost ones
+        lost = float(row.lost + row.duplicated + row.foreign + row.misrouted)
         check(f"{name} lost + duplicated", key, lost, "0", row.is_exact, fmt="{:,.0f}")
 
+    def versus(
+        name: str, other_name: str, key: tuple[int, int, str, int], minimum: float | None
+    ) -> None:
+        """deliveries/s of one server over another's: judged against ``minimum``, or
+        informative (None); and their server CPU per event, informative."""
+        row, other = servers.get(name), servers.get(other_name)
+        if row is None or other is None:
+            return
+        ratio = _ratio(row.deliveries_per_second, other.deliveries_per_second)
+        if minimum is None:
+            info(f"deliveries/s {name} / {other_name}", key, ratio)
+        else:
+            check(
+                f"deliveries/s {name} / {other_name}",
+                key,
+                ratio,
+                f">= {minimum:g}x",
+                None if ratio is None else ratio >= minimum,
+            )
+        info(
+            f"server CPU per event, {name} / {other_name}",
+            key,
+            _ratio(row.cpu_us_per_event, other.cpu_us_per_event),
+        )
+
     for key, servers in by_key.items():
-        connections, _sites, mode, batch = key
+        connections, sites, mode, batch = key
+        is_sites_shape = connections / sites <= MAX_SITES_SHAPE_SUBSCRIBERS
+        if is_sites_shape and mode == "burst":
+            # issue #10: the service's shape, one event per publish
+            versus("hubserver", "aiosignalr", key, MIN_SITES_VS_AIOSIGNALR)
+            versus("hubserver-pubhub", "ceiling", key, MIN_SITES_PUBHUB_VS_CEILING)
+            versus("hubserver-pubhub", "aiosignalr", key, MIN_SITES_PUBHUB_VS_AIOSIGNALR)
+            versus("hubserver", "ceiling", key, None)
+            versus("hubserver-pubhub", "hubserver", key, None)
         hub = servers.get("hubserver")
         if hub is not None:
             hub_rate = hub.deliveries_per_second
-            if mode == "burst" and connections in BAR_CONNECTIONS:
+            if mode == "burst" and connections in BAR_CONNECTIONS and not is_sites_shape:
                 for peer, minimum in (
                     ("ceiling", MIN_VS_CEILING),
                     ("aiosignalr", MIN_VS_AIOSIGNALR),
@@ -749,6 +918,11 @@ def judge(rows: Sequence[RowResult]) -> tuple[list[tuple[str, ...]], bool | None
                     fmt="{:,.0f}/s",
                 )
             exact("hubserver", key, hub)
+        pubhub = servers.get("hubserver-pubhub")
+        if pubhub is not None:
+            if not (is_sites_shape and mode == "burst"):
+                versus("hubserver-pubhub", "hubserver", key, None)
+            exact("hubserver-pubhub", key, pubhub)
         # Scale-out (issue #5): each layout against the single process of the same row.
         workers = servers.get("hubserver-w2")
         if workers is not None:
@@ -823,16 +997,21 @@ def _outcome(run: FanoutRun, rows: Sequence[RowResult]) -> Outcome:
     checks, passed = judge(rows)
     notes = [
         "deliveries/s: measured deliveries / (first measured publish -> last delivery); "
+        "events/s: events published (accepted) over the same time; "
         "latency: delivery time - publish time t (set just before the request is written), "
         f"sampled 1 in {run.sample_every} events (nearest-rank percentiles).",
-        "lost/dup: exact, from every record's per-site sequence n on every connection "
-        "(warm-up included); a connection the server closed keeps counting as lost.",
+        "lost/dup: exact per site, from every record's site and per-site sequence n on every "
+        "connection (warm-up included); a connection the server closed keeps counting as "
+        "lost; misr.: deliveries of another site's events (a server that does not route by "
+        "site); the JSON lists the first sites with a problem.",
+        f"events spread: {_SPREAD_TEXT[run.spread].format(seed=run.seed)}; "
+        f"{run.publish_connections} request(s) in flight.",
         "ev/frame,read: measured deliveries per WebSocket data frame and per recv() of the "
         "subscribers: how much the server batches its writes (and the clients their reads).",
         "srv CPU: the server's process tree (utime+stime from /proc) over the measured "
-        "phase, and % of that wall time; deliv/CPU-s: deliveries per server CPU-second (what "
-        "it would do on a core of its own); srv RSS: after connecting; KB/conn: (RSS after "
-        "connecting - RSS before) / connections.",
+        "phase, and % of that wall time; µs/event, µs/deliv: that CPU per event published "
+        "and per delivery (the JSON also has deliveries per server CPU-second); srv RSS: "
+        "after connecting; KB/conn: (RSS after connecting - RSS before) / connections.",
         "client CPU: all load-client processes (sum, and the busiest one; 100% = one core "
         "saturated); pub CPU: the publisher (the bench's own process); others: the rest "
         "of the machine's busy CPU meanwhile (/proc/stat), i.e. neighbours on a shared host.",
@@ -869,6 +1048,18 @@ def _outcome(run: FanoutRun, rows: Sequence[RowResult]) -> Outcome:
             )
         if row.foreign:
             problems.append(f"{row.foreign} events with a sequence outside the run")
+        if row.misrouted:
+            problems.append(f"{row.misrouted} deliveries of another site's events")
+        if row.problem_site_count:
+            shown = ", ".join(
+                f"{site} {'/'.join(str(value) for value in values)}"
+                for site, values in list(row.problem_sites.items())[:5]
+            )
+            more = row.problem_site_count - min(5, len(row.problem_sites))
+            problems.append(
+                f"{row.problem_site_count} sites with a problem (lost/dup/misr./foreign: "
+                f"{shown}{f', {more} more' if more > 0 else ''})"
+            )
         if row.server_exit:
             problems.append(f"server {row.server_exit}")
         if problems:
@@ -877,9 +1068,20 @@ def _outcome(run: FanoutRun, rows: Sequence[RowResult]) -> Outcome:
             notes.append(
                 f"{row.server} ({_row_label(row.row_key)}): py-spy profile {row.profile_path}"
             )
+    if any(SERVERS[name].publish == HUB_PUBLISH for name in run.servers):
+        notes.append(
+            "hubserver-pubhub: the same events published over the publisher hub "
+            f'({HUB_PUBLISH_PATH}): one Publish("entries", event or [events]) invocation per '
+            "request, one WebSocket per publish connection with one invocation in flight."
+        )
+    bars = [BAR]
+    if scale_out:
+        bars.append(SCALE_OUT_BAR)
+    if any(row.is_sites_shape for row in rows):
+        bars.append(SITES_BAR)
     sample = EventFactory(1, run.seed).event(0, 1, time.time_ns())
     workload: dict[str, JsonValue] = {
-        "event": 'POST /v1/events/entries: {"n":N,"t":T,"id":...,"site_id":..., '
+        "event": 'POST /v1/events/entries: {"n":N,"t":T,"id":"site-S-N","site_id":"site-S", '
         f"+ a typical entry (bench.workload)}}, {len(sample)} bytes",
         "delivery": "ReceiveMessage(text) as a SignalR JSON record (hubserver, aiosignalr, "
         "ceiling), a Socket.IO event (socketio)",
@@ -889,7 +1091,7 @@ def _outcome(run: FanoutRun, rows: Sequence[RowResult]) -> Outcome:
         table=table,
         results=[row.to_json() for row in rows],
         notes=notes,
-        bar=f"{BAR}; {SCALE_OUT_BAR}" if scale_out else BAR,
+        bar="; ".join(bars),
         passed=passed,
         checks=Table(("check", "row", "value", "target", "verdict"), tuple(checks))
         if checks
@@ -901,9 +1103,27 @@ def _outcome(run: FanoutRun, rows: Sequence[RowResult]) -> Outcome:
 
 
 def _add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_server_arguments(parser)
-    parser.add_argument("--connections", default="1000", help="comma-separated, e.g. 1000,5000")
+    add_server_arguments(parser, FANOUT_DEFAULT_SERVERS)
+    size = parser.add_mutually_exclusive_group()
+    size.add_argument(
+        "--connections",
+        default=None,
+        help="comma-separated, e.g. 1000,5000 (default 1000), split evenly over the sites",
+    )
+    size.add_argument(
+        "--subscribers-per-site",
+        type=int,
+        default=None,
+        metavar="K",
+        help="size each row by its sites instead: N sites get N x K connections",
+    )
     parser.add_argument("--sites", default="1,50", help="comma-separated site counts")
+    parser.add_argument(
+        "--spread",
+        default="round-robin",
+        choices=SPREADS,
+        help="how the events go over the sites: in turn, or in a seeded random order",
+    )
     parser.add_argument("--mode", default="burst", help="comma-separated, from: rate, burst, batch")
     parser.add_argument("--batch", type=int, default=100, help="events per request (batch mode)")
     parser.add_argument("--rate", default="200/s", help="events per second (rate mode)")
@@ -932,7 +1152,8 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
         "--publish-connections",
         type=int,
         default=4,
-        help="keep-alive HTTP connections of the publisher",
+        help="publishes in flight: keep-alive HTTP connections of the publisher, one "
+        "request in flight each (hubserver-pubhub: hub connections, one invocation each)",
     )
     parser.add_argument("--connect-rate", default="2000/s", help="new connections per second")
     parser.add_argument("--connect-concurrency", type=int, default=200, help="openings in flight")
@@ -973,8 +1194,10 @@ def _prepare(args: argparse.Namespace) -> FanoutRun:
     return FanoutRun(
         servers=parse_servers(args.servers),
         hubserver_src=args.hubserver_src,
-        connections=parse_list(args.connections),
+        connections=parse_list(args.connections or "1000"),
         sites=parse_list(args.sites),
+        subscribers_per_site=args.subscribers_per_site,
+        spread=args.spread,
         modes=tuple(m.strip() for m in args.mode.split(",") if m.strip()),
         batch=args.batch,
         rate=parse_rate(args.rate),
@@ -998,8 +1221,9 @@ def _prepare(args: argparse.Namespace) -> FanoutRun:
 
 PROFILE = Profile(
     name="fanout",
-    summary="events published over HTTP, delivered to many WebSocket subscribers: "
-    "deliveries/s, latency, exact loss, CPU and memory, hubserver beside its peers",
+    summary="events published over HTTP (or hubserver's publisher hub), delivered to many "
+    "WebSocket subscribers of one or many sites: events/s, deliveries/s, latency, exact "
+    "loss per site, CPU per event and per delivery, memory, hubserver beside its peers",
     add_arguments=_add_arguments,
     prepare=_prepare,
 )

@@ -88,6 +88,11 @@ class Counts:
     lost: int = 0
     duplicated: int = 0
     foreign: int = 0
+    #: events delivered to a subscriber of another site than theirs
+    misrouted: int = 0
+    #: site -> (lost, duplicated, misrouted, foreign), summed over its subscribers,
+    #: for the sites where any is not 0
+    problem_sites: dict[int, tuple[int, int, int, int]] = field(default_factory=dict)
     frames: int = 0
     reads: int = 0
     closed_by_server: int = 0
@@ -105,6 +110,15 @@ class Counts:
             counts.lost += report["lost"]
             counts.duplicated += report["duplicated"]
             counts.foreign += report["foreign"]
+            counts.misrouted += report["misrouted"]
+            for site, values in report["problem_sites"].items():
+                lost, duplicated, misrouted, foreign = counts.problem_sites.get(site, (0, 0, 0, 0))
+                counts.problem_sites[site] = (
+                    lost + values[0],
+                    duplicated + values[1],
+                    misrouted + values[2],
+                    foreign + values[3],
+                )
             counts.frames += report["frames"]
             counts.reads += report["reads"]
             counts.closed_by_server += report["closed_by_server"]

@@ -12,8 +12,9 @@ its own, so the pipe cannot fill up while the parent is busy publishing):
 - ``("progress",)``: answers the running totals.
 - ``("measure",)``: forget latency samples and remember the counts: the
   measured phase starts now.
-- ``("report",)``: answers the exact counts, the data frames and reads of the
-  measured phase, and the latency samples.
+- ``("report",)``: answers the exact counts (in all, and per site for the
+  sites where something was lost, duplicated, misrouted or foreign), the
+  data frames and reads of the measured phase, and the latency samples.
 - ``("close",)``: close everything and exit.
 
 Sockets are non-blocking and level-triggered under ``select.epoll``; frames
@@ -205,21 +206,31 @@ class _Client:
         }
 
     def report(self) -> dict[str, Any]:
-        lost = duplicated = foreign = received = 0
+        lost = duplicated = foreign = misrouted = received = 0
+        # Per site, only where something is wrong: site -> [lost, duplicated, misrouted, foreign].
+        problem_sites: dict[int, list[int]] = {}
         for conn in self.conns.values():
             tally = conn.tally
             if not tally.is_open:
                 continue
-            lost += tally.lost
-            duplicated += tally.duplicated
-            foreign += tally.foreign
+            counts = (tally.lost, tally.duplicated, tally.misrouted, tally.foreign)
+            lost += counts[0]
+            duplicated += counts[1]
+            misrouted += counts[2]
+            foreign += counts[3]
             received += tally.received
+            if any(counts):
+                site = problem_sites.setdefault(conn.site, [0, 0, 0, 0])
+                for index, count in enumerate(counts):
+                    site[index] += count
         return {
             **self.totals(),
             "connections": sum(1 for c in self.conns.values() if c.tally.is_open),
             "lost": lost,
             "duplicated": duplicated,
             "foreign": foreign,
+            "misrouted": misrouted,
+            "problem_sites": problem_sites,
             "received_all": received,
             "frames": self.receiver.frames - self.frames_from,
             "reads": self.receiver.reads - self.reads_from,
@@ -260,7 +271,7 @@ class _Client:
             sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
             sock.setblocking(False)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            conn = _Conn(sock, site, target, port, Tally(options.expected))
+            conn = _Conn(sock, site, target, port, Tally(options.expected, site=site))
             conn.started_ns = time.monotonic_ns()
             self.in_flight += 1
             self.conns[sock.fileno()] = conn

@@ -10,6 +10,7 @@ rest comes from ``bench.workload``, so events look like real entries.
 from __future__ import annotations
 
 import json
+import random
 import selectors
 import socket
 import time
@@ -19,19 +20,24 @@ from dataclasses import dataclass, field
 from typing import Final
 
 from bench.profile import BenchError
+from bench.server.wire import site_name
 from bench.workload import access_entries
 
-__all__ = ["EventFactory", "PublishResult", "Publisher", "plan_requests", "site_name"]
+__all__ = [
+    "SPREADS",
+    "EventFactory",
+    "PublishResult",
+    "Publisher",
+    "Request",
+    "plan_requests",
+    "site_name",
+]
 
 _VARIANTS: Final = 64
 _RECEIVE_BYTES: Final = 65536
 
 #: One request: the (site index, sequence) of each event it carries.
 Request = Sequence[tuple[int, int]]
-
-
-def site_name(index: int) -> str:
-    return f"site-{index:05d}"
 
 
 class EventFactory:
@@ -72,12 +78,40 @@ class EventFactory:
         return b"[" + b",".join(self.event(site, n, t) for site, n in request) + b"]"
 
 
+#: How ``plan_requests`` spreads the events over the sites.
+SPREADS: Final = ("round-robin", "random")
+
+
 def plan_requests(
-    sites: int, first_n: int, events_per_site: int, batch: int
+    sites: int,
+    first_n: int,
+    events_per_site: int,
+    batch: int,
+    *,
+    spread: str = "round-robin",
+    seed: int = 1,
 ) -> list[list[tuple[int, int]]]:
-    """Events n = first_n .. first_n + events_per_site - 1 of every site, round-robin
-    over the sites, cut into requests of ``batch`` events (per-site order kept)."""
-    events = [(site, n) for n in range(first_n, first_n + events_per_site) for site in range(sites)]
+    """Events n = first_n .. first_n + events_per_site - 1 of every site, cut into
+    requests of ``batch`` events.
+
+    ``spread`` orders them: ``round-robin`` takes the sites in turn (site 0, 1,
+    ..., then again); ``random`` is a seeded shuffle of the same events (the
+    same ``seed``, the same order). Either way each site's events keep their
+    order (n increasing), and every site has the same number of events.
+    """
+    last = first_n + events_per_site
+    if spread == "round-robin":
+        events = [(site, n) for n in range(first_n, last) for site in range(sites)]
+    elif spread == "random":
+        order = [site for site in range(sites) for _ in range(events_per_site)]
+        random.Random(seed).shuffle(order)
+        next_n = [first_n] * sites
+        events = []
+        for site in order:
+            events.append((site, next_n[site]))
+            next_n[site] += 1
+    else:
+        raise ValueError(f"unknown spread {spread!r}; choose from {', '.join(SPREADS)}")
     return [events[i : i + batch] for i in range(0, len(events), batch)]
 
 

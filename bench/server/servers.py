@@ -15,10 +15,14 @@ same for all of them, only the URL (and, for socketio, the dialect) differ.
   on two ports, sharing one data directory and one redis-server that the
   bench starts on a free port (no persistence) and stops at the end. The
   subscribers are split evenly over the nodes; the publisher posts to node 1.
+- ``hubserver-pubhub``: one ``hubserver serve`` process, like ``hubserver``,
+  whose events the bench publishes over the publisher hub
+  (``/v1/hub/publish``, ``bench.server.hubpublisher``) instead of HTTP POSTs.
 - ``aiosignalr``, ``socketio``, ``ceiling``: ``bench.server.peers``; no auth.
 
 The scale-out layouts (``hubserver-w2``, ``hubserver-redis2``) are chosen
-with ``--servers``; by default a profile runs ``DEFAULT_SERVERS``.
+with ``--servers``; by default a profile runs ``DEFAULT_SERVERS`` (the
+``fanout`` profile: ``FANOUT_DEFAULT_SERVERS``, with ``hubserver-pubhub``).
 """
 
 from __future__ import annotations
@@ -48,6 +52,9 @@ from bench.server.wire import Dialect
 
 __all__ = [
     "DEFAULT_SERVERS",
+    "FANOUT_DEFAULT_SERVERS",
+    "HTTP_PUBLISH",
+    "HUB_PUBLISH",
     "SERVERS",
     "Credentials",
     "add_hubserver_src_argument",
@@ -60,6 +67,9 @@ __all__ = [
 ]
 
 PUBLISH_PATH: Final = "/v1/events/entries"
+#: How the bench publishes to a server: HTTP POSTs, or the publisher hub.
+HTTP_PUBLISH: Final = "http"
+HUB_PUBLISH: Final = "hub"
 READY_TIMEOUT: Final = 30.0
 
 
@@ -85,6 +95,8 @@ class ServerKind:
     workers: int = 1
     #: separate nodes on ports of their own sharing a Redis backplane (1: no Redis).
     nodes: int = 1
+    #: how the bench publishes: ``HTTP_PUBLISH`` or ``HUB_PUBLISH`` (hubserver only).
+    publish: str = HTTP_PUBLISH
 
     @property
     def is_hubserver(self) -> bool:
@@ -171,6 +183,7 @@ SERVERS: Final = {
         ServerKind("hubserver", Dialect.SIGNALR, "hubserver"),
         ServerKind("hubserver-w2", Dialect.SIGNALR, "hubserver", workers=2),
         ServerKind("hubserver-redis2", Dialect.SIGNALR, "hubserver", nodes=2),
+        ServerKind("hubserver-pubhub", Dialect.SIGNALR, "hubserver", publish=HUB_PUBLISH),
         ServerKind("aiosignalr", Dialect.SIGNALR, "bench.server.peers.aiosignalr_peer"),
         ServerKind("socketio", Dialect.ENGINEIO, "bench.server.peers.socketio_peer"),
         ServerKind("ceiling", Dialect.SIGNALR, "bench.server.peers.ceiling"),
@@ -178,18 +191,28 @@ SERVERS: Final = {
 }
 #: What a profile runs without ``--servers``: hubserver beside its peers.
 DEFAULT_SERVERS: Final = ("hubserver", "aiosignalr", "socketio", "ceiling")
+#: The ``fanout`` profile's: publishing over HTTP and over the publisher hub.
+FANOUT_DEFAULT_SERVERS: Final = (
+    "hubserver",
+    "hubserver-pubhub",
+    "aiosignalr",
+    "socketio",
+    "ceiling",
+)
 
 
-def add_server_arguments(parser: argparse.ArgumentParser) -> None:
+def add_server_arguments(
+    parser: argparse.ArgumentParser, defaults: tuple[str, ...] = DEFAULT_SERVERS
+) -> None:
     """The options every server profile shares: which servers, and which hubserver code."""
     add_hubserver_src_argument(parser)
     parser.add_argument(
         "--servers",
-        default=",".join(DEFAULT_SERVERS),
+        default=",".join(defaults),
         help="comma-separated, from: "
         + ", ".join(SERVERS)
         + " (hubserver-w2: --workers 2; hubserver-redis2: two nodes sharing a redis-server "
-        "the bench starts)",
+        "the bench starts; hubserver-pubhub: events published over /v1/hub/publish)",
     )
 
 

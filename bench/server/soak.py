@@ -52,6 +52,7 @@ from bench.server.harness import Counts, Stage, open_stage, parse_rate
 from bench.server.procs import ServerGroup
 from bench.server.publisher import EventFactory, Publisher, PublishResult, plan_requests
 from bench.server.servers import (
+    HTTP_PUBLISH,
     PUBLISH_PATH,
     SERVERS,
     add_hubserver_src_argument,
@@ -92,7 +93,10 @@ DEFAULT_SERVER_ARGS: Final = ("--dedupe-window", f"{DEDUPE_WINDOW:g}")
 WARMUP_MARGIN: Final = 1.2
 CRASH_MARKERS: Final = ("connection handler failed", "Traceback (most recent call last)")
 SLOW_CLOSE_MARKER: Final = "closing slow client"
-HUBSERVERS: Final = tuple(name for name, kind in SERVERS.items() if kind.is_hubserver)
+#: The layouts the soak can run: it publishes over HTTP.
+HUBSERVERS: Final = tuple(
+    name for name, kind in SERVERS.items() if kind.is_hubserver and kind.publish == HTTP_PUBLISH
+)
 
 
 # -- pure parts ---------------------------------------------------------------------
@@ -569,6 +573,12 @@ def _checks(run: SoakRun, result: SoakResult) -> list[tuple[str, str, str, bool 
         ("server alive", result.server_exit or "yes", "yes", not result.server_exit),
         ("lost (subscribers + churn)", f"{lost:,}", "0", lost == 0),
         ("duplicated (subscribers + churn)", f"{duplicated:,}", "0", duplicated == 0),
+        (
+            "misrouted (another site's events)",
+            f"{result.counts.misrouted:,}",
+            "0",
+            result.counts.misrouted == 0,
+        ),
         ("handler crashes", f"{result.crashes.crashes}", "0", result.crashes.crashes == 0),
         (
             "subscribers cut off",
@@ -743,6 +753,7 @@ def _to_json(run: SoakRun, result: SoakResult) -> dict[str, JsonValue]:
         "lost": result.counts.lost,
         "duplicated": result.counts.duplicated,
         "foreign": result.counts.foreign,
+        "misrouted": result.counts.misrouted,
         "closed_by_server": result.counts.closed_by_server,
         "close_reasons": dict(result.counts.close_reasons),
         "latency_ms": {

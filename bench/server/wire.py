@@ -4,13 +4,17 @@ No sockets and no clock here: the load client (``bench.server.loadclient``)
 feeds bytes and the time in, and the tests feed synthetic streams.
 
 Counting works on raw bytes, never on parsed JSON. Every event the bench
-publishes starts with ``{"n":N,"t":T,`` (``n``: the publisher's per-site
-sequence, ``t``: ``time.time_ns()`` just before the publish request left).
+publishes starts with ``{"n":N,"t":T,"id":"site-S-N",`` (``n``: the
+publisher's per-site sequence, ``t``: ``time.time_ns()`` just before the
+publish request left, ``S``: the site's number, as in its ``site_id``).
 Every server under test delivers that text as a JSON string, so inside a
-delivered record it reads ``{\\"n\\":N,\\"t\\":T,``: one regular-expression
-scan per received chunk finds every event, and ``n`` marks it in the
-connection's bitmap, which makes loss and duplication exact. ``t`` is read
-for one event in ``sample_every`` only (a latency sample).
+delivered record it reads ``{\\"n\\":N,\\"t\\":T,\\"id\\":\\"site-S-``: one
+regular-expression scan per received chunk finds every event, ``S`` must be
+the connection's own site (else the event is *misrouted*: a server that does
+not route by site, or routes wrongly, cannot hide it), and ``n`` marks it in
+the connection's bitmap of its site's sequences, which makes loss and
+duplication exact per site. ``t`` is read for one event in ``sample_every``
+only (a latency sample).
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from typing import Final
 
 __all__ = [
     "EVENT_PATTERN",
+    "SITE_PREFIX",
     "Dialect",
     "Frame",
     "OpeningError",
@@ -35,11 +40,15 @@ __all__ = [
     "client_frame",
     "next_frame",
     "parse_upgrade_response",
+    "site_name",
     "upgrade_request",
 ]
 
-#: An event inside a delivered record: the JSON-escaped ``"n":N,"t":T``.
-EVENT_PATTERN: Final = re.compile(rb'\\"n\\":(\d+),\\"t\\":(\d+)')
+#: What every site id starts with: ``site-00042`` is site 42.
+SITE_PREFIX: Final = "site-"
+#: An event inside a delivered record: the JSON-escaped ``"n":N,"t":T,"id":"site-S-``
+#: (groups: n, t, the site's digits S).
+EVENT_PATTERN: Final = re.compile(rb'\\"n\\":(\d+),\\"t\\":(\d+),\\"id\\":\\"site-(\d+)-')
 _GUID: Final = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 
 OP_CONTINUATION: Final = 0x0
@@ -55,6 +64,11 @@ SIGNALR_PING: Final = b'{"type":6}\x1e'
 ENGINEIO_PING: Final = b"2"
 ENGINEIO_PONG: Final = b"3"
 ENGINEIO_CONNECT: Final = b"40"
+
+
+def site_name(index: int) -> str:
+    """The site id of site ``index`` (``site-00042``), in events and subscriptions alike."""
+    return f"{SITE_PREFIX}{index:05d}"
 
 
 class Dialect(enum.Enum):
@@ -190,21 +204,31 @@ class Tally:
 
     ``seen[n]`` is 1 once the event with sequence ``n`` of this connection's
     site arrived; ``received`` counts every event that arrived (so duplicates
-    are ``received - distinct - foreign``). Sequences run from 1 to
-    ``expected``; anything else is ``foreign``.
+    are ``received - distinct - foreign - misrouted``). Sequences run from 1
+    to ``expected``; anything else is ``foreign``. With ``site`` given, an
+    event of another site is ``misrouted`` (and marks nothing); with None
+    (a client that does not know its site) every event counts as its own.
     """
 
     expected: int
+    site: int | None = None
     seen: bytearray = field(init=False)
     received: int = 0
     foreign: int = 0
+    misrouted: int = 0
     buffer: bytes = b""
     is_closed_by_server: bool = False
     close_reason: bytes = b""
     is_open: bool = False  # past the hub handshake
 
+    #: The site's digits as EVENT_PATTERN captures them (None: not checked).
+    site_digits: bytes | None = field(init=False)
+
     def __post_init__(self) -> None:
         self.seen = bytearray(self.expected + 1)
+        self.site_digits = (
+            None if self.site is None else site_name(self.site)[len(SITE_PREFIX) :].encode()
+        )
 
     @property
     def distinct(self) -> int:
@@ -217,8 +241,8 @@ class Tally:
 
     @property
     def duplicated(self) -> int:
-        """Arrivals beyond the first of a sequence."""
-        return self.received - self.foreign - self.distinct
+        """Arrivals beyond the first of a sequence of this connection's site."""
+        return self.received - self.foreign - self.misrouted - self.distinct
 
 
 class Receiver:
@@ -293,24 +317,33 @@ class Receiver:
         tally.buffer = data[pos:] if pos < end else b""
         return replies
 
-    def _count(self, tally: Tally, matches: list[tuple[bytes, bytes]], now_ns: int) -> None:
+    def _count(self, tally: Tally, matches: list[tuple[bytes, bytes, bytes]], now_ns: int) -> None:
         count = len(matches)
         if not count:
             return
         tally.received += count
         self.last_delivery_ns = now_ns
         seen = tally.seen
+        digits = tally.site_digits
+        is_clean = True
         try:
-            for n, _t in matches:
+            for n, _t, site in matches:
+                if site != digits and digits is not None:
+                    is_clean = False
+                    break
                 seen[int(n)] = 1
-            is_clean = not seen[0]
+            is_clean = is_clean and not seen[0]
         except IndexError:
             is_clean = False
         if not is_clean:
-            # Some n is outside 1..expected: recount this chunk carefully
-            # (marking is idempotent, so what the fast loop did stays right).
+            # Another site's event, or some n outside 1..expected: recount this
+            # chunk carefully (marking is idempotent, so what the fast loop did
+            # stays right; it marked only this site's events).
             seen[0] = 0
-            for n, _t in matches:
+            for n, _t, site in matches:
+                if site != digits and digits is not None:
+                    tally.misrouted += 1
+                    continue
                 index = int(n)
                 if 1 <= index < len(seen):
                     seen[index] = 1

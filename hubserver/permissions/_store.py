@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import builtins
+from collections.abc import Iterable
 from datetime import UTC, datetime
 from typing import Protocol
 
@@ -97,6 +98,33 @@ class InMemoryPermissionStore:
             site_id=site_id, subject=subject, role=check_role(role), granted_at=datetime.now(UTC)
         )
         self._version += 1
+
+    def grant_many(self, grants: Iterable[tuple[str, str, Role]]) -> int:
+        """Give each ``(site_id, subject, role)`` at once, with one version change.
+
+        Returns:
+            How many rows were given.
+
+        Raises:
+            ValueError: an id is empty, too long or not a string, or a role is
+                not a Role (naming the row by its index); nothing is given.
+        """
+        members = []
+        for index, (site_id, subject, role) in enumerate(grants):
+            try:
+                key = (check_id("site_id", site_id), check_id("subject", subject))
+                members.append((key, check_role(role)))
+            except ValueError as exc:
+                raise ValueError(f"grant {index}: {exc}") from exc
+        if not members:
+            return 0
+        granted_at = datetime.now(UTC)
+        for (site, subject), role in members:
+            self._members[site, subject] = Member(
+                site_id=site, subject=subject, role=role, granted_at=granted_at
+            )
+        self._version += 1
+        return len(members)
 
     def revoke(self, site_id: str, subject: str) -> bool:
         """Remove ``subject``'s role on ``site_id``; False if it had none.

@@ -2,17 +2,19 @@
 
 Each function opens the store in the data directory, does one thing, closes
 it, and returns the line(s) to print. A running server sees the change at its
-next version poll.
+next version poll. Granting many sites at once (``--site`` repeated,
+``--sites-file``) is one transaction: thousands of sites take one commit.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
 
-from ._model import Member, parse_role
+from ._model import Member, check_id, parse_role
 from ._sqlite import SqlitePermissionStore
 
-__all__ = ["grant", "list_members", "revoke"]
+__all__ = ["grant", "grant_sites", "list_members", "read_sites_file", "revoke"]
 
 _HEADERS = ("SITE", "SUBJECT", "ROLE", "GRANTED AT")
 
@@ -28,6 +30,49 @@ def grant(data_dir: Path, site: str, subject: str, role_name: str) -> str:
     with SqlitePermissionStore.open(data_dir) as store:
         store.grant(site, subject, role)
     return f"granted {role.value} on site {site} to subject {subject}"
+
+
+def grant_sites(data_dir: Path, sites: Iterable[str], subject: str, role_name: str) -> str:
+    """Grant one role on every site of ``sites`` in one transaction: all or none.
+
+    A site named twice is granted once.
+
+    Raises:
+        ValueError: no site, an unknown role name or a bad id (nothing is granted).
+        PermissionStoreError: the database failed (nothing is granted).
+    """
+    role = parse_role(role_name)
+    unique = list(dict.fromkeys(sites))
+    if not unique:
+        raise ValueError("no site to grant: give --site or a non-empty --sites-file")
+    if len(unique) == 1:
+        return grant(data_dir, unique[0], subject, role_name)
+    with SqlitePermissionStore.open(data_dir) as store:
+        count = store.grant_many((site, subject, role) for site in unique)
+    return f"granted {role.value} on {count} sites to subject {subject}"
+
+
+def read_sites_file(path: Path) -> list[str]:
+    """The site ids of a file, one per line (surrounding blanks and empty lines ignored).
+
+    Raises:
+        ValueError: the file cannot be read as UTF-8, or a line is not a usable
+            site id (the message names the line).
+    """
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"cannot read sites file {path}: {exc}") from exc
+    sites = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        site = line.strip()
+        if not site:
+            continue
+        try:
+            sites.append(check_id("site_id", site))
+        except ValueError as exc:
+            raise ValueError(f"{path}, line {number}: {exc}") from exc
+    return sites
 
 
 def revoke(data_dir: Path, site: str, subject: str) -> str:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import sqlite3
+import subprocess
+import sys
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -147,6 +149,32 @@ async def test_version_changes_only_on_change(store: Store) -> None:
     assert await store.version() != granted
 
 
+async def test_grant_many_is_one_change_all_or_nothing(store: Store) -> None:
+    store.grant("s1", ME, Role.SITE_USER)
+    start = await store.version()
+    grants = [(f"s{index}", ME, Role.SITE_ADMIN) for index in range(1, 6)]
+    grants.append(("s2", OTHER, Role.SITE_USER))
+    assert store.grant_many(grants) == 6
+    # One version step for the lot: a server re-checks its connections once.
+    assert await store.version() == start + 1
+    assert await store.role_of("s1", ME) is Role.SITE_ADMIN  # replaced, like grant
+    assert [(m.site_id, m.subject, m.role) for m in store.list("s2")] == [
+        ("s2", ME, Role.SITE_ADMIN),
+        ("s2", OTHER, Role.SITE_USER),
+    ]
+
+    # A bad row anywhere: nothing of the call is written, and the version stays.
+    bad = [("s7", ME, Role.SITE_ADMIN), ("s8", "", Role.SITE_ADMIN)]
+    with pytest.raises(ValueError, match="grant 1: subject must be a non-empty string"):
+        store.grant_many(bad)
+    with pytest.raises(ValueError, match="grant 0: role must be a Role"):
+        store.grant_many([("s9", ME, "site_admin")])  # type: ignore[list-item]
+    assert await store.role_of("s7", ME) is None
+    assert await store.version() == start + 1
+    assert store.grant_many([]) == 0
+    assert await store.version() == start + 1
+
+
 @pytest.mark.parametrize(
     ("site_id", "subject", "message"),
     [
@@ -288,3 +316,83 @@ def test_cli_rejects_unknown_role(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="expected one of: site_admin, site_super_user, site_user"):
         cli.grant(tmp_path, "s1", ME, "admin")
     assert cli.list_members(tmp_path) == "no members"
+
+
+def _members_cli(data_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """``hubserver members ...`` as its own process, as an operator runs it."""
+    return subprocess.run(
+        [sys.executable, "-m", "hubserver", "members", *args, "--data-dir", str(data_dir)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+async def test_cli_grants_two_thousand_sites_from_a_file_in_one_transaction(
+    tmp_path: Path,
+) -> None:
+    sites = [f"building-{index:04d}" for index in range(2000)]
+    sites_file = tmp_path / "sites.txt"
+    # Blank lines and surrounding blanks are ignored; a site named twice is granted once.
+    sites_file.write_text(
+        "\n".join(sites[:1000]) + "\n\n  " + "\n".join(sites[1000:]) + "\nbuilding-0007\n",
+        encoding="utf-8",
+    )
+    data_dir = tmp_path / "data"
+    with SqlitePermissionStore.open(data_dir) as store:
+        store.grant("elsewhere", "bob", Role.SITE_USER)  # a bystander row stays as it was
+        before = await store.version()
+
+    done = _members_cli(
+        data_dir,
+        "grant",
+        "--sites-file",
+        str(sites_file),
+        "--site",
+        "lobby",
+        "--subject",
+        "integration-1",
+        "--role",
+        "site_super_user",
+    )
+
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "granted site_super_user on 2001 sites to subject integration-1"
+    with SqlitePermissionStore.open(data_dir) as store:
+        members = store.list()
+        # One transaction: the version moved by one step for 2,001 rows.
+        assert await store.version() == before + 1
+        assert await store.role_of("building-1999", "integration-1") is Role.SITE_SUPER_USER
+        assert await store.role_of("elsewhere", "bob") is Role.SITE_USER
+    granted = {(m.site_id, m.role) for m in members if m.subject == "integration-1"}
+    assert granted == {(site, Role.SITE_SUPER_USER) for site in [*sites, "lobby"]}
+    assert len(members) == 2002
+
+
+def test_cli_bulk_grant_refuses_a_bad_line_and_grants_nothing(tmp_path: Path) -> None:
+    sites_file = tmp_path / "sites.txt"
+    sites_file.write_text("a\nb\n" + "x" * (MAX_ID_CHARS + 1) + "\nc\n", encoding="utf-8")
+    data_dir = tmp_path / "data"
+
+    done = _members_cli(
+        data_dir, "grant", "--sites-file", str(sites_file), "--subject", ME, "--role", "site_admin"
+    )
+
+    assert done.returncode == 2
+    assert f"{sites_file}, line 3: site_id must be a non-empty string" in done.stderr
+    assert cli.list_members(data_dir) == "no members"
+
+    done = _members_cli(data_dir, "grant", "--subject", ME, "--role", "site_admin")
+    assert done.returncode == 2 and "no site to grant" in done.stderr
+
+
+def test_cli_grant_sites_with_one_site_says_what_grant_says(tmp_path: Path) -> None:
+    assert cli.grant_sites(tmp_path, ["s1", "s1"], ME, "site_user") == (
+        f"granted site_user on site s1 to subject {ME}"
+    )
+    assert cli.grant_sites(tmp_path, ["s1", "s2"], ME, "site_admin") == (
+        f"granted site_admin on 2 sites to subject {ME}"
+    )
+    with SqlitePermissionStore.open(tmp_path) as store:
+        assert [m.role for m in store.list()] == [Role.SITE_ADMIN] * 2
