@@ -10,7 +10,10 @@ Requests ``["pub", id, [[hub, site, user, event_id, prefix], ...]]`` and
 ``["err", id, text]``; ``["sub"]`` turns a connection into a stream of
 ``["ev", [[hub, site, user, event_id, seq, text, epoch, is_duplicate], ...]]``
 pushes, one per published batch, in publish order (``pub`` answers rows of
-the same shape).
+the same shape). The parent writes a push to each worker as the batch is
+numbered, before it answers the ``pub``: the worker that published reads its
+events with the answer, and its dispatcher, which waits for its own publishes
+under way, delivers them in the round that follows (``Broker``).
 
 A publish whose reply is lost after its frame was written whole raises
 ``PublishOutcomeUnknown`` (the parent may have published it); one that fails
@@ -22,6 +25,7 @@ reconnects and the caller recovers from history), never the process.
 from __future__ import annotations
 
 import logging
+import os
 import socket
 import struct
 from collections.abc import Callable, Sequence
@@ -250,6 +254,10 @@ class BrokerServer:
         # written. A worker that stops reading (stopped, swapping, stuck) would
         # otherwise grow the parent without limit and then be skipped silently.
         queued = 0
+        # Bytes are on their way that the kernel has not taken (the subscription's
+        # confirmation first): a frame may be written directly only when none are.
+        is_writing = True
+        fd = stream.socket.fileno()
         wake = trio.lowlevel.ParkingLot()
 
         async with trio.open_nursery() as nursery:
@@ -259,6 +267,17 @@ class BrokerServer:
                 if nursery.cancel_scope.cancel_called:
                     return  # being dropped: the worker recovers all of it from history
                 frame = _pack(["ev", [_numbered_row(event) for event in events]])
+                if not outbox and not is_writing:
+                    # Written now, before the publish is answered: the worker
+                    # that published reads its events with (or before) the
+                    # reply, so they join its next dispatch round.
+                    try:
+                        sent = os.write(fd, frame)
+                    except OSError:
+                        sent = 0  # full, or failing: the writer finds out which
+                    if sent == len(frame):
+                        return
+                    frame = frame[sent:]
                 queued += len(frame)
                 # One frame alone never counts as behind (a batch may be larger
                 # than a small bound); more waiting behind it over the bound does.
@@ -281,18 +300,21 @@ class BrokerServer:
                 wake.unpark()
 
             async def write() -> None:
-                nonlocal queued
+                nonlocal queued, is_writing
                 while True:
                     if not outbox:
                         await wake.park()
                         continue
                     data = b"".join(outbox)
                     outbox.clear()
+                    is_writing = True
                     await stream.send_all(data)
+                    is_writing = False
                     queued -= len(data)
 
             await nursery.start(self._backplane.run, deliver, lambda: None)
             await stream.send_all(_pack(["subscribed"]))
+            is_writing = False
             nursery.start_soon(write)
             # The worker sends nothing more; its end of the stream ends the subscription.
             while await reader.next() is not None:

@@ -940,3 +940,64 @@ async def test_unix_malformed_frames_are_refused_or_resubscribed_never_fatal(
         await fake_listener.wait_until(lambda: fake_listener.reconnects == 1)
         assert fake_listener.batches == []
     nursery.cancel_scope.cancel()
+
+
+# -- the workers' broker: pushes written at once ----------------
+
+
+class GatedMemoryBackplane(MemoryBackplane):
+    """The parent's in-process backplane, whose publishes wait at a gate.
+
+    Holds a worker's ``pub`` request in the parent as long as the test likes
+    (a busy parent), so what queues behind it in the worker can be seen.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = trio.Event()
+        self.gate.set()
+        self.arrived: list[list[str]] = []  # event ids, per request that reached the parent
+        self.published: list[list[str]] = []  # and per request it served
+
+    async def publish(self, events: Sequence[PendingEvent]) -> list[NumberedEvent]:
+        self.arrived.append([event.event_id for event in events])
+        await self.gate.wait()
+        self.published.append([event.event_id for event in events])
+        return await super().publish(events)
+
+
+async def _parent(nursery: trio.Nursery, tmp_path: Path) -> tuple[GatedMemoryBackplane, Path]:
+    backplane = GatedMemoryBackplane()
+    path = tmp_path / f"broker-{uuid.uuid4().hex[:8]}.sock"
+    server = BrokerServer(backplane, path)
+    server.listen()
+    nursery.start_soon(server.serve)
+    return backplane, path
+
+
+async def test_unix_pushes_a_worker_does_not_read_queue_whole_and_in_order(
+    tmp_path: Path, nursery: trio.Nursery
+) -> None:
+    """Written at once while the socket takes them, then queued: never cut, never reordered."""
+    from hubserver.backplane._unix import _FrameReader, _pack
+
+    _, path = await _parent(nursery, tmp_path)
+    node = UnixBackplane(path)
+    with trio.fail_after(CAP):
+        raw = await trio.open_unix_socket(str(path))
+        raw.socket.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        await raw.send_all(_pack(["sub"]))
+        reader = _FrameReader(raw)
+        assert await reader.next() == ["subscribed"]
+        published: list[NumberedEvent] = []
+        for _ in range(40):  # ~200 KB: more than the socket buffers hold
+            published += await node.publish(events(4, pad="x" * 1200))
+        received: list[object] = []
+        while len(received) < len(published):
+            frame = await reader.next()
+            assert frame is not None and frame[0] == "ev"
+            assert isinstance(frame[1], list)
+            received += frame[1]
+        assert [row[4] for row in received] == seqs(published)  # type: ignore[index]
+        await raw.aclose()
+    await node.aclose()
