@@ -12,6 +12,14 @@ Requests ``["pub", id, [[hub, site, user, event_id, prefix], ...]]`` and
 pushes, one per published batch, in publish order (``pub`` answers rows of
 the same shape).
 
+The publishes a worker starts in one scheduling round share one ``pub``
+request, so they cost one round trip and reach every worker as one push,
+whose events share their subscribers' frames. The parent writes a push to
+each worker as the batch is numbered, before it answers the ``pub``: the
+worker that published reads its events with the answer, and its dispatcher,
+which waits for its own publishes under way, delivers them in the round that
+follows (``Broker``).
+
 A publish whose reply is lost after its frame was written whole raises
 ``PublishOutcomeUnknown`` (the parent may have published it); one that fails
 before, or that the parent answers with an error, ``BackplaneUnavailable``.
@@ -22,6 +30,7 @@ reconnects and the caller recovers from history), never the process.
 from __future__ import annotations
 
 import logging
+import os
 import socket
 import struct
 from collections.abc import Callable, Sequence
@@ -52,6 +61,8 @@ MAX_FRAME_BYTES: Final = 64 << 20
 #: resubscribes and fetches what it missed from history. The kernel's socket
 #: buffer holds a few hundred KiB more.
 DEFAULT_MAX_QUEUE_BYTES: Final = 8 << 20
+#: Event text (prefix bytes) that publishes of one worker may share in one request.
+MAX_SHARED_PUBLISH_BYTES: Final = 1 << 20
 
 
 def _pack(value: object) -> bytes:
@@ -250,6 +261,10 @@ class BrokerServer:
         # written. A worker that stops reading (stopped, swapping, stuck) would
         # otherwise grow the parent without limit and then be skipped silently.
         queued = 0
+        # Bytes are on their way that the kernel has not taken (the subscription's
+        # confirmation first): a frame may be written directly only when none are.
+        is_writing = True
+        fd = stream.socket.fileno()
         wake = trio.lowlevel.ParkingLot()
 
         async with trio.open_nursery() as nursery:
@@ -259,6 +274,17 @@ class BrokerServer:
                 if nursery.cancel_scope.cancel_called:
                     return  # being dropped: the worker recovers all of it from history
                 frame = _pack(["ev", [_numbered_row(event) for event in events]])
+                if not outbox and not is_writing:
+                    # Written now, before the publish is answered: the worker
+                    # that published reads its events with (or before) the
+                    # reply, so they join its next dispatch round.
+                    try:
+                        sent = os.write(fd, frame)
+                    except OSError:
+                        sent = 0  # full, or failing: the writer finds out which
+                    if sent == len(frame):
+                        return
+                    frame = frame[sent:]
                 queued += len(frame)
                 # One frame alone never counts as behind (a batch may be larger
                 # than a small bound); more waiting behind it over the bound does.
@@ -281,18 +307,21 @@ class BrokerServer:
                 wake.unpark()
 
             async def write() -> None:
-                nonlocal queued
+                nonlocal queued, is_writing
                 while True:
                     if not outbox:
                         await wake.park()
                         continue
                     data = b"".join(outbox)
                     outbox.clear()
+                    is_writing = True
                     await stream.send_all(data)
+                    is_writing = False
                     queued -= len(data)
 
             await nursery.start(self._backplane.run, deliver, lambda: None)
             await stream.send_all(_pack(["subscribed"]))
+            is_writing = False
             nursery.start_soon(write)
             # The worker sends nothing more; its end of the stream ends the subscription.
             while await reader.next() is not None:
@@ -311,6 +340,64 @@ def _peer_pid(stream: trio.SocketStream) -> str:
     except OSError:
         return "?"
     return str(struct.unpack("3i", raw)[0])
+
+
+class _Share:
+    """One publish's part of a shared request."""
+
+    __slots__ = ("is_withdrawn", "rows", "start")
+
+    def __init__(self, rows: list[object]) -> None:
+        self.rows = rows
+        self.start = 0  # where its rows begin in the request, once sent
+        self.is_withdrawn = False  # cancelled before the request went out
+
+
+class _SharedPublish:
+    """The publishes that share one ``pub`` request, and its outcome."""
+
+    __slots__ = ("done", "error", "is_abandoned", "is_sent", "reply", "rows", "shares", "size")
+
+    def __init__(self) -> None:
+        self.shares: list[_Share] = []
+        self.size = 0
+        self.rows: list[object] = []  # what was sent
+        self.done = trio.Event()
+        self.is_sent = False
+        self.is_abandoned = False  # its sender was cancelled before sending it
+        self.reply: list[object] | None = None
+        self.error: BackplaneError | None = None
+
+    def join(self, rows: list[object], size: int) -> _Share:
+        share = _Share(rows)
+        self.shares.append(share)
+        self.size += size
+        return share
+
+    def seal(self) -> list[object]:
+        """The rows to send: every share not withdrawn, each told where it starts."""
+        self.is_sent = True
+        for share in self.shares:
+            if not share.is_withdrawn:
+                share.start = len(self.rows)
+                self.rows.extend(share.rows)
+        return self.rows
+
+    def answer(self, share: _Share) -> list[NumberedEvent]:
+        """The numbered events of one share, or the request's error (a fresh one for each)."""
+        error = self.error
+        if error is not None:
+            raise type(error)(str(error)) from error
+        try:
+            match self.reply:
+                case [_, _, list(numbered)] if len(numbered) == len(self.rows):
+                    part = numbered[share.start : share.start + len(share.rows)]
+                    return [_numbered(row) for row in part]
+            raise BackplaneError(f"expected {len(self.rows)} rows")
+        except BackplaneError as exc:
+            raise PublishOutcomeUnknown(
+                f"the workers' broker answered the publish with a malformed reply: {exc}"
+            ) from exc
 
 
 class UnixBackplane:
@@ -333,58 +420,64 @@ class UnixBackplane:
         self._ids = 0
         self._available = True
         self._running = False
+        # The publish request still open to publishes of this scheduling round.
+        self._shared: _SharedPublish | None = None
 
     @property
     def is_available(self) -> bool:
         return self._available
 
     async def _request(self, request: list[object], *, is_write: bool = False) -> list[object]:
-        """One request and its ``ok`` reply.
+        """One request and its ``ok`` reply, on a connection of its own (see ``_exchange``)."""
+        async with self._limiter:
+            return await self._exchange(request, is_write=is_write)
+
+    async def _exchange(self, request: list[object], *, is_write: bool) -> list[object]:
+        """One request and its ``ok`` reply; the caller holds a place of ``_limiter``.
 
         Raises:
             BackplaneUnavailable: not sent whole, or answered with an error.
             PublishOutcomeUnknown: with ``is_write``, sent whole and the reply
                 was lost (the parent may have applied it).
         """
-        async with self._limiter:
-            conn: tuple[trio.SocketStream, _FrameReader] | None = None
-            is_sent = False
-            try:
-                with trio.fail_after(self._op_timeout):
-                    if self._idle:
-                        conn = self._idle.pop()
-                    else:
-                        stream = await trio.open_unix_socket(self._path)
-                        conn = (stream, _FrameReader(stream))
-                    await conn[0].send_all(_pack(request))
-                    is_sent = True
-                    reply = await conn[1].next()
-                if reply is None:
-                    raise BackplaneError("the workers' broker closed the connection")
-            except (OSError, trio.BrokenResourceError, trio.TooSlowError, BackplaneError) as exc:
-                await self._close(conn)
-                await self._drop()
-                self._available = False
-                if is_write and is_sent:
-                    raise PublishOutcomeUnknown(
-                        f"lost the workers' broker's reply, the publish may have been applied: "
-                        f"{exc or type(exc).__name__}"
-                    ) from exc
-                raise BackplaneUnavailable(
-                    f"the workers' broker is unreachable: {exc or type(exc).__name__}"
+        conn: tuple[trio.SocketStream, _FrameReader] | None = None
+        is_sent = False
+        try:
+            with trio.fail_after(self._op_timeout):
+                if self._idle:
+                    conn = self._idle.pop()
+                else:
+                    stream = await trio.open_unix_socket(self._path)
+                    conn = (stream, _FrameReader(stream))
+                await conn[0].send_all(_pack(request))
+                is_sent = True
+                reply = await conn[1].next()
+            if reply is None:
+                raise BackplaneError("the workers' broker closed the connection")
+        except (OSError, trio.BrokenResourceError, trio.TooSlowError, BackplaneError) as exc:
+            await self._close(conn)
+            await self._drop()
+            self._available = False
+            if is_write and is_sent:
+                raise PublishOutcomeUnknown(
+                    f"lost the workers' broker's reply, the publish may have been applied: "
+                    f"{exc or type(exc).__name__}"
                 ) from exc
-            except trio.Cancelled:
-                await self._close(conn)  # a request half done leaves the stream out of step
-                raise
-            self._idle.append(conn)
-            self._available = True
-            if reply[0] != "ok":
-                # The parent answers "err" before doing anything (a request it cannot parse).
-                raise BackplaneUnavailable(
-                    f"the workers' broker refused the request: "
-                    f"{reply[2] if len(reply) > 2 else 'no reason given'}"
-                )
-            return reply
+            raise BackplaneUnavailable(
+                f"the workers' broker is unreachable: {exc or type(exc).__name__}"
+            ) from exc
+        except trio.Cancelled:
+            await self._close(conn)  # a request half done leaves the stream out of step
+            raise
+        self._idle.append(conn)
+        self._available = True
+        if reply[0] != "ok":
+            # The parent answers "err" before doing anything (a request it cannot parse).
+            raise BackplaneUnavailable(
+                f"the workers' broker refused the request: "
+                f"{reply[2] if len(reply) > 2 else 'no reason given'}"
+            )
+        return reply
 
     @staticmethod
     async def _close(conn: tuple[trio.SocketStream, _FrameReader] | None) -> None:
@@ -398,21 +491,58 @@ class UnixBackplane:
             await self._close(conn)
 
     async def publish(self, events: Sequence[PendingEvent]) -> list[NumberedEvent]:
+        """Publish ``events`` in one request, shared with this round's other publishes.
+
+        Publishes that start in the same scheduling round go to the parent as
+        one request (up to ``MAX_SHARED_PUBLISH_BYTES``): one round trip, one
+        broadcast, and every worker gets their events in one message, so they
+        share its subscribers' frames. Each publish keeps its own answer, and
+        the outcome (numbered, unavailable, unknown) is the request's.
+        """
         if not events:
             await trio.lowlevel.checkpoint()
             return []
-        self._ids += 1
-        rows = [[e.hub, e.site_id, e.user_id, e.event_id, e.prefix] for e in events]
-        reply = await self._request(["pub", self._ids, rows], is_write=True)
+        rows: list[object] = [[e.hub, e.site_id, e.user_id, e.event_id, e.prefix] for e in events]
+        size = sum(len(e.prefix) for e in events)
+        while True:
+            shared = self._shared
+            if shared is not None and shared.size + size <= MAX_SHARED_PUBLISH_BYTES:
+                share = shared.join(rows, size)
+                try:
+                    await shared.done.wait()
+                except trio.Cancelled:
+                    if not shared.is_sent:
+                        share.is_withdrawn = True  # not published: as if never asked
+                    raise
+                if shared.is_abandoned:
+                    continue  # never sent: publish again, certain that nothing was accepted
+            else:
+                shared = self._shared = _SharedPublish()
+                share = shared.join(rows, size)
+                await self._send(shared)
+            return shared.answer(share)
+
+    async def _send(self, shared: _SharedPublish) -> None:
+        """Send ``shared`` once this round's publishes joined it; every one waits for it."""
         try:
-            match reply:
-                case [_, _, list(numbered)] if len(numbered) == len(events):
-                    return [_numbered(row) for row in numbered]
-            raise BackplaneError(f"expected {len(events)} rows")
-        except BackplaneError as exc:
-            raise PublishOutcomeUnknown(
-                f"the workers' broker answered the publish with a malformed reply: {exc}"
-            ) from exc
+            # Acquiring is a schedule point: the publishes of this round join first.
+            async with self._limiter:
+                if self._shared is shared:
+                    self._shared = None
+                self._ids += 1
+                request: list[object] = ["pub", self._ids, shared.seal()]
+                # Shielded (``_exchange`` has its deadline): cancelling the publish
+                # that happens to send must not cut the others' request short.
+                with trio.CancelScope(shield=True):
+                    try:
+                        shared.reply = await self._exchange(request, is_write=True)
+                    except BackplaneError as exc:
+                        shared.error = exc
+        finally:
+            if self._shared is shared:
+                self._shared = None
+            shared.is_abandoned = not shared.is_sent
+            shared.done.set()
 
     async def history(self, hub: str, site_id: str, after_seq: int) -> History:
         self._ids += 1

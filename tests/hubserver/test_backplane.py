@@ -940,3 +940,179 @@ async def test_unix_malformed_frames_are_refused_or_resubscribed_never_fatal(
         await fake_listener.wait_until(lambda: fake_listener.reconnects == 1)
         assert fake_listener.batches == []
     nursery.cancel_scope.cancel()
+
+
+# -- the workers' broker: shared publish requests, pushes written at once ----------------
+
+
+class GatedMemoryBackplane(MemoryBackplane):
+    """The parent's in-process backplane, whose publishes wait at a gate.
+
+    Holds a worker's ``pub`` request in the parent as long as the test likes
+    (a busy parent), so what queues behind it in the worker can be seen.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = trio.Event()
+        self.gate.set()
+        self.arrived: list[list[str]] = []  # event ids, per request that reached the parent
+        self.published: list[list[str]] = []  # and per request it served
+
+    async def publish(self, events: Sequence[PendingEvent]) -> list[NumberedEvent]:
+        self.arrived.append([event.event_id for event in events])
+        await self.gate.wait()
+        self.published.append([event.event_id for event in events])
+        return await super().publish(events)
+
+
+async def _parent(nursery: trio.Nursery, tmp_path: Path) -> tuple[GatedMemoryBackplane, Path]:
+    backplane = GatedMemoryBackplane()
+    path = tmp_path / f"broker-{uuid.uuid4().hex[:8]}.sock"
+    server = BrokerServer(backplane, path)
+    server.listen()
+    nursery.start_soon(server.serve)
+    return backplane, path
+
+
+async def test_unix_publishes_of_one_round_share_one_request_and_one_push(
+    tmp_path: Path, nursery: trio.Nursery
+) -> None:
+    """Three concurrent publishes of a worker: one request, one push; each its own answer."""
+    parent, path = await _parent(nursery, tmp_path)
+    publisher, other = UnixBackplane(path), UnixBackplane(path)
+    listener = Listener()
+    answers: dict[int, list[NumberedEvent]] = {}
+
+    async def publish(index: int, batch: list[PendingEvent]) -> None:
+        answers[index] = await publisher.publish(batch)
+
+    with trio.fail_after(CAP):
+        await start(nursery, other, listener)
+        batches = [events(2), events(1, site_id="site-b"), events(3)]
+        async with trio.open_nursery() as publishers:
+            for index, batch in enumerate(batches):
+                publishers.start_soon(publish, index, batch)
+        await listener.wait_events(6)
+        assert len(parent.published) == 1
+        assert sorted(parent.published[0]) == sorted(e.event_id for b in batches for e in b)
+        assert len(listener.batches) == 1
+        for index, batch in enumerate(batches):
+            assert [event.event_id for event in answers[index]] == [e.event_id for e in batch]
+        assert seqs(answers[0]) + seqs(answers[2]) in ([1, 2, 3, 4, 5], [4, 5, 1, 2, 3])
+        assert seqs(answers[1]) == [1]
+        assert sorted(listener.events, key=lambda e: e.event_id) == sorted(
+            [*answers[0], *answers[1], *answers[2]], key=lambda e: e.event_id
+        )
+        # A publish alone still goes out alone, at once.
+        alone = await publisher.publish(events(1))
+        await listener.wait_batch(alone)
+        assert len(parent.published) == 2
+    await publisher.aclose()
+    await other.aclose()
+
+
+async def test_unix_a_publish_cancelled_before_its_request_went_out_takes_nobody_with_it(
+    tmp_path: Path, nursery: trio.Nursery
+) -> None:
+    """The publish that was to send a shared request is cancelled: the others publish anyway."""
+    parent, path = await _parent(nursery, tmp_path)
+    node = UnixBackplane(path, max_connections=1)
+    first, cancelled, bystander = events(1), events(1), events(1)
+    answers: dict[str, list[NumberedEvent]] = {}
+
+    two_answered = trio.Event()
+
+    async def publish(name: str, batch: list[PendingEvent], scope: trio.CancelScope) -> None:
+        with scope:
+            answers[name] = await node.publish(batch)
+            if len(answers) == 2:
+                two_answered.set()
+
+    with trio.fail_after(CAP):
+        parent.gate = trio.Event()  # the parent is busy with the first request
+        nursery.start_soon(publish, "first", first, trio.CancelScope())
+        await trio.testing.wait_all_tasks_blocked()
+        # These two share the next request, which waits for the only connection.
+        doomed = trio.CancelScope()
+        nursery.start_soon(publish, "cancelled", cancelled, doomed)
+        nursery.start_soon(publish, "bystander", bystander, trio.CancelScope())
+        await trio.testing.wait_all_tasks_blocked()
+        doomed.cancel()
+        await trio.testing.wait_all_tasks_blocked()
+        parent.gate.set()
+        await two_answered.wait()
+    assert "cancelled" not in answers
+    assert seqs(answers["first"]) == [1]
+    assert seqs(answers["bystander"]) == [2]
+    assert parent.published == [[first[0].event_id], [bystander[0].event_id]]
+    history = await node.history("entries", "site-a", 0)
+    assert [event.event_id for event in history.events] == [
+        first[0].event_id,
+        bystander[0].event_id,
+    ]
+    await node.aclose()
+
+
+async def test_unix_cancelling_the_publish_that_sent_a_shared_request_fails_nobody(
+    tmp_path: Path, nursery: trio.Nursery
+) -> None:
+    parent, path = await _parent(nursery, tmp_path)
+    node = UnixBackplane(path)
+    batches = {"a": events(1), "b": events(2)}
+    scopes = {name: trio.CancelScope() for name in batches}
+    answers: dict[str, list[NumberedEvent]] = {}
+    answered = trio.Event()
+
+    async def publish(name: str) -> None:
+        with scopes[name]:
+            answers[name] = await node.publish(batches[name])
+            answered.set()
+
+    with trio.fail_after(CAP):
+        parent.gate = trio.Event()
+        for name in batches:
+            nursery.start_soon(publish, name)
+        await trio.testing.wait_all_tasks_blocked()
+        # One request, held in the parent; the publish that joined first sent it.
+        [arrived] = parent.arrived
+        sender = "a" if arrived[0] == batches["a"][0].event_id else "b"
+        joiner = "b" if sender == "a" else "a"
+        assert sorted(arrived) == sorted(e.event_id for b in batches.values() for e in b)
+        scopes[sender].cancel()
+        await trio.testing.wait_all_tasks_blocked()
+        parent.gate.set()
+        await answered.wait()
+        await trio.testing.wait_all_tasks_blocked()
+    assert [event.event_id for event in answers[joiner]] == [e.event_id for e in batches[joiner]]
+    assert parent.published == [arrived]
+    assert node.is_available
+    await node.aclose()
+
+
+async def test_unix_pushes_a_worker_does_not_read_queue_whole_and_in_order(
+    tmp_path: Path, nursery: trio.Nursery
+) -> None:
+    """Written at once while the socket takes them, then queued: never cut, never reordered."""
+    from hubserver.backplane._unix import _FrameReader, _pack
+
+    _, path = await _parent(nursery, tmp_path)
+    node = UnixBackplane(path)
+    with trio.fail_after(CAP):
+        raw = await trio.open_unix_socket(str(path))
+        raw.socket.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        await raw.send_all(_pack(["sub"]))
+        reader = _FrameReader(raw)
+        assert await reader.next() == ["subscribed"]
+        published: list[NumberedEvent] = []
+        for _ in range(40):  # ~200 KB: more than the socket buffers hold
+            published += await node.publish(events(4, pad="x" * 1200))
+        received: list[object] = []
+        while len(received) < len(published):
+            frame = await reader.next()
+            assert frame is not None and frame[0] == "ev"
+            assert isinstance(frame[1], list)
+            received += frame[1]
+        assert [row[4] for row in received] == seqs(published)  # type: ignore[index]
+        await raw.aclose()
+    await node.aclose()

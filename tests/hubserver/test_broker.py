@@ -14,7 +14,7 @@ import trio
 import trio.testing
 
 from hubcore import PreparedMessage
-from hubserver.backplane import MemoryBackplane
+from hubserver.backplane import MemoryBackplane, NumberedEvent, PendingEvent
 from hubserver.routing import Broker, Delivery, GroupKey, Hub, Router, to_pending
 
 
@@ -79,6 +79,89 @@ async def test_publishes_of_one_scheduling_round_are_delivered_together(
 def test_the_window_must_be_positive() -> None:
     with pytest.raises(ValueError, match="publish_window"):
         Broker(Router(), MemoryBackplane(), trio.current_time, publish_window=0)
+
+
+class GatedBackplane(MemoryBackplane):
+    """The in-process backplane, whose publishes wait at a gate before they are numbered.
+
+    What a node sees while its publish travels to the backplane and back (the
+    parent of ``--workers``, or Redis): its events are on their way, not yet
+    broadcast. ``publish_elsewhere`` is another node's publish: it passes.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = trio.Event()
+
+    async def publish(self, events):  # type: ignore[no-untyped-def]
+        await self.gate.wait()
+        return await super().publish(events)
+
+    async def publish_elsewhere(self, event_id: str) -> list[NumberedEvent]:
+        prefix = f'{{"site_id":"s1","id":"{event_id}","seq":'
+        pending = PendingEvent(
+            hub="entries", site_id="s1", user_id=None, event_id=event_id, prefix=prefix
+        )
+        return await super().publish([pending])
+
+
+async def _gated_broker(
+    nursery: trio.Nursery, **options: float
+) -> tuple[Broker, GatedBackplane, Recorder]:
+    router = Router()
+    recorder = Recorder()
+    router.add(GroupKey(Hub.ENTRIES, "s1"), recorder)
+    backplane = GatedBackplane()
+    broker = Broker(router, backplane, trio.current_time, **options)  # type: ignore[arg-type]
+    await nursery.start(broker.run)
+    return broker, backplane, recorder
+
+
+async def test_a_round_waits_for_this_nodes_publishes_under_way(nursery: trio.Nursery) -> None:
+    """Another node's event and ours, on its way back, go out in one delivery (one frame)."""
+    broker, backplane, recorder = await _gated_broker(nursery)
+    nursery.start_soon(broker.publish, Hub.ENTRIES, [{"site_id": "s1", "id": "ours"}])
+    await trio.testing.wait_all_tasks_blocked()
+    await backplane.publish_elsewhere("theirs")
+    await trio.testing.wait_all_tasks_blocked()
+    assert recorder.deliveries == []  # the round waits for our publish
+    backplane.gate.set()
+    await trio.testing.wait_all_tasks_blocked()
+    assert recorder.deliveries == [[1, 2]]
+    # Nothing under way: the next event goes out at once.
+    await backplane.publish_elsewhere("later")
+    await trio.testing.wait_all_tasks_blocked()
+    assert recorder.deliveries == [[1, 2], [3]]
+
+
+async def test_a_round_waits_no_longer_than_the_coalesce_timeout(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    broker, backplane, recorder = await _gated_broker(nursery, coalesce_timeout=0.002)
+    nursery.start_soon(broker.publish, Hub.ENTRIES, [{"site_id": "s1", "id": "ours"}])
+    await trio.testing.wait_all_tasks_blocked()
+    started_at = trio.current_time()
+    await backplane.publish_elsewhere("theirs")
+    await trio.sleep(0.0015)
+    assert recorder.deliveries == []
+    await trio.sleep(0.001)
+    assert recorder.deliveries == [[1]]  # our publish is still on its way: not waited for
+    assert trio.current_time() - started_at < 0.003
+    backplane.gate.set()
+    await trio.testing.wait_all_tasks_blocked()
+    assert recorder.deliveries == [[1], [2]]
+
+
+async def test_a_coalesce_timeout_of_zero_never_waits(nursery: trio.Nursery) -> None:
+    broker, backplane, recorder = await _gated_broker(nursery, coalesce_timeout=0)
+    nursery.start_soon(broker.publish, Hub.ENTRIES, [{"site_id": "s1", "id": "ours"}])
+    await trio.testing.wait_all_tasks_blocked()
+    await backplane.publish_elsewhere("theirs")
+    await trio.testing.wait_all_tasks_blocked()
+    assert recorder.deliveries == [[1]]
+    backplane.gate.set()
+    await trio.testing.wait_all_tasks_blocked()
+    assert recorder.deliveries == [[1], [2]]
 
 
 class DroppingBackplane(MemoryBackplane):
