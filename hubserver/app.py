@@ -67,11 +67,14 @@ class App:
         return self.sessions
 
     def join(self, session: HubSession) -> None:
-        self.router.add(session.key, session)
-        self.broker.watch_site(session.key.hub, session.key.site_id)
+        key = session.key
+        if key is not None:  # a publisher's connection joins no group
+            self.router.add(key, session)
+            self.broker.watch_site(key.hub, key.site_id)
 
     def leave(self, session: HubSession) -> None:
-        self.router.remove(session.key, session)
+        if session.key is not None:
+            self.router.remove(session.key, session)
 
     async def may_open(self, key: GroupKey, subject: str) -> bool:
         """The site-role rule for opening ``key`` (unknown site and no role look alike)."""

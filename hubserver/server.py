@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import socket
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 
 import trio
@@ -39,6 +39,9 @@ from .permissions import (
 )
 from .routing import Broker, Router
 from .timers import TimerQueue
+
+#: Room for a Publish invocation's own bytes around its events.
+PUBLISH_INVOCATION_OVERHEAD = 4096
 
 __all__ = ["RunningServer", "build_verifier", "serve"]
 
@@ -192,6 +195,17 @@ async def _run(app: App, task_status: trio.TaskStatus[RunningServer]) -> None:
             stats=app.stats,
             timers=timers,
             tasks=handlers,
+            publish=app.broker.publish,
+            # A publisher's message may carry what a publish request's body may
+            # (plus the invocation around it).
+            publisher_limits=replace(
+                config.hub_limits,
+                max_message_bytes=max(
+                    config.hub_limits.max_message_bytes,
+                    config.max_publish_bytes + PUBLISH_INVOCATION_OVERHEAD,
+                ),
+            ),
+            publish_timeout=config.request_timeout,
         )
         async with trio.open_nursery() as root:
             accept_scope = trio.CancelScope()
@@ -302,7 +316,7 @@ async def _recheck_permissions(app: App) -> None:
     # A store failure raises out of here and leaves every connection open;
     # the watcher runs this again once the store is back.
     for session in list(app.stats.by_id.values()):
-        if not await app.may_open(session.key, session.subject):
+        if session.key is not None and not await app.may_open(session.key, session.subject):
             app.stats.revoked_closed += 1
             log.info("session %d: access revoked, closing", session.session_id)
             session.close(Close(error=ACCESS_REVOKED_TEXT, allow_reconnect=False))

@@ -9,15 +9,17 @@ from typing import TYPE_CHECKING
 import trio
 
 from hubcore import HubLimits
+from hubserver.backplane import NumberedEvent
 from hubserver.routing import Hub, Replay
 from hubserver.timers import TimerQueue
 
 if TYPE_CHECKING:
     from ._session import HubSession
 
-__all__ = ["ReplayFn", "SessionContext", "SessionStats"]
+__all__ = ["PublishFn", "ReplayFn", "SessionContext", "SessionStats"]
 
 ReplayFn = Callable[[Hub, str, int], Awaitable[Replay]]
+PublishFn = Callable[[Hub, list[dict[str, object]]], Awaitable[list[NumberedEvent]]]
 
 
 @dataclass(slots=True)
@@ -36,6 +38,8 @@ class SessionStats:
     protocol_errors: int = 0
     #: Connections ended by a bug of ours (logged with their id).
     crashed: int = 0
+    #: Publisher hub calls refused or failed (fire-and-forget ones included).
+    publish_failed: int = 0
     by_id: dict[int, HubSession] = field(default_factory=dict)
     #: Set by the server when it drains; fired when the last connection ends.
     drained: trio.Event | None = None
@@ -68,6 +72,10 @@ class SessionContext:
         replay: fetches history for a resume.
         tasks: the nursery that runs connections' helper tasks (each under
             its connection's guard); it outlives every connection.
+        publish: the broker's publish, for publisher connections.
+        publisher_limits: hubcore's limits for publisher connections (a
+            message may be as large as a publish request's body).
+        publish_timeout: the most one ``Publish`` call may take.
     """
 
     limits: HubLimits
@@ -80,3 +88,6 @@ class SessionContext:
     timers: TimerQueue
     tasks: trio.Nursery
     slow_client_timeout: float = 5.0
+    publish: PublishFn | None = None
+    publisher_limits: HubLimits | None = None
+    publish_timeout: float = 15.0

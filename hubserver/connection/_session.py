@@ -57,6 +57,7 @@ from ._deadlines import Deadlines, Due
 from ._guard import TaskGuard
 from ._inbound import Inbound, InboundItem
 from ._outbound import Outbound, Report
+from ._publish import PUBLISH_TARGET, PublishCalls
 from ._resume import MAX_RESUME_SEQ, HoldOverflow, ResumeGate, fetch_replay
 from ._state import Move, Phase, Reading, next_phase
 
@@ -75,18 +76,22 @@ _MAY_CLOSE: Final = (ConnectionState.OPEN, ConnectionState.CLOSING, ConnectionSt
 
 
 class HubSession:
-    """A subscriber connection to one group, from its accepted upgrade to its end.
+    """A hub connection, from its accepted upgrade to its end.
+
+    A subscriber's connection receives one group's events; a publisher's
+    (``key`` None) joins no group and calls ``Publish`` (``_publish``).
 
     Args:
         stream: the TCP stream, about to switch to WebSocket.
         received: bytes that arrived after the upgrade request.
-        key: the group this connection receives.
+        key: the group this connection receives; None for a publisher.
         token_expires_at: the token's ``exp`` in unix seconds, or None.
         since_seq: the resume point from the URL, if any.
     """
 
     __slots__ = (
-        "_ctx", "_deadlines", "_direct", "_early_close", "_fd", "_gate", "_guard", "_hub",
+        "_calls", "_close_after_calls", "_ctx", "_deadlines", "_direct", "_early_close", "_fd",
+        "_gate", "_guard", "_hub",
         "_in", "_live_ceiling", "_out", "_phase", "_protocol", "_sent_at", "_since_seq",
         "_sock", "key", "session_id", "subject", "timer_at",
     )  # fmt: skip
@@ -97,7 +102,7 @@ class HubSession:
         stream: trio.SocketStream,
         received: bytes,
         ctx: SessionContext,
-        key: GroupKey,
+        key: GroupKey | None,
         subject: str,
         token_expires_at: float | None,
         session_id: int,
@@ -109,7 +114,15 @@ class HubSession:
         self._ctx = ctx
         self._sock = stream.socket
         self._fd = fd = stream.socket.fileno()
-        self._hub = HubConnection(now=now, limits=ctx.limits)
+        self._calls: PublishCalls | None = None
+        limits = ctx.limits
+        if key is None:
+            if ctx.publish is None:
+                raise ValueError("a publisher connection needs the context's publish")
+            self._calls = PublishCalls(ctx.publish, ctx.publish_timeout, ctx.stats, session_id)
+            limits = ctx.publisher_limits or limits
+        self._close_after_calls: Close | None = None  # asked while calls were being published
+        self._hub = HubConnection(now=now, limits=limits)
         self._phase = Phase.UPGRADING
         self._guard = TaskGuard(ctx.tasks, self._crash)
         self._in = Inbound(fd, received)
@@ -120,7 +133,7 @@ class HubSession:
             report=self._on_output,
             start_writer=self._guard.start_soon,
         )
-        self._gate = ResumeGate(key.user_id)
+        self._gate = ResumeGate(None if key is None else key.user_id)
         self._deadlines = Deadlines(
             math.inf if token_expires_at is None else now + (token_expires_at - time.time())
         )
@@ -192,6 +205,11 @@ class HubSession:
         most ``CLOSE_TIMEOUT``, and the connection never joins its group.
         """
         if self._phase is Phase.OPEN:
+            if self._calls is not None and self._calls.is_running:
+                # The calls being published get their answers first: a publisher
+                # cut off before them could not know what was accepted.
+                self._close_after_calls = self._close_after_calls or message
+                return
             self._end_with(message)
         elif self._phase in (Phase.UPGRADING, Phase.HANDSHAKE) and self._early_close is None:
             self._early_close = message
@@ -252,8 +270,10 @@ class HubSession:
             self._send(Completion.with_error(invocation_id, _RESUME_BUSY), trio.current_time())
 
     async def _resume(self, since_seq: int, invocation_id: str | None) -> None:
+        key = self.key
+        assert key is not None  # only a subscriber's connection resumes
         try:
-            replay, is_lost = await fetch_replay(self._ctx.replay, self.key, since_seq)
+            replay, is_lost = await fetch_replay(self._ctx.replay, key, since_seq)
         except (BackplaneError, trio.TooSlowError) as exc:
             log.warning("session %d: resume failed: %s", self.session_id, exc)
             released = self._gate.fail(since_seq)
@@ -427,6 +447,8 @@ class HubSession:
                     self._peer_done(None)  # EOF: nobody would read a close frame
                 break
             self._on_input(items)
+            if self._calls is not None and self._calls.has_work:
+                await self._publish_calls(self._calls)
         if self._phase is not Phase.CLOSED:
             self._finish()
             with trio.move_on_at(self._deadlines.goodbye_at):
@@ -434,6 +456,17 @@ class HubSession:
                     await self._out.wait_drained()
                 except (trio.ClosedResourceError, OSError) as exc:
                     log.info("session %d: peer went away at goodbye: %s", self.session_id, exc)
+
+    async def _publish_calls(self, calls: PublishCalls) -> None:
+        """Publish what the last read brought, reading nothing meanwhile (backpressure)."""
+        replies = await calls.run()
+        if self._phase is Phase.OPEN:
+            now = trio.current_time()
+            for reply in replies:
+                self._send(reply, now)
+        if self._close_after_calls is not None:
+            message, self._close_after_calls = self._close_after_calls, None
+            self.close(message)
 
     def _peer_done(self, reply: bytes | None) -> None:
         """The peer sends nothing more: answer with ``reply`` (a close frame), then finish."""
@@ -479,7 +512,12 @@ class HubSession:
                     return
                 case HandshakeRequest():
                     self._on_handshake(now)
-                case Invocation() if event.target.lower() == "resume":
+                case Invocation() if self._calls is not None and (
+                    event.target.lower() == PUBLISH_TARGET
+                ):
+                    if (reply := self._calls.take(event)) is not None:
+                        self._send(reply, now)
+                case Invocation() if self._calls is None and event.target.lower() == "resume":
                     self._on_resume(event, now)
                 case Invocation() | StreamInvocation() if event.invocation_id is not None:
                     # No other server methods: ASP.NET Core's answer (spec §3.3).
@@ -512,6 +550,8 @@ class HubSession:
             return
         self._phase = next_phase(Phase.HANDSHAKE, Move.HANDSHAKE_OK)
         self._ctx.join(self)
+        if self.key is None:
+            return  # a publisher: no events to hold for a resume
         if self._since_seq is not None:
             self._start_resume(self._since_seq, None)
         elif self._ctx.resume_window > 0:

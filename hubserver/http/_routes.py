@@ -41,6 +41,7 @@ __all__ = [
     "EVENTS_PREFIX",
     "HUBS",
     "HUB_PREFIX",
+    "PUBLISHER_HUB",
     "HubGrant",
     "HubRoute",
     "Session",
@@ -427,8 +428,38 @@ async def _site_stream(hub: Hub, request: Request, claims: Claims) -> HubGrant |
     return HubGrant(stream_name, f"{hub.value} hub, {scope}", start)
 
 
+# -- the publisher hub: Publish(hub, events) over a persistent connection ---------------
+
+
+#: ``/v1/hub/publish``, and the stream a negotiated publisher connection is bound to.
+PUBLISHER_HUB: Final = "publish"
+
+
+async def _publisher(request: Request, claims: Claims) -> HubGrant:
+    """A publisher's connection: the scope was all it needed; it joins no group."""
+    app = request.io.app
+
+    def start(stream: trio.SocketStream, received: bytes) -> HubSession:
+        session = HubSession(
+            stream=stream,
+            received=received,
+            ctx=app.session_context(),
+            key=None,
+            subject=claims.subject,
+            token_expires_at=(
+                None if claims.expires_at is None else claims.expires_at + app.config.token_leeway
+            ),
+            session_id=app.next_id(),
+        )
+        session.register()
+        return session
+
+    return HubGrant(PUBLISHER_HUB, "publisher hub", start)
+
+
 #: The hubs under ``/v1/hub/``: name -> the scope its tokens need and its own checks.
 HUBS: Final[Mapping[str, HubRoute]] = {
     Hub.ENTRIES.value: HubRoute(HUB_SCOPE, partial(_site_stream, Hub.ENTRIES)),
     Hub.INCIDENTS.value: HubRoute(HUB_SCOPE, partial(_site_stream, Hub.INCIDENTS)),
+    PUBLISHER_HUB: HubRoute(PUBLISH_SCOPE, _publisher),
 }

@@ -5,6 +5,7 @@
 - ``GET /v1/hub/entries|incidents?site_id=S[&user_id=U]``: WebSocket upgrade to
   a hub (skipNegotiation, as the reference's clients connect), and
   ``POST .../negotiate`` for clients that negotiate.
+- ``GET /v1/hub/publish``: the publisher hub (``Publish(hub, events)``).
 - ``POST /v1/events/entries|incidents``: the publish API.
 
 Refusals before an upgrade are plain HTTP with a short ``text/plain`` body

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from ._broker import Broker, Replay, deliver_to
-from ._events import PublishError, parse_publish_body
+from ._events import MAX_DEPTH, PublishError, check_events, is_within_depth, parse_publish_body
 from ._groups import GroupKey, Hub, Router, Subscriber
 from ._stream import Delivery, StreamEvent, gap_message, to_pending, to_stream_event
 
 __all__ = [
+    "MAX_DEPTH",
     "Broker",
     "Delivery",
     "GroupKey",
@@ -17,8 +18,10 @@ __all__ = [
     "Router",
     "StreamEvent",
     "Subscriber",
+    "check_events",
     "deliver_to",
     "gap_message",
+    "is_within_depth",
     "parse_publish_body",
     "to_pending",
     "to_stream_event",

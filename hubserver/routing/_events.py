@@ -15,7 +15,7 @@ from typing import Final
 from hubcore import HubError, RemoteProtocolError
 from hubcore._json import loads_json
 
-__all__ = ["PublishError", "parse_publish_body"]
+__all__ = ["MAX_DEPTH", "PublishError", "check_events", "is_within_depth", "parse_publish_body"]
 
 MAX_ID_CHARS: Final = 256
 MAX_EVENTS_PER_REQUEST: Final = 10_000
@@ -51,7 +51,7 @@ def _check_key(event: dict[str, object], index: int, key: str, *, required: bool
         )
 
 
-def _is_within_depth(value: object) -> bool:
+def is_within_depth(value: object) -> bool:
     """Whether ``value`` nests at most ``MAX_DEPTH`` levels, without recursion."""
     level: list[object] = [value]
     depth = 0
@@ -86,11 +86,23 @@ def parse_publish_body(body: bytes) -> list[dict[str, object]]:
         raise PublishError(f"body is not valid JSON: {exc}") from None
     # Fewer brackets than the limit cannot nest deeper than it: the common
     # single event costs two C-level counts; a batch costs one walk.
-    if body.count(b"[") + body.count(b"{") > MAX_DEPTH and not _is_within_depth(parsed):
+    if body.count(b"[") + body.count(b"{") > MAX_DEPTH and not is_within_depth(parsed):
         raise PublishError(f"body nests deeper than {MAX_DEPTH} levels")
+    return check_events(parsed)
+
+
+def check_events(parsed: object, *, what: str = "body") -> list[dict[str, object]]:
+    """Validate what a publisher sent: one event object or a non-empty array of them.
+
+    The publish API's body (after its depth check) and the publisher hub's
+    ``events`` argument go through the same rules.
+
+    Raises:
+        PublishError: the value or one of its events breaks the rules above.
+    """
     items = parsed if type(parsed) is list else [parsed]
     if not items:
-        raise PublishError("body is an empty array: nothing to publish")
+        raise PublishError(f"{what} is an empty array: nothing to publish")
     if len(items) > MAX_EVENTS_PER_REQUEST:
         raise PublishError(f"at most {MAX_EVENTS_PER_REQUEST} events per request", status=413)
     events: list[dict[str, object]] = []

@@ -108,13 +108,15 @@ class JsClient:
 
 
 @asynccontextmanager
-async def js_client(tmp_path: Path, **config: Any) -> AsyncIterator[JsClient]:
-    """Run ``node client.mjs <config>``; the process is killed at the end, whatever happens."""
+async def js_client(
+    tmp_path: Path, *, script: Path = CLIENT, **config: Any
+) -> AsyncIterator[JsClient]:
+    """Run ``node client.mjs <config>`` (or ``script``); the process is killed at the end."""
     config.setdefault("timeoutMs", 20_000)
     log_path = tmp_path / f"client-{time.monotonic_ns()}.log"
     with log_path.open("wb") as log_file:
         process = await trio.lowlevel.open_process(
-            [NODE, str(CLIENT), json.dumps(config)],
+            [NODE, str(script), json.dumps(config)],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=log_file,

@@ -7,13 +7,15 @@ for a socket).
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import trio
 import trio.testing
 
 from hubcore import PreparedMessage
 from hubserver.backplane import MemoryBackplane
-from hubserver.routing import Broker, Delivery, GroupKey, Hub, Router
+from hubserver.routing import Broker, Delivery, GroupKey, Hub, Router, to_pending
 
 
 class Recorder:
@@ -124,3 +126,26 @@ async def test_a_site_with_no_live_event_yet_recovers_what_a_drop_missed(
     await broker.publish(Hub.ENTRIES, [{"site_id": "s1"}])
     await trio.sleep(0.05)
     assert recorder.seqs == [1, 2, 3, 4]
+
+
+def _server_ids(count: int) -> list[str]:
+    return [str(to_pending(Hub.ENTRIES, {"site_id": "s"}, 0).event_id) for _ in range(count)]
+
+
+def test_ids_given_by_the_server_are_distinct_across_processes() -> None:
+    """Events published without an id get one that no other event, here or in a
+    forked worker, will have: publishing is idempotent on id."""
+    ours = _server_ids(10_000)
+    assert len(set(ours)) == len(ours)
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: report its ids and leave at once
+        os.write(write, "\n".join(_server_ids(100)).encode())
+        os._exit(0)
+    os.close(write)
+    with os.fdopen(read) as pipe:
+        theirs = pipe.read().split("\n")
+    os.waitpid(pid, 0)
+    ours += _server_ids(100)
+    assert len(theirs) == 100
+    assert not set(theirs) & set(ours)

@@ -20,7 +20,7 @@ from hubserver.auth import DevKey
 from hubserver.permissions import Role
 
 from .conftest import Harness
-from .helpers import publish_ok
+from .helpers import hub_target, open_hub, publish_ok
 
 
 @pytest.fixture
@@ -106,3 +106,34 @@ async def test_pysignalr_with_its_defaults(start_server) -> None:
             h, f"ws://{h.base}/v1/hub/entries?site_id=s1", 1, skip_negotiation=False
         )
     assert "message" in records[0], records
+
+
+PUBLISH_SCRIPT = Path(__file__).with_name("pysignalr_publish.py")
+
+
+async def test_pysignalr_publishes_on_the_publisher_hub(start_server) -> None:
+    """pysignalr with its defaults (negotiate, then the WebSocket) as a publisher."""
+    h = await start_server()
+    h.grant("s1", "alice", Role.SITE_ADMIN)
+    calls = [
+        ["entries", [{"site_id": "s1", "id": "p-1"}, {"site_id": "s1", "id": "p-2"}]],
+        ["entries", [{"id": "no-site"}]],
+        ["entries", {"site_id": "s1", "id": "p-3"}],
+    ]
+    args = [
+        sys.executable,
+        str(PUBLISH_SCRIPT),
+        f"ws://{h.base}/v1/hub/publish",
+        h.publisher_token(),
+        json.dumps(calls),
+    ]
+    async with open_hub(h, hub_target("entries", "s1")) as sub:
+        with trio.fail_after(30):
+            result = await trio.run_process(args, capture_stdout=True, check=False)
+            lines = [json.loads(line) for line in result.stdout.splitlines()]
+            assert lines[0] == {"open": True}, lines
+            assert lines[1] == {"result": {"accepted": 2, "ids": ["p-1", "p-2"], "seqs": [1, 2]}}
+            assert "event 0: 'site_id' is required" in lines[2]["error"], lines
+            assert lines[3] == {"result": {"accepted": 1, "ids": ["p-3"], "seqs": [3]}}
+            assert result.returncode == 0
+            assert [(await sub.next_event())["id"] for _ in range(3)] == ["p-1", "p-2", "p-3"]

@@ -1,0 +1,166 @@
+"""The publisher hub's one method, ``Publish(hub, events)``: calls run one at a time, in order.
+
+A publisher connection takes the calls one read brought (``take``
+validates each at once, so a bad call is answered without touching the
+backplane), then publishes them in order (``run``) before it reads again.
+That is the backpressure: while the broker's dispatch window is full,
+``run`` waits, the connection does not read, and what the publisher sends
+meanwhile stays in its socket. What waits here is one read's worth.
+
+A call is published all or nothing, with the HTTP API's rules and answers:
+its Completion carries ``{"accepted", "ids", "seqs"}``, and an error says
+whether anything may have been accepted (a retry with the same ids is
+safe: publishing is idempotent on id). A call without an invocation id is
+fire-and-forget: its errors are counted and logged, never answered
+(SignalR sends nothing back for those).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Final
+
+import trio
+
+from hubcore import Completion, Invocation
+from hubserver.backplane import BackplaneError, BackplaneUnavailable
+from hubserver.routing import MAX_DEPTH, Hub, PublishError, check_events, is_within_depth
+
+from ._context import PublishFn, SessionStats
+
+__all__ = ["PUBLISH_TARGET", "PublishCalls"]
+
+log = logging.getLogger("hubserver.publisher")
+
+#: The method's name, lower-cased: hub methods match case-insensitively (ASP.NET Core).
+PUBLISH_TARGET: Final = "publish"
+_HUBS: Final = {hub.value: hub for hub in Hub}
+_THREW: Final = "An unexpected error occurred invoking 'Publish' on the server. HubException: "
+_BAD_ARGUMENTS: Final = "Failed to invoke 'Publish' due to an error on the server. HubException: "
+_UNAVAILABLE: Final = "the event backplane is unavailable; nothing was accepted, retry later"
+_UNKNOWN: Final = (
+    "the event backplane failed or did not answer in time; the events may or may not "
+    "have been accepted: retry later with the same ids"
+)
+
+
+@dataclass(slots=True)
+class _Call:
+    invocation_id: str | None
+    hub: Hub
+    events: list[dict[str, object]]
+
+
+class PublishCalls:
+    """The Publish calls of one publisher connection.
+
+    Args:
+        publish: the broker's publish (all or nothing; backpressure inside).
+        timeout: the most one call may take; past it, its outcome is unknown.
+        stats: the server's counters (``publish_failed`` counts every call
+            refused or failed, answered or not).
+        session_id: for the log.
+    """
+
+    __slots__ = ("_publish", "_queue", "_session_id", "_silent", "_stats", "_timeout", "is_running")
+
+    def __init__(
+        self, publish: PublishFn, timeout: float, stats: SessionStats, session_id: int
+    ) -> None:
+        self._publish = publish
+        self._timeout = timeout
+        self._stats = stats
+        self._session_id = session_id
+        self._queue: list[_Call] = []
+        self.is_running = False
+        self._silent = 0  # fire-and-forget calls that failed
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self._queue)
+
+    def take(self, call: Invocation) -> Completion | None:
+        """Queue a valid call; the error Completion of an invalid one (None: nothing to send)."""
+        arguments = call.arguments
+        if len(arguments) != 2:
+            return self._refuse(
+                call.invocation_id,
+                _BAD_ARGUMENTS,
+                f"Publish takes 2 arguments (hub, events), got {len(arguments)}.",
+            )
+        name, value = arguments
+        hub = _HUBS.get(name) if type(name) is str else None
+        if hub is None:
+            names = " or ".join(f"'{h}'" for h in _HUBS)
+            return self._refuse(call.invocation_id, _THREW, f"hub must be {names}.")
+        try:
+            # MessagePack has no nesting bound of its own, and JSON's is far
+            # deeper than the encoder should meet later.
+            if (type(value) is dict or type(value) is list) and not is_within_depth(value):
+                raise PublishError(f"events nest deeper than {MAX_DEPTH} levels")
+            events = check_events(value, what="events")
+        except PublishError as exc:
+            return self._refuse(call.invocation_id, _THREW, str(exc))
+        self._queue.append(_Call(call.invocation_id, hub, events))
+        return None
+
+    async def run(self) -> list[Completion]:
+        """Publish what is queued, in order; the answers to send (none for fire-and-forget)."""
+        queue, self._queue = self._queue, []
+        replies: list[Completion] = []
+        self.is_running = True
+        try:
+            for call in queue:
+                reply = await self._run_one(call)
+                if reply is not None:
+                    replies.append(reply)
+        finally:
+            self.is_running = False
+        return replies
+
+    async def _run_one(self, call: _Call) -> Completion | None:
+        # A bare scope: fail_after's context-manager machinery costs more than
+        # the rest of a small call's bookkeeping.
+        scope = trio.CancelScope(deadline=trio.current_time() + self._timeout)
+        try:
+            with scope:
+                published = await self._publish(call.hub, call.events)
+            if scope.cancelled_caught:
+                raise trio.TooSlowError
+        except PublishError as exc:  # an event cannot be encoded: nothing was published
+            return self._refuse(call.invocation_id, _THREW, str(exc))
+        except BackplaneUnavailable as exc:
+            log.warning(
+                "session %d: publish refused, backplane unavailable: %s", self._session_id, exc
+            )
+            return self._refuse(call.invocation_id, _THREW, _UNAVAILABLE)
+        except (BackplaneError, trio.TooSlowError) as exc:
+            log.warning("session %d: publish failed, outcome unknown: %s", self._session_id, exc)
+            return self._refuse(call.invocation_id, _THREW, _UNKNOWN)
+        if call.invocation_id is None:
+            return None
+        return Completion.with_result(
+            call.invocation_id,
+            {
+                "accepted": len(published),
+                "ids": [event.event_id for event in published],
+                "seqs": [event.seq for event in published],
+            },
+        )
+
+    def _refuse(self, invocation_id: str | None, prefix: str, why: str) -> Completion | None:
+        self._stats.publish_failed += 1
+        if invocation_id is not None:
+            return Completion.with_error(invocation_id, prefix + why)
+        # Nobody hears of a fire-and-forget call's failure but the log: the first
+        # is logged, then every 1,000th, so a flood of bad calls cannot flood it.
+        self._silent += 1
+        if self._silent == 1 or self._silent % 1000 == 0:
+            log.warning(
+                "session %d: a fire-and-forget Publish failed (%d so far on this connection): %s",
+                self._session_id,
+                self._silent,
+                why,
+            )
+        return None
