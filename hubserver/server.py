@@ -179,87 +179,94 @@ async def _run(app: App, task_status: trio.TaskStatus[RunningServer]) -> None:
         listeners = await trio.open_tcp_listeners(config.port, host=config.host)
     port = listeners[0].socket.getsockname()[1]
     shutdown = trio.Event()
-    async with trio.open_nursery() as handlers:
-        # Sessions' helper tasks (writers, resumes) and their shared timer task
-        # live beside the connections, through the drain.
-        timers = TimerQueue()
-        handlers.start_soon(timers.run)
-        app.sessions = SessionContext(
-            limits=config.hub_limits,
-            max_outbox_bytes=config.max_outbox_bytes,
-            slow_client_timeout=config.slow_client_timeout,
-            resume_window=config.resume_window,
-            join=app.join,
-            leave=app.leave,
-            replay=app.broker.replay,
-            stats=app.stats,
-            timers=timers,
-            tasks=handlers,
-            publish=app.broker.publish,
-            # A publisher's message may carry what a publish request's body may
-            # (plus the invocation around it).
-            publisher_limits=replace(
-                config.hub_limits,
-                max_message_bytes=max(
-                    config.hub_limits.max_message_bytes,
-                    config.max_publish_bytes + PUBLISH_INVOCATION_OVERHEAD,
+    try:
+        async with trio.open_nursery() as handlers:
+            # Sessions' helper tasks (writers, resumes) and their shared timer task
+            # live beside the connections, through the drain.
+            timers = TimerQueue()
+            handlers.start_soon(timers.run)
+            app.sessions = SessionContext(
+                limits=config.hub_limits,
+                max_outbox_bytes=config.max_outbox_bytes,
+                slow_client_timeout=config.slow_client_timeout,
+                resume_window=config.resume_window,
+                join=app.join,
+                leave=app.leave,
+                replay=app.broker.replay,
+                stats=app.stats,
+                timers=timers,
+                tasks=handlers,
+                publish=app.broker.publish,
+                # A publisher's message may carry what a publish request's body may
+                # (plus the invocation around it).
+                publisher_limits=replace(
+                    config.hub_limits,
+                    max_message_bytes=max(
+                        config.hub_limits.max_message_bytes,
+                        config.max_publish_bytes + PUBLISH_INVOCATION_OVERHEAD,
+                    ),
                 ),
-            ),
-            publish_timeout=config.request_timeout,
-        )
-        async with trio.open_nursery() as root:
-            accept_scope = trio.CancelScope()
-            # Raised to the hard limit in any case: an explicit --max-connections
-            # above what the descriptors allow would meet EMFILE, not its 503.
-            budget = descriptor_budget()
-            max_total = budget if config.max_connections is None else config.max_connections
-            if max_total > budget:
-                log.warning(
-                    "--max-connections %d is more than the open-files limit allows (%d): "
-                    "past that, accepts fail (EMFILE) instead of answering 503",
-                    max_total,
-                    budget,
+                publish_timeout=config.request_timeout,
+            )
+            async with trio.open_nursery() as root:
+                accept_scope = trio.CancelScope()
+                # Raised to the hard limit in any case: an explicit --max-connections
+                # above what the descriptors allow would meet EMFILE, not its 503.
+                budget = descriptor_budget()
+                max_total = budget if config.max_connections is None else config.max_connections
+                if max_total > budget:
+                    log.warning(
+                        "--max-connections %d is more than the open-files limit allows (%d): "
+                        "past that, accepts fail (EMFILE) instead of answering 503",
+                        max_total,
+                        budget,
+                    )
+                gate = ConnectionGate(max_total=max_total, max_per_ip=config.max_connections_per_ip)
+                app.connections = gate
+                log.info(
+                    "connection limits: %d in total, %s per address",
+                    gate.max_total,
+                    gate.max_per_ip or "no limit",
                 )
-            gate = ConnectionGate(max_total=max_total, max_per_ip=config.max_connections_per_ip)
-            app.connections = gate
-            log.info(
-                "connection limits: %d in total, %s per address",
-                gate.max_total,
-                gate.max_per_ip or "no limit",
-            )
 
-            async def accept() -> None:
-                with accept_scope:
-                    async with trio.open_nursery() as loops:
-                        for listener in listeners:
-                            loops.start_soon(
-                                accept_connections,
-                                listener,
-                                partial(_handle, app=app),
-                                handlers,
-                                gate,
-                            )
+                async def accept() -> None:
+                    with accept_scope:
+                        async with trio.open_nursery() as loops:
+                            for listener in listeners:
+                                loops.start_soon(
+                                    accept_connections,
+                                    listener,
+                                    partial(_handle, app=app),
+                                    handlers,
+                                    gate,
+                                )
 
-            await root.start(app.broker.run)
-            root.start_soon(accept)
-            root.start_soon(_watch_permissions, app)
-            if config.demo:
-                from .demo import publish_demo_events
+                await root.start(app.broker.run)
+                root.start_soon(accept)
+                root.start_soon(_watch_permissions, app)
+                if config.demo:
+                    from .demo import publish_demo_events
 
-                root.start_soon(publish_demo_events, app.broker.publish, config.demo_interval)
-            app.is_ready = True
-            log.info("listening on http://%s:%d", config.host, port)
-            task_status.started(RunningServer(port=port, app=app, _shutdown=shutdown))
-            await shutdown.wait()
-            log.info(
-                "shutting down: not ready, no new connections, closing %d hub connections",
-                app.stats.open,
-            )
-            app.is_draining = True
-            accept_scope.cancel()
-            root.cancel_scope.cancel()
-        await _drain(app)
-        handlers.cancel_scope.cancel()
+                    root.start_soon(publish_demo_events, app.broker.publish, config.demo_interval)
+                app.is_ready = True
+                log.info("listening on http://%s:%d", config.host, port)
+                task_status.started(RunningServer(port=port, app=app, _shutdown=shutdown))
+                await shutdown.wait()
+                log.info(
+                    "shutting down: not ready, no new connections, closing %d hub connections",
+                    app.stats.open,
+                )
+                app.is_draining = True
+                accept_scope.cancel()
+                root.cancel_scope.cancel()
+            await _drain(app)
+            handlers.cancel_scope.cancel()
+    finally:
+        # A command connection a publisher held while the backplane stopped went
+        # back to the pool after the backplane's own cleanup: close it with the rest.
+        with trio.move_on_after(1) as cleanup:
+            cleanup.shield = True
+            await app.broker.backplane.aclose()
 
 
 async def _handle(stream: trio.SocketStream, *, app: App) -> None:

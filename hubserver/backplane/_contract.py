@@ -162,6 +162,10 @@ class Backplane(Protocol):
         """Events of (hub, site) with ``seq > after_seq`` still kept, oldest first."""
         ...
 
+    async def aclose(self) -> None:
+        """Release what ``run`` did not (connections opened for publishes and history)."""
+        ...
+
     async def run(
         self,
         deliver: Callable[[Sequence[NumberedEvent]], None],

@@ -39,6 +39,10 @@ _HUBS: Final = {hub.value: hub for hub in Hub}
 _THREW: Final = "An unexpected error occurred invoking 'Publish' on the server. HubException: "
 _BAD_ARGUMENTS: Final = "Failed to invoke 'Publish' due to an error on the server. HubException: "
 _UNAVAILABLE: Final = "the event backplane is unavailable; nothing was accepted, retry later"
+_NOT_TRIED: Final = (
+    "an earlier call of this connection timed out; this one was not tried: nothing was "
+    "accepted, retry later"
+)
 _UNKNOWN: Final = (
     "the event backplane failed or did not answer in time; the events may or may not "
     "have been accepted: retry later with the same ids"
@@ -106,28 +110,44 @@ class PublishCalls:
         return None
 
     async def run(self) -> list[Completion]:
-        """Publish what is queued, in order; the answers to send (none for fire-and-forget)."""
+        """Publish what is queued, in order; the answers to send (none for fire-and-forget).
+
+        Each call has ``timeout``; past it, that call's outcome is unknown and
+        the calls after it are refused untried (nothing of them was published).
+        """
         queue, self._queue = self._queue, []
         replies: list[Completion] = []
         self.is_running = True
+        # One scope for the batch, its deadline moved per call: a scope per call
+        # costs more than the rest of a small call's bookkeeping.
+        scope = trio.CancelScope()
+        done = 0
         try:
-            for call in queue:
-                reply = await self._run_one(call)
-                if reply is not None:
-                    replies.append(reply)
+            with scope:
+                for call in queue:
+                    scope.deadline = trio.current_time() + self._timeout
+                    reply = await self._run_one(call)
+                    done += 1
+                    if reply is not None:
+                        replies.append(reply)
+            if scope.cancelled_caught:
+                log.warning(
+                    "session %d: publish failed, outcome unknown: timed out", self._session_id
+                )
+                self._answer(replies, queue[done], _UNKNOWN)
+                for call in queue[done + 1 :]:
+                    self._answer(replies, call, _NOT_TRIED)
         finally:
             self.is_running = False
         return replies
 
+    def _answer(self, replies: list[Completion], call: _Call, why: str) -> None:
+        if (reply := self._refuse(call.invocation_id, _THREW, why)) is not None:
+            replies.append(reply)
+
     async def _run_one(self, call: _Call) -> Completion | None:
-        # A bare scope: fail_after's context-manager machinery costs more than
-        # the rest of a small call's bookkeeping.
-        scope = trio.CancelScope(deadline=trio.current_time() + self._timeout)
         try:
-            with scope:
-                published = await self._publish(call.hub, call.events)
-            if scope.cancelled_caught:
-                raise trio.TooSlowError
+            published = await self._publish(call.hub, call.events)
         except PublishError as exc:  # an event cannot be encoded: nothing was published
             return self._refuse(call.invocation_id, _THREW, str(exc))
         except BackplaneUnavailable as exc:
@@ -135,7 +155,7 @@ class PublishCalls:
                 "session %d: publish refused, backplane unavailable: %s", self._session_id, exc
             )
             return self._refuse(call.invocation_id, _THREW, _UNAVAILABLE)
-        except (BackplaneError, trio.TooSlowError) as exc:
+        except BackplaneError as exc:
             log.warning("session %d: publish failed, outcome unknown: %s", self._session_id, exc)
             return self._refuse(call.invocation_id, _THREW, _UNKNOWN)
         if call.invocation_id is None:

@@ -10,6 +10,8 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Final
 
+import orjson
+
 from hubcore import HubProtocol, Invocation, PreparedBatch, PreparedMessage
 from hubserver.backplane import NumberedEvent, PendingEvent
 from hubserver.transports import server_frame
@@ -34,6 +36,7 @@ GAP_TARGET: Final = "Gap"
 #: The largest seq a subscriber can be given: JSON clients (JavaScript) read
 #: numbers as doubles, exact up to 2^53.
 MAX_SEQ: Final = 2**53
+
 
 def _ids() -> Iterator[str]:
     """Ids for events published without one: unique across processes and restarts.
@@ -75,6 +78,28 @@ class StreamEvent:
     message: PreparedMessage
 
 
+def _encode(event: dict[str, object]) -> str:
+    """The event as compact JSON, UTF-8 safe; TypeError or ValueError when it cannot be.
+
+    orjson writes it ~5x faster than the stdlib. The stdlib decides whenever
+    orjson's answer could differ from a refusal: orjson writes NaN and
+    infinities as ``null`` (which the stdlib refuses, as the publish API
+    does) and refuses what the stdlib may write (integers past 64 bits,
+    non-string keys) or must refuse (lone surrogates); an output with
+    ``null`` in it goes to the stdlib too (a true null costs the slow path).
+    """
+    try:
+        data = orjson.dumps(event)
+    except (TypeError, orjson.JSONEncodeError):
+        data = None
+    if data is not None and b"null" not in data:
+        return data.decode()
+    text = _compact(event)
+    if not text.isascii():
+        text.encode("utf-8")  # a lone surrogate cannot go out
+    return text
+
+
 def to_pending(hub: Hub, event: dict[str, object], index: int) -> PendingEvent:
     """Give a validated event its ``id`` and encode it up to ``"seq":``.
 
@@ -86,9 +111,7 @@ def to_pending(hub: Hub, event: dict[str, object], index: int) -> PendingEvent:
         event["id"] = _new_id()
     event.pop("seq", None)  # the server numbers events; a publisher's seq is replaced
     try:
-        text = _compact(event)
-        if not text.isascii():
-            text.encode("utf-8")
+        text = _encode(event)
     except (TypeError, ValueError) as exc:
         raise PublishError(
             f"event {index}: cannot be encoded ({type(exc).__name__})", index=index

@@ -24,6 +24,7 @@ import trio
 from hubcore import encode_varint
 from hubserver.app import HUB_SCOPE, PUBLISH_SCOPE
 from hubserver.auth import DevKey
+from hubserver.backplane import RedisBackplane
 from hubserver.permissions import Role
 
 from .conftest import Harness
@@ -245,7 +246,7 @@ async def test_a_publisher_stops_being_read_while_the_backplane_stalls(
     in order, and every event delivered once."""
     h: Harness = await start_server(backplane=own_redis_server.url)
     site = new_site()
-    batch = [{"site_id": site, "pad": "x" * 200} for _ in range(100)]  # ~25 KB a call
+    batch = [{"site_id": site, "pad": "x" * 2500} for _ in range(10)]  # ~25 KB a call
     calls = 400  # ~10 MB: more than the socket buffers of both sides hold
     total = calls * len(batch)
     with trio.fail_after(6 * CAP):
@@ -285,3 +286,99 @@ async def test_a_publisher_stops_being_read_while_the_backplane_stalls(
             assert answered == list(range(2, 2 + total))
             assert delivered == list(range(2, 2 + total))
             await b.check()
+
+
+async def test_a_call_as_large_as_a_publish_body_is_taken(start_server: Any) -> None:
+    """Larger than SignalR's 32 KiB default: a publisher's batch is as large as a
+    POST body may be (``max_publish_bytes``)."""
+    h: Harness = await start_server(max_publish_bytes=300_000)
+    site = new_site()
+    batch = [{"site_id": site, "pad": "x" * 1000} for _ in range(250)]
+    with trio.fail_after(CAP):
+        async with subscriber(h, site) as sub, open_publisher(h) as pub:
+            reply = await pub.call("Publish", "entries", batch)
+            assert reply["result"]["accepted"] == 250
+            assert (await sub.next_event())["seq"] == 1
+
+
+async def test_a_drain_answers_the_call_in_progress_before_it_closes(
+    start_server: Any, own_redis_server: RedisServer
+) -> None:
+    """A publisher cut off before its answer could not know what was accepted."""
+    h: Harness = await start_server(backplane=own_redis_server.url)
+    site = new_site()
+    with trio.fail_after(CAP):
+        async with open_publisher(h) as pub:
+            await pub.call("Publish", "entries", {"site_id": site})
+            await redis_command(own_redis_server.url, "CLIENT", "PAUSE", 800, "WRITE")
+            invocation_id = await pub.send("Publish", "entries", {"site_id": site, "id": "d"})
+            await trio.sleep(0.3)  # the call waits on Redis
+            h.server.request_shutdown()
+            reply = await pub.completion(invocation_id)
+            assert reply["result"] == {"accepted": 1, "ids": ["d"], "seqs": [2]}
+            closed = await pub.client.expect_close()
+            assert closed.close is not None and closed.close.get("allowReconnect") is True
+            # Accepted means stored: a subscriber resumes it after the restart.
+            async with RedisBackplane(own_redis_server.url) as stored:
+                history = await stored.history("entries", site, 1)
+            assert [(e.event_id, e.seq) for e in history.events] == [("d", 2)]
+
+
+async def test_a_call_past_its_deadline_is_unknown_and_the_calls_after_it_untried(
+    start_server: Any, own_redis_server: RedisServer
+) -> None:
+    """The call that timed out may have been applied; those queued behind it in the
+    same read were never sent to the backplane, and are told so."""
+    h: Harness = await start_server(backplane=own_redis_server.url, request_timeout=0.5)
+    site = new_site()
+    with trio.fail_after(CAP):
+        async with bystander(h) as b, open_publisher(h) as pub:
+            await pub.call("Publish", "entries", {"site_id": site})
+            await redis_command(own_redis_server.url, "CLIENT", "PAUSE", 1200, "WRITE")
+            # Two calls in one frame: one read, one batch.
+            records = [
+                {"type": 1, "invocationId": i, "target": "Publish", "arguments": ["entries", e]}
+                for i, e in [("8", {"site_id": site, "id": "u"}), ("9", {"site_id": site})]
+            ]
+            await pub.client.ws.send_text("".join(json.dumps(r) + RS for r in records))
+            unknown = await pub.completion("8")
+            assert "may or may not have been accepted" in unknown["error"], unknown
+            untried = await pub.completion("9")
+            assert "was not tried: nothing was accepted" in untried["error"], untried
+            await trio.sleep(0.8)  # Redis takes writes again
+            # The timed-out call did reach Redis: its retry is answered with its seq.
+            retry = await pub.call("Publish", "entries", {"site_id": site, "id": "u"})
+            assert retry["result"]["seqs"] == [2]
+            async with RedisBackplane(own_redis_server.url) as stored:
+                history = await stored.history("entries", site, 0)
+            assert [e.seq for e in history.events] == [1, 2]
+            await b.check()
+
+
+async def test_values_json_cannot_carry_are_refused_and_the_rest_written_exactly(
+    start_server: Any,
+) -> None:
+    """MessagePack can carry NaN, which no JSON subscriber can be sent: refused, as
+    the publish API refuses it. Integers past 64 bits, nulls and non-ASCII text
+    go out exactly as the publisher sent them."""
+    h: Harness = await start_server()
+    site = new_site()
+    with trio.fail_after(CAP):
+        async with (
+            bystander(h) as b,
+            subscriber(h, site) as sub,
+            open_publisher(h, protocol="messagepack") as pub,
+        ):
+            for bad in (float("nan"), float("inf")):
+                reply = await pub.call("Publish", "entries", {"site_id": b.site, "v": bad})
+                assert "event 0: cannot be encoded" in reply["error"], reply
+            await b.check()
+            event = {"site_id": site, "big": 2**64 - 1, "none": None, "name": "Zoë ✓"}
+            assert (await pub.call("Publish", "entries", event))["result"]["accepted"] == 1
+            received = await sub.next_event()
+            assert {k: received[k] for k in event} == event
+    async with open_publisher(h) as pub, subscriber(h, site) as sub:
+        event = {"site_id": site, "huge": 2**70, "f": 0.1}
+        assert (await pub.call("Publish", "entries", event))["result"]["seqs"] == [2]
+        received = await sub.next_event()
+        assert received["huge"] == 2**70 and received["f"] == 0.1
