@@ -218,9 +218,12 @@ def run(args: argparse.Namespace) -> dict[str, object]:
         # connection, as a real publisher's would; over 20,000 that is noise.
         pids = process_tree(server.pid)
         if args.py_spy:
+            py_spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+            if not Path(py_spy).exists():
+                raise BenchError("--py-spy needs py-spy (pip install py-spy)")
             spy = subprocess.Popen(
                 [
-                    str(Path(sys.executable).parent / "py-spy"),
+                    py_spy,
                     "record",
                     "-r",
                     "500",
