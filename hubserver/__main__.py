@@ -164,6 +164,12 @@ def _parser() -> argparse.ArgumentParser:
         help="open hub connections per token subject, 429 above (0 = off)",
     )
     _add(s, "--log-level", default="info", help="debug, info, warning or error")
+    _add(
+        s,
+        "--access-log",
+        action="store_true",
+        help="log every HTTP request at INFO (by default only refusals and errors)",
+    )
     # Set by the --workers parent for its workers only.
     s.add_argument("--reuse-port", action="store_true", help=argparse.SUPPRESS)
     s.add_argument("--broker-socket", type=Path, help=argparse.SUPPRESS)
@@ -244,6 +250,7 @@ def _config(args: argparse.Namespace) -> ServerConfig:
         max_connections_per_ip=int(args.max_connections_per_ip),
         max_hub_connections_per_subject=int(args.max_hub_connections_per_subject),
         allow_any_audience=bool(args.no_audience_check),
+        access_log=bool(args.access_log),
     )
 
 

@@ -77,6 +77,8 @@ class ServerConfig:
             subject (429 at the upgrade above it; 0 turns it off).
         allow_any_audience: with a JWKS, accept tokens without checking ``aud``
             (``--no-audience-check``); otherwise ``audience`` is required.
+        access_log: log every HTTP request at INFO (``--access-log``); without
+            it only refusals and errors are logged.
     """
 
     host: str = "127.0.0.1"
@@ -112,6 +114,7 @@ class ServerConfig:
     max_connections_per_ip: int = 1000
     max_hub_connections_per_subject: int = 100
     allow_any_audience: bool = False
+    access_log: bool = False
 
     def __post_init__(self) -> None:
         if self.jwks_file is not None and self.jwks_url is not None:

@@ -22,6 +22,7 @@ import hubserver.connection._session as session_module
 from hubserver.auth import DevKey
 from hubserver.connection import ACCESS_REVOKED_TEXT
 from hubserver.connection._guard import TaskGuard
+from hubserver.http._protocol import HttpConnection
 from hubserver.permissions import Role
 
 from .conftest import Harness
@@ -174,23 +175,24 @@ async def test_a_ping_flood_without_reading_is_bounded_then_closed(start_server:
 async def test_a_revoke_while_the_101_is_written_reaches_the_connection(
     start_server: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # A slow network at the I/O boundary: the 101's write takes as long as the
-    # test wants. The old code registered the connection with the permission
-    # watcher only after that write, so a revoke during it was never applied.
+    # A slow network at the I/O boundary (the front's one write method): the
+    # 101's write takes as long as the test wants. The old code registered the
+    # connection with the permission watcher only after that write, so a revoke
+    # during it was never applied.
     writing, release = trio.Event(), trio.Event()
-    send_all = trio.SocketStream.send_all
+    write = HttpConnection._write
 
-    async def slow_101(self: trio.SocketStream, data: bytes | bytearray | memoryview) -> None:
-        if bytes(data[:12]) == b"HTTP/1.1 101":
+    async def slow_101(self: HttpConnection, data: bytes) -> None:
+        if data[:12] == b"HTTP/1.1 101":
             writing.set()
             await release.wait()
-        await send_all(self, data)
+        await write(self, data)
 
     h: Harness = await start_server(permission_poll_interval=0.05)
     h.grant("s1", "alice", Role.SITE_ADMIN)
     with trio.fail_after(CAP):
         async with bystander(h) as b:
-            monkeypatch.setattr(trio.SocketStream, "send_all", slow_101)
+            monkeypatch.setattr(HttpConnection, "_write", slow_101)
             async with trio.open_nursery() as nursery:
                 opened: list[Any] = []
 

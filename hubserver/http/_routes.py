@@ -1,0 +1,465 @@
+"""What each path answers: health, the publish API, and the hubs (negotiate and upgrade).
+
+Handlers take a ``Request`` and return a ``Response``, or an ``Upgrade`` (the
+hub session to run once the connection's protocol has sent the 101). Checks
+return a ``Refusal`` instead of raising; each route family renders it in its
+one shape: text for the hubs and the rest, JSON for ``/v1/events/...``.
+
+The hubs are one table, ``HUBS``: the name under ``/v1/hub/``, the scope its
+tokens need, and the check that turns a request into a ``HubGrant`` (what the
+connection opens, and how its session starts). Everything else about a hub
+(draining, negotiate, the upgrade's headers, the token, HEAD, the
+per-subject limit, the negotiated id, the 101) is the same for every hub and
+lives here once. A hub with another kind of session, another scope and other
+query parameters is one more entry and its check function.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from functools import partial
+from typing import Final, NamedTuple, Protocol
+
+import trio
+
+from hubserver.app import HUB_SCOPE, PUBLISH_SCOPE
+from hubserver.auth import AuthError, Claims, extract_token
+from hubserver.backplane import BackplaneError, BackplaneUnavailable
+from hubserver.connection import MAX_RESUME_SEQ, HubSession
+from hubserver.permissions import PermissionStoreUnavailable
+from hubserver.routing import GroupKey, Hub, PublishError, parse_publish_body
+from hubserver.routing._events import MAX_ID_CHARS
+from hubserver.transports import UpgradeError, check_upgrade
+from hubserver.transports.negotiate import negotiate_body
+
+from ._request import JSON, Refusal, Request, Response, refusal_response
+
+__all__ = [
+    "EVENTS_PREFIX",
+    "HUBS",
+    "HUB_PREFIX",
+    "PUBLISHER_HUB",
+    "HubGrant",
+    "HubRoute",
+    "Session",
+    "Upgrade",
+    "authenticate",
+    "respond",
+]
+
+log = logging.getLogger("hubserver.http")
+
+HUB_PREFIX: Final = "/v1/hub/"
+EVENTS_PREFIX: Final = "/v1/events/"
+#: Bodies of requests that take none (health, negotiate) are read and dropped up to this.
+MAX_IGNORED_BODY_BYTES: Final = 64 * 1024
+#: How long one connection reuses a token it verified before asking the
+#: verifier again (whose shared cache keeps successes as long: a key removed
+#: from the JWKS stops working within that time on keep-alive connections too).
+TOKEN_MEMO_MAX_AGE: Final = 60.0
+
+
+class Session(Protocol):
+    """A hub connection after its upgrade: what the server runs and counts."""
+
+    @property
+    def session_id(self) -> int: ...
+
+    @property
+    def subject(self) -> str: ...
+
+    def discard(self) -> None:
+        """The 101 never went out: end a registered session that will not run."""
+        ...
+
+    async def run(self) -> None: ...
+
+
+#: Makes (and registers) a hub's session from the stream and the bytes that
+#: came after the upgrade request; called just before the 101 is written.
+StartSession = Callable[[trio.SocketStream, bytes], Session]
+
+
+class HubGrant(NamedTuple):
+    """What a hub's check allows a request to open."""
+
+    #: What the connection opens: a negotiated connection id is bound to it.
+    stream: str
+    #: For the log line of the new session (no ids a client chose beyond what it needs).
+    description: str
+    start: StartSession
+
+
+class HubRoute(NamedTuple):
+    """One hub: the scope its tokens need, and its own checks."""
+
+    scope: str
+    #: After the token and its scope: the hub's parameters and rights.
+    authorize: Callable[[Request, Claims], Awaitable[HubGrant | Refusal]]
+
+
+class Upgrade(NamedTuple):
+    """Switch this connection to a hub session (the protocol writes the 101).
+
+    The subject was counted with ``App.hub_opened``; whoever fails to start
+    the session releases it with ``App.hub_closed``.
+    """
+
+    key: bytes
+    subject: str
+    grant: HubGrant
+
+
+# -- the token -------------------------------------------------------------------------
+
+
+_MISSING_TOKEN: Final = Refusal(401, "unauthorized", "missing access token")
+
+
+async def authenticate(request: Request, scope: str) -> Claims | Refusal:
+    """The claims of the request's token, which must carry ``scope``; or why not.
+
+    The connection remembers the last token it verified for a scope
+    (``TokenMemo``): the same token again skips the verifier, but never its
+    expiry: ``exp`` plus the configured leeway is checked on every request.
+    """
+    token = extract_token(request.headers, request.query)
+    if token is None:
+        return _MISSING_TOKEN
+    io = request.io
+    app = io.app
+    memo = io.tokens
+    now = time.time()
+    claims = memo.claims
+    if (
+        claims is not None
+        and token == memo.token
+        and scope == memo.scope
+        and trio.current_time() - memo.verified_at < TOKEN_MEMO_MAX_AGE
+        and (claims.expires_at is None or now < claims.expires_at + app.config.token_leeway)
+    ):
+        return claims
+    memo.claims = None
+    try:
+        claims = await app.verifier.verify(token, now)
+    except AuthError as exc:
+        if exc.status == 401:
+            return Refusal(401, "unauthorized", str(exc), text=f"unauthorized: {exc}")
+        return Refusal(exc.status, "error", str(exc))
+    if not claims.has_scope(scope):
+        message = f"the token lacks the '{scope}' scope"
+        return Refusal(403, "forbidden", message, text=f"forbidden: {message}")
+    memo.token, memo.scope, memo.claims = token, scope, claims
+    memo.verified_at = trio.current_time()
+    return claims
+
+
+# -- dispatch --------------------------------------------------------------------------
+
+
+_NOT_FOUND: Final = Refusal(404, "not_found", "not found")
+
+
+def _text(refusal: Refusal) -> Response:
+    return refusal_response(refusal, is_json=False)
+
+
+def _json(refusal: Refusal) -> Response:
+    return refusal_response(refusal, is_json=True)
+
+
+async def respond(request: Request) -> Response | Upgrade:
+    """Answer one request (its body, if any, is read by the handler that wants it)."""
+    path = request.path
+    if path.startswith(EVENTS_PREFIX):
+        hub = _EVENT_HUBS.get(path[len(EVENTS_PREFIX) :].rstrip("/"))
+        if hub is None:
+            return _json(_NOT_FOUND)
+        return await _publish(request, hub)
+    if path.startswith(HUB_PREFIX):
+        return await _hub(request, path[len(HUB_PREFIX) :].rstrip("/"))
+    if path == "/healthz":
+        return await _simple(request, 200, "ok")
+    if path == "/readyz":
+        app = request.io.app
+        ready = app.is_ready and not app.is_draining and app.broker.backplane.is_available
+        ready = ready and app.store.is_available
+        return await _simple(request, 200 if ready else 503, "ready" if ready else "not ready")
+    return _text(_NOT_FOUND)
+
+
+async def _simple(request: Request, status: int, text: str) -> Response:
+    if request.method not in (b"GET", b"HEAD"):
+        return _text(Refusal(405, "method_not_allowed", "method not allowed"))
+    if not await request.io.discard_body(MAX_IGNORED_BODY_BYTES):
+        return _text(Refusal(413, "too_large", "request body too large"))
+    return Response(status, (text + "\n").encode())
+
+
+# -- the publish API -------------------------------------------------------------------
+
+
+_EVENT_HUBS: Final = {hub.value: hub for hub in Hub}
+_DRAINING: Final = Refusal(
+    503,
+    "unavailable",
+    "server is shutting down; nothing was accepted, retry with the same ids",
+    extra={"outcome": "not_accepted"},
+)
+_BACKPLANE_UNAVAILABLE: Final = Refusal(
+    503,
+    "unavailable",
+    "the event backplane is unavailable; nothing was accepted, retry later",
+    extra={"outcome": "not_accepted"},
+)
+_BACKPLANE_FAILED: Final = Refusal(
+    503,
+    "unavailable",
+    "the event backplane failed; the events may or may not have been accepted: "
+    "retry later with the same ids",
+    extra={"outcome": "unknown"},
+)
+#: json.dumps's own string encoder (ensure_ascii), without its per-call setup.
+_encode_string: Final[Callable[[str], str]] = json.encoder.encode_basestring_ascii
+
+
+async def _publish(request: Request, hub: Hub) -> Response:
+    if request.method != b"POST":
+        return _json(Refusal(405, "method_not_allowed", "use POST"))
+    claims = await authenticate(request, PUBLISH_SCOPE)
+    if isinstance(claims, Refusal):
+        return _json(claims)
+    app = request.io.app
+    if app.is_draining:
+        return _json(_DRAINING)
+    limit = app.config.max_publish_bytes
+    for name, value in request.headers:
+        if name == b"content-length" and int(value) > limit:
+            return _json(Refusal(413, "too_large", f"the body is larger than {limit} bytes"))
+    # The request deadline bounds this read (408 from the protocol).
+    body = await request.io.read_body(limit)
+    if body is None:
+        return _json(Refusal(413, "too_large", f"the body is larger than {limit} bytes"))
+    try:
+        events = parse_publish_body(body)
+        request.is_committed = True  # a publish that reached the backplane may have been applied
+        published = await app.broker.publish(hub, events)
+    except BackplaneUnavailable as exc:
+        log.warning("publish refused, backplane unavailable: %s", exc)
+        return _json(_BACKPLANE_UNAVAILABLE)
+    except BackplaneError as exc:
+        # Redis refused or failed mid-way (OOM, READONLY, NOPERM, a malformed
+        # reply...): the events may or may not be stored. Retrying with the same
+        # ids is safe (the publish API is idempotent on id).
+        log.warning("publish failed, outcome unknown: %s", exc)
+        return _json(_BACKPLANE_FAILED)
+    except PublishError as exc:
+        log.info("publish refused: %s", exc)
+        code = "invalid_event" if exc.index is not None else "invalid_body"
+        extra = None if exc.index is None else {"index": exc.index}
+        return _json(Refusal(exc.status, code, str(exc), extra=extra))
+    # {"accepted":n,"ids":[...],"seqs":[...]}, as json.dumps would write it.
+    ids = ",".join([_encode_string(event.event_id) for event in published])
+    seqs = ",".join([str(event.seq) for event in published])
+    text = f'{{"accepted":{len(published)},"ids":[{ids}],"seqs":[{seqs}]}}'
+    return Response(202, text.encode(), JSON)
+
+
+# -- the hubs --------------------------------------------------------------------------
+
+
+async def _hub(request: Request, name: str) -> Response | Upgrade:
+    """Negotiate, or upgrade to a hub session (returned, not yet running)."""
+    is_negotiate = name.endswith("/negotiate")
+    route = HUBS.get(name.removesuffix("/negotiate"))
+    if route is None:
+        return _text(_NOT_FOUND)
+    if request.io.app.is_draining:
+        return _text(Refusal(503, "unavailable", "server is shutting down"))
+    if is_negotiate:
+        return await _negotiate(request, route)
+    return await _upgrade(request, route)
+
+
+async def _authorize(request: Request, route: HubRoute) -> tuple[Claims, HubGrant] | Refusal:
+    """Token, scope, then the hub's own checks, in the order the reference checks them."""
+    claims = await authenticate(request, route.scope)
+    if isinstance(claims, Refusal):
+        return claims
+    grant = await route.authorize(request, claims)
+    if isinstance(grant, Refusal):
+        return grant
+    return claims, grant
+
+
+async def _negotiate(request: Request, route: HubRoute) -> Response:
+    if request.method != b"POST":
+        return _text(Refusal(405, "method_not_allowed", "negotiate takes POST"))
+    authorized = await _authorize(request, route)
+    if isinstance(authorized, Refusal):
+        return _text(authorized)
+    claims, grant = authorized
+    if not await request.io.discard_body(MAX_IGNORED_BODY_BYTES):
+        return _text(Refusal(413, "too_large", "request body too large"))
+    # Spec §6: missing negotiateVersion is 0; we answer min(requested, 1).
+    requested = request.query.get("negotiateversion", "0")
+    # ASCII digits only: str.isdigit() also takes '²' and other digits int() refuses.
+    if not requested.isascii() or not requested.isdigit():
+        body = {"error": "The client requested a non-integer protocol version."}
+        return Response(200, json.dumps(body, separators=(",", ":")).encode(), JSON)
+    # min(int(requested), 1) without int(): a long run of digits is no error either.
+    version = 0 if not requested.strip("0") else 1
+    app = request.io.app
+    connection_id, token = app.negotiations.create(
+        grant.stream, claims.subject, trio.current_time()
+    )
+    if version == 0:
+        connection_id = token  # version 0 clients send the connectionId as `id`
+    return Response(200, negotiate_body(connection_id, token, version), JSON)
+
+
+async def _upgrade(request: Request, route: HubRoute) -> Response | Upgrade:
+    # HEAD gets GET's checks and answers; only the upgrade itself needs GET.
+    is_head = request.is_head
+    try:
+        key = check_upgrade(b"GET" if is_head else request.method, request.headers)
+    except UpgradeError as exc:
+        return _text(Refusal(exc.status, "bad_request", str(exc)))
+    for header, value in request.headers:
+        # A body would be read as the WebSocket's first frames (RFC 6455 §4.1:
+        # the opening handshake is a GET without one).
+        if (header == b"content-length" and value != b"0") or header == b"transfer-encoding":
+            return _text(Refusal(400, "bad_request", "a WebSocket upgrade request has no body"))
+    authorized = await _authorize(request, route)
+    if isinstance(authorized, Refusal):
+        return _text(authorized)
+    claims, grant = authorized
+    if is_head:
+        return _text(Refusal(405, "method_not_allowed", "WebSocket upgrades use GET"))
+    app = request.io.app
+    # Before the negotiation's id is claimed: a refused client can retry with it.
+    if not app.hub_opened(claims.subject):
+        return _text(
+            Refusal(
+                429,
+                "too_many_connections",
+                "too many open hub connections for this subject; retry later",
+                is_limit=True,
+            )
+        )
+    connection_token = request.query.get("id")
+    if connection_token is not None and not app.negotiations.claim(
+        connection_token, grant.stream, claims.subject, trio.current_time()
+    ):
+        app.hub_closed(claims.subject)  # no session will end to release it
+        return _text(Refusal(404, "not_found", "No Connection with that ID"))
+    return Upgrade(key, claims.subject, grant)
+
+
+# -- the subscriber hubs: a site's stream, or one user's at a site -----------------------
+
+
+def _since_seq(query: Mapping[str, str]) -> int | Refusal | None:
+    """The ``since_seq`` resume point: the last seq the client received."""
+    value = query.get("since_seq")
+    if value is None:
+        return None
+    # The length check first: int() of a long digit string costs quadratic time.
+    if not (value.isascii() and value.isdigit() and len(value) <= 16) or (
+        int(value) > MAX_RESUME_SEQ
+    ):
+        return Refusal(
+            400, "bad_request", f"'since_seq' must be an integer from 0 to {MAX_RESUME_SEQ}"
+        )
+    return int(value)
+
+
+async def _site_stream(hub: Hub, request: Request, claims: Claims) -> HubGrant | Refusal:
+    """site_id, user_id, the site role, since_seq: a subscriber of one stream."""
+    query = request.query
+    site_id = query.get("site_id", "")
+    if not site_id:
+        return Refusal(400, "bad_request", "the 'site_id' query parameter is required")
+    user_id = query.get("user_id")
+    if user_id is not None and not user_id:
+        return Refusal(400, "bad_request", "the 'user_id' query parameter must not be empty")
+    # As on the publish API; checked before the role lookup, whose cache keeps every pair.
+    if len(site_id) > MAX_ID_CHARS or (user_id is not None and len(user_id) > MAX_ID_CHARS):
+        return Refusal(
+            400, "bad_request", f"'site_id' and 'user_id' are at most {MAX_ID_CHARS} characters"
+        )
+    group = GroupKey(hub, site_id, user_id)
+    app = request.io.app
+    try:
+        is_allowed = await app.may_open(group, claims.subject)
+    except PermissionStoreUnavailable:
+        return Refusal(503, "unavailable", "permission store unavailable")  # the watcher logs it
+    if not is_allowed:
+        # The same answer for an unknown site and a site without rights: no enumeration.
+        return Refusal(403, "forbidden", "forbidden: no access to this stream")
+    since_seq = _since_seq(query)
+    if isinstance(since_seq, Refusal):
+        return since_seq
+
+    def start(stream: trio.SocketStream, received: bytes) -> HubSession:
+        session = HubSession(
+            stream=stream,
+            received=received,
+            ctx=app.session_context(),
+            key=group,
+            subject=claims.subject,
+            # The token stays valid for the verifier's leeway past exp; so does the connection.
+            token_expires_at=(
+                None if claims.expires_at is None else claims.expires_at + app.config.token_leeway
+            ),
+            session_id=app.next_id(),
+            since_seq=since_seq,
+        )
+        # Registered before the 101 goes out: a revoke or a drain during the
+        # write reaches this connection (it acts once its task runs).
+        session.register()
+        return session
+
+    stream_name = f"{hub.value}\x00{site_id}\x00{user_id or ''}"
+    scope = "site stream" if user_id is None else "site stream of one user"
+    return HubGrant(stream_name, f"{hub.value} hub, {scope}", start)
+
+
+# -- the publisher hub: Publish(hub, events) over a persistent connection ---------------
+
+
+#: ``/v1/hub/publish``, and the stream a negotiated publisher connection is bound to.
+PUBLISHER_HUB: Final = "publish"
+
+
+async def _publisher(request: Request, claims: Claims) -> HubGrant:
+    """A publisher's connection: the scope was all it needed; it joins no group."""
+    app = request.io.app
+
+    def start(stream: trio.SocketStream, received: bytes) -> HubSession:
+        session = HubSession(
+            stream=stream,
+            received=received,
+            ctx=app.session_context(),
+            key=None,
+            subject=claims.subject,
+            token_expires_at=(
+                None if claims.expires_at is None else claims.expires_at + app.config.token_leeway
+            ),
+            session_id=app.next_id(),
+        )
+        session.register()
+        return session
+
+    return HubGrant(PUBLISHER_HUB, "publisher hub", start)
+
+
+#: The hubs under ``/v1/hub/``: name -> the scope its tokens need and its own checks.
+HUBS: Final[Mapping[str, HubRoute]] = {
+    Hub.ENTRIES.value: HubRoute(HUB_SCOPE, partial(_site_stream, Hub.ENTRIES)),
+    Hub.INCIDENTS.value: HubRoute(HUB_SCOPE, partial(_site_stream, Hub.INCIDENTS)),
+    PUBLISHER_HUB: HubRoute(PUBLISH_SCOPE, _publisher),
+}
