@@ -378,7 +378,9 @@ def test_json_integer_beyond_int_max_str_digits() -> None:
 
 
 def test_json_long_integers_keep_their_value() -> None:
-    for value in (2**63, -(2**63) - 1, 2**64, 10**100, -(10**18)):
+    # Around the fast path's limits: orjson is exact up to 2**64 - 1 and down to -2**63.
+    boundaries = (10**19 - 1, 2**64 - 1, 2**64, 10**19, -(2**63), -(2**63) - 1, -(10**19) + 1)
+    for value in (2**63, 2**64, 10**100, -(10**18), *boundaries):
         record = b'{"type":1,"target":"a","arguments":[%d]}\x1e' % value
         assert JSON.parse_messages(record) == [Invocation(target="a", arguments=[value])]
 
