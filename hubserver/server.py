@@ -206,7 +206,6 @@ async def _run(app: App, task_status: trio.TaskStatus[RunningServer]) -> None:
                         config.max_publish_bytes + PUBLISH_INVOCATION_OVERHEAD,
                     ),
                 ),
-                publish_timeout=config.request_timeout,
             )
             async with trio.open_nursery() as root:
                 accept_scope = trio.CancelScope()

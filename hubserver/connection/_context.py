@@ -75,7 +75,6 @@ class SessionContext:
         publish: the broker's publish, for publisher connections.
         publisher_limits: hubcore's limits for publisher connections (a
             message may be as large as a publish request's body).
-        publish_timeout: the most one ``Publish`` call may take.
     """
 
     limits: HubLimits
@@ -90,4 +89,3 @@ class SessionContext:
     slow_client_timeout: float = 5.0
     publish: PublishFn | None = None
     publisher_limits: HubLimits | None = None
-    publish_timeout: float = 15.0

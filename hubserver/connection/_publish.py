@@ -7,6 +7,14 @@ That is the backpressure: while the broker's dispatch window is full,
 ``run`` waits, the connection does not read, and what the publisher sends
 meanwhile stays in its socket. What waits here is one read's worth.
 
+Every wait of a call has the backplane's deadline: each backplane bounds
+its own operations (Redis and the workers' broker: ``op_timeout``, after
+which the outcome is unknown; the in-process one never waits), and the
+broker's window waits only for its dispatcher's next round, which runs
+without waiting. A cancel scope per call would add nothing but its cost
+(measured: about a quarter of a small call's server CPU, through Trio's
+deadline bookkeeping).
+
 A call is published all or nothing, with the HTTP API's rules and answers:
 its Completion carries ``{"accepted", "ids", "seqs"}``, and an error says
 whether anything may have been accepted (a retry with the same ids is
@@ -20,8 +28,6 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from typing import Final
-
-import trio
 
 from hubcore import Completion, Invocation
 from hubserver.backplane import BackplaneError, BackplaneUnavailable
@@ -39,10 +45,6 @@ _HUBS: Final = {hub.value: hub for hub in Hub}
 _THREW: Final = "An unexpected error occurred invoking 'Publish' on the server. HubException: "
 _BAD_ARGUMENTS: Final = "Failed to invoke 'Publish' due to an error on the server. HubException: "
 _UNAVAILABLE: Final = "the event backplane is unavailable; nothing was accepted, retry later"
-_NOT_TRIED: Final = (
-    "an earlier call of this connection timed out; this one was not tried: nothing was "
-    "accepted, retry later"
-)
 _UNKNOWN: Final = (
     "the event backplane failed or did not answer in time; the events may or may not "
     "have been accepted: retry later with the same ids"
@@ -61,19 +63,15 @@ class PublishCalls:
 
     Args:
         publish: the broker's publish (all or nothing; backpressure inside).
-        timeout: the most one call may take; past it, its outcome is unknown.
         stats: the server's counters (``publish_failed`` counts every call
             refused or failed, answered or not).
         session_id: for the log.
     """
 
-    __slots__ = ("_publish", "_queue", "_session_id", "_silent", "_stats", "_timeout", "is_running")
+    __slots__ = ("_publish", "_queue", "_session_id", "_silent", "_stats", "is_running")
 
-    def __init__(
-        self, publish: PublishFn, timeout: float, stats: SessionStats, session_id: int
-    ) -> None:
+    def __init__(self, publish: PublishFn, stats: SessionStats, session_id: int) -> None:
         self._publish = publish
-        self._timeout = timeout
         self._stats = stats
         self._session_id = session_id
         self._queue: list[_Call] = []
@@ -110,40 +108,18 @@ class PublishCalls:
         return None
 
     async def run(self) -> list[Completion]:
-        """Publish what is queued, in order; the answers to send (none for fire-and-forget).
-
-        Each call has ``timeout``; past it, that call's outcome is unknown and
-        the calls after it are refused untried (nothing of them was published).
-        """
+        """Publish what is queued, in order; the answers to send (none for fire-and-forget)."""
         queue, self._queue = self._queue, []
         replies: list[Completion] = []
         self.is_running = True
-        # One scope for the batch, its deadline moved per call: a scope per call
-        # costs more than the rest of a small call's bookkeeping.
-        scope = trio.CancelScope()
-        done = 0
         try:
-            with scope:
-                for call in queue:
-                    scope.deadline = trio.current_time() + self._timeout
-                    reply = await self._run_one(call)
-                    done += 1
-                    if reply is not None:
-                        replies.append(reply)
-            if scope.cancelled_caught:
-                log.warning(
-                    "session %d: publish failed, outcome unknown: timed out", self._session_id
-                )
-                self._answer(replies, queue[done], _UNKNOWN)
-                for call in queue[done + 1 :]:
-                    self._answer(replies, call, _NOT_TRIED)
+            for call in queue:
+                reply = await self._run_one(call)
+                if reply is not None:
+                    replies.append(reply)
         finally:
             self.is_running = False
         return replies
-
-    def _answer(self, replies: list[Completion], call: _Call, why: str) -> None:
-        if (reply := self._refuse(call.invocation_id, _THREW, why)) is not None:
-            replies.append(reply)
 
     async def _run_one(self, call: _Call) -> Completion | None:
         try:

@@ -119,7 +119,7 @@ class HubSession:
         if key is None:
             if ctx.publish is None:
                 raise ValueError("a publisher connection needs the context's publish")
-            self._calls = PublishCalls(ctx.publish, ctx.publish_timeout, ctx.stats, session_id)
+            self._calls = PublishCalls(ctx.publish, ctx.stats, session_id)
             limits = ctx.publisher_limits or limits
         self._close_after_calls: Close | None = None  # asked while calls were being published
         self._hub = HubConnection(now=now, limits=limits)
