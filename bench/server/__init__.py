@@ -16,8 +16,9 @@ too, chosen with ``--servers``: ``hubserver-w2`` (``--workers 2``) and
 ``hubserver-redis2`` (two nodes sharing a redis-server the bench starts).
 The load client is the same for all: several processes (``loadclient``),
 each an epoll loop over non-blocking sockets that parses frames from bytes
-and counts events exactly (``wire``); the publisher (``publisher``) runs in
-the bench's own process. ``harness`` holds what the three profiles share,
+and counts events exactly (``wire``); the publisher (``publisher``, or
+``hubpublisher`` over the publisher hub, both on ``publishloop``'s run loop)
+runs in the bench's own process. ``harness`` holds what the three profiles share,
 ``plot`` the ``--plot`` figure, and ``pyspy_summary`` reads the profiles
 ``fanout --py-spy DIR`` records.
 """

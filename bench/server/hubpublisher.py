@@ -30,13 +30,12 @@ import json
 import selectors
 import socket
 import time
-from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Final
 from urllib.parse import quote
 
 from bench.profile import BenchError
-from bench.server.publisher import EventFactory, PublishResult, Request
+from bench.server.publishloop import PublishLoop, PublishResult
 from bench.server.wire import (
     OP_CLOSE,
     OP_PING,
@@ -159,7 +158,7 @@ class _HubConn:
         return self.waiting_id is not None
 
 
-class HubPublisher:
+class HubPublisher(PublishLoop[_HubConn]):
     """Publishes requests as ``Publish`` invocations over ``connections`` hub connections.
 
     The same interface as ``bench.server.publisher.Publisher``: ``run`` then ``close``.
@@ -169,6 +168,9 @@ class HubPublisher:
             refused, no 101 (a server without the publisher hub answers 404),
             or the hub handshake failed.
     """
+
+    _REQUESTS = "invocations"
+    _ANSWER = "completion"
 
     def __init__(
         self,
@@ -181,19 +183,10 @@ class HubPublisher:
         connections: int = 4,
         timeout: float = 30.0,
     ) -> None:
-        self.host = host
-        self.port = port
-        self.timeout = timeout
+        super().__init__(host, port, timeout=timeout)
         self.hub = hub
         self._target = path if token is None else f"{path}?access_token={quote(token, safe='')}"
-        self._selector = selectors.DefaultSelector()
-        self._conns: list[_HubConn] = []
-        try:
-            for _ in range(max(1, connections)):
-                self._conns.append(self._open())
-        except BaseException:
-            self.close()
-            raise
+        self._open_all(connections)
 
     # -- opening -------------------------------------------------------------------
 
@@ -265,149 +258,22 @@ class HubPublisher:
         except (HubClosed, OpeningError) as exc:
             raise BenchError(f"publisher hub: handshake failed: {exc}") from exc
 
-    def close(self) -> None:
-        for conn in self._conns:
-            self._selector.unregister(conn.sock)
-            conn.sock.close()
-        self._conns = []
-        self._selector.close()
-
-    def stop(self) -> None:
-        self.close()
-
     # -- publishing ----------------------------------------------------------------
 
-    def run(
-        self,
-        requests: Sequence[Request],
-        factory: EventFactory,
-        *,
-        rate: float | None = None,
-        deadline: float | None = None,
-        on_progress: Callable[[int], None] | None = None,
-    ) -> PublishResult:
-        """Send every request: back to back (``rate`` None) or ``rate`` per second.
+    def _start(self, conn: _HubConn, body: bytes) -> bytes:
+        invocation_id = conn.next_id
+        conn.next_id += 1
+        conn.waiting_id = str(invocation_id)
+        return client_frame(OP_TEXT, publish_invocation(invocation_id, self.hub, body))
 
-        ``deadline`` (monotonic seconds) stops sending; what was not sent by then
-        is simply not published (the clients will count it as lost).
-        """
-        result = PublishResult()
-        started = time.monotonic()
-        self._ping_quiet(started)
-        idle = list(self._conns)
-        busy = 0
-        index = 0
-        total = len(requests)
-        next_progress = started
-        selector = self._selector
-        hub = self.hub
-        while index < total or busy:
-            now = time.monotonic()
-            if deadline is not None and now > deadline:
-                result.errors["publisher deadline passed"] += total - index
-                break
-            while idle and index < total and (rate is None or index <= (now - started) * rate):
-                conn = idle.pop()
-                request = requests[index]
-                index += 1
-                invocation_id = conn.next_id
-                conn.next_id += 1
-                t = time.time_ns()
-                record = publish_invocation(invocation_id, hub, factory.body(request, t))
-                if not result.first_send_ns:
-                    result.first_send_ns = t
-                result.last_send_ns = t
-                conn.waiting_id = str(invocation_id)
-                conn.events = len(request)
-                busy += 1
-                result.requests += 1
-                result.events_sent += len(request)
-                if not self._send(conn, client_frame(OP_TEXT, record)):
-                    result.errors["the server stopped taking invocations"] += total - index + busy
-                    return result
-            if rate is not None and idle and index < total:
-                wait = max(0.0, started + index / rate - time.monotonic())
-            else:
-                wait = 0.5
-            for key, mask in selector.select(min(wait, 0.5)):
-                conn = key.data
-                if mask & selectors.EVENT_WRITE and conn.out:
-                    out, conn.out = conn.out, b""
-                    selector.modify(conn.sock, selectors.EVENT_READ, conn)
-                    if not self._send(conn, out):
-                        result.errors["the server stopped taking invocations"] += (
-                            total - index + busy
-                        )
-                        return result
-                if not mask & selectors.EVENT_READ:
-                    continue
-                was_busy = conn.is_busy
-                is_alive = self._receive(conn, result)
-                if was_busy and not conn.is_busy:
-                    busy -= 1
-                    if is_alive:
-                        idle.append(conn)
-                if not is_alive:
-                    if conn in idle:
-                        idle.remove(conn)
-                    try:
-                        idle.append(self._reopen(conn))
-                    except BenchError as exc:
-                        result.errors[f"cannot reconnect: {exc}"] += total - index + busy
-                        return result
-            if on_progress is not None and now >= next_progress:
-                next_progress = now + 0.2
-                on_progress(index)
-            if busy and self._stalled(result):
-                result.errors[f"no completion within {self.timeout:g} s"] += busy
-                break
-            self._ping_quiet(now)
-        return result
-
-    def _ping_quiet(self, now: float) -> None:
+    def _tick(self, now: float) -> None:
+        """Ping each connection quiet for ``PING_INTERVAL``, so the server keeps it."""
         for conn in self._conns:
             if not conn.out and now - conn.last_send > PING_INTERVAL:
                 self._send(conn, client_frame(OP_TEXT, SIGNALR_PING))
 
-    def _stalled(self, result: PublishResult) -> bool:
-        last = result.last_response_ns or result.first_send_ns
-        return time.time_ns() - last > self.timeout * 1e9
-
-    def _send(self, conn: _HubConn, data: bytes) -> bool:
-        """Write (what the kernel does not take waits for EVENT_WRITE); False if the
-        connection broke."""
-        conn.last_send = time.monotonic()
-        if conn.out:
-            conn.out += data
-            return True
-        try:
-            sent = conn.sock.send(data)
-        except BlockingIOError:
-            sent = 0
-        except OSError:
-            return False
-        if sent < len(data):
-            conn.out = data[sent:]
-            self._selector.modify(conn.sock, selectors.EVENT_READ | selectors.EVENT_WRITE, conn)
-        return True
-
-    def _reopen(self, conn: _HubConn) -> _HubConn:
-        self._selector.unregister(conn.sock)
-        conn.sock.close()
-        self._conns.remove(conn)
-        fresh = self._open()
-        self._conns.append(fresh)
-        return fresh
-
-    def _receive(self, conn: _HubConn, result: PublishResult) -> bool:
-        """Read and take the completions; False when the connection is over."""
-        try:
-            data = conn.sock.recv(_RECEIVE_BYTES)
-        except BlockingIOError:
-            return True
-        except OSError as exc:
-            data = b""
-            result.errors[f"recv: {exc}"] += 1
+    def _take(self, conn: _HubConn, data: bytes, result: PublishResult) -> bool:
+        """Take the completions; False when the connection is over."""
         reason = "connection closed"
         records: list[dict[str, object]] = []
         if data:

@@ -14,12 +14,11 @@ import random
 import selectors
 import socket
 import time
-from collections import Counter
-from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Final
 
 from bench.profile import BenchError
+from bench.server.publishloop import PublishLoop, PublishResult, Request
 from bench.server.wire import site_name
 from bench.workload import access_entries
 
@@ -34,10 +33,6 @@ __all__ = [
 ]
 
 _VARIANTS: Final = 64
-_RECEIVE_BYTES: Final = 65536
-
-#: One request: the (site index, sequence) of each event it carries.
-Request = Sequence[tuple[int, int]]
 
 
 class EventFactory:
@@ -115,25 +110,6 @@ def plan_requests(
     return [events[i : i + batch] for i in range(0, len(events), batch)]
 
 
-@dataclass(slots=True)
-class PublishResult:
-    """What the publisher did."""
-
-    requests: int = 0
-    ok: int = 0
-    events_sent: int = 0
-    events_accepted: int = 0
-    statuses: Counter[int] = field(default_factory=Counter)
-    errors: Counter[str] = field(default_factory=Counter)
-    first_send_ns: int = 0  # time.time_ns()
-    last_send_ns: int = 0
-    last_response_ns: int = 0
-
-    @property
-    def failed(self) -> int:
-        return self.requests - self.ok
-
-
 @dataclass(slots=True, eq=False)
 class _HttpConn:
     sock: socket.socket
@@ -141,10 +117,14 @@ class _HttpConn:
     out: bytes = b""
     events: int = 0  # events in the request awaiting its response
     is_busy: bool = False
+    last_send: float = field(default_factory=time.monotonic)
 
 
-class Publisher:
+class Publisher(PublishLoop[_HttpConn]):
     """POSTs requests to ``path`` over ``connections`` keep-alive connections."""
+
+    _REQUESTS = "requests"
+    _ANSWER = "response"
 
     def __init__(
         self,
@@ -156,16 +136,13 @@ class Publisher:
         connections: int = 4,
         timeout: float = 30.0,
     ) -> None:
-        self.host = host
-        self.port = port
-        self.timeout = timeout
+        super().__init__(host, port, timeout=timeout)
         auth = f"Authorization: Bearer {token}\r\n" if token else ""
         self._head = (
             f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\n{auth}"
             "Content-Type: application/json\r\nContent-Length: "
         ).encode("ascii")
-        self._selector = selectors.DefaultSelector()
-        self._conns = [self._open() for _ in range(max(1, connections))]
+        self._open_all(connections)
 
     def _open(self) -> _HttpConn:
         sock = socket.create_connection((self.host, self.port), timeout=self.timeout)
@@ -175,139 +152,24 @@ class Publisher:
         self._selector.register(sock, selectors.EVENT_READ, conn)
         return conn
 
-    def close(self) -> None:
-        for conn in self._conns:
-            self._selector.unregister(conn.sock)
-            conn.sock.close()
-        self._conns = []
-        self._selector.close()
+    def _start(self, conn: _HttpConn, body: bytes) -> bytes:
+        conn.is_busy = True
+        return self._head + b"%d\r\n\r\n" % len(body) + body
 
-    def stop(self) -> None:
-        self.close()
-
-    def run(
-        self,
-        requests: Sequence[Request],
-        factory: EventFactory,
-        *,
-        rate: float | None = None,
-        deadline: float | None = None,
-        on_progress: Callable[[int], None] | None = None,
-    ) -> PublishResult:
-        """Send every request: back to back (``rate`` None) or ``rate`` per second.
-
-        ``deadline`` (monotonic seconds) stops sending; what was not sent by then
-        is simply not published (the clients will count it as lost).
-        """
-        result = PublishResult()
-        idle = list(self._conns)
-        busy = 0
-        index = 0
-        total = len(requests)
-        started = time.monotonic()
-        next_progress = started
-        selector = self._selector
-        while index < total or busy:
-            now = time.monotonic()
-            if deadline is not None and now > deadline:
-                result.errors["publisher deadline passed"] += total - index
-                break
-            while idle and index < total and (rate is None or index <= (now - started) * rate):
-                conn = idle.pop()
-                request = requests[index]
-                index += 1
-                t = time.time_ns()
-                body = factory.body(request, t)
-                if not result.first_send_ns:
-                    result.first_send_ns = t
-                result.last_send_ns = t
-                conn.events = len(request)
-                conn.is_busy = True
-                busy += 1
-                result.requests += 1
-                result.events_sent += len(request)
-                if not self._send(conn, self._head + b"%d\r\n\r\n" % len(body) + body):
-                    result.errors["the server stopped taking requests"] += total - index + busy
-                    return result
-            if rate is not None and idle and index < total:
-                wait = max(0.0, started + index / rate - time.monotonic())
-            else:
-                wait = 0.5
-            for key, mask in selector.select(min(wait, 0.5)):
-                conn = key.data
-                if mask & selectors.EVENT_WRITE and conn.out:
-                    out, conn.out = conn.out, b""
-                    selector.modify(conn.sock, selectors.EVENT_READ, conn)
-                    if not self._send(conn, out):
-                        result.errors["the server stopped taking requests"] += total - index + busy
-                        return result
-                if not mask & selectors.EVENT_READ:
-                    continue
-                done = self._receive(conn, result)
-                if done is None:
-                    continue
-                busy -= 1
-                if done:
-                    idle.append(conn)
-                else:  # the server closed the connection: open another
-                    try:
-                        self._reopen(conn)
-                    except OSError as exc:
-                        result.errors[f"cannot reconnect: {exc}"] += total - index + busy
-                        return result
-                    idle.append(self._conns[-1])
-            if on_progress is not None and now >= next_progress:
-                next_progress = now + 0.2
-                on_progress(index)
-            if busy and now - started > 0 and self._stalled(now, result):
-                result.errors[f"no response within {self.timeout:g} s"] += busy
-                break
-        return result
-
-    def _stalled(self, now: float, result: PublishResult) -> bool:
-        last = result.last_response_ns or result.first_send_ns
-        return time.time_ns() - last > self.timeout * 1e9
-
-    def _send(self, conn: _HttpConn, data: bytes) -> bool:
-        """Write (what the kernel does not take waits for EVENT_WRITE); False if the
-        connection broke (the server went away: the run records it, it does not hang)."""
-        try:
-            sent = conn.sock.send(data)
-        except BlockingIOError:
-            sent = 0
-        except OSError:
-            return False
-        if sent < len(data):
-            conn.out = data[sent:]
-            self._selector.modify(conn.sock, selectors.EVENT_READ | selectors.EVENT_WRITE, conn)
-        return True
-
-    def _reopen(self, conn: _HttpConn) -> None:
-        self._selector.unregister(conn.sock)
-        conn.sock.close()
-        self._conns.remove(conn)
-        self._conns.append(self._open())
-
-    def _receive(self, conn: _HttpConn, result: PublishResult) -> bool | None:
-        """Read; None while the response is incomplete, True when complete, False on close."""
-        try:
-            data = conn.sock.recv(_RECEIVE_BYTES)
-        except BlockingIOError:
-            return None
-        except OSError as exc:
-            data = b""
-            result.errors[f"recv: {exc}"] += 1
+    def _take(self, conn: _HttpConn, data: bytes, result: PublishResult) -> bool:
+        """A complete response clears busy. False when the connection is over (closed
+        under a request, or ``Connection: close``)."""
         if not data:
             if conn.is_busy:
                 conn.is_busy = False
                 result.errors["connection closed before the response"] += 1
                 result.statuses[0] += 1
                 return False
-            return None
+            return True
         conn.inbox += data
         head_end = conn.inbox.find(b"\r\n\r\n")
         if head_end < 0:
-            return None
+            return True
         head = conn.inbox[:head_end].decode("latin-1")
         lines = head.split("\r\n")
         status = int(lines[0].split(" ", 2)[1])
@@ -323,7 +185,7 @@ class Publisher:
             elif name == "transfer-encoding":
                 raise BenchError("publisher: chunked responses are not supported")
         if len(conn.inbox) < head_end + 4 + length:
-            return None
+            return True
         body = conn.inbox[head_end + 4 : head_end + 4 + length]
         conn.inbox = conn.inbox[head_end + 4 + length :]
         conn.is_busy = False
