@@ -251,12 +251,13 @@ async def test_a_recovery_that_keeps_failing_gives_up_with_a_gap(
         await redis_command(redis_server.url, "DEL", f"{name}:hist:entries:s1")
         await redis_command(redis_server.url, "LPUSH", f"{name}:hist:entries:s1", "junk")
         await redis_command(redis_server.url, "SET", f"{name}:seq:entries:s1", 3)
+        # The recovery (and its timeout) starts once event 4 comes back: after this.
+        started = trio.current_time()
         await broker.publish(
             Hub.ENTRIES, [{"site_id": "s1"} for _ in range(4)]
         )  # 4..7: held, 6 and 7 dropped
         await broker.publish(Hub.ENTRIES, [{"site_id": "s2"}])
         await bystander_.wait_for(("event", 1))  # other sites are not held up
-        started = trio.current_time()
         await recorder.wait_for(("event", 5))
         assert 0.5 <= trio.current_time() - started < 2.0
         assert recorder.records == [
