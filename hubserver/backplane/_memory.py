@@ -28,6 +28,7 @@ import uuid
 from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
 from itertools import islice
+from typing import ClassVar
 
 import trio
 
@@ -62,6 +63,10 @@ class MemoryBackplane:
         max_sites: (hub, site) pairs with a counter and history kept at most.
         clock: monotonic seconds (``trio.current_time`` by default).
     """
+
+    #: A publish is answered within one scheduling round (its checkpoint): the
+    #: broker's dispatcher waits for publishes under way with a checkpoint.
+    publishes_in_one_round: ClassVar[bool] = True
 
     def __init__(
         self,

@@ -89,6 +89,8 @@ class GatedBackplane(MemoryBackplane):
     broadcast. ``publish_elsewhere`` is another node's publish: it passes.
     """
 
+    publishes_in_one_round = False  # it holds publishes: the timed wait applies
+
     def __init__(self) -> None:
         super().__init__()
         self.gate = trio.Event()
