@@ -460,10 +460,15 @@ class HubSession:
     async def _publish_calls(self, calls: PublishCalls) -> None:
         """Publish what the last read brought, reading nothing meanwhile (backpressure)."""
         replies = await calls.run()
-        if self._phase is Phase.OPEN:
+        if self._phase is Phase.OPEN and replies:
+            # The answers to one read's calls leave together: one frame, one write.
             now = trio.current_time()
-            for reply in replies:
-                self._send(reply, now)
+            try:
+                data = b"".join([self._hub.send(reply, now) for reply in replies])
+            except LocalProtocolError as exc:
+                self._crash(exc)  # we sent at a wrong moment: our bug, this connection's end
+                return
+            self._out.queue_message(data)
         if self._close_after_calls is not None:
             message, self._close_after_calls = self._close_after_calls, None
             self.close(message)

@@ -33,6 +33,7 @@ from .helpers import (
     HubClient,
     HubClosed,
     UpgradeRefused,
+    WsMessage,
     bearer,
     bystander,
     hub_target,
@@ -374,3 +375,29 @@ async def test_values_json_cannot_carry_are_refused_and_the_rest_written_exactly
         assert (await pub.call("Publish", "entries", event))["result"]["seqs"] == [2]
         received = await sub.next_event()
         assert received["huge"] == 2**70 and received["f"] == 0.1
+
+
+async def test_the_answers_to_calls_sent_together_come_back_together(start_server: Any) -> None:
+    """A publisher that pipelines its calls gets their answers in one frame (one
+    write), in order."""
+    h: Harness = await start_server()
+    site = new_site()
+    with trio.fail_after(CAP):
+        async with open_publisher(h) as pub:
+            records = [
+                {
+                    "type": 1,
+                    "invocationId": str(i),
+                    "target": "Publish",
+                    "arguments": ["entries", e],
+                }
+                for i, e in enumerate([{"site_id": site}] * 5, start=1)
+            ]
+            await pub.client.ws.send_text("".join(json.dumps(r) + RS for r in records))
+            message = await pub.client.ws.receive()
+            assert isinstance(message, WsMessage) and isinstance(message.data, str)
+            answers = [json.loads(r) for r in message.data.split(RS) if r]
+            answers = [a for a in answers if a["type"] == 3]
+            assert [(a["invocationId"], a["result"]["seqs"]) for a in answers] == [
+                (str(i), [i]) for i in range(1, 6)
+            ]
