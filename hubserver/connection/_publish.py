@@ -45,6 +45,7 @@ _HUBS: Final = {hub.value: hub for hub in Hub}
 _THREW: Final = "An unexpected error occurred invoking 'Publish' on the server. HubException: "
 _BAD_ARGUMENTS: Final = "Failed to invoke 'Publish' due to an error on the server. HubException: "
 _UNAVAILABLE: Final = "the event backplane is unavailable; nothing was accepted, retry later"
+_CLOSING: Final = "the connection is closing; nothing was accepted, retry with the same ids"
 _UNKNOWN: Final = (
     "the event backplane failed or did not answer in time; the events may or may not "
     "have been accepted: retry later with the same ids"
@@ -68,7 +69,9 @@ class PublishCalls:
         session_id: for the log.
     """
 
-    __slots__ = ("_publish", "_queue", "_session_id", "_silent", "_stats", "is_running")
+    __slots__ = (
+        "_is_stopping", "_publish", "_queue", "_session_id", "_silent", "_stats", "is_running",
+    )  # fmt: skip
 
     def __init__(self, publish: PublishFn, stats: SessionStats, session_id: int) -> None:
         self._publish = publish
@@ -77,6 +80,8 @@ class PublishCalls:
         self._queue: list[_Call] = []
         self.is_running = False
         self._silent = 0  # fire-and-forget calls that failed
+        # The connection is closing: calls not yet started are refused, not published.
+        self._is_stopping = False
 
     @property
     def has_work(self) -> bool:
@@ -107,6 +112,14 @@ class PublishCalls:
         self._queue.append(_Call(call.invocation_id, hub, events))
         return None
 
+    def stop(self) -> None:
+        """Start no more calls: those not yet under way are refused (nothing accepted).
+
+        Each call may wait the backplane's deadline; a drain or an ending
+        connection waits for the call under way only, not for a read's worth.
+        """
+        self._is_stopping = True
+
     async def run(self) -> list[Completion]:
         """Publish what is queued, in order; the answers to send (none for fire-and-forget)."""
         queue, self._queue = self._queue, []
@@ -114,7 +127,10 @@ class PublishCalls:
         self.is_running = True
         try:
             for call in queue:
-                reply = await self._run_one(call)
+                if self._is_stopping:
+                    reply = self._refuse(call.invocation_id, _THREW, _CLOSING)
+                else:
+                    reply = await self._run_one(call)
                 if reply is not None:
                     replies.append(reply)
         finally:

@@ -206,9 +206,12 @@ class HubSession:
         """
         if self._phase is Phase.OPEN:
             if self._calls is not None and self._calls.is_running:
-                # The calls being published get their answers first: a publisher
-                # cut off before them could not know what was accepted.
+                # The call under way gets its answer first: a publisher cut off
+                # before it could not know what was accepted. Those not yet
+                # started are refused (nothing accepted) rather than each waiting
+                # the backplane's deadline while the drain waits for them all.
                 self._close_after_calls = self._close_after_calls or message
+                self._calls.stop()
                 return
             self._end_with(message)
         elif self._phase in (Phase.UPGRADING, Phase.HANDSHAKE) and self._early_close is None:

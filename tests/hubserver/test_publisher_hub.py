@@ -401,3 +401,45 @@ async def test_the_answers_to_calls_sent_together_come_back_together(start_serve
             assert [(a["invocationId"], a["result"]["seqs"]) for a in answers] == [
                 (str(i), [i]) for i in range(1, 6)
             ]
+
+
+async def test_a_drain_refuses_the_calls_not_yet_started_instead_of_publishing_them(
+    start_server: Any, own_redis_server: RedisServer
+) -> None:
+    """A drain waits for the call under way only: the calls that came with it in the
+    same read are answered "not accepted" at once. Published one by one while Redis
+    hangs, each would take Redis's op_timeout (2 s), and the drain all of them."""
+    h: Harness = await start_server(backplane=own_redis_server.url, drain_timeout=20.0)
+    site = new_site()
+    with trio.fail_after(3 * CAP):
+        async with open_publisher(h) as pub:
+            assert (await pub.call("Publish", "entries", {"site_id": site}))["result"]
+            await redis_command(own_redis_server.url, "CLIENT", "PAUSE", 9000, "WRITE")
+            ids = [str(n) for n in range(100, 105)]
+            # Five calls in one frame: one read brings them all.
+            await pub.client.ws.send_text(
+                "".join(
+                    json.dumps(
+                        {
+                            "type": 1,
+                            "invocationId": i,
+                            "target": "Publish",
+                            "arguments": ["entries", {"site_id": site, "id": f"e{i}"}],
+                        }
+                    )
+                    + RS
+                    for i in ids
+                )
+            )
+            await trio.sleep(0.3)  # the first waits on Redis
+            h.server.request_shutdown()
+            started = trio.current_time()
+            first = await pub.completion(ids[0])
+            assert "may or may not have been accepted" in first["error"], first
+            for invocation_id in ids[1:]:
+                refused = await pub.completion(invocation_id)
+                assert "nothing was accepted" in refused["error"], refused
+            closed = await pub.client.expect_close()
+            elapsed = trio.current_time() - started
+            assert closed.close is not None and closed.close.get("allowReconnect") is True
+            assert elapsed < 3.5, elapsed  # one op_timeout, not five
