@@ -260,7 +260,7 @@ class Broker:
             # waited for delivery (this publish's events too, when the backplane
             # brought them back already, as the in-process one does).
             target = self._rounds + 1
-            while self._rounds < target:
+            while self._rounds < target and self._nursery is not None:
                 await self._round_done.wait()
         return published
 
@@ -425,7 +425,12 @@ class Broker:
                 done, self._round_done = self._round_done, trio.Event()
                 done.set()
         finally:
-            self._nursery = None  # from now on, deliver at once
+            # From now on, deliver at once. What waited for this round goes out
+            # now, and publishes waiting for a round go on (the server stops the
+            # dispatcher before it drains: they would wait for nothing).
+            self._nursery = None
+            self._flush()
+            self._round_done.set()
 
     def _recover(self, site: _Site, last: int) -> None:
         if self._nursery is None:

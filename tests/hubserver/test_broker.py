@@ -154,6 +154,51 @@ async def test_a_round_waits_no_longer_than_the_coalesce_timeout(
     assert recorder.deliveries == [[1], [2]]
 
 
+class HoldingBackplane(GatedBackplane):
+    """Holds only the publish of the event with id ``held``; the others pass."""
+
+    async def publish(self, events):  # type: ignore[no-untyped-def]
+        if events[0].event_id == "held":
+            await self.gate.wait()
+        return await MemoryBackplane.publish(self, events)
+
+
+async def test_publishes_waiting_for_a_round_go_on_when_the_dispatcher_stops(
+    nursery: trio.Nursery,
+) -> None:
+    """The server stops the dispatcher before it drains: a publish waiting for its next
+    round (the window full) must not wait for a round that never comes, and what
+    waited for the round is delivered."""
+    router, recorder = Router(), Recorder()
+    router.add(GroupKey(Hub.ENTRIES, "s1"), recorder)
+    backplane = HoldingBackplane()
+    broker = Broker(router, backplane, trio.current_time, publish_window=1, coalesce_timeout=60.0)
+    dispatcher = trio.CancelScope()
+
+    async def run_broker(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        with dispatcher:
+            await broker.run(task_status=task_status)
+
+    await nursery.start(run_broker)
+    # A publish on its way (held): the next round waits for it (up to 60 s).
+    nursery.start_soon(broker.publish, Hub.ENTRIES, [{"site_id": "s1", "id": "held"}])
+    await trio.testing.wait_all_tasks_blocked()
+    returned = trio.Event()
+
+    async def publish_into_the_full_window() -> None:
+        await broker.publish(Hub.ENTRIES, [{"site_id": "s1", "id": "waits"}])
+        returned.set()
+
+    nursery.start_soon(publish_into_the_full_window)
+    await trio.testing.wait_all_tasks_blocked()
+    assert not returned.is_set() and recorder.deliveries == []
+    dispatcher.cancel()
+    with trio.fail_after(2):
+        await returned.wait()
+    assert recorder.seqs == [1]  # what waited for the round went out
+    backplane.gate.set()
+
+
 async def test_a_coalesce_timeout_of_zero_never_waits(nursery: trio.Nursery) -> None:
     broker, backplane, recorder = await _gated_broker(nursery, coalesce_timeout=0)
     nursery.start_soon(broker.publish, Hub.ENTRIES, [{"site_id": "s1", "id": "ours"}])
