@@ -151,21 +151,6 @@ def _subscribe(
         pipe.send(f"error: {exc!r}")
 
 
-def _prepare(data_dir: Path, source: Path) -> dict[str, str]:
-    done = subprocess.run(
-        [sys.executable, "-m", "bench.server.hubprep", str(data_dir), "1"],
-        cwd=source,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-    if done.returncode != 0:
-        raise BenchError(f"preparing failed:\n{done.stderr[-2000:]}")
-    tokens: dict[str, str] = json.loads(done.stdout.strip().splitlines()[-1])
-    return tokens
-
-
 def _wait_for(pipe: Connection, timeout: float) -> object:
     if not pipe.poll(timeout):
         raise BenchError(f"the subscribers did not answer within {timeout:g} s")
@@ -183,7 +168,7 @@ def run(args: argparse.Namespace) -> dict[str, object]:
     spy = None
     try:
         data_dir = work_dir / "data"
-        tokens = _prepare(data_dir, source)
+        credentials = SERVERS["hubserver"].prepare(data_dir, 1, source)
         port = free_port()
         command = SERVERS["hubserver"].command(port, data_dir)
         if args.server_core is not None and shutil.which("taskset"):
@@ -198,7 +183,7 @@ def run(args: argparse.Namespace) -> dict[str, object]:
             cwd=source,
         )
         _pin(args.client_core)
-        target = f"/v1/hub/entries?site_id=site-{SITE:05d}&access_token={tokens['hub_token']}"
+        target = f"/v1/hub/entries?site_id=site-{SITE:05d}&access_token={credentials.hub_token}"
         context = multiprocessing.get_context("spawn")
         ours, theirs = context.Pipe()
         subscribers = context.Process(
@@ -210,7 +195,11 @@ def run(args: argparse.Namespace) -> dict[str, object]:
         if _wait_for(ours, 30.0) != "open":
             raise BenchError("the subscribers did not open")
         publisher = Publisher(
-            "127.0.0.1", port, PUBLISH_PATH, tokens["publish_token"], connections=args.connections
+            "127.0.0.1",
+            port,
+            PUBLISH_PATH,
+            credentials.publish_token or "",
+            connections=args.connections,
         )
         factory = EventFactory(1)
         requests = plan_requests(1, 1, args.events, 1)

@@ -25,7 +25,7 @@ from typing import Final, NamedTuple, Protocol
 
 import trio
 
-from hubserver.app import HUB_SCOPE, PUBLISH_SCOPE
+from hubserver.app import HUB_SCOPE, PUBLISH_SCOPE, App
 from hubserver.auth import AuthError, Claims, extract_token
 from hubserver.backplane import BackplaneError, BackplaneUnavailable
 from hubserver.connection import MAX_RESUME_SEQ, HubSession
@@ -404,12 +404,27 @@ async def _site_stream(hub: Hub, request: Request, claims: Claims) -> HubGrant |
     if isinstance(since_seq, Refusal):
         return since_seq
 
+    start = _session_starter(app, claims, group, since_seq)
+
+    stream_name = f"{hub.value}\x00{site_id}\x00{user_id or ''}"
+    scope = "site stream" if user_id is None else "site stream of one user"
+    return HubGrant(stream_name, f"{hub.value} hub, {scope}", start)
+
+
+def _session_starter(
+    app: App, claims: Claims, key: GroupKey | None, since_seq: int | None
+) -> Callable[[trio.SocketStream, bytes], HubSession]:
+    """What makes the connection's session once its 101 is about to go out.
+
+    ``key`` None: a publisher's connection.
+    """
+
     def start(stream: trio.SocketStream, received: bytes) -> HubSession:
         session = HubSession(
             stream=stream,
             received=received,
             ctx=app.session_context(),
-            key=group,
+            key=key,
             subject=claims.subject,
             # The token stays valid for the verifier's leeway past exp; so does the connection.
             token_expires_at=(
@@ -423,9 +438,7 @@ async def _site_stream(hub: Hub, request: Request, claims: Claims) -> HubGrant |
         session.register()
         return session
 
-    stream_name = f"{hub.value}\x00{site_id}\x00{user_id or ''}"
-    scope = "site stream" if user_id is None else "site stream of one user"
-    return HubGrant(stream_name, f"{hub.value} hub, {scope}", start)
+    return start
 
 
 # -- the publisher hub: Publish(hub, events) over a persistent connection ---------------
@@ -437,23 +450,7 @@ PUBLISHER_HUB: Final = "publish"
 
 async def _publisher(request: Request, claims: Claims) -> HubGrant:
     """A publisher's connection: the scope was all it needed; it joins no group."""
-    app = request.io.app
-
-    def start(stream: trio.SocketStream, received: bytes) -> HubSession:
-        session = HubSession(
-            stream=stream,
-            received=received,
-            ctx=app.session_context(),
-            key=None,
-            subject=claims.subject,
-            token_expires_at=(
-                None if claims.expires_at is None else claims.expires_at + app.config.token_leeway
-            ),
-            session_id=app.next_id(),
-        )
-        session.register()
-        return session
-
+    start = _session_starter(request.io.app, claims, None, None)
     return HubGrant(PUBLISHER_HUB, "publisher hub", start)
 
 
