@@ -1,14 +1,19 @@
 """Server CPU per one-event publish, with its deliveries (issue #10, item 2).
 
     python -m bench.server.publish_cpu [--events 20000] [--connections 4]
-        [--subscribers 2] [--hubserver-src DIR] [--py-spy FILE]
+        [--subscribers 2] [--sites 1] [--via http|hub] [--hubserver-src DIR]
+        [--py-spy FILE]
 
 Starts ``hubserver serve`` (development key, in-process backplane,
 ``LOAD_GENERATOR_ENV``) pinned to one core with ``taskset``, opens
-``--subscribers`` WebSocket subscribers on one site (a process of their own),
-then POSTs ``--events`` one-event requests to ``/v1/events/entries`` over
-``--connections`` keep-alive connections, one request in flight on each, from
-the plain-socket publisher of the fanout profile. The client side runs on
+``--subscribers`` WebSocket subscribers on each of ``--sites`` sites (a
+process of their own), then publishes ``--events`` one-event requests, the
+sites in turn, over ``--connections`` connections with one request in flight
+on each: POSTs to ``/v1/events/entries`` on keep-alive connections
+(``--via http``, the fanout profile's plain-socket publisher) or ``Publish``
+invocations on the publisher hub (``--via hub``, ``hubserver-pubhub``'s).
+``--sites 500`` is the many-sites shape: no two events in a row share a
+site, so nothing coalesces into a shared frame. The client side runs on
 another core. What it reports: server CPU (utime + stime from
 ``/proc/<pid>/stat``, the whole process tree) from the first publish until
 every subscriber counted every event, divided by the events; and the exact
@@ -39,8 +44,10 @@ from pathlib import Path
 from typing import Final
 
 from bench.profile import BenchError
+from bench.server.hubpublisher import HUB_PUBLISH_PATH, HubPublisher
 from bench.server.procs import REPO_ROOT, free_port, process_tree, start_server
 from bench.server.publisher import EventFactory, Publisher, plan_requests
+from bench.server.publishloop import PublishLoop
 from bench.server.servers import (
     LOAD_GENERATOR_ENV,
     PUBLISH_PATH,
@@ -59,7 +66,6 @@ from bench.server.wire import (
 
 __all__ = ["main"]
 
-SITE: Final = 0
 FD_LIMIT: Final = 4096
 OPEN_TIMEOUT: Final = 10.0
 #: How long the subscribers may take after the last 202 to count the last event.
@@ -168,7 +174,7 @@ def run(args: argparse.Namespace) -> dict[str, object]:
     spy = None
     try:
         data_dir = work_dir / "data"
-        credentials = SERVERS["hubserver"].prepare(data_dir, 1, source)
+        credentials = SERVERS["hubserver"].prepare(data_dir, args.sites, source)
         port = free_port()
         command = SERVERS["hubserver"].command(port, data_dir)
         if args.server_core is not None and shutil.which("taskset"):
@@ -183,26 +189,42 @@ def run(args: argparse.Namespace) -> dict[str, object]:
             cwd=source,
         )
         _pin(args.client_core)
-        target = f"/v1/hub/entries?site_id=site-{SITE:05d}&access_token={credentials.hub_token}"
+        targets = [
+            f"/v1/hub/entries?site_id=site-{site:05d}&access_token={credentials.hub_token}"
+            for site in range(args.sites)
+            for _ in range(args.subscribers)
+        ]
+        events_per_site = -(-args.events // args.sites)
         context = multiprocessing.get_context("spawn")
         ours, theirs = context.Pipe()
         subscribers = context.Process(
             target=_subscribe,
-            args=(port, [target] * args.subscribers, args.events, args.client_core, theirs),
+            args=(port, targets, events_per_site, args.client_core, theirs),
             daemon=True,
         )
         subscribers.start()
         if _wait_for(ours, 30.0) != "open":
             raise BenchError("the subscribers did not open")
-        publisher = Publisher(
-            "127.0.0.1",
-            port,
-            PUBLISH_PATH,
-            credentials.publish_token or "",
-            connections=args.connections,
-        )
-        factory = EventFactory(1)
-        requests = plan_requests(1, 1, args.events, 1)
+        publisher: PublishLoop
+        if args.via == "hub":
+            publisher = HubPublisher(
+                "127.0.0.1",
+                port,
+                HUB_PUBLISH_PATH,
+                credentials.publish_token or "",
+                connections=args.connections,
+            )
+        else:
+            publisher = Publisher(
+                "127.0.0.1",
+                port,
+                PUBLISH_PATH,
+                credentials.publish_token or "",
+                connections=args.connections,
+            )
+        factory = EventFactory(args.sites)
+        requests = plan_requests(args.sites, 1, events_per_site, 1)
+        events = events_per_site * args.sites
         # Warm-up is not wanted: the first requests verify the token once per
         # connection, as a real publisher's would; over 20,000 that is noise.
         pids = process_tree(server.pid)
@@ -236,7 +258,7 @@ def run(args: argparse.Namespace) -> dict[str, object]:
             ours.send("count")
             counted = _wait_for(ours, SETTLE_TIMEOUT)
             assert isinstance(counted, list)
-            if all(count >= result.events_accepted for count in counted):
+            if all(count >= events_per_site for count in counted):
                 break
             if time.monotonic() > deadline:
                 raise BenchError(f"not every event arrived: {counted} of {result.events_accepted}")
@@ -245,6 +267,7 @@ def run(args: argparse.Namespace) -> dict[str, object]:
         user_after, system_after = _user_system_seconds(pids)
         ours.send("stop")
         tallies = _wait_for(ours, SETTLE_TIMEOUT)
+        assert isinstance(tallies, list)
         publisher.close()
         if spy is not None:
             spy.send_signal(2)  # SIGINT: py-spy writes its file
@@ -257,21 +280,25 @@ def run(args: argparse.Namespace) -> dict[str, object]:
             "events": args.events,
             "connections": args.connections,
             "subscribers": args.subscribers,
+            "sites": args.sites,
+            "via": args.via,
             "server_core": args.server_core,
             "client_core": args.client_core,
             "python": platform.python_version(),
             "accepted": result.events_accepted,
             "statuses": {str(k): v for k, v in sorted(result.statuses.items())},
             "errors": dict(result.errors),
-            "tallies": tallies,
+            "received": sum(t["received"] for t in tallies),
+            "lost": sum(t["lost"] for t in tallies),
+            "duplicated": sum(t["duplicated"] for t in tallies),
             "publish_seconds": round(published - started, 3),
             "until_delivered_seconds": round(delivered - started, 3),
-            "publishes_per_second": round(args.events / (published - started)),
+            "publishes_per_second": round(events / (published - started)),
             "server_cpu_seconds": round(cpu, 3),
             "server_user_seconds": round(user, 3),
             "server_system_seconds": round(system, 3),
-            "server_cpu_us_per_publish": round(cpu / args.events * 1e6, 1),
-            "server_cpu_us_per_delivery": round(cpu / (args.events * args.subscribers) * 1e6, 1),
+            "server_cpu_us_per_publish": round(cpu / events * 1e6, 1),
+            "server_cpu_us_per_delivery": round(cpu / (events * args.subscribers) * 1e6, 1),
         }
     finally:
         if spy is not None and spy.poll() is None:
@@ -290,7 +317,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--events", type=int, default=20_000, help="one-event publishes")
     parser.add_argument("--connections", type=int, default=4, help="publish connections")
-    parser.add_argument("--subscribers", type=int, default=2, help="subscribers of the one site")
+    parser.add_argument("--subscribers", type=int, default=2, help="subscribers of each site")
+    parser.add_argument("--sites", type=int, default=1, help="sites, published to in turn")
+    parser.add_argument(
+        "--via", choices=("http", "hub"), default="http", help="POSTs or the publisher hub"
+    )
     parser.add_argument("--server-core", type=int, default=0, help="taskset core of the server")
     parser.add_argument("--client-core", type=int, default=1, help="core of the clients")
     parser.add_argument("--py-spy", type=Path, metavar="FILE", help="record a raw py-spy profile")
