@@ -81,6 +81,43 @@ def _encode_value(value: object) -> str:
         raise LocalProtocolError(f"value cannot be written as JSON: {exc}") from exc
 
 
+_PLAIN_LEAVES: Final = frozenset({str, int, bool, type(None)})
+
+
+def _is_plain(value: object) -> bool:
+    """Whether ``value`` holds only dicts with str keys, lists, tuples, strs, ints,
+    bools and None: what orjson writes byte for byte as ``_dumps`` does, once
+    its output is checked to be printable ASCII (floats are formatted
+    differently, other types refused or written differently: the stdlib decides)."""
+    stack: list[object] = [value]
+    while stack:
+        item = stack.pop()
+        kind = type(item)
+        if kind is dict:
+            for key, member in cast(dict[object, object], item).items():
+                if type(key) is not str:
+                    return False
+                stack.append(member)
+        elif kind is list or kind is tuple:
+            stack.extend(cast(list[object], item))
+        elif kind not in _PLAIN_LEAVES:
+            return False
+    return True
+
+
+def _encode_bytes(value: object) -> bytes:
+    """``_encode_value`` as ASCII bytes; orjson (~5x faster) writes the plain values."""
+    if _is_plain(value):
+        try:
+            data = orjson.dumps(value)
+        except orjson.JSONEncodeError:  # past 64 bits, a lone surrogate, too deep
+            data = None
+        # The stdlib escapes everything outside space..tilde; orjson writes UTF-8 and DEL.
+        if data is not None and data.isascii() and b"\x7f" not in data:
+            return data
+    return _encode_value(value).encode("ascii")
+
+
 def _invocation_head(target: str) -> bytes:
     head = _INVOCATION_HEADS.get(target)
     if head is None:
@@ -99,7 +136,7 @@ def _arguments(arguments: Seq[Value]) -> bytes:
             return b"[" + orjson.dumps(arguments[0]) + b"]"
         except orjson.JSONEncodeError:
             return ("[" + _quote(arguments[0]) + "]").encode("ascii")
-    return _encode_value(list(arguments)).encode("ascii")
+    return _encode_bytes(list(arguments))
 
 
 def write_json_message(message: HubMessage) -> bytes:
@@ -118,7 +155,7 @@ def write_json_message(message: HubMessage) -> bytes:
         return head + _arguments(message.arguments) + b"}" + RS
     if type(message) is Ping:
         return _PING
-    return _encode_value(_to_object(message)).encode("ascii") + RS
+    return _encode_bytes(_to_object(message)) + RS
 
 
 def _with_common(

@@ -6,6 +6,7 @@ is not ``1``, ``1.0`` is not ``1``), floats bit for bit, headers as str->str.
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pytest
@@ -241,3 +242,30 @@ def test_json_error_and_result_together_are_refused() -> None:
     with pytest.raises(hubcore.RemoteProtocolError) as info:
         JSON.parse_messages(record)
     assert str(info.value) == "The 'error' and 'result' properties are mutually exclusive."
+
+
+_STDLIB_COMPACT_ASCII = json.JSONEncoder(
+    ensure_ascii=True, separators=(",", ":"), allow_nan=False
+).encode
+_ANY_JSON = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**70), max_value=2**70)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(st.characters(max_codepoint=0x2FF)),
+    lambda inner: st.lists(inner, max_size=4)
+    | st.tuples(inner, inner)
+    | st.dictionaries(st.text(max_size=4), inner, max_size=4),
+    max_leaves=12,
+)
+
+
+@given(_ANY_JSON)
+@example("\x7f")
+@example({"é": 2**64})
+def test_json_writes_results_byte_for_byte_as_the_stdlib_would(value: Any) -> None:
+    """orjson writes the plain values (about 5x faster); the bytes must not change:
+    non-ASCII and DEL escaped, big integers and floats as the stdlib writes them."""
+    record = JSON.write_message(Completion.with_result("1", value))
+    expected = '{"type":3,"invocationId":"1","result":' + _STDLIB_COMPACT_ASCII(value) + "}"
+    assert record == expected.encode("ascii") + b"\x1e"
