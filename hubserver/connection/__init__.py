@@ -1,8 +1,10 @@
-"""Hub connections: one per upgraded WebSocket, split by the state each part owns.
+"""Hub connections, whatever their transport, split by the state each part owns.
 
-``_state`` (phases and their table), ``_outbound`` (queued bytes, the budget,
-the writer), ``_resume`` (what a resume sends, sans-IO), ``_guard`` (the
-connection's tasks and their failures), ``_session`` (the glue, one task).
+``_state`` (phases and their table), ``_resume`` (what a resume sends,
+sans-IO), ``_deadlines``, ``_guard`` (the connection's tasks and their
+failures), ``_publish`` (the publisher hub's calls), ``_session`` (the glue,
+one task). The bytes' way (reading, the output queue and its budget, the
+framing) is the transport's: ``hubserver.transports``.
 """
 
 from __future__ import annotations

@@ -1,8 +1,9 @@
-"""One hub connection over a WebSocket: the glue between its parts, in one task.
+"""One hub connection, whatever its transport: the glue between its parts, in one task.
 
-Each part owns its state: ``Phase`` (``_state``), ``Inbound`` (reading,
-paused over budget), ``Outbound`` (every byte to write, the budget, the
-writer), ``ResumeGate`` (what a live delivery or a replay sends),
+Each part owns its state: ``Phase`` (``_state``), the transport's
+(``hubserver.transports``) inbound side (reading, paused over budget) and
+outbound side (every byte to write, the budget, the writer, the wire that
+frames it), ``ResumeGate`` (what a live delivery or a replay sends),
 ``Deadlines`` (token, slow client, goodbye), ``TaskGuard`` (the tasks the
 connection starts), and hubcore's ``HubConnection``. An idle connection is one
 task waiting in ``Inbound.receive``; one server-wide ``TimerQueue`` calls
@@ -30,36 +31,32 @@ from hubcore import (
     HandshakeRequest,
     HandshakeResponse,
     HubConnection,
-    HubProtocol,
     Invocation,
     LocalProtocolError,
     PreparedMessage,
     RemoteProtocolError,
     Sendable,
     StreamInvocation,
-    TransferFormat,
 )
 from hubserver.backplane import BackplaneError
 from hubserver.routing import Delivery, GroupKey, gap_message
 from hubserver.transports import (
-    OPCODE_BINARY,
-    OPCODE_TEXT,
+    InboundItem,
     PeerClose,
     PeerPing,
+    Reading,
+    Report,
+    Transport,
     WebSocketError,
-    close_frame,
-    close_reply,
-    pong_frame,
+    Wire,
 )
 
 from ._context import SessionContext
 from ._deadlines import Deadlines, Due
 from ._guard import TaskGuard
-from ._inbound import Inbound, InboundItem
-from ._outbound import Outbound, Report
 from ._publish import PUBLISH_TARGET, PublishCalls
 from ._resume import MAX_RESUME_SEQ, HoldOverflow, ResumeGate, fetch_replay
-from ._state import Move, Phase, Reading, next_phase
+from ._state import Move, Phase, next_phase
 
 __all__ = ["ACCESS_REVOKED_TEXT", "HubSession"]
 
@@ -67,7 +64,6 @@ log = logging.getLogger("hubserver.session")
 
 #: How long we wait for the peer's closing handshake (ASP.NET Core: 5 s).
 CLOSE_TIMEOUT: Final = 5.0
-NORMAL_CLOSURE: Final = 1000
 SLOW_CLIENT_TEXT: Final = "Connection closed: the client did not keep up with the event stream."
 ACCESS_REVOKED_TEXT: Final = "Access to this stream was revoked."
 _RESUME_BUSY: Final = "A resume is already in progress."
@@ -82,8 +78,7 @@ class HubSession:
     (``key`` None) joins no group and calls ``Publish`` (``_publish``).
 
     Args:
-        stream: the TCP stream, about to switch to WebSocket.
-        received: bytes that arrived after the upgrade request.
+        transport: how its bytes travel (a WebSocket about to open, ...).
         key: the group this connection receives; None for a publisher.
         token_expires_at: the token's ``exp`` in unix seconds, or None.
         since_seq: the resume point from the URL, if any.
@@ -92,15 +87,14 @@ class HubSession:
     __slots__ = (
         "_calls", "_close_after_calls", "_ctx", "_deadlines", "_direct", "_early_close", "_fd",
         "_gate", "_guard", "_hub",
-        "_in", "_live_ceiling", "_out", "_phase", "_protocol", "_sent_at", "_since_seq",
-        "_sock", "key", "session_id", "subject", "timer_at",
+        "_in", "_live_ceiling", "_out", "_phase", "_sent_at", "_since_seq",
+        "_transport", "_wire", "key", "session_id", "subject", "timer_at",
     )  # fmt: skip
 
     def __init__(
         self,
         *,
-        stream: trio.SocketStream,
-        received: bytes,
+        transport: Transport,
         ctx: SessionContext,
         key: GroupKey | None,
         subject: str,
@@ -112,8 +106,8 @@ class HubSession:
         self.key, self.subject, self.session_id = key, subject, session_id
         self.timer_at = math.inf
         self._ctx = ctx
-        self._sock = stream.socket
-        self._fd = fd = stream.socket.fileno()
+        self._transport = transport
+        self._fd = transport.fd
         self._calls: PublishCalls | None = None
         limits = ctx.limits
         if key is None:
@@ -125,10 +119,8 @@ class HubSession:
         self._hub = HubConnection(now=now, limits=limits)
         self._phase = Phase.UPGRADING
         self._guard = TaskGuard(ctx.tasks, self._crash)
-        self._in = Inbound(fd, received)
-        self._out = Outbound(
-            fd,
-            opcode=OPCODE_TEXT,
+        self._in = transport.inbound
+        self._out = transport.outbound(
             max_bytes=ctx.max_outbox_bytes,
             report=self._on_output,
             start_writer=self._guard.start_soon,
@@ -143,7 +135,7 @@ class HubSession:
         # plus a replay still queued); over the budget alone the slow deadline decides.
         self._live_ceiling = 2 * ctx.max_outbox_bytes
         self._early_close: Close | None = None  # asked before the hub handshake
-        self._protocol: HubProtocol | None = None
+        self._wire: Wire | None = None  # set at the hub handshake
         self._sent_at = now  # last direct write, told to hubcore in bulk
 
     def register(self) -> None:
@@ -161,7 +153,7 @@ class HubSession:
         try:
             if self._direct and delivery.first_seq > self._gate.replayed_upto:
                 self._sent_at = now
-                frame = delivery.frame_for(self._out.opcode, self._protocol)  # type: ignore[arg-type]  # set at the handshake, before any delivery
+                frame = delivery.framed(self._wire)  # type: ignore[arg-type]  # set at the handshake, before any delivery
                 try:
                     sent = os.write(self._fd, frame)
                 except BlockingIOError:
@@ -257,7 +249,8 @@ class HubSession:
 
     def _update_direct(self) -> None:
         self._direct = (
-            self._phase is Phase.OPEN
+            self._fd >= 0
+            and self._phase is Phase.OPEN
             and self._out.is_idle
             and self._gate.is_passthrough
             and not self._hub.is_stateful
@@ -388,7 +381,7 @@ class HubSession:
         # From here the connection has CLOSE_TIMEOUT, however the peer behaves.
         self._deadlines.goodbye_at = trio.current_time() + CLOSE_TIMEOUT
         self._ctx.timers.schedule(self, self._deadlines.goodbye_at)
-        self._out.seal(close_frame(NORMAL_CLOSURE))
+        self._out.seal(self._transport.goodbye())
         if self._in.state is Reading.DONE and self._out.is_idle:
             self._abort()
 
@@ -421,7 +414,7 @@ class HubSession:
         self._gate.close()
         self._guard.close()
         self._ctx.timers.cancel(self)
-        self._sock.close()  # notify_closing: a wait on this fd raises ClosedResourceError
+        self._transport.close()  # a wait on its socket raises ClosedResourceError
 
     # -- the connection's task --------------------------------------------------------
 
@@ -443,7 +436,7 @@ class HubSession:
                 items = await self._in.receive()
             except WebSocketError as exc:
                 log.info("session %d: bad WebSocket data: %s", self.session_id, exc)
-                self._peer_done(close_frame(exc.code))
+                self._peer_done(self._transport.error_reply(exc))
                 break
             if items is None:
                 if self._phase is not Phase.CLOSED:
@@ -492,9 +485,9 @@ class HubSession:
                 if self._phase in (Phase.HANDSHAKE, Phase.OPEN):
                     self._hub.receive_data(item, now)
             elif isinstance(item, PeerPing):
-                self._out.queue_frame(pong_frame(item.payload))
+                self._out.queue_frame(self._transport.pong(item.payload))
             elif isinstance(item, PeerClose):
-                self._peer_done(close_reply(item))
+                self._peer_done(self._transport.close_reply(item))
                 return
         self._on_hub_events()
         self._schedule()
@@ -544,10 +537,21 @@ class HubSession:
     def _on_handshake(self, now: float) -> None:
         protocol = self._hub.protocol
         assert protocol is not None
+        wire = self._transport.wire_for(protocol)
+        if wire is None:
+            # ASP.NET Core's answer (HubConnectionHandler), e.g. MessagePack over SSE.
+            fmt = protocol.transfer_format.value
+            self._send(
+                HandshakeResponse(
+                    error=f"Cannot use the '{protocol.name}' protocol on the current transport. "
+                    f"The transport does not support '{fmt}' transfer format."
+                ),
+                now,
+            )
+            self._finish()
+            return
         # ASP.NET Core picks the frame type before writing the response.
-        if protocol.transfer_format is TransferFormat.BINARY:
-            self._out.opcode = OPCODE_BINARY
-        self._protocol = protocol
+        self._out.wire = self._wire = wire
         self._send(HandshakeResponse(), now)
         early, self._early_close = self._early_close, None
         if self._phase is not Phase.HANDSHAKE:

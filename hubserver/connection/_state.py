@@ -11,9 +11,9 @@ close frame is queued behind what waits, and the connection has
 is closed: nothing more is read or written, and every wait of the
 connection's tasks has been woken.
 
-Reading has its own small state, since the peer can stop talking (EOF, a
-close frame, a broken frame) while we still write, and since the server
-stops reading a client whose unread output is over its budget.
+Reading has its own small state, kept by the transport's inbound side
+(``hubserver.transports.Reading``): the peer can stop talking while we still
+write, and the server stops reading a client whose output is over its budget.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from __future__ import annotations
 import enum
 from typing import Final
 
-__all__ = ["Move", "Phase", "Reading", "next_phase"]
+__all__ = ["Move", "Phase", "next_phase"]
 
 
 class Phase(enum.Enum):
@@ -41,14 +41,6 @@ class Move(enum.Enum):
     FINISH = "finish"
     #: End now: close the socket.
     ABORT = "abort"
-
-
-class Reading(enum.Enum):
-    ACTIVE = "active"
-    #: Output waits over the budget: the client must read before it may send more.
-    PAUSED = "paused"
-    #: The peer sends nothing more (EOF, close frame, broken frame), or we aborted.
-    DONE = "done"
 
 
 _TRANSITIONS: Final[dict[tuple[Phase, Move], Phase]] = {

@@ -32,7 +32,7 @@ from hubserver.connection import MAX_RESUME_SEQ, HubSession
 from hubserver.permissions import PermissionStoreUnavailable
 from hubserver.routing import GroupKey, Hub, PublishError, parse_publish_body
 from hubserver.routing._events import MAX_ID_CHARS
-from hubserver.transports import UpgradeError, check_upgrade
+from hubserver.transports import UpgradeError, WebSocketTransport, check_upgrade
 from hubserver.transports.negotiate import negotiate_body
 
 from ._request import JSON, Refusal, Request, Response, refusal_response
@@ -421,8 +421,7 @@ def _session_starter(
 
     def start(stream: trio.SocketStream, received: bytes) -> HubSession:
         session = HubSession(
-            stream=stream,
-            received=received,
+            transport=WebSocketTransport(stream, received),
             ctx=app.session_context(),
             key=key,
             subject=claims.subject,

@@ -5,7 +5,7 @@ from __future__ import annotations
 from ._broker import Broker, Replay, deliver_to
 from ._events import MAX_DEPTH, PublishError, check_events, is_within_depth, parse_publish_body
 from ._groups import GroupKey, Hub, Router, Subscriber
-from ._stream import Delivery, StreamEvent, gap_message, to_pending, to_stream_event
+from ._stream import Delivery, StreamEvent, Wire, gap_message, to_pending, to_stream_event
 
 __all__ = [
     "MAX_DEPTH",
@@ -18,6 +18,7 @@ __all__ = [
     "Router",
     "StreamEvent",
     "Subscriber",
+    "Wire",
     "check_events",
     "deliver_to",
     "gap_message",

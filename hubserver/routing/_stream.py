@@ -9,13 +9,12 @@ import os
 import secrets
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Final
+from typing import Final, Protocol
 
 import orjson
 
 from hubcore import HubProtocol, Invocation, PreparedBatch, PreparedMessage
 from hubserver.backplane import NumberedEvent, PendingEvent
-from hubserver.transports import server_frame
 
 from ._events import PublishError
 from ._groups import Hub
@@ -24,6 +23,7 @@ __all__ = [
     "MAX_SEQ",
     "Delivery",
     "StreamEvent",
+    "Wire",
     "gap_message",
     "malformation",
     "to_pending",
@@ -183,12 +183,29 @@ def gap_message(first_available_seq: int) -> PreparedMessage:
     return PreparedMessage(Invocation(target=GAP_TARGET, arguments=(first_available_seq,)))
 
 
+class Wire(Protocol):
+    """How a transport carries hub bytes: a hub protocol, and the framing around it.
+
+    Transports own their wires (``hubserver.transports``): a WebSocket frame
+    of the protocol's type, a Server-Sent Event, or the bytes as they are. A
+    wire is a long-lived object (one per transport and protocol), so it can
+    key a cache.
+    """
+
+    @property
+    def protocol(self) -> HubProtocol: ...
+
+    def frame(self, payload: bytes) -> bytes:
+        """``payload`` (whole hub messages) as this transport writes it."""
+        ...
+
+
 class Delivery:
     """What one group receives at once: one event, or a run of them from one publish.
 
-    ``payload`` is encoded once per hub protocol, and ``frame`` wraps it in a
-    WebSocket frame once per frame type: server frames are unmasked, so every
-    recipient with the same protocol gets the very same bytes.
+    ``payload`` is encoded once per hub protocol, and ``framed`` wraps it once
+    per wire: server frames are unmasked, so every recipient on the same wire
+    gets the very same bytes.
     """
 
     __slots__ = ("_frames", "events", "first_seq", "payload")
@@ -201,7 +218,7 @@ class Delivery:
             if len(self.events) == 1
             else PreparedBatch([event.message for event in self.events])
         )
-        self._frames: dict[int, bytes] = {}
+        self._frames: dict[Wire, bytes] = {}
 
     @property
     def count(self) -> int:
@@ -218,9 +235,9 @@ class Delivery:
         rest = [event for event in self.events if event.seq > seq]
         return Delivery(rest) if rest else None
 
-    def frame_for(self, opcode: int, protocol: HubProtocol) -> bytes:
-        """The shared WebSocket frame of this delivery for one protocol (and its frame type)."""
-        frame = self._frames.get(opcode)
+    def framed(self, wire: Wire) -> bytes:
+        """This delivery as ``wire`` writes it: the same bytes for every recipient on it."""
+        frame = self._frames.get(wire)
         if frame is None:
-            frame = self._frames[opcode] = server_frame(opcode, self.payload.encoded(protocol))
+            frame = self._frames[wire] = wire.frame(self.payload.encoded(wire.protocol))
         return frame

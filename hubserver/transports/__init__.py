@@ -1,4 +1,10 @@
-"""Transports: how hub bytes travel. WebSockets now; SSE and long polling fit the same seam."""
+"""Transports: how hub bytes travel between a connection and its client.
+
+``Transport`` is the seam (``_transport.py``); ``WebSocketTransport`` is one
+socket both ways. Each transport frames hub bytes with its wires
+(``_wire.py``), which key the shared per-delivery frame cache, so routing
+never needs to know which transport a subscriber uses.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +17,10 @@ from ._frames import (
     close_reply,
     pong_frame,
 )
+from ._inbound import InboundItem, Reading, WebSocketInbound
+from ._outbound import Outbound, Report
+from ._transport import Inbound, Transport, WebSocketTransport
+from ._wire import TransportKind, Wire, sse_event, wire_for
 from .websocket import (
     OPCODE_BINARY,
     OPCODE_TEXT,
@@ -25,15 +35,27 @@ __all__ = [
     "OPCODE_BINARY",
     "OPCODE_TEXT",
     "FrameReader",
+    "Inbound",
+    "InboundItem",
+    "Outbound",
     "PeerClose",
     "PeerPing",
+    "Reading",
+    "Report",
+    "Transport",
     "TransportError",
+    "TransportKind",
     "UpgradeError",
     "WebSocketError",
+    "WebSocketInbound",
+    "WebSocketTransport",
+    "Wire",
     "check_upgrade",
     "close_frame",
     "close_reply",
     "pong_frame",
     "server_frame",
+    "sse_event",
     "websocket_accept",
+    "wire_for",
 ]

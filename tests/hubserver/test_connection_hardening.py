@@ -9,6 +9,7 @@ every connection's tasks run under. Each test runs a real server on
 
 from __future__ import annotations
 
+import os
 import socket
 import struct
 from contextlib import suppress
@@ -310,7 +311,9 @@ async def test_the_fast_path_is_off_whenever_output_waits(start_server: Any) -> 
         target = hub_target("entries", site)
         async with open_hub(h, target, token=h.token("pinger"), rcvbuf=4096) as client:
             session = h.server.app.stats.by_id[max(h.server.app.stats.by_id)]
-            session._sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+            sock = socket.socket(fileno=os.dup(session._fd))
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+            sock.close()
             await pub.some(site, 1)
             assert (await client.next_event())["seq"] == 1
             await trio.sleep(0.05)

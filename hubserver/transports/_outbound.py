@@ -1,4 +1,5 @@
-"""Everything a connection has yet to write, the one budget that counts it, and its writer.
+"""Everything a connection has yet to write to its socket, the one budget that counts it,
+and its writer (WebSockets and Server-Sent Events: a socket the server writes to).
 
 Most bytes never queue: a delivery's shared frame is written straight to the
 socket by the router's call (see ``HubSession.deliver``), and replies go out
@@ -11,10 +12,11 @@ everything queues behind it.
 
 ``queued_bytes`` counts every byte not yet taken by the kernel, including
 the buffer the writer is in the middle of: deliveries, replays, completions,
-pongs and closes alike. Crossing ``max_bytes`` is reported (the connection
-stops reading from its client, and closes it if it stays over); so is the
-queue draining, and the socket failing. That one callback is how this part
-speaks to its connection.
+pongs and closes alike. Hub messages are framed by the connection's wire
+(``_wire.py``): a WebSocket frame, or a Server-Sent Event. Crossing
+``max_bytes`` is reported (the connection stops reading from its client, and
+closes it if it stays over); so is the queue draining, and the socket
+failing. That one callback is how this part speaks to its connection.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from collections.abc import Awaitable, Callable
 
 import trio
 
-from hubserver.transports import server_frame
+from ._wire import Wire
 
 __all__ = ["Outbound", "Report"]
 
@@ -50,7 +52,7 @@ class Outbound:
 
     Args:
         fd: the socket's descriptor (non-blocking).
-        opcode: the WebSocket frame type hub messages go in.
+        wire: how hub messages are framed (set again at the hub handshake).
         max_bytes: the budget.
         report: the connection's callback (``Report``, and the error for LOST).
         start_writer: starts a coroutine function under the connection's guard.
@@ -71,21 +73,21 @@ class Outbound:
         "_start_writer",
         "is_over_budget",
         "max_bytes",
-        "opcode",
         "queued_bytes",
+        "wire",
     )
 
     def __init__(
         self,
         fd: int,
         *,
-        opcode: int,
+        wire: Wire,
         max_bytes: int,
         report: Callable[[Report, BaseException | None], None],
         start_writer: Callable[[Callable[[], Awaitable[None]]], None],
     ) -> None:
         self._fd = fd
-        self.opcode = opcode
+        self.wire = wire
         self.max_bytes = max_bytes
         self._report = report
         self._start_writer = start_writer
@@ -139,7 +141,7 @@ class Outbound:
             self.flush()
 
     def queue_frame(self, frame: bytes) -> None:
-        """Queue a whole WebSocket frame (a control frame) after everything queued."""
+        """Queue bytes already framed (a WebSocket control frame) after everything queued."""
         if not self._is_sealed:
             self._append_frame(frame)
             self.flush()
@@ -147,7 +149,8 @@ class Outbound:
     def seal(self, close_frame: bytes | None) -> None:
         """Queue our close frame (once): the last thing this connection sends.
 
-        None seals without a frame (after a bare EOF nobody would read one).
+        None seals without a frame (after a bare EOF nobody would read one, or
+        on a transport without close frames).
         """
         if not self._is_sealed:
             self._is_sealed = True
@@ -289,7 +292,7 @@ class Outbound:
         if outbox is not None:
             self._outbox = None
             payload = b"".join(outbox) if len(outbox) > 1 else outbox[0]
-            frame = server_frame(self.opcode, payload)
+            frame = self.wire.frame(payload)
             # The frame header is counted too: the budget counts bytes to write.
             self.queued_bytes += len(frame) - len(payload)
             if self._pending is None:

@@ -1,4 +1,4 @@
-"""What a connection reads: its socket, through the RFC 6455 reader, paused when told.
+"""What a WebSocket connection reads: its socket, through the RFC 6455 reader, paused when told.
 
 The connection's task waits here for its socket to be readable (an idle
 connection is this wait and nothing else). Reading pauses while the
@@ -8,23 +8,34 @@ make the server answer more, and what it sent meanwhile stays in the kernel.
 
 from __future__ import annotations
 
+import enum
 import os
 from typing import Final
 
 import trio
 
-from hubserver.transports import FrameReader, PeerClose, PeerPing
+from ._frames import FrameReader, PeerClose, PeerPing
 
-from ._state import Reading
-
-__all__ = ["Inbound", "InboundItem"]
+__all__ = ["InboundItem", "Reading", "WebSocketInbound"]
 
 RECEIVE_BYTES: Final = 65536
 
 InboundItem = bytes | PeerPing | PeerClose
 
 
-class Inbound:
+class Reading(enum.Enum):
+    """Reading has its own small state: the peer can stop talking (EOF, a close
+    frame, a broken frame) while the server still writes, and the server stops
+    reading a client whose unread output is over its budget."""
+
+    ACTIVE = "active"
+    #: Output waits over the budget: the client must read before it may send more.
+    PAUSED = "paused"
+    #: The peer sends nothing more (EOF, close frame, broken frame), or we aborted.
+    DONE = "done"
+
+
+class WebSocketInbound:
     """The read side of one WebSocket connection.
 
     Args:

@@ -1,0 +1,156 @@
+"""The seam between a hub connection and the way its bytes travel.
+
+A connection (``hubserver.connection.HubSession``) owns the hub's logic: the
+handshake, its group, resumes, deadlines, hubcore. A transport owns the
+bytes: how the client's data arrives (``inbound``), where the connection's
+output goes and how it is framed (``outbound`` and its wire), and what the
+transport says when the connection ends. ``WebSocketTransport`` is one
+socket both ways; Server-Sent Events and long polling take the client's data
+from POSTs and fit the same interface.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Final, Protocol
+
+import trio
+
+from hubcore import HubProtocol, get_protocol
+
+from ._frames import PeerClose, WebSocketError, close_frame, close_reply, pong_frame
+from ._inbound import InboundItem, Reading, WebSocketInbound
+from ._outbound import Outbound, Report
+from ._wire import TransportKind, Wire, wire_for
+
+__all__ = ["Inbound", "Transport", "WebSocketTransport"]
+
+NORMAL_CLOSURE: Final = 1000
+_JSON: Final = get_protocol("json")
+
+
+class Inbound(Protocol):
+    """The read side: the client's data as it arrives, paused when told."""
+
+    state: Reading
+
+    @property
+    def is_stopped(self) -> bool: ...
+
+    def pause(self) -> None: ...
+
+    def unpause(self) -> None: ...
+
+    def stop(self) -> None: ...
+
+    async def receive(self) -> list[InboundItem] | None:
+        """The items of one read; [] after a pause; None once the peer sends nothing more.
+
+        Raises:
+            WebSocketError: the peer broke its transport's framing (``code`` to close with).
+        """
+        ...
+
+
+class Transport(Protocol):
+    """What a hub connection needs of its transport."""
+
+    @property
+    def kind(self) -> TransportKind: ...
+
+    @property
+    def fd(self) -> int:
+        """The socket the output goes to, or -1 (no socket held: no direct writes)."""
+        ...
+
+    @property
+    def inbound(self) -> Inbound: ...
+
+    def outbound(
+        self,
+        *,
+        max_bytes: int,
+        report: Callable[[Report, BaseException | None], None],
+        start_writer: Callable[[Callable[[], Awaitable[None]]], None],
+    ) -> Outbound:
+        """The output side (made once, by the connection that reports to itself)."""
+        ...
+
+    def wire_for(self, protocol: HubProtocol) -> Wire | None:
+        """How ``protocol`` travels here; None if it cannot (the handshake is refused)."""
+        ...
+
+    def pong(self, payload: bytes) -> bytes:
+        """The answer to a transport-level ping (WebSockets only)."""
+        ...
+
+    def goodbye(self) -> bytes | None:
+        """What ends the output when the server closes (a close frame), if anything."""
+        ...
+
+    def close_reply(self, close: PeerClose) -> bytes | None:
+        """The answer to the peer's transport-level close."""
+        ...
+
+    def error_reply(self, error: WebSocketError) -> bytes | None:
+        """What to send before dropping a peer that broke the framing."""
+        ...
+
+    def close(self) -> None:
+        """Release the socket now: every wait on it wakes (ClosedResourceError)."""
+        ...
+
+
+class WebSocketTransport:
+    """One WebSocket (RFC 6455) both ways, after an accepted upgrade.
+
+    Args:
+        stream: the upgraded TCP stream.
+        received: bytes that arrived after the upgrade request.
+    """
+
+    __slots__ = ("_inbound", "_sock", "fd")
+
+    kind: Final = TransportKind.WEBSOCKETS
+
+    def __init__(self, stream: trio.SocketStream, received: bytes) -> None:
+        self._sock = stream.socket
+        self.fd = stream.socket.fileno()
+        self._inbound = WebSocketInbound(self.fd, received)
+
+    @property
+    def inbound(self) -> WebSocketInbound:
+        return self._inbound
+
+    def outbound(
+        self,
+        *,
+        max_bytes: int,
+        report: Callable[[Report, BaseException | None], None],
+        start_writer: Callable[[Callable[[], Awaitable[None]]], None],
+    ) -> Outbound:
+        # Until the hub handshake picks a protocol, text frames: the handshake
+        # is JSON, and so is its answer unless MessagePack is asked for.
+        wire = wire_for(TransportKind.WEBSOCKETS, _JSON)
+        assert wire is not None
+        return Outbound(
+            self.fd, wire=wire, max_bytes=max_bytes, report=report, start_writer=start_writer
+        )
+
+    def wire_for(self, protocol: HubProtocol) -> Wire | None:
+        return wire_for(TransportKind.WEBSOCKETS, protocol)
+
+    def pong(self, payload: bytes) -> bytes:
+        return pong_frame(payload)
+
+    def goodbye(self) -> bytes:
+        return close_frame(NORMAL_CLOSURE)
+
+    def close_reply(self, close: PeerClose) -> bytes:
+        return close_reply(close)
+
+    def error_reply(self, error: WebSocketError) -> bytes:
+        return close_frame(error.code)
+
+    def close(self) -> None:
+        self._sock.close()
