@@ -15,10 +15,12 @@ switch; hubcore hears of it in bulk through ``note_sent``).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 import os
 import time
+from collections.abc import Callable
 from typing import Final
 
 import trio
@@ -44,9 +46,11 @@ from hubserver.transports import (
     InboundItem,
     PeerClose,
     PeerPing,
+    PostedInbound,
     Reading,
     Report,
     Transport,
+    TransportKind,
     WebSocketError,
     Wire,
 )
@@ -88,7 +92,7 @@ class HubSession:
         "_calls", "_close_after_calls", "_ctx", "_deadlines", "_direct", "_early_close", "_fd",
         "_gate", "_guard", "_hub",
         "_in", "_live_ceiling", "_out", "_phase", "_sent_at", "_since_seq",
-        "_transport", "_wire", "key", "session_id", "subject", "timer_at",
+        "_transport", "_wire", "key", "on_end", "session_id", "subject", "timer_at",
     )  # fmt: skip
 
     def __init__(
@@ -107,14 +111,26 @@ class HubSession:
         self.timer_at = math.inf
         self._ctx = ctx
         self._transport = transport
+        #: Called once when the connection's task ends (a live token is forgotten).
+        self.on_end: Callable[[], None] | None = None
         self._fd = transport.fd
         self._calls: PublishCalls | None = None
         limits = ctx.limits
+        if transport.kind is TransportKind.LONG_POLLING:
+            # The polls are the keep-alive (spec §4): no Pings, and the client's
+            # silence says nothing (its transport ends it when it stops polling).
+            limits = dataclasses.replace(
+                limits, keepalive_interval=math.inf, client_timeout=math.inf
+            )
         if key is None:
             if ctx.publish is None:
                 raise ValueError("a publisher connection needs the context's publish")
             self._calls = PublishCalls(ctx.publish, ctx.stats, session_id)
-            limits = ctx.publisher_limits or limits
+            limits = dataclasses.replace(
+                ctx.publisher_limits or ctx.limits,
+                keepalive_interval=limits.keepalive_interval,
+                client_timeout=limits.client_timeout,
+            )
         self._close_after_calls: Close | None = None  # asked while calls were being published
         self._hub = HubConnection(now=now, limits=limits)
         self._phase = Phase.UPGRADING
@@ -142,10 +158,31 @@ class HubSession:
         """Known to role changes and the drain from now on: call before the 101 goes out."""
         self._ctx.stats.register(self)
 
+    @property
+    def kind(self) -> TransportKind:
+        return self._transport.kind
+
+    @property
+    def transport(self) -> Transport:
+        return self._transport
+
+    async def post(self, body: bytes) -> bool:
+        """A client's POST (SSE, long polling): True once the connection took ``body``."""
+        inbound = self._in
+        if not isinstance(inbound, PostedInbound) or self._phase is Phase.CLOSED:
+            return False
+        return await inbound.post(body)
+
     def discard(self) -> None:
         """The 101 never went out: end a registered connection that will not run."""
         self._abort()
         self._ctx.stats.unregister(self)
+        self._ended()
+
+    def _ended(self) -> None:
+        if self.on_end is not None:
+            on_end, self.on_end = self.on_end, None
+            on_end()
 
     # -- called by the router, the watcher, the drain (synchronously) --------------
 
@@ -425,11 +462,13 @@ class HubSession:
         finally:
             self._abort()
             self._ctx.stats.unregister(self)
+            self._ended()
 
     async def _serve(self) -> None:
         if self._phase is not Phase.UPGRADING:
             return  # discarded
         self._phase = next_phase(Phase.UPGRADING, Move.UPGRADED)
+        self._transport.begin(self._guard.start_soon)
         self._schedule()  # the handshake timeout (and an early close's deadline)
         while self._in.state is not Reading.DONE:
             try:

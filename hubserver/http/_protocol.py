@@ -43,7 +43,7 @@ import trio
 
 from hubserver.app import App
 from hubserver.auth import redact_url
-from hubserver.transports import TransportError, websocket_accept
+from hubserver.transports import TransportError
 
 from ._request import (
     Refusal,
@@ -56,7 +56,7 @@ from ._request import (
     refusal_response,
     response_bytes,
 )
-from ._routes import Session, Upgrade, respond
+from ._routes import Session, Upgrade, go_live, respond
 
 __all__ = ["HttpConnection"]
 
@@ -68,10 +68,6 @@ RECEIVE_BYTES: Final = 65536
 MAX_LOGGED_TARGET_CHARS: Final = 200
 #: How long a missed deadline's 408 or 503 (or a bad request's 400) may take to go out.
 TIMEOUT_REPLY_TIMEOUT: Final = 0.5
-_SWITCHING: Final = (
-    b"HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: Upgrade\r\n"
-    b"sec-websocket-accept: %s\r\nserver: hubserver\r\n\r\n"
-)
 #: h11 imports it into its package but leaves it out of ``__all__``.
 _MIGHT_SWITCH_PROTOCOL: Final = h11.MIGHT_SWITCH_PROTOCOL  # type: ignore[attr-defined]
 
@@ -119,6 +115,7 @@ class HttpConnection:
 
     __slots__ = (
         "_app",
+        "_deadline",
         "_fd",
         "_is_answered",
         "_parser",
@@ -144,6 +141,7 @@ class HttpConnection:
         self._is_answered = False
         # This cycle's request, once it is one (for the answer to a missed deadline).
         self._request: Request | None = None
+        self._deadline: trio.CancelScope | None = None
 
     # -- RequestIO: what a request reaches of its connection ----------------------------
 
@@ -180,6 +178,11 @@ class HttpConnection:
 
     async def discard_body(self, max_bytes: int) -> bool:
         return await self.read_body(max_bytes) is not None
+
+    def extend_deadline(self, seconds: float) -> None:
+        if self._deadline is not None:
+            wanted = trio.current_time() + seconds + self._app.config.request_timeout
+            self._deadline.deadline = max(self._deadline.deadline, wanted)
 
     # -- the request loop -------------------------------------------------------------
 
@@ -229,7 +232,7 @@ class HttpConnection:
         started = trio.current_time()
         event: h11.Request | None = None
         is_in_flight = False
-        deadline = trio.CancelScope(deadline=started + request_timeout)
+        deadline = self._deadline = trio.CancelScope(deadline=started + request_timeout)
         try:
             with deadline:
                 while True:
@@ -340,14 +343,18 @@ class HttpConnection:
         return state is _MIGHT_SWITCH_PROTOCOL and _keeps_alive(event)
 
     async def _upgrade(self, upgrade: Upgrade, event: h11.Request, started: float) -> Session:
-        """Start the session and send the 101 (the route counted the subject)."""
+        """Start the session and send its head (a 101, or an event stream's 200; the
+        route counted the subject)."""
         grant = upgrade.grant
         try:
-            # What the client sent after its request (nothing more is read before the 101).
-            session = grant.start(self._stream, bytes(self._parser.trailing_data[0]))
+            # What the client sent after its request (nothing more is read before the head).
+            transport = upgrade.transport(self._stream, bytes(self._parser.trailing_data[0]))
+            session = grant.start(transport)
+            if upgrade.token is not None:
+                go_live(self._app, upgrade.token, session)
             try:
                 self._is_answered = True
-                await self._write(_SWITCHING % websocket_accept(upgrade.key))
+                await self._write(upgrade.head)
             except BaseException:
                 session.discard()
                 raise
@@ -361,7 +368,7 @@ class HttpConnection:
             upgrade.subject[:64],
         )
         if self._app.config.access_log:
-            self._log(event, 101, started)
+            self._log(event, int(upgrade.head[9:12]), started)
         return session
 
     async def _answer_missed_deadline(self, event: h11.Request) -> int:

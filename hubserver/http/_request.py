@@ -103,6 +103,12 @@ class Response(NamedTuple):
 def response_bytes(response: Response, *, is_head: bool, close: bool) -> bytes:
     """The bytes of ``response``; for HEAD, GET's headers without the body (RFC 9110 §9.3.2)."""
     status, body, content_type, headers, _ = response
+    if status == 204:
+        # No content, so no content-length either (RFC 9110 §8.6).
+        data = b"HTTP/1.1 204 No Content\r\n" + _SERVER + b"cache-control: no-store"
+        for name, value in headers:
+            data += b"\r\n" + name + b": " + value
+        return data + (_CLOSE if close else b"") + b"\r\n\r\n"
     template = _TEMPLATES.get((status, content_type))
     if template is None:
         template = _template(status, content_type)
@@ -227,6 +233,10 @@ class RequestIO(Protocol):
 
     async def discard_body(self, max_bytes: int) -> bool:
         """Read and drop the body; False when it is larger than ``max_bytes``."""
+        ...
+
+    def extend_deadline(self, seconds: float) -> None:
+        """This request may take ``seconds`` more than the request deadline (a long poll)."""
         ...
 
 

@@ -32,7 +32,17 @@ from hubserver.connection import MAX_RESUME_SEQ, HubSession
 from hubserver.permissions import PermissionStoreUnavailable
 from hubserver.routing import GroupKey, Hub, PublishError, parse_publish_body
 from hubserver.routing._events import MAX_ID_CHARS
-from hubserver.transports import UpgradeError, WebSocketTransport, check_upgrade
+from hubserver.transports import (
+    SSE_HEAD,
+    PollTransport,
+    SseTransport,
+    Transport,
+    TransportKind,
+    UpgradeError,
+    WebSocketTransport,
+    check_upgrade,
+    websocket_accept,
+)
 from hubserver.transports.negotiate import negotiate_body
 
 from ._request import JSON, Refusal, Request, Response, refusal_response
@@ -47,6 +57,7 @@ __all__ = [
     "Session",
     "Upgrade",
     "authenticate",
+    "go_live",
     "respond",
 ]
 
@@ -78,9 +89,12 @@ class Session(Protocol):
     async def run(self) -> None: ...
 
 
-#: Makes (and registers) a hub's session from the stream and the bytes that
-#: came after the upgrade request; called just before the 101 is written.
-StartSession = Callable[[trio.SocketStream, bytes], Session]
+#: Makes (and registers) a hub's session on its transport; called just before
+#: the head (101, or an event stream's 200) is written, or at a first long poll.
+StartSession = Callable[[Transport], HubSession]
+#: Makes the transport of a connection that switches: from its stream and the
+#: bytes that came after the request.
+MakeTransport = Callable[[trio.SocketStream, bytes], Transport]
 
 
 class HubGrant(NamedTuple):
@@ -102,21 +116,29 @@ class HubRoute(NamedTuple):
 
 
 class Upgrade(NamedTuple):
-    """Switch this connection to a hub session (the protocol writes the 101).
+    """Switch this connection to a hub session: a WebSocket (the head is its 101)
+    or an event stream (the head is its 200); the protocol writes the head.
 
     The subject was counted with ``App.hub_opened``; whoever fails to start
     the session releases it with ``App.hub_closed``.
     """
 
-    key: bytes
+    head: bytes
+    transport: MakeTransport
     subject: str
     grant: HubGrant
+    #: The negotiated token the connection is live under (SSE), if any.
+    token: str | None = None
 
 
 # -- the token -------------------------------------------------------------------------
 
 
 _MISSING_TOKEN: Final = Refusal(401, "unauthorized", "missing access token")
+_SWITCHING: Final = (
+    b"HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: Upgrade\r\n"
+    b"sec-websocket-accept: %s\r\nserver: hubserver\r\n\r\n"
+)
 
 
 async def authenticate(request: Request, scope: str) -> Claims | Refusal:
@@ -277,11 +299,192 @@ async def _hub(request: Request, name: str) -> Response | Upgrade:
     route = HUBS.get(name.removesuffix("/negotiate"))
     if route is None:
         return _text(_NOT_FOUND)
-    if request.io.app.is_draining:
+    token = request.query.get("id")
+    app = request.io.app
+    # A drain refuses new connections; a live one's polls and POSTs go on until
+    # its Close reached the client (a long-polling client hears of it by polling).
+    if app.is_draining and (is_negotiate or token is None or app.negotiations.find(token) is None):
         return _text(Refusal(503, "unavailable", "server is shutting down"))
     if is_negotiate:
         return await _negotiate(request, route)
+    method = request.method
+    if method == b"POST" or method == b"DELETE":
+        return await _from_client(request, route, token)
+    if token is not None and not _asks_upgrade(request):
+        if _accepts(request, b"text/event-stream"):
+            return await _event_stream(request, route, token)
+        return await _poll(request, route, token)
     return await _upgrade(request, route)
+
+
+def _asks_upgrade(request: Request) -> bool:
+    return any(name == b"upgrade" for name, _ in request.headers)
+
+
+def _accepts(request: Request, media_type: bytes) -> bool:
+    return any(name == b"accept" and media_type in value.lower() for name, value in request.headers)
+
+
+_NEEDS_ID: Final = Refusal(400, "bad_request", "Connection ID required")
+_NO_CONNECTION: Final = Refusal(404, "not_found", "No Connection with that ID")
+_NO_POST_ON_WEBSOCKETS: Final = Refusal(
+    405, "method_not_allowed", "POST requests are not allowed for WebSocket connections."
+)
+_NO_DELETE: Final = Refusal(
+    400, "bad_request", "Cannot terminate this connection using the DELETE endpoint."
+)
+_OTHER_TRANSPORT: Final = Refusal(400, "bad_request", "Cannot change transports mid-connection")
+_TRANSPORT_TAKEN: Final = Refusal(
+    409, "conflict", "Another transport is already attached to this connection"
+)
+#: Spec §7.3: a poll's answer is never cached.
+_POLL_HEADERS: Final = (
+    (b"pragma", b"no-cache"),
+    (b"expires", b"Thu, 01 Jan 1970 00:00:00 GMT"),
+)
+_OCTETS: Final = b"application/octet-stream"
+
+
+async def _live(
+    request: Request, route: HubRoute, token: str | None
+) -> HubSession | Refusal:
+    """The live connection ``token`` names, for a request of its own subject."""
+    if token is None:
+        return _NEEDS_ID
+    claims = await authenticate(request, route.scope)
+    if isinstance(claims, Refusal):
+        return claims
+    live = request.io.app.negotiations.find(token)
+    # Another subject's connection is as unknown as none: no probing of tokens.
+    if not isinstance(live, HubSession) or live.subject != claims.subject:
+        return _NO_CONNECTION
+    return live
+
+
+async def _from_client(request: Request, route: HubRoute, token: str | None) -> Response:
+    """POST: the client's data for its SSE or long-polling connection; DELETE: its end."""
+    session = await _live(request, route, token)
+    if isinstance(session, Refusal):
+        return _text(session)
+    if request.method == b"DELETE":
+        transport = session.transport
+        if not isinstance(transport, PollTransport):
+            return _text(_NO_DELETE)
+        transport.delete()
+        return Response(202, b"")
+    if session.kind is TransportKind.WEBSOCKETS:
+        return _text(_NO_POST_ON_WEBSOCKETS)
+    app = request.io.app
+    # A POST carries whole hub messages: at most one message's limit (the
+    # publisher hub's is a publish body's), with room for a few small ones.
+    limits = app.session_context().publisher_limits if session.key is None else None
+    max_bytes = (limits or app.session_context().limits).max_message_bytes + 4096
+    body = await request.io.read_body(max_bytes)
+    if body is None:
+        return _text(Refusal(413, "too_large", "request body too large"))
+    if not await session.post(bytes(body)):
+        return _text(_NO_CONNECTION)  # it ended meanwhile
+    return Response(200, b"")
+
+
+async def _start(
+    request: Request, route: HubRoute, token: str
+) -> tuple[Claims, HubGrant] | Refusal:
+    """The first request of an SSE or long-polling connection: it claims its token."""
+    authorized = await _authorize(request, route)
+    if isinstance(authorized, Refusal):
+        return authorized
+    claims, grant = authorized
+    app = request.io.app
+    if not app.hub_opened(claims.subject):
+        return Refusal(
+            429,
+            "too_many_connections",
+            "too many open hub connections for this subject; retry later",
+            is_limit=True,
+        )
+    if not app.negotiations.claim(token, grant.stream, claims.subject, trio.current_time()):
+        app.hub_closed(claims.subject)  # no session will end to release it
+        return _NO_CONNECTION
+    return claims, grant
+
+
+def _already_live(request: Request, token: str, kind: TransportKind) -> Refusal | None:
+    live = request.io.app.negotiations.find(token)
+    if live is None:
+        return None
+    return _TRANSPORT_TAKEN if live.kind is kind else _OTHER_TRANSPORT
+
+
+async def _event_stream(request: Request, route: HubRoute, token: str) -> Response | Upgrade:
+    """GET with ``Accept: text/event-stream``: this connection becomes the event stream."""
+    if (taken := _already_live(request, token, TransportKind.SERVER_SENT_EVENTS)) is not None:
+        return _text(taken)
+    if request.is_head:
+        return _text(Refusal(405, "method_not_allowed", "an event stream is opened with GET"))
+    started = await _start(request, route, token)
+    if isinstance(started, Refusal):
+        return _text(started)
+    claims, grant = started
+    return Upgrade(SSE_HEAD, _sse_transport, claims.subject, grant, token)
+
+
+def _sse_transport(stream: trio.SocketStream, received: bytes) -> Transport:
+    return SseTransport(stream)
+
+
+async def _poll(request: Request, route: HubRoute, token: str) -> Response:
+    """A long poll: the first one starts the connection and answers at once (spec §7.3)."""
+    live = request.io.app.negotiations.find(token)
+    if live is not None:
+        if live.kind is not TransportKind.LONG_POLLING:
+            return _text(_OTHER_TRANSPORT)
+        session = await _live(request, route, token)
+        if isinstance(session, Refusal):
+            return _text(session)
+        transport = session.transport
+        assert isinstance(transport, PollTransport)
+        request.io.extend_deadline(transport.poll_timeout)
+        data = await transport.poll()
+        if data is None:
+            return Response(204, b"", _OCTETS, _POLL_HEADERS)
+        return Response(200, data, _OCTETS, _POLL_HEADERS)
+    started = await _start(request, route, token)
+    if isinstance(started, Refusal):
+        return _text(started)
+    claims, grant = started
+    app = request.io.app
+    try:
+        session = grant.start(PollTransport())
+    except BaseException:
+        app.hub_closed(claims.subject)
+        raise
+    go_live(app, token, session)
+    log.info(
+        "session %d: %s, subject %s, long polling",
+        session.session_id,
+        grant.description,
+        claims.subject[:64],
+    )
+    app.session_context().tasks.start_soon(_run_detached, app, session)
+    return Response(200, b"", _OCTETS, _POLL_HEADERS)
+
+
+def go_live(app: App, token: str, session: HubSession) -> None:
+    """``token`` names ``session`` until it ends."""
+    app.negotiations.attach(token, session)
+    session.on_end = partial(app.negotiations.forget, token)
+
+
+async def _run_detached(app: App, session: HubSession) -> None:
+    """A long-polling session runs in the server's connection nursery (no request holds it)."""
+    try:
+        await session.run()
+    except Exception:
+        app.stats.crashed += 1
+        log.exception("connection handler failed (session %d)", session.session_id)
+    finally:
+        app.hub_closed(session.subject)  # counted by _start's hub_opened
 
 
 async def _authorize(request: Request, route: HubRoute) -> tuple[Claims, HubGrant] | Refusal:
@@ -351,12 +554,15 @@ async def _upgrade(request: Request, route: HubRoute) -> Response | Upgrade:
             )
         )
     connection_token = request.query.get("id")
-    if connection_token is not None and not app.negotiations.claim(
-        connection_token, grant.stream, claims.subject, trio.current_time()
-    ):
-        app.hub_closed(claims.subject)  # no session will end to release it
-        return _text(Refusal(404, "not_found", "No Connection with that ID"))
-    return Upgrade(key, claims.subject, grant)
+    if connection_token is not None:
+        taken = _already_live(request, connection_token, TransportKind.WEBSOCKETS)
+        if taken is not None or not app.negotiations.claim(
+            connection_token, grant.stream, claims.subject, trio.current_time()
+        ):
+            app.hub_closed(claims.subject)  # no session will end to release it
+            return _text(taken or _NO_CONNECTION)
+    head = _SWITCHING % websocket_accept(key)
+    return Upgrade(head, WebSocketTransport, claims.subject, grant, connection_token)
 
 
 # -- the subscriber hubs: a site's stream, or one user's at a site -----------------------
@@ -413,15 +619,15 @@ async def _site_stream(hub: Hub, request: Request, claims: Claims) -> HubGrant |
 
 def _session_starter(
     app: App, claims: Claims, key: GroupKey | None, since_seq: int | None
-) -> Callable[[trio.SocketStream, bytes], HubSession]:
-    """What makes the connection's session once its 101 is about to go out.
+) -> StartSession:
+    """What makes the connection's session once its head is about to go out.
 
     ``key`` None: a publisher's connection.
     """
 
-    def start(stream: trio.SocketStream, received: bytes) -> HubSession:
+    def start(transport: Transport) -> HubSession:
         session = HubSession(
-            transport=WebSocketTransport(stream, received),
+            transport=transport,
             ctx=app.session_context(),
             key=key,
             subject=claims.subject,

@@ -1,7 +1,8 @@
 """Transports: how hub bytes travel between a connection and its client.
 
-``Transport`` is the seam (``_transport.py``); ``WebSocketTransport`` is one
-socket both ways. Each transport frames hub bytes with its wires
+``Transport`` is the seam (``_transport.py``): ``WebSocketTransport`` (one
+socket both ways), ``SseTransport`` (Server-Sent Events out, POSTs in) and
+``PollTransport`` (long polls out, POSTs in). Each transport frames hub bytes with its wires
 (``_wire.py``), which key the shared per-delivery frame cache, so routing
 never needs to know which transport a subscriber uses.
 """
@@ -19,7 +20,10 @@ from ._frames import (
 )
 from ._inbound import InboundItem, Reading, WebSocketInbound
 from ._outbound import Outbound, Report
-from ._transport import Inbound, Transport, WebSocketTransport
+from ._poll import POLL_TIMEOUT, PollOutbound, PollTransport
+from ._posted import PostedInbound
+from ._sse import SSE_HEAD, SseTransport
+from ._transport import Inbound, OutboundSide, StartTask, Transport, WebSocketTransport
 from ._wire import TransportKind, Wire, sse_event, wire_for
 from .websocket import (
     OPCODE_BINARY,
@@ -34,14 +38,22 @@ from .websocket import (
 __all__ = [
     "OPCODE_BINARY",
     "OPCODE_TEXT",
+    "POLL_TIMEOUT",
+    "SSE_HEAD",
     "FrameReader",
     "Inbound",
     "InboundItem",
     "Outbound",
+    "OutboundSide",
     "PeerClose",
     "PeerPing",
+    "PollOutbound",
+    "PollTransport",
+    "PostedInbound",
     "Reading",
     "Report",
+    "SseTransport",
+    "StartTask",
     "Transport",
     "TransportError",
     "TransportKind",

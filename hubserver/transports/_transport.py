@@ -5,8 +5,9 @@ handshake, its group, resumes, deadlines, hubcore. A transport owns the
 bytes: how the client's data arrives (``inbound``), where the connection's
 output goes and how it is framed (``outbound`` and its wire), and what the
 transport says when the connection ends. ``WebSocketTransport`` is one
-socket both ways; Server-Sent Events and long polling take the client's data
-from POSTs and fit the same interface.
+socket both ways; ``SseTransport`` (``_sse.py``) writes to a GET's response and
+``PollTransport`` (``_poll.py``) keeps output for polls, both taking the
+client's data from POSTs (``_posted.py``).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from ._inbound import InboundItem, Reading, WebSocketInbound
 from ._outbound import Outbound, Report
 from ._wire import TransportKind, Wire, wire_for
 
-__all__ = ["Inbound", "Transport", "WebSocketTransport"]
+__all__ = ["Inbound", "OutboundSide", "StartTask", "Transport", "WebSocketTransport"]
 
 NORMAL_CLOSURE: Final = 1000
 _JSON: Final = get_protocol("json")
@@ -52,6 +53,58 @@ class Inbound(Protocol):
         ...
 
 
+StartTask = Callable[[Callable[[], Awaitable[None]]], None]
+
+
+class OutboundSide(Protocol):
+    """The write side: every byte still to go out, its budget and its framing.
+
+    ``Outbound`` writes to a socket (WebSockets, SSE); ``PollOutbound`` keeps
+    it for the next poll. Over ``max_bytes`` and back under it, and a lost
+    socket, are told through the ``report`` callback given at creation.
+    """
+
+    wire: Wire
+    max_bytes: int
+    queued_bytes: int
+
+    @property
+    def is_idle(self) -> bool:
+        """Nothing waits: a direct write would keep the order."""
+        ...
+
+    @property
+    def is_sealed(self) -> bool: ...
+
+    def queue_message(self, data: bytes) -> None:
+        """Hub messages, framed by ``wire`` when they go out."""
+        ...
+
+    def queue_frame(self, frame: bytes) -> None:
+        """Bytes already framed (a WebSocket control frame)."""
+        ...
+
+    def queue_rest(self, frame: bytes, sent: int) -> None:
+        """A direct write took only ``sent`` bytes of ``frame``: the rest goes first."""
+        ...
+
+    def seal(self, close_frame: bytes | None) -> None:
+        """Our last words (once): nothing is queued after them."""
+        ...
+
+    def drop_unsent(self) -> None:
+        """Forget what waits (a slow client), except a frame already begun."""
+        ...
+
+    def close(self) -> None:
+        """Drop everything, write and report nothing more."""
+        ...
+
+    async def wait_drained(self) -> None:
+        """Until nothing waits (the caller bounds it)."""
+        ...
+
+
 class Transport(Protocol):
     """What a hub connection needs of its transport."""
 
@@ -71,9 +124,13 @@ class Transport(Protocol):
         *,
         max_bytes: int,
         report: Callable[[Report, BaseException | None], None],
-        start_writer: Callable[[Callable[[], Awaitable[None]]], None],
-    ) -> Outbound:
+        start_writer: StartTask,
+    ) -> OutboundSide:
         """The output side (made once, by the connection that reports to itself)."""
+        ...
+
+    def begin(self, start_task: StartTask) -> None:
+        """The connection's task runs: start what the transport watches (under its guard)."""
         ...
 
     def wire_for(self, protocol: HubProtocol) -> Wire | None:
@@ -127,7 +184,7 @@ class WebSocketTransport:
         *,
         max_bytes: int,
         report: Callable[[Report, BaseException | None], None],
-        start_writer: Callable[[Callable[[], Awaitable[None]]], None],
+        start_writer: StartTask,
     ) -> Outbound:
         # Until the hub handshake picks a protocol, text frames: the handshake
         # is JSON, and so is its answer unless MessagePack is asked for.
@@ -139,6 +196,9 @@ class WebSocketTransport:
 
     def wire_for(self, protocol: HubProtocol) -> Wire | None:
         return wire_for(TransportKind.WEBSOCKETS, protocol)
+
+    def begin(self, start_task: StartTask) -> None:
+        pass  # the connection's task itself reads the socket
 
     def pong(self, payload: bytes) -> bytes:
         return pong_frame(payload)

@@ -1,10 +1,13 @@
-"""Negotiate (spec §6), for clients that do not skip it: WebSockets only.
+"""Negotiate (spec §6) and the connections it names.
 
 The reference service only documents ``skipNegotiation``; but the .NET and
-Java clients negotiate unless told not to, and so does PyPI's pysignalr, which
-has no switch for it. Answering negotiate costs little: a connection token
-that the WebSocket request must present in ``id`` within the disconnect
-timeout, once.
+Java clients negotiate unless told not to, so does PyPI's pysignalr, and
+Server-Sent Events and long polling need it. A negotiated connection token
+must be presented in ``id`` by the transport's first request within the
+disconnect timeout, once (``claim``), by the same subject for the same
+stream. From then on the connection is live under its token
+(``attach``/``find``) until it ends: the client's POSTs, polls and DELETE
+find it there.
 """
 
 from __future__ import annotations
@@ -13,9 +16,11 @@ import base64
 import json
 import secrets
 from dataclasses import dataclass
-from typing import Final
+from typing import Final, Protocol
 
-__all__ = ["Negotiations", "negotiate_body"]
+from ._wire import TransportKind
+
+__all__ = ["LiveConnection", "Negotiations", "negotiate_body"]
 
 #: ASP.NET Core expires a negotiated connection that never gets a transport
 #: after its DisconnectTimeout (spec §6).
@@ -35,11 +40,36 @@ class _Pending:
     expires_at: float
 
 
+class LiveConnection(Protocol):
+    """What the client's later requests reach of a live negotiated connection."""
+
+    @property
+    def subject(self) -> str: ...
+
+    @property
+    def kind(self) -> TransportKind: ...
+
+
 class Negotiations:
-    """Connection tokens handed out by negotiate and not yet used by a WebSocket."""
+    """Connection tokens handed out by negotiate, then the live connections they name."""
 
     def __init__(self) -> None:
         self._pending: dict[str, _Pending] = {}
+        self._live: dict[str, LiveConnection] = {}
+
+    @property
+    def live_count(self) -> int:
+        return len(self._live)
+
+    def attach(self, token: str, connection: LiveConnection) -> None:
+        """``token`` (just claimed) names ``connection`` until ``forget``."""
+        self._live[token] = connection
+
+    def find(self, token: str) -> LiveConnection | None:
+        return self._live.get(token)
+
+    def forget(self, token: str) -> None:
+        self._live.pop(token, None)
 
     def create(self, path: str, subject: str, now: float) -> tuple[str, str]:
         """Register a negotiated connection; returns (connectionId, connectionToken)."""
@@ -66,12 +96,18 @@ class Negotiations:
             del pending[token]
 
 
+#: In the order clients should try them (the JS client takes the first that works).
+_TRANSPORTS: Final = (
+    {"transport": "WebSockets", "transferFormats": ["Text", "Binary"]},
+    {"transport": "ServerSentEvents", "transferFormats": ["Text"]},
+    {"transport": "LongPolling", "transferFormats": ["Text", "Binary"]},
+)
+
+
 def negotiate_body(connection_id: str, connection_token: str, version: int) -> bytes:
-    """The negotiate response: WebSockets only, both transfer formats."""
+    """The negotiate response (ASP.NET Core's key order): every transport, in order."""
     body: dict[str, object] = {"negotiateVersion": version, "connectionId": connection_id}
     if version >= 1:
         body["connectionToken"] = connection_token
-    body["availableTransports"] = [
-        {"transport": "WebSockets", "transferFormats": ["Text", "Binary"]}
-    ]
+    body["availableTransports"] = list(_TRANSPORTS)
     return json.dumps(body, separators=(",", ":")).encode()

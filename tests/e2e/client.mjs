@@ -12,6 +12,8 @@
 //   tokenIn           "factory" (default, the reference's accessTokenFactory), "query"
 //                     (?access_token=, as a browser sends it) or "none"
 //   protocol          "json" (default) or "messagepack"
+//   transport         "websockets" (default: skipNegotiation), "negotiated-websockets",
+//                     "sse" or "longpolling" (these negotiate first)
 //   expect            stop after this many ReceiveMessage calls (0 or absent: never)
 //   reconnect         true: .withAutomaticReconnect() (default delays 0, 2, 10, 30 s)
 //   reconnectDelays   with reconnect: the retry delays in ms instead of the default ones
@@ -80,9 +82,20 @@ const stderrLogger = {
 };
 
 let url = config.url;
+// "websockets" (default): the reference's skipNegotiation; the others negotiate first.
+const transports = {
+  websockets: signalR.HttpTransportType.WebSockets,
+  "negotiated-websockets": signalR.HttpTransportType.WebSockets,
+  sse: signalR.HttpTransportType.ServerSentEvents,
+  longpolling: signalR.HttpTransportType.LongPolling,
+};
+const transportName = config.transport ?? "websockets";
+if (!(transportName in transports)) {
+  throw new Error(`unknown transport ${transportName}`);
+}
 const options = {
-  skipNegotiation: true,
-  transport: signalR.HttpTransportType.WebSockets,
+  skipNegotiation: transportName === "websockets",
+  transport: transports[transportName],
 };
 if (tokenIn === "factory" && tokens.length > 0) {
   options.accessTokenFactory = () => tokens[Math.min(generation, tokens.length - 1)];

@@ -135,13 +135,14 @@ async def test_bad_websocket_upgrades(
         assert response.headers.get("sec-websocket-version") == "13", response.headers
 
 
-async def test_post_to_a_hub_is_405(start_server) -> None:
+async def test_post_to_a_hub_without_a_connection_id_is_400(start_server) -> None:
+    """POSTs send a negotiated connection's data (SSE, long polling): spec §7.2's answer."""
     h = await start_server()
     with trio.fail_after(5):
         response = await exchange(
             h.port, build_request("POST", hub_target("entries", "s1"), body=b"x")
         )
-    assert response.status == 405
+    assert response.status == 400 and b"Connection ID required" in response.body
 
 
 @pytest.mark.parametrize(

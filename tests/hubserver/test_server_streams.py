@@ -344,7 +344,7 @@ async def _negotiate(h: Harness, query: str, token: str | None = None) -> HttpRe
     )
 
 
-async def test_negotiate_offers_websockets_and_its_token_opens_the_stream_once(
+async def test_negotiate_offers_every_transport_and_its_token_opens_the_stream_once(
     start_server,
 ) -> None:
     # What clients without skipNegotiation (.NET/Java defaults, pysignalr) do first.
@@ -356,7 +356,9 @@ async def test_negotiate_offers_websockets_and_its_token_opens_the_stream_once(
         body = response.json()
         assert body["negotiateVersion"] == 1
         assert body["availableTransports"] == [
-            {"transport": "WebSockets", "transferFormats": ["Text", "Binary"]}
+            {"transport": "WebSockets", "transferFormats": ["Text", "Binary"]},
+            {"transport": "ServerSentEvents", "transferFormats": ["Text"]},
+            {"transport": "LongPolling", "transferFormats": ["Text", "Binary"]},
         ]
         assert "useStatefulReconnect" not in body
         token = body["connectionToken"]

@@ -1,0 +1,187 @@
+"""Server-Sent Events and long polling at the HTTP level: the answers of spec §6 to §7
+for every wrong request, and that a connection is its own subject's only.
+
+The official client's happy paths are in tests/e2e/test_js_transports.py.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import trio
+
+from hubserver.permissions import Role
+from tests.hubserver.conftest import Harness
+from tests.hubserver.helpers import (
+    bearer,
+    bystander,
+    http_request,
+    open_tcp,
+    upgrade_headers,
+)
+
+CAP = 10
+_sites = iter(range(1_000_000))
+
+
+def new_site() -> str:
+    return f"transport-site-{next(_sites)}"
+
+
+async def negotiate(h: Harness, site: str, subject: str) -> str:
+    response = await http_request(
+        h.port,
+        "POST",
+        f"/v1/hub/entries/negotiate?site_id={site}&negotiateVersion=1",
+        headers=[bearer(h.token(subject))],
+    )
+    assert response.status == 200, response
+    body = json.loads(response.body)
+    assert [t["transport"] for t in body["availableTransports"]] == [
+        "WebSockets",
+        "ServerSentEvents",
+        "LongPolling",
+    ]
+    token: str = body["connectionToken"]
+    return token
+
+
+async def start_polling(h: Harness, site: str, subject: str) -> str:
+    token = await negotiate(h, site, subject)
+    first = await http_request(
+        h.port,
+        "GET",
+        f"/v1/hub/entries?site_id={site}&id={token}",
+        headers=[bearer(h.token(subject))],
+    )
+    assert first.status == 200 and first.body == b"", first  # the first poll answers at once
+    return token
+
+
+async def test_wrong_requests_get_the_spec_answers(start_server: Any) -> None:
+    h: Harness = await start_server()
+    site = new_site()
+    h.grant(site, "alice", Role.SITE_ADMIN)
+    auth = [bearer(h.token("alice"))]
+    base = f"/v1/hub/entries?site_id={site}"
+    with trio.fail_after(CAP):
+        async with bystander(h) as b:
+            assert (await http_request(h.port, "POST", base, headers=auth, body=b"x")).status == 400
+            unknown = f"{base}&id=nope"
+            assert (await http_request(h.port, "POST", unknown, headers=auth)).status == 404
+            assert (await http_request(h.port, "GET", unknown, headers=auth)).status == 404
+            assert (await http_request(h.port, "DELETE", unknown, headers=auth)).status == 404
+            token = await start_polling(h, site, "alice")
+            target = f"{base}&id={token}"
+            # An event stream or a WebSocket for a long-polling connection: no.
+            sse = [*auth, ("Accept", "text/event-stream")]
+            assert (await http_request(h.port, "GET", target, headers=sse)).status == 400
+            ws = upgrade_headers(token=h.token("alice"))
+            assert (await http_request(h.port, "GET", target, headers=ws)).status == 400
+            # A second poll supersedes the first: the first answers 204.
+            async with trio.open_nursery() as nursery:
+                answers: list[int] = []
+
+                async def first_poll() -> None:
+                    answers.append((await http_request(h.port, "GET", target, headers=auth)).status)
+
+                nursery.start_soon(first_poll)
+                await trio.sleep(0.2)
+                second = trio.CancelScope()
+                nursery.start_soon(_poll_into, h, target, auth, answers, second)
+                with trio.fail_after(3):
+                    while not answers:  # noqa: ASYNC110 (the superseded poll answers)
+                        await trio.sleep(0.02)
+                assert answers == [204]
+                # DELETE ends the connection: the pending poll answers 204, then 404.
+                deleted = await http_request(h.port, "DELETE", target, headers=auth)
+                assert deleted.status == 202
+            assert answers == [204, 204]
+            with trio.fail_after(3):
+                while h.server.app.negotiations.find(token) is not None:  # noqa: ASYNC110
+                    await trio.sleep(0.02)
+            assert (await http_request(h.port, "GET", target, headers=auth)).status == 404
+            await b.check()
+
+
+async def _poll_into(
+    h: Harness, target: str, auth: list[tuple[str, str]], answers: list[int], _: Any
+) -> None:
+    answers.append((await http_request(h.port, "GET", target, headers=auth)).status)
+
+
+async def test_a_connection_is_its_subjects_only(start_server: Any) -> None:
+    """Another subject with the token gets 404 for POST, poll and DELETE: nothing of it."""
+    h: Harness = await start_server()
+    site = new_site()
+    h.grant(site, "alice", Role.SITE_ADMIN)
+    h.grant(site, "mallory", Role.SITE_ADMIN)
+    with trio.fail_after(CAP):
+        token = await start_polling(h, site, "alice")
+        target = f"/v1/hub/entries?site_id={site}&id={token}"
+        theirs = [bearer(h.token("mallory"))]
+        handshake = b'{"protocol":"json","version":1}\x1e'
+        for method in ("POST", "GET", "DELETE"):
+            answer = await http_request(h.port, method, target, headers=theirs, body=handshake)
+            assert answer.status == 404, (method, answer)
+        # No token at all: 401.
+        assert (await http_request(h.port, "POST", target, body=handshake)).status == 401
+        # Alice's connection is intact: her handshake is answered on her poll.
+        mine = [bearer(h.token("alice"))]
+        assert (
+            await http_request(h.port, "POST", target, headers=mine, body=handshake)
+        ).status == 200
+        poll = await http_request(h.port, "GET", target, headers=mine)
+        assert poll.status == 200 and poll.body == b"{}\x1e", poll
+
+
+async def test_post_to_a_websocket_connection_is_405(start_server: Any) -> None:
+    h: Harness = await start_server()
+    site = new_site()
+    h.grant(site, "alice", Role.SITE_ADMIN)
+    with trio.fail_after(CAP):
+        token = await negotiate(h, site, "alice")
+        target = f"/v1/hub/entries?site_id={site}&id={token}"
+        stream = await open_tcp(h.port)
+        head = f"GET {target} HTTP/1.1\r\nHost: x\r\n" + "".join(
+            f"{n}: {v}\r\n" for n, v in upgrade_headers(token=h.token("alice"))
+        )
+        await stream.send_all(head.encode() + b"\r\n")
+        assert b" 101 " in await stream.receive_some(4096)
+        auth = [bearer(h.token("alice"))]
+        assert (await http_request(h.port, "POST", target, headers=auth, body=b"x")).status == 405
+        again = upgrade_headers(token=h.token("alice"))
+        assert (await http_request(h.port, "GET", target, headers=again)).status == 409
+        await stream.aclose()
+
+
+async def test_an_event_stream_is_framed_as_server_sent_events(start_server: Any) -> None:
+    h: Harness = await start_server()
+    site = new_site()
+    h.grant(site, "alice", Role.SITE_ADMIN)
+    with trio.fail_after(CAP):
+        token = await negotiate(h, site, "alice")
+        target = f"/v1/hub/entries?site_id={site}&id={token}"
+        stream = await open_tcp(h.port)
+        await stream.send_all(
+            f"GET {target} HTTP/1.1\r\nHost: x\r\nAccept: text/event-stream\r\n"
+            f"Authorization: Bearer {h.token('alice')}\r\n\r\n".encode()
+        )
+        received = b""
+        while b"\r\n\r\n:\r\n" not in received:
+            received += await stream.receive_some(4096)
+        assert received.startswith(b"HTTP/1.1 200 OK\r\n")
+        assert b"content-type: text/event-stream" in received
+        mine = [bearer(h.token("alice"))]
+        handshake = b'{"protocol":"messagepack","version":1}\x1e'
+        assert (
+            await http_request(h.port, "POST", target, headers=mine, body=handshake)
+        ).status == 200
+        received = b""
+        while not received.endswith(b"\r\n\r\n"):
+            received += await stream.receive_some(4096)
+        # MessagePack cannot travel on SSE: ASP.NET Core's handshake error, as an event.
+        assert received.startswith(b'data: {"error":"Cannot use the \'messagepack\' protocol')
+        assert received.endswith(b"\x1e\r\n\r\n")
+        await stream.aclose()
