@@ -93,6 +93,14 @@ def _parser() -> argparse.ArgumentParser:
     _add(s, "--resume-window", type=float, default=0.5, help="seconds live events wait for Resume")
     _add(
         s,
+        "--stateful-reconnect-window",
+        type=float,
+        default=30.0,
+        help="seconds a stateful-reconnect connection waits for its client's new WebSocket "
+        "(0: never offered)",
+    )
+    _add(
+        s,
         "--publish-window",
         type=int,
         default=1000,
@@ -236,6 +244,7 @@ def _config(args: argparse.Namespace) -> ServerConfig:
         backplane=args.backplane or None,
         history_size=int(args.history_size),
         resume_window=float(args.resume_window),
+        stateful_reconnect_window=float(args.stateful_reconnect_window),
         publish_window=int(args.publish_window),
         reuse_port=bool(args.reuse_port),
         broker_socket=args.broker_socket,

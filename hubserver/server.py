@@ -190,6 +190,7 @@ async def _run(app: App, task_status: trio.TaskStatus[RunningServer]) -> None:
                 max_outbox_bytes=config.max_outbox_bytes,
                 slow_client_timeout=config.slow_client_timeout,
                 resume_window=config.resume_window,
+                stateful_reconnect_window=config.stateful_reconnect_window,
                 join=app.join,
                 leave=app.leave,
                 replay=app.broker.replay,

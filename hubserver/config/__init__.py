@@ -57,6 +57,9 @@ class ServerConfig:
             bytes the parent queues for one worker's event stream before it
             disconnects that worker (which resubscribes and recovers the rest
             from history, or sends its subscribers a Gap).
+        stateful_reconnect_window: how long a connection that negotiated
+            stateful reconnect (spec §8) waits for its client to come back on a
+            new WebSocket after its transport dropped; 0 never offers it.
         dedupe_window: seconds an accepted event id keeps a retry from being
             published again (per hub and site; 0 turns it off).
         max_dedupe_ids: ids remembered for that, at most, without Redis (past
@@ -106,6 +109,7 @@ class ServerConfig:
     broker_socket: Path | None = None
     broker_max_queue_bytes: int = 8 << 20
     dedupe_window: float = 600.0
+    stateful_reconnect_window: float = 30.0
     max_dedupe_ids: int = 100_000
     site_idle_timeout: float = 600.0
     max_history_sites: int = 10_000
@@ -141,6 +145,7 @@ class ServerConfig:
             "slow_client_timeout",
             "dedupe_window",
             "site_idle_timeout",
+            "stateful_reconnect_window",
         ):
             value = getattr(self, name)
             if not math.isfinite(value) or value < 0:

@@ -87,5 +87,7 @@ class SessionContext:
     timers: TimerQueue
     tasks: trio.Nursery
     slow_client_timeout: float = 5.0
+    #: How long a stateful connection waits for its client's new transport (spec §8).
+    stateful_reconnect_window: float = 30.0
     publish: PublishFn | None = None
     publisher_limits: HubLimits | None = None

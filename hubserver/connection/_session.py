@@ -37,6 +37,7 @@ from hubcore import (
     LocalProtocolError,
     PreparedMessage,
     RemoteProtocolError,
+    ReplayBufferFull,
     Sendable,
     StreamInvocation,
 )
@@ -89,10 +90,32 @@ class HubSession:
     """
 
     __slots__ = (
-        "_calls", "_close_after_calls", "_ctx", "_deadlines", "_direct", "_early_close", "_fd",
-        "_gate", "_guard", "_hub",
-        "_in", "_live_ceiling", "_out", "_phase", "_sent_at", "_since_seq",
-        "_transport", "_wire", "key", "on_end", "session_id", "subject", "timer_at",
+        "_attached",
+        "_calls",
+        "_close_after_calls",
+        "_ctx",
+        "_deadlines",
+        "_direct",
+        "_early_close",
+        "_fd",
+        "_gate",
+        "_guard",
+        "_hub",
+        "_in",
+        "_is_detached",
+        "_live_ceiling",
+        "_out",
+        "_phase",
+        "_reattached",
+        "_sent_at",
+        "_since_seq",
+        "_transport",
+        "_wire",
+        "key",
+        "on_end",
+        "session_id",
+        "subject",
+        "timer_at",
     )  # fmt: skip
 
     def __init__(
@@ -105,6 +128,7 @@ class HubSession:
         token_expires_at: float | None,
         session_id: int,
         since_seq: int | None = None,
+        allow_stateful: bool = False,
     ) -> None:
         now = trio.current_time()
         self.key, self.subject, self.session_id = key, subject, session_id
@@ -132,7 +156,16 @@ class HubSession:
                 client_timeout=limits.client_timeout,
             )
         self._close_after_calls: Close | None = None  # asked while calls were being published
-        self._hub = HubConnection(now=now, limits=limits)
+        self._hub = HubConnection(
+            now=now, limits=limits, allow_stateful_reconnect=allow_stateful
+        )
+        # Stateful reconnect (spec §8): the transport dropped and the connection
+        # waits for its client's next one (``_reattached`` wakes that wait); the
+        # task of a later transport's request waits on ``_attached`` until that
+        # transport is gone.
+        self._is_detached = False
+        self._reattached: trio.Event | None = None
+        self._attached: trio.Event | None = None
         self._phase = Phase.UPGRADING
         self._guard = TaskGuard(ctx.tasks, self._crash)
         self._in = transport.inbound
@@ -254,6 +287,11 @@ class HubSession:
         self._direct = False
         try:
             data = self._hub.send(item, now)
+        except ReplayBufferFull:
+            # The client acknowledges nothing (or is away longer than its buffer
+            # lasts): it resumes from history after it reconnects.
+            self._close_slow("its stateful-reconnect buffer is full")
+            return
         except LocalProtocolError as exc:
             self._crash(exc)  # we sent at a wrong moment: our bug, this connection's end
             return
@@ -372,7 +410,7 @@ class HubSession:
         if self._phase in (Phase.HANDSHAKE, Phase.OPEN):
             if hub.state is ConnectionState.OPEN and not hub.is_stateful:
                 hub.note_sent(self._sent_at)
-            timer = hub.next_deadline()
+            timer = None if self._is_detached else hub.next_deadline()
             if timer is not None and now >= timer:
                 self._out.queue_message(hub.handle_timer(now))
                 if hub.state is ConnectionState.CLOSED:
@@ -390,7 +428,8 @@ class HubSession:
             return
         deadline = self._deadlines.next(is_closing=self._is_closing)
         if phase is not Phase.CLOSING:
-            hub_deadline = self._hub.next_deadline()
+            # Detached, the client is silent by design: the reconnect window rules.
+            hub_deadline = None if self._is_detached else self._hub.next_deadline()
             deadline = min(deadline, math.inf if hub_deadline is None else hub_deadline)
             if self._early_close is None:
                 deadline = min(deadline, self._gate.hold_deadline)
@@ -419,11 +458,14 @@ class HubSession:
         self._deadlines.goodbye_at = trio.current_time() + CLOSE_TIMEOUT
         self._ctx.timers.schedule(self, self._deadlines.goodbye_at)
         self._out.seal(self._transport.goodbye())
-        if self._in.state is Reading.DONE and self._out.is_idle:
-            self._abort()
+        if self._is_detached or (self._in.state is Reading.DONE and self._out.is_idle):
+            self._abort()  # detached: nobody to say goodbye to
 
     def _lost(self, exc: BaseException | None) -> None:
         log.info("session %d: peer went away: %s", self.session_id, exc)
+        if self._can_reattach:
+            self._transport.close()  # the read side sees it end, and waits for the client
+            return
         self._abort()
 
     def _crash_or_lost(self, exc: BaseException) -> None:
@@ -452,6 +494,85 @@ class HubSession:
         self._guard.close()
         self._ctx.timers.cancel(self)
         self._transport.close()  # a wait on its socket raises ClosedResourceError
+        if self._reattached is not None:
+            self._reattached.set()
+        if self._attached is not None:
+            self._attached.set()
+
+    # -- stateful reconnect (spec §8) --------------------------------------------------
+
+    @property
+    def _can_reattach(self) -> bool:
+        return (
+            self._phase is Phase.OPEN
+            and self._hub.is_stateful
+            and self._ctx.stateful_reconnect_window > 0
+        )
+
+    @property
+    def accepts_reattach(self) -> bool:
+        """A new WebSocket of the same client may take over (stateful and open)."""
+        return self._can_reattach
+
+    def _drop_transport(self) -> None:
+        """Let go of the current transport: what it had queued is in hubcore's replay buffer."""
+        if self._is_detached:
+            return
+        self._is_detached = True
+        self._direct = False
+        self._out.close()
+        self._transport.close()
+        if self._attached is not None:
+            self._attached.set()
+            self._attached = None
+
+    async def _wait_for_transport(self) -> bool:
+        """The transport dropped: wait for the client's next one; whether it came."""
+        self._drop_transport()
+        window = self._ctx.stateful_reconnect_window
+        log.info("session %d: transport lost; waiting %g s for it", self.session_id, window)
+        self._schedule()  # hubcore's timers wait while detached
+        self._reattached = event = trio.Event()
+        with trio.move_on_after(window):
+            await event.wait()
+        self._reattached = None
+        return not self._is_detached and self._phase is Phase.OPEN
+
+    def attach(self, transport: Transport) -> trio.Event | None:
+        """The client's new WebSocket (spec §8): it replaces the old transport.
+
+        Returns what tells the new transport's task that its transport is gone
+        (replaced, dropped or the connection ended); None if the connection
+        cannot take it (not stateful, or no longer open).
+        """
+        if not self._can_reattach:
+            return None
+        # The old one may not have been noticed dead yet: it is cancelled (no 409).
+        self._drop_transport()
+        now = trio.current_time()
+        self._transport = transport
+        self._fd = transport.fd
+        self._in = transport.inbound
+        self._out = transport.outbound(
+            max_bytes=self._ctx.max_outbox_bytes,
+            report=self._on_output,
+            start_writer=self._guard.start_soon,
+        )
+        assert self._wire is not None  # open: the handshake chose it
+        wire = transport.wire_for(self._wire.protocol)
+        if wire is None:
+            return None
+        self._out.wire = self._wire = wire
+        self._is_detached = False
+        transport.begin(self._guard.start_soon)
+        # Our Sequence, then every message the client has not acknowledged.
+        self._out.queue_message(self._hub.resume(now))
+        attached = self._attached = trio.Event()
+        if self._reattached is not None:
+            self._reattached.set()
+        log.info("session %d: reconnected", self.session_id)
+        self._schedule()
+        return attached
 
     # -- the connection's task --------------------------------------------------------
 
@@ -471,13 +592,24 @@ class HubSession:
         self._transport.begin(self._guard.start_soon)
         self._schedule()  # the handshake timeout (and an early close's deadline)
         while self._in.state is not Reading.DONE:
+            inbound = self._in
             try:
-                items = await self._in.receive()
+                items = await inbound.receive()
             except WebSocketError as exc:
+                if inbound is not self._in:
+                    continue  # an old transport's last words: a new one took over
                 log.info("session %d: bad WebSocket data: %s", self.session_id, exc)
                 self._peer_done(self._transport.error_reply(exc))
                 break
+            if inbound is not self._in:
+                continue  # a new transport took over while this read waited
             if items is None:
+                if self._can_reattach:
+                    if await self._wait_for_transport():
+                        continue
+                    log.info("session %d: no reconnect in time", self.session_id)
+                    self._abort()
+                    break
                 if self._phase is not Phase.CLOSED:
                     self._peer_done(None)  # EOF: nobody would read a close frame
                 break

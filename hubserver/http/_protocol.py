@@ -349,9 +349,13 @@ class HttpConnection:
         try:
             # What the client sent after its request (nothing more is read before the head).
             transport = upgrade.transport(self._stream, bytes(self._parser.trailing_data[0]))
-            session = grant.start(transport)
-            if upgrade.token is not None:
-                go_live(self._app, upgrade.token, session)
+            if upgrade.attach is not None:
+                session: Session = upgrade.attach(transport)
+            else:
+                hub_session = grant.start(transport, upgrade.is_stateful)
+                if upgrade.token is not None:
+                    go_live(self._app, upgrade.token, hub_session, grant.stream)
+                session = hub_session
             try:
                 self._is_answered = True
                 await self._write(upgrade.head)

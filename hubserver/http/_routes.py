@@ -89,9 +89,10 @@ class Session(Protocol):
     async def run(self) -> None: ...
 
 
-#: Makes (and registers) a hub's session on its transport; called just before
-#: the head (101, or an event stream's 200) is written, or at a first long poll.
-StartSession = Callable[[Transport], HubSession]
+#: Makes (and registers) a hub's session on its transport (and whether it may
+#: use stateful reconnect); called just before the head (101, or an event
+#: stream's 200) is written, or at a first long poll.
+StartSession = Callable[[Transport, bool], HubSession]
 #: Makes the transport of a connection that switches: from its stream and the
 #: bytes that came after the request.
 MakeTransport = Callable[[trio.SocketStream, bytes], Transport]
@@ -127,8 +128,12 @@ class Upgrade(NamedTuple):
     transport: MakeTransport
     subject: str
     grant: HubGrant
-    #: The negotiated token the connection is live under (SSE), if any.
+    #: The negotiated token the connection will be live under, if any.
     token: str | None = None
+    #: The negotiation granted stateful reconnect.
+    is_stateful: bool = False
+    #: Instead of a new session: a live one takes this transport over (spec §8).
+    attach: Callable[[Transport], Session] | None = None
 
 
 # -- the token -------------------------------------------------------------------------
@@ -403,7 +408,7 @@ async def _start(
             "too many open hub connections for this subject; retry later",
             is_limit=True,
         )
-    if not app.negotiations.claim(token, grant.stream, claims.subject, trio.current_time()):
+    if app.negotiations.claim(token, grant.stream, claims.subject, trio.current_time()) is None:
         app.hub_closed(claims.subject)  # no session will end to release it
         return _NO_CONNECTION
     return claims, grant
@@ -455,11 +460,11 @@ async def _poll(request: Request, route: HubRoute, token: str) -> Response:
     claims, grant = started
     app = request.io.app
     try:
-        session = grant.start(PollTransport())
+        session = grant.start(PollTransport(), False)
     except BaseException:
         app.hub_closed(claims.subject)
         raise
-    go_live(app, token, session)
+    go_live(app, token, session, grant.stream)
     log.info(
         "session %d: %s, subject %s, long polling",
         session.session_id,
@@ -470,9 +475,9 @@ async def _poll(request: Request, route: HubRoute, token: str) -> Response:
     return Response(200, b"", _OCTETS, _POLL_HEADERS)
 
 
-def go_live(app: App, token: str, session: HubSession) -> None:
-    """``token`` names ``session`` until it ends."""
-    app.negotiations.attach(token, session)
+def go_live(app: App, token: str, session: HubSession, stream: str) -> None:
+    """``token`` names ``session`` (of ``stream``) until it ends."""
+    app.negotiations.attach(token, session, stream)
     session.on_end = partial(app.negotiations.forget, token)
 
 
@@ -516,12 +521,19 @@ async def _negotiate(request: Request, route: HubRoute) -> Response:
     # min(int(requested), 1) without int(): a long run of digits is no error either.
     version = 0 if not requested.strip("0") else 1
     app = request.io.app
+    # Spec §8: only when the client asks (one that did not fails on it), and
+    # only WebSockets use it (a client on another transport ignores it).
+    is_stateful = (
+        request.query.get("usestatefulreconnect", "").lower() == "true"
+        and app.session_context().stateful_reconnect_window > 0
+    )
     connection_id, token = app.negotiations.create(
-        grant.stream, claims.subject, trio.current_time()
+        grant.stream, claims.subject, trio.current_time(), is_stateful=is_stateful
     )
     if version == 0:
         connection_id = token  # version 0 clients send the connectionId as `id`
-    return Response(200, negotiate_body(connection_id, token, version), JSON)
+    answer = negotiate_body(connection_id, token, version, is_stateful=is_stateful)
+    return Response(200, answer, JSON)
 
 
 async def _upgrade(request: Request, route: HubRoute) -> Response | Upgrade:
@@ -553,16 +565,74 @@ async def _upgrade(request: Request, route: HubRoute) -> Response | Upgrade:
                 is_limit=True,
             )
         )
-    connection_token = request.query.get("id")
-    if connection_token is not None:
-        taken = _already_live(request, connection_token, TransportKind.WEBSOCKETS)
-        if taken is not None or not app.negotiations.claim(
-            connection_token, grant.stream, claims.subject, trio.current_time()
-        ):
-            app.hub_closed(claims.subject)  # no session will end to release it
-            return _text(taken or _NO_CONNECTION)
     head = _SWITCHING % websocket_accept(key)
-    return Upgrade(head, WebSocketTransport, claims.subject, grant, connection_token)
+    connection_token = request.query.get("id")
+    if connection_token is None:
+        return Upgrade(head, WebSocketTransport, claims.subject, grant)
+    negotiations = app.negotiations
+    live = negotiations.find(connection_token)
+    if (
+        isinstance(live, HubSession)
+        and live.accepts_reattach
+        and live.subject == claims.subject
+        and negotiations.stream_of(connection_token) == grant.stream
+    ):
+        # Stateful reconnect: the client's new WebSocket takes the connection over.
+        # (It counts as a hub connection of its subject while it runs, like any.)
+        attach = partial(_reattach, live)
+        return Upgrade(head, WebSocketTransport, claims.subject, grant, attach=attach)
+    taken = _already_live(request, connection_token, TransportKind.WEBSOCKETS)
+    claimed = None
+    if taken is None:
+        claimed = negotiations.claim(
+            connection_token, grant.stream, claims.subject, trio.current_time()
+        )
+    if claimed is None:
+        app.hub_closed(claims.subject)  # no session will end to release it
+        return _text(taken or _NO_CONNECTION)
+    return Upgrade(
+        head,
+        WebSocketTransport,
+        claims.subject,
+        grant,
+        connection_token,
+        is_stateful=claimed.is_stateful,
+    )
+
+
+class _Attachment:
+    """A reconnecting client's new WebSocket, as its request's task runs it.
+
+    The connection takes it over once its 101 went out (what it sends first,
+    its Sequence and replay, must follow the 101); the connection's own task
+    reads it, and this one waits until it is gone.
+    """
+
+    def __init__(self, session: HubSession, transport: Transport) -> None:
+        self._session = session
+        self._transport = transport
+
+    @property
+    def session_id(self) -> int:
+        return self._session.session_id
+
+    @property
+    def subject(self) -> str:
+        return self._session.subject
+
+    def discard(self) -> None:
+        self._transport.close()  # its 101 never went out: the connection never saw it
+
+    async def run(self) -> None:
+        gone = self._session.attach(self._transport)
+        if gone is None:
+            self._transport.close()  # the connection ended meanwhile: the client starts over
+            return
+        await gone.wait()
+
+
+def _reattach(session: HubSession, transport: Transport) -> Session:
+    return _Attachment(session, transport)
 
 
 # -- the subscriber hubs: a site's stream, or one user's at a site -----------------------
@@ -625,9 +695,10 @@ def _session_starter(
     ``key`` None: a publisher's connection.
     """
 
-    def start(transport: Transport) -> HubSession:
+    def start(transport: Transport, is_stateful: bool) -> HubSession:
         session = HubSession(
             transport=transport,
+            allow_stateful=is_stateful,
             ctx=app.session_context(),
             key=key,
             subject=claims.subject,

@@ -20,7 +20,7 @@ from typing import Final, Protocol
 
 from ._wire import TransportKind
 
-__all__ = ["LiveConnection", "Negotiations", "negotiate_body"]
+__all__ = ["LiveConnection", "Negotiated", "Negotiations", "negotiate_body"]
 
 #: ASP.NET Core expires a negotiated connection that never gets a transport
 #: after its DisconnectTimeout (spec §6).
@@ -34,10 +34,14 @@ def _random_id() -> str:
 
 
 @dataclass(frozen=True, slots=True)
-class _Pending:
+class Negotiated:
+    """A negotiated connection, until its transport claims it."""
+
     path: str
     subject: str
     expires_at: float
+    #: Stateful reconnect was asked for and granted (spec §8).
+    is_stateful: bool = False
 
 
 class LiveConnection(Protocol):
@@ -54,38 +58,47 @@ class Negotiations:
     """Connection tokens handed out by negotiate, then the live connections they name."""
 
     def __init__(self) -> None:
-        self._pending: dict[str, _Pending] = {}
-        self._live: dict[str, LiveConnection] = {}
+        self._pending: dict[str, Negotiated] = {}
+        self._live: dict[str, tuple[LiveConnection, str]] = {}
 
     @property
     def live_count(self) -> int:
         return len(self._live)
 
-    def attach(self, token: str, connection: LiveConnection) -> None:
-        """``token`` (just claimed) names ``connection`` until ``forget``."""
-        self._live[token] = connection
+    def attach(self, token: str, connection: LiveConnection, stream: str) -> None:
+        """``token`` (just claimed) names ``connection`` (of ``stream``) until ``forget``."""
+        self._live[token] = (connection, stream)
 
     def find(self, token: str) -> LiveConnection | None:
-        return self._live.get(token)
+        live = self._live.get(token)
+        return None if live is None else live[0]
+
+    def stream_of(self, token: str) -> str | None:
+        live = self._live.get(token)
+        return None if live is None else live[1]
 
     def forget(self, token: str) -> None:
         self._live.pop(token, None)
 
-    def create(self, path: str, subject: str, now: float) -> tuple[str, str]:
+    def create(
+        self, path: str, subject: str, now: float, *, is_stateful: bool = False
+    ) -> tuple[str, str]:
         """Register a negotiated connection; returns (connectionId, connectionToken)."""
         self._expire(now)
         if len(self._pending) >= MAX_PENDING:
             # Bounded: the oldest pending negotiation gives way.
             del self._pending[next(iter(self._pending))]
         token = _random_id()
-        self._pending[token] = _Pending(path, subject, now + PENDING_TIMEOUT)
+        self._pending[token] = Negotiated(path, subject, now + PENDING_TIMEOUT, is_stateful)
         return _random_id(), token
 
-    def claim(self, token: str, path: str, subject: str, now: float) -> bool:
-        """Use a connection token once; False if unknown, expired or for another stream."""
+    def claim(self, token: str, path: str, subject: str, now: float) -> Negotiated | None:
+        """Use a connection token once; None if unknown, expired or for another stream."""
         self._expire(now)
         pending = self._pending.pop(token, None)
-        return pending is not None and pending.path == path and pending.subject == subject
+        if pending is None or pending.path != path or pending.subject != subject:
+            return None
+        return pending
 
     def _expire(self, now: float) -> None:
         pending = self._pending
@@ -104,9 +117,17 @@ _TRANSPORTS: Final = (
 )
 
 
-def negotiate_body(connection_id: str, connection_token: str, version: int) -> bytes:
-    """The negotiate response (ASP.NET Core's key order): every transport, in order."""
-    body: dict[str, object] = {"negotiateVersion": version, "connectionId": connection_id}
+def negotiate_body(
+    connection_id: str, connection_token: str, version: int, *, is_stateful: bool = False
+) -> bytes:
+    """The negotiate response (ASP.NET Core's key order): every transport, in order.
+
+    ``useStatefulReconnect`` only when the client asked for it (a client that did
+    not fails on it, spec §6).
+    """
+    body: dict[str, object] = {"useStatefulReconnect": True} if is_stateful else {}
+    body["negotiateVersion"] = version
+    body["connectionId"] = connection_id
     if version >= 1:
         body["connectionToken"] = connection_token
     body["availableTransports"] = list(_TRANSPORTS)

@@ -12,6 +12,7 @@
 //   tokenIn           "factory" (default, the reference's accessTokenFactory), "query"
 //                     (?access_token=, as a browser sends it) or "none"
 //   protocol          "json" (default) or "messagepack"
+//   statefulReconnect true: .withStatefulReconnect() (negotiates; WebSockets only)
 //   transport         "websockets" (default: skipNegotiation), "negotiated-websockets",
 //                     "sse" or "longpolling" (these negotiate first)
 //   expect            stop after this many ReceiveMessage calls (0 or absent: never)
@@ -108,6 +109,9 @@ if (config.protocol === "messagepack") {
   builder = builder.withHubProtocol(new MessagePackHubProtocol());
 } else if (config.protocol !== undefined && config.protocol !== "json") {
   throw new Error(`unknown protocol ${config.protocol}`);
+}
+if (config.statefulReconnect) {
+  builder = builder.withStatefulReconnect();
 }
 if (config.reconnect) {
   builder = config.reconnectDelays
