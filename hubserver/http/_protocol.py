@@ -36,6 +36,7 @@ import contextlib
 import enum
 import logging
 import os
+from collections.abc import Sequence
 from typing import Final
 
 import h11
@@ -45,6 +46,7 @@ from hubserver.app import App
 from hubserver.auth import redact_url
 from hubserver.transports import TransportError, websocket_accept
 
+from ._cors import decide_cors
 from ._request import (
     Refusal,
     Request,
@@ -119,6 +121,7 @@ class HttpConnection:
 
     __slots__ = (
         "_app",
+        "_cors_headers",
         "_fd",
         "_is_answered",
         "_parser",
@@ -144,6 +147,8 @@ class HttpConnection:
         self._is_answered = False
         # This cycle's request, once it is one (for the answer to a missed deadline).
         self._request: Request | None = None
+        # What CORS adds to this cycle's answer, whichever answers it.
+        self._cors_headers: Sequence[tuple[bytes, bytes]] = ()
 
     # -- RequestIO: what a request reaches of its connection ----------------------------
 
@@ -287,6 +292,7 @@ class HttpConnection:
         self._received = len(data)
         self._is_answered = False
         self._request = None
+        self._cors_headers = ()
         if data:
             parser.receive_data(data)
         if is_closed:
@@ -296,6 +302,8 @@ class HttpConnection:
     async def _handle(self, event: h11.Request, started: float) -> Session | bool:
         """Answer one request: the session after an upgrade, else whether to go on."""
         target = event.target
+        cors = decide_cors(self._app.config.cors_origins, event.method, target, event.headers)
+        self._cors_headers = cors.headers
         # h11 bounds only a head still incomplete; one that arrived whole in a
         # single read is measured here.
         if self._received > MAX_HEADER_BYTES and (
@@ -305,16 +313,28 @@ class HttpConnection:
                 Refusal(431, "too_large", "request header fields too large"),
                 is_json=is_json_family(target),
             )
+        elif cors.response is not None:
+            # A preflight, or a foreign origin's WebSocket: no route, token or body involved.
+            result = cors.response
+            if cors.refused_origin is not None:
+                log.info(
+                    "origin %s is not in --cors-origin",
+                    ascii(cors.refused_origin[:MAX_LOGGED_TARGET_CHARS]),
+                )
         else:
             parsed = parse_target(target)
             if isinstance(parsed, Refusal):
                 result = refusal_response(parsed, is_json=is_json_family(target))
             else:
-                request = Request(event.method, target, parsed[0], parsed[1], event.headers, self)
+                request = Request(
+                    event.method, target, parsed[0], parsed[1], event.headers, self, cors.headers
+                )
                 self._request = request
                 result = await respond(request)
         if isinstance(result, Upgrade):
             return await self._upgrade(result, event, started)
+        if cors.headers:
+            result = result._replace(headers=(*result.headers, *cors.headers))
         is_going_on = not result.close and self._is_request_done(event)
         self._is_answered = True
         await self._write(
@@ -385,6 +405,8 @@ class HttpConnection:
                 close=True,
             )
         response = refusal_response(refusal, is_json=is_json_family(event.target))
+        if self._cors_headers:
+            response = response._replace(headers=(*response.headers, *self._cors_headers))
         data = response_bytes(response, is_head=event.method == b"HEAD", close=True)
         self._is_answered = True
         with trio.move_on_after(TIMEOUT_REPLY_TIMEOUT), contextlib.suppress(TransportError):
