@@ -9,8 +9,8 @@ browser is in ``tests/e2e/test_browser.py``.
 from __future__ import annotations
 
 import json
-import re
 import logging
+import re
 from dataclasses import dataclass
 
 import pytest
