@@ -18,7 +18,7 @@ ASP.NET Core's CORS middleware (``src/Middleware/CORS``: ``CorsService``,
   prefix) and the publish API (``/v1/events/...``); health checks stay out;
 - a preflight from a listed origin is answered here, before any route, token
   or body: 204 with the methods of the route family, the request headers the
-  official client sends, ``Access-Control-Max-Age`` and, for a listed origin,
+  official client sends, ``Access-Control-Max-Age`` and
   ``Access-Control-Allow-Credentials: true`` (the JavaScript client's
   ``withCredentials`` defaults to true, and a credentialed request fails
   unless the answer names the origin and allows credentials). A preflight from
@@ -38,9 +38,10 @@ ASP.NET Core's CORS middleware (``src/Middleware/CORS``: ``CorsService``,
   ``Access-Control-Allow-Origin: *``, which browsers accept only for requests
   without credentials (``withCredentials: false`` in the JavaScript client).
 
-``Vary: Origin`` goes on every answer of a CORS route when it names an origin
-(the list is per origin), so that no cache hands one origin's answer to
-another; answers are ``no-store`` anyway.
+Under a list of origins, ``Vary: Origin`` goes on every answer of a CORS
+route, with an Origin or without (the answer depends on it), so that no cache
+hands one origin's answer to another; answers are ``no-store`` anyway. Under
+``*`` the answer is the same for every origin, and has none.
 """
 
 from __future__ import annotations

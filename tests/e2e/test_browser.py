@@ -17,6 +17,7 @@ there they fail, since ``.ci/run`` installs Debian's ``chromium``.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import select
 import shutil
@@ -273,12 +274,14 @@ async def publish(h: Harness, events: list[dict[str, object]]) -> list[str]:
 
 @pytest.mark.parametrize("protocol", ["json", "messagepack"])
 async def test_a_listed_origin_receives_events_in_the_browser(
-    start_server: Any, browser: Browser, protocol: str
+    start_server: Any, browser: Browser, protocol: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    h: Harness = await start_server(cors_origins=(browser.origin,))
+    caplog.set_level(logging.DEBUG)
+    h: Harness = await start_server(cors_origins=(browser.origin,), access_log=True)
     h.grant(SITE, "alice", Role.SITE_ADMIN)
+    token = h.token("alice")
     with trio.fail_after(20):
-        page = await browser.open(url=hub_url(h), token=h.token("alice"), protocol=protocol)
+        page = await browser.open(url=hub_url(h), token=token, protocol=protocol)
         await browser.wait_for(page, "started")
         sent = [entry(n) for n in range(3)]
         ids = await publish(h, sent)
@@ -292,6 +295,12 @@ async def test_a_listed_origin_receives_events_in_the_browser(
         assert "Selecting transport 'WebSockets'" in console, console
         assert f"Using HubProtocol '{protocol}'" in console, console
         await browser.close(page)
+    # The preflight, negotiate (bearer header) and the upgrade (access_token) were logged...
+    lines = [r.getMessage() for r in caplog.records if r.name == "hubserver.http"]
+    assert any(line.startswith("OPTIONS /v1/hub/entries/negotiate?") for line in lines), lines
+    assert any(" -> 101 (" in line and "access_token=***" in line for line in lines), lines
+    # ... without the token.
+    assert token.rsplit(".", 1)[1] not in caplog.text
 
 
 @pytest.mark.parametrize("allowed", [(), ("http://127.0.0.1:1",)], ids=["no-list", "other"])
