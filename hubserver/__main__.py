@@ -53,6 +53,35 @@ def _add(
     parser.add_argument(flag, help=f"{help_text} (env {env_name})", **kwargs)  # type: ignore[arg-type]
 
 
+class _ListFlag(argparse.Action):
+    """A repeatable flag whose values may also be comma-separated.
+
+    The environment's value (a comma-separated string) is the default; the
+    first use on the command line replaces it rather than adding to it, as
+    any flag given on the command line wins.
+    """
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: str | Sequence[object] | None,
+        option_string: str | None = None,
+    ) -> None:
+        current = getattr(namespace, self.dest)
+        items = [] if current is self.default else list(current)
+        items += _split_list(str(values))
+        setattr(namespace, self.dest, items)
+
+
+def _split_list(value: str | list[str] | None) -> tuple[str, ...]:
+    """``a,b`` or ``[a, b]``: the non-empty items, stripped."""
+    if value is None:
+        return ()
+    parts = value.split(",") if isinstance(value, str) else value
+    return tuple(part.strip() for part in parts if part.strip())
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hubserver", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -171,6 +200,15 @@ def _parser() -> argparse.ArgumentParser:
         default=100,
         help="open hub connections per token subject, 429 above (0 = off)",
     )
+    _add(
+        s,
+        "--cors-origin",
+        action=_ListFlag,
+        metavar="ORIGIN",
+        help="a browser origin (scheme://host[:port]) whose pages may call the hubs and the "
+        "publish API, with credentials; repeatable or comma-separated; '*' alone: any origin, "
+        "without credentials. With a list, WebSocket upgrades from other origins get 403",
+    )
     _add(s, "--log-level", default="info", help="debug, info, warning or error")
     _add(
         s,
@@ -260,6 +298,7 @@ def _config(args: argparse.Namespace) -> ServerConfig:
         max_hub_connections_per_subject=int(args.max_hub_connections_per_subject),
         allow_any_audience=bool(args.no_audience_check),
         access_log=bool(args.access_log),
+        cors_origins=_split_list(args.cors_origin),
     )
 
 

@@ -3,12 +3,21 @@
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from hubcore import HubError, HubLimits
 
-__all__ = ["ConfigError", "ServerConfig"]
+__all__ = ["ANY_ORIGIN", "ConfigError", "ServerConfig", "normalize_origins"]
+
+#: ``--cors-origin '*'``: any page may call, but without credentials (Fetch
+#: standard §3.2.5: a credentialed answer must name its origin).
+ANY_ORIGIN = "*"
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+#: What a host of a serialized origin is made of (a DNS name, IPv4, or IPv6 unbracketed).
+_HOST_CHARS = re.compile(r"[a-z0-9.\-_:]+")
 
 
 class ConfigError(HubError):
@@ -82,6 +91,11 @@ class ServerConfig:
             (``--no-audience-check``); otherwise ``audience`` is required.
         access_log: log every HTTP request at INFO (``--access-log``); without
             it only refusals and errors are logged.
+        cors_origins: the browser origins (``scheme://host[:port]``) whose
+            pages may call the hubs and the publish API (``--cors-origin``),
+            normalized as browsers send them; ``("*",)`` allows every origin,
+            without credentials. Empty: no CORS (today's answers) and no
+            Origin check on WebSocket upgrades.
     """
 
     host: str = "127.0.0.1"
@@ -119,8 +133,11 @@ class ServerConfig:
     max_hub_connections_per_subject: int = 100
     allow_any_audience: bool = False
     access_log: bool = False
+    cors_origins: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
+        # Frozen: the normalized list replaces the given one once, here.
+        object.__setattr__(self, "cors_origins", normalize_origins(self.cors_origins))
         if self.jwks_file is not None and self.jwks_url is not None:
             raise ConfigError("give --jwks-file or --jwks-url, not both")
         if not 0 <= self.port <= 65535:
@@ -176,3 +193,60 @@ class ServerConfig:
     def is_dev_mode(self) -> bool:
         """No JWKS configured: trust the development key in ``data_dir``."""
         return self.jwks_file is None and self.jwks_url is None
+
+
+def normalize_origins(origins: tuple[str, ...]) -> tuple[str, ...]:
+    """Check ``--cors-origin`` values; return them as browsers write an Origin header.
+
+    An origin is ``scheme://host[:port]`` (RFC 6454 §6.1): the scheme and host
+    lower-cased and a default port dropped (a browser at https://a.example
+    sends ``Origin: https://a.example``, never ``...:443``), so what the
+    operator wrote matches by plain string comparison. Duplicates are dropped.
+
+    Raises:
+        ConfigError: a value that no browser sends as an Origin (a path, a
+            trailing slash, userinfo, another scheme, ``null``), or ``*``
+            together with listed origins.
+    """
+    normalized: list[str] = []
+    for origin in origins:
+        origin = origin.strip()
+        value = ANY_ORIGIN if origin == ANY_ORIGIN else _normalize_origin(origin)
+        if value not in normalized:
+            normalized.append(value)
+    if ANY_ORIGIN in normalized and len(normalized) > 1:
+        raise ConfigError(
+            "--cors-origin '*' allows every origin without credentials; it cannot be combined "
+            "with listed origins (which get credentials): give one or the other"
+        )
+    return tuple(normalized)
+
+
+def _normalize_origin(origin: str) -> str:
+    hint = f"--cors-origin {origin!r} is not an origin: write scheme://host[:port]"
+    if not origin.isascii():
+        raise ConfigError(f"{hint}, with the host in punycode (xn--...) as browsers send it")
+    try:
+        parts = urlsplit(origin)
+        port = parts.port
+    except ValueError:
+        raise ConfigError(hint) from None
+    scheme = parts.scheme.lower()
+    host = parts.hostname  # lower-cased by urlsplit; an IPv6 address without its brackets
+    if parts.path == "/" and not (parts.query or parts.fragment):
+        raise ConfigError(f"{hint}, without the trailing '/'")
+    if (
+        scheme not in _DEFAULT_PORTS
+        or not host
+        or not _HOST_CHARS.fullmatch(host)
+        or "@" in parts.netloc
+        or parts.path
+        or "?" in origin
+        or "#" in origin
+    ):
+        raise ConfigError(f"{hint}, as in https://app.example.com or http://127.0.0.1:8080")
+    if ":" in host:
+        host = f"[{host}]"
+    if port is None or port == _DEFAULT_PORTS[scheme]:
+        return f"{scheme}://{host}"
+    return f"{scheme}://{host}:{port}"

@@ -36,6 +36,7 @@ import contextlib
 import enum
 import logging
 import os
+from collections.abc import Sequence
 from typing import Final
 
 import h11
@@ -45,6 +46,7 @@ from hubserver.app import App
 from hubserver.auth import redact_url
 from hubserver.transports import TransportError
 
+from ._cors import decide_cors
 from ._request import (
     Refusal,
     Request,
@@ -115,6 +117,7 @@ class HttpConnection:
 
     __slots__ = (
         "_app",
+        "_cors_headers",
         "_deadline",
         "_fd",
         "_is_answered",
@@ -142,6 +145,8 @@ class HttpConnection:
         # This cycle's request, once it is one (for the answer to a missed deadline).
         self._request: Request | None = None
         self._deadline: trio.CancelScope | None = None
+        # What CORS adds to this cycle's answer, whichever answers it.
+        self._cors_headers: Sequence[tuple[bytes, bytes]] = ()
 
     # -- RequestIO: what a request reaches of its connection ----------------------------
 
@@ -290,6 +295,7 @@ class HttpConnection:
         self._received = len(data)
         self._is_answered = False
         self._request = None
+        self._cors_headers = ()
         if data:
             parser.receive_data(data)
         if is_closed:
@@ -299,6 +305,8 @@ class HttpConnection:
     async def _handle(self, event: h11.Request, started: float) -> Session | bool:
         """Answer one request: the session after an upgrade, else whether to go on."""
         target = event.target
+        cors = decide_cors(self._app.config.cors_origins, event.method, target, event.headers)
+        self._cors_headers = cors.headers
         # h11 bounds only a head still incomplete; one that arrived whole in a
         # single read is measured here.
         if self._received > MAX_HEADER_BYTES and (
@@ -308,16 +316,28 @@ class HttpConnection:
                 Refusal(431, "too_large", "request header fields too large"),
                 is_json=is_json_family(target),
             )
+        elif cors.response is not None:
+            # A preflight, or a foreign origin's WebSocket: no route, token or body involved.
+            result = cors.response
+            if cors.refused_origin is not None:
+                log.info(
+                    "origin %s is not in --cors-origin",
+                    ascii(cors.refused_origin[:MAX_LOGGED_TARGET_CHARS]),
+                )
         else:
             parsed = parse_target(target)
             if isinstance(parsed, Refusal):
                 result = refusal_response(parsed, is_json=is_json_family(target))
             else:
-                request = Request(event.method, target, parsed[0], parsed[1], event.headers, self)
+                request = Request(
+                    event.method, target, parsed[0], parsed[1], event.headers, self, cors.headers
+                )
                 self._request = request
                 result = await respond(request)
         if isinstance(result, Upgrade):
             return await self._upgrade(result, event, started)
+        if cors.headers:
+            result = result._replace(headers=(*result.headers, *cors.headers))
         is_going_on = not result.close and self._is_request_done(event)
         self._is_answered = True
         await self._write(
@@ -356,9 +376,15 @@ class HttpConnection:
                 if upgrade.token is not None:
                     go_live(self._app, upgrade.token, hub_session, grant.stream)
                 session = hub_session
+            head = upgrade.head
+            if self._cors_headers and not head.startswith(b"HTTP/1.1 101"):
+                # An event stream read by a browser from another origin.
+                end = head.index(b"\r\n\r\n") + 2
+                extra = b"".join([n + b": " + v + b"\r\n" for n, v in self._cors_headers])
+                head = head[:end] + extra + head[end:]
             try:
                 self._is_answered = True
-                await self._write(upgrade.head)
+                await self._write(head)
             except BaseException:
                 session.discard()
                 raise
@@ -396,6 +422,8 @@ class HttpConnection:
                 close=True,
             )
         response = refusal_response(refusal, is_json=is_json_family(event.target))
+        if self._cors_headers:
+            response = response._replace(headers=(*response.headers, *self._cors_headers))
         data = response_bytes(response, is_head=event.method == b"HEAD", close=True)
         self._is_answered = True
         with trio.move_on_after(TIMEOUT_REPLY_TIMEOUT), contextlib.suppress(TransportError):

@@ -74,6 +74,7 @@ _TEMPLATES: Final = {
 }
 _CLOSE: Final = b"\r\nconnection: close"
 _CONTINUE: Final = b"HTTP/1.1 100 Continue\r\n" + _SERVER + b"\r\n"
+_NO_CONTENT: Final = b"HTTP/1.1 204 No Content\r\n" + _SERVER
 
 #: Extra headers by status, whatever the route (RFC 9110 §11.6.1, §10.2.3;
 #: RFC 6455 §4.2.2 names the versions we understand).
@@ -104,11 +105,7 @@ def response_bytes(response: Response, *, is_head: bool, close: bool) -> bytes:
     """The bytes of ``response``; for HEAD, GET's headers without the body (RFC 9110 §9.3.2)."""
     status, body, content_type, headers, _ = response
     if status == 204:
-        # No content, so no content-length either (RFC 9110 §8.6).
-        data = b"HTTP/1.1 204 No Content\r\n" + _SERVER + b"cache-control: no-store"
-        for name, value in headers:
-            data += b"\r\n" + name + b": " + value
-        return data + (_CLOSE if close else b"") + b"\r\n\r\n"
+        return _no_content_bytes(headers, close=close)
     template = _TEMPLATES.get((status, content_type))
     if template is None:
         template = _template(status, content_type)
@@ -121,6 +118,16 @@ def response_bytes(response: Response, *, is_head: bool, close: bool) -> bytes:
         data += _CLOSE
     data += b"\r\n\r\n"
     return data if is_head else data + body
+
+
+def _no_content_bytes(headers: Sequence[tuple[bytes, bytes]], *, close: bool) -> bytes:
+    # RFC 9110 §8.6: a 204 has no Content-Length (nor a type: it has no content).
+    data = _NO_CONTENT
+    for name, value in headers:
+        data += name + b": " + value + b"\r\n"
+    if close:
+        data += b"connection: close\r\n"
+    return data + b"\r\n"
 
 
 def continue_bytes() -> bytes:
@@ -251,9 +258,21 @@ class Request:
             happened (a publish handed to the backplane): an answer to a
             missed deadline then says the outcome is unknown.
         io: the body, and the connection's shared parts.
+        cors_headers: the CORS headers every answer to this request carries
+            (``_cors``). The front adds them to a returned ``Response``; a
+            handler that writes its own head (a stream) must write them too.
     """
 
-    __slots__ = ("headers", "io", "is_committed", "method", "path", "query", "target")
+    __slots__ = (
+        "cors_headers",
+        "headers",
+        "io",
+        "is_committed",
+        "method",
+        "path",
+        "query",
+        "target",
+    )
 
     def __init__(
         self,
@@ -263,6 +282,7 @@ class Request:
         query: Mapping[str, str],
         headers: Sequence[tuple[bytes, bytes]],
         io: RequestIO,
+        cors_headers: Sequence[tuple[bytes, bytes]] = (),
     ) -> None:
         self.method = method
         self.target = target
@@ -271,6 +291,7 @@ class Request:
         self.headers = headers
         self.io = io
         self.is_committed = False
+        self.cors_headers = cors_headers
 
     @property
     def is_head(self) -> bool:

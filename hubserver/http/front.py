@@ -15,6 +15,8 @@ JSON ``{"code", "message"}``. Where each part lives:
 - ``_protocol.HttpConnection``: the socket, h11, the request loop, deadlines,
   writing answers, logging;
 - ``_routes``: what each path answers, ``authenticate``, and the hub table;
+- ``_cors``: what ``--cors-origin`` adds to answers (or answers: preflights,
+  and WebSocket upgrades from origins not listed), decided before the routes;
 - ``_request``: the request, response and refusal values, and the byte
   templates answers are written from.
 """
