@@ -523,16 +523,23 @@ async def _negotiate(request: Request, route: HubRoute) -> Response:
     app = request.io.app
     # Spec §8: only when the client asks (one that did not fails on it), and
     # only WebSockets use it (a client on another transport ignores it).
+    # With --workers, each new TCP connection goes to any worker: a POST, a poll
+    # or a reconnecting WebSocket would seldom find its connection. One socket
+    # both ways (WebSockets) is what works there.
+    websockets_only = app.config.reuse_port
     is_stateful = (
         request.query.get("usestatefulreconnect", "").lower() == "true"
         and app.session_context().stateful_reconnect_window > 0
+        and not websockets_only
     )
     connection_id, token = app.negotiations.create(
         grant.stream, claims.subject, trio.current_time(), is_stateful=is_stateful
     )
     if version == 0:
         connection_id = token  # version 0 clients send the connectionId as `id`
-    answer = negotiate_body(connection_id, token, version, is_stateful=is_stateful)
+    answer = negotiate_body(
+        connection_id, token, version, is_stateful=is_stateful, websockets_only=websockets_only
+    )
     return Response(200, answer, JSON)
 
 

@@ -118,17 +118,23 @@ _TRANSPORTS: Final = (
 
 
 def negotiate_body(
-    connection_id: str, connection_token: str, version: int, *, is_stateful: bool = False
+    connection_id: str,
+    connection_token: str,
+    version: int,
+    *,
+    is_stateful: bool = False,
+    websockets_only: bool = False,
 ) -> bytes:
     """The negotiate response (ASP.NET Core's key order): every transport, in order.
 
     ``useStatefulReconnect`` only when the client asked for it (a client that did
-    not fails on it, spec §6).
+    not fails on it, spec §6). ``websockets_only``: a process whose later
+    requests of a connection may reach another process (see the caller).
     """
     body: dict[str, object] = {"useStatefulReconnect": True} if is_stateful else {}
     body["negotiateVersion"] = version
     body["connectionId"] = connection_id
     if version >= 1:
         body["connectionToken"] = connection_token
-    body["availableTransports"] = list(_TRANSPORTS)
+    body["availableTransports"] = list(_TRANSPORTS[:1] if websockets_only else _TRANSPORTS)
     return json.dumps(body, separators=(",", ":")).encode()

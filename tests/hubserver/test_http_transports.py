@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import pytest
 import trio
 
 from hubserver.permissions import Role
@@ -185,3 +186,161 @@ async def test_an_event_stream_is_framed_as_server_sent_events(start_server: Any
         assert received.startswith(b'data: {"error":"Cannot use the \'messagepack\' protocol')
         assert received.endswith(b"\x1e\r\n\r\n")
         await stream.aclose()
+
+
+async def test_a_worker_of_workers_offers_websockets_only(start_server: Any) -> None:
+    """With --workers any worker may get a connection's next request: SSE and long
+    polling (and a stateful reconnect's new WebSocket) would not find their connection."""
+    h: Harness = await start_server(reuse_port=True)
+    site = new_site()
+    h.grant(site, "alice", Role.SITE_ADMIN)
+    with trio.fail_after(CAP):
+        response = await http_request(
+            h.port,
+            "POST",
+            f"/v1/hub/entries/negotiate?site_id={site}&negotiateVersion=1&useStatefulReconnect=true",
+            headers=[bearer(h.token("alice"))],
+        )
+    body = json.loads(response.body)
+    assert "useStatefulReconnect" not in body
+    assert body["availableTransports"] == [
+        {"transport": "WebSockets", "transferFormats": ["Text", "Binary"]}
+    ]
+
+
+async def test_stateful_reconnect_is_granted_only_when_asked(start_server: Any) -> None:
+    h: Harness = await start_server()
+    site = new_site()
+    h.grant(site, "alice", Role.SITE_ADMIN)
+    base = f"/v1/hub/entries/negotiate?site_id={site}&negotiateVersion=1"
+    with trio.fail_after(CAP):
+        for query, granted in (("", False), ("&useStatefulReconnect=true", True)):
+            response = await http_request(
+                h.port, "POST", base + query, headers=[bearer(h.token("alice"))]
+            )
+            body = json.loads(response.body)
+            assert body.get("useStatefulReconnect", False) is granted, body
+            if granted:  # ASP.NET Core's key order: it comes first
+                assert response.body.startswith(b'{"useStatefulReconnect":true,')
+
+
+# -- what every transport has: revocation, token expiry, the output budget -------------
+
+HANDSHAKE = b'{"protocol":"json","version":1}\x1e'
+
+
+class _Sse:
+    """An event stream over a raw socket: its data lines, as records."""
+
+    def __init__(self, stream: trio.SocketStream) -> None:
+        self.stream = stream
+        self._data = b""
+
+    async def next_record(self) -> bytes:
+        """The next event's data (b"" once the stream ended); comment lines skipped."""
+        while True:
+            while b"\r\n\r\n" not in self._data:
+                chunk = await self.stream.receive_some(65536)
+                if not chunk:
+                    return b""
+                self._data += chunk
+            event, _, self._data = self._data.partition(b"\r\n\r\n")
+            lines = [line for line in event.split(b"\r\n") if not line.startswith(b":")]
+            if lines:
+                return b"\n".join(line.removeprefix(b"data: ") for line in lines)
+
+
+async def _open(h: Harness, site: str, transport: str, token: str) -> tuple[str, _Sse | None]:
+    """A connection on ``transport`` with its handshake done: its target and stream."""
+    target = f"/v1/hub/entries?site_id={site}&id=" + await negotiate(h, site, "alice")
+    auth = [bearer(token)]
+    sse = None
+    if transport == "sse":
+        stream = await open_tcp(h.port)
+        await stream.send_all(
+            f"GET {target} HTTP/1.1\r\nHost: x\r\nAccept: text/event-stream\r\n"
+            f"Authorization: Bearer {token}\r\n\r\n".encode()
+        )
+        sse = _Sse(stream)
+        head = await sse.next_record()
+        assert head.startswith(b"HTTP/1.1 200"), head
+    else:
+        assert (await http_request(h.port, "GET", target, headers=auth)).status == 200
+    assert (await http_request(h.port, "POST", target, headers=auth, body=HANDSHAKE)).status == 200
+    assert await _next(h, target, sse, token) == b"{}\x1e"
+    return target, sse
+
+
+async def _next(h: Harness, target: str, sse: _Sse | None, token: str) -> bytes:
+    if sse is not None:
+        return await sse.next_record()
+    poll = await http_request(h.port, "GET", target, headers=[bearer(token)])
+    return poll.body if poll.status == 200 else b"204"
+
+
+async def _wait_for_close(h: Harness, target: str, sse: _Sse | None, token: str) -> bytes:
+    while b'"type":7' not in (record := await _next(h, target, sse, token)):
+        assert record not in (b"", b"204"), "ended without a Close"
+    return record
+
+
+@pytest.mark.parametrize("transport", ["sse", "longpolling"])
+async def test_a_revoke_closes_sse_and_long_polling_connections(
+    start_server: Any, transport: str
+) -> None:
+    h: Harness = await start_server()
+    site = new_site()
+    h.grant(site, "alice", Role.SITE_ADMIN)
+    token = h.token("alice")
+    with trio.fail_after(CAP):
+        async with bystander(h) as b:
+            target, sse = await _open(h, site, transport, token)
+            h.store.revoke(site, "alice")
+            close = await _wait_for_close(h, target, sse, token)
+            assert b"revoked" in close
+            await b.check()
+            if sse is not None:
+                await sse.stream.aclose()
+
+
+@pytest.mark.parametrize("transport", ["sse", "longpolling"])
+async def test_token_expiry_closes_sse_and_long_polling_connections(
+    start_server: Any, transport: str
+) -> None:
+    h: Harness = await start_server(token_leeway=0.0)
+    site = new_site()
+    h.grant(site, "alice", Role.SITE_ADMIN)
+    token = h.token("alice", ttl=1.5)
+    with trio.fail_after(CAP):
+        target, sse = await _open(h, site, transport, token)
+        # Reconnectable, without error text (ASP.NET Core's close on expiry).
+        close = await _wait_for_close(h, target, sse, h.token("alice"))
+        assert json.loads(close.rstrip(b"\x1e")) == {"type": 7, "allowReconnect": True}
+        if sse is not None:
+            await sse.stream.aclose()
+
+
+async def test_a_long_polling_client_over_its_budget_is_closed_as_slow(
+    start_server: Any,
+) -> None:
+    """It polls once and then not for a while: what waits for it passes the budget."""
+    h: Harness = await start_server(max_outbox_bytes=4096, slow_client_timeout=0.3, resume_window=0)
+    site = new_site()
+    h.grant(site, "alice", Role.SITE_ADMIN)
+    token = h.token("alice")
+    with trio.fail_after(CAP):
+        async with bystander(h) as b:
+            target, _ = await _open(h, site, "longpolling", token)
+            publisher = [bearer(h.publisher_token())]
+            for n in range(20):
+                event = json.dumps({"site_id": site, "n": n, "pad": "x" * 500}).encode()
+                sent = await http_request(
+                    h.port, "POST", "/v1/events/entries", headers=publisher, body=event
+                )
+                assert sent.status == 202
+            while not h.server.app.stats.slow_closed:  # noqa: ASYNC110 (a counter)
+                await trio.sleep(0.02)
+            # What it gets now is the slow Close (what waited beyond it was dropped).
+            close = await _wait_for_close(h, target, None, token)
+            assert b"did not keep up" in close
+            await b.check()
