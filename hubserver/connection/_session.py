@@ -26,7 +26,6 @@ import trio
 from hubcore import (
     Close,
     Completion,
-    ConnectionClosed,
     ConnectionState,
     HandshakeRequest,
     HandshakeResponse,
@@ -37,6 +36,7 @@ from hubcore import (
     RemoteProtocolError,
     Sendable,
     StreamInvocation,
+    TransportClosed,
 )
 from hubserver.backplane import BackplaneError
 from hubserver.routing import Delivery, GroupKey, gap_message
@@ -529,7 +529,7 @@ class HubSession:
                     self._send(Completion.with_error(event.invocation_id, error), now)
                 case Close():
                     self.close(Close())
-                case ConnectionClosed():
+                case TransportClosed():
                     self._finish()
                 case _:
                     pass  # Ping, Ack, Sequence, StreamItem, Completion, CancelInvocation
