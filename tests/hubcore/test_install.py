@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import email
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -29,6 +30,12 @@ import pytest
 
 ROOT = Path(__file__).parents[2]
 SERVER_ONLY = ("trio", "h11", "jwt", "cryptography", "hiredis")
+# The children see only what they install: no search path of ours, no MYPYPATH trick.
+CLEAN_ENV = {
+    name: value
+    for name, value in os.environ.items()
+    if name not in ("PYTHONPATH", "PYTHONHOME", "MYPYPATH")
+}
 
 EMBEDDER = '''
 from __future__ import annotations
@@ -67,7 +74,12 @@ hubcore.HubConnection(hubcore.Role.SERVER, now="0")
 
 def _run(*args: str | Path, cwd: Path | None = None) -> str:
     done = subprocess.run(
-        [str(arg) for arg in args], cwd=cwd, capture_output=True, text=True, timeout=300
+        [str(arg) for arg in args],
+        cwd=cwd,
+        env=CLEAN_ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert done.returncode == 0, f"{args}\n{done.stdout}\n{done.stderr}"
     return done.stdout
@@ -170,7 +182,7 @@ def test_an_embedders_strict_mypy_sees_hubcores_types(venv: Path, tmp_path: Path
         [sys.executable, "-m", "mypy", "--strict", "--config-file", "mypy.ini",
          "--cache-dir", str(tmp_path / "cache"), "--python-executable", str(venv),
          "server.py", "mistake.py"],
-        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+        cwd=tmp_path, env=CLEAN_ENV, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     errors = [line for line in done.stdout.splitlines() if ": error:" in line]
     assert len(errors) == 1, done.stdout + done.stderr
