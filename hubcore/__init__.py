@@ -7,13 +7,21 @@ close, stateful-reconnect bookkeeping) and never touches a socket or a clock.
 ``PreparedMessage`` encodes a broadcast once for every recipient.
 
 It imports no async library, so it can sit inside a Trio, asyncio, threaded or
-any other server.
+any other server. The README's "Embedding hubcore" section walks through it.
+
+Deprecated names, kept working with a ``DeprecationWarning``:
+``ConnectionClosed`` (now ``TransportClosed``), ``Sequence`` (now
+``SequenceMessage``) and ``prepare(message)`` (now ``PreparedMessage(message)``).
 """
 
 from __future__ import annotations
 
-from ._connection import ConnectionClosed, HubConnection, Sendable
+import warnings
+from typing import TYPE_CHECKING
+
+from ._connection import HubConnection, Sendable, TimeoutKind, TransportClosed
 from ._errors import (
+    ConnectionNotOpen,
     HubError,
     LocalProtocolError,
     ProtocolError,
@@ -32,7 +40,7 @@ from ._events import (
     Invocation,
     MessageType,
     Ping,
-    Sequence,
+    SequenceMessage,
     StreamInvocation,
     StreamItem,
     Value,
@@ -46,18 +54,22 @@ from ._protocol import (
     PreparedMessage,
     TransferFormat,
     get_protocol,
-    prepare,
+)
+from ._protocol import (
+    prepare as prepare,  # deprecated: PreparedMessage(message)
 )
 from ._state import ConnectionState, Role
 from ._varint import decode_varint, encode_varint
 
+# Deprecated aliases stay out of __all__, so ``from hubcore import *`` does not
+# bring ``Sequence`` over ``typing.Sequence``.
 __all__ = [
     "PROTOCOL_VERSION",
     "Ack",
     "CancelInvocation",
     "Close",
     "Completion",
-    "ConnectionClosed",
+    "ConnectionNotOpen",
     "ConnectionState",
     "Event",
     "HandshakeRequest",
@@ -79,13 +91,37 @@ __all__ = [
     "ReplayBufferFull",
     "Role",
     "Sendable",
-    "Sequence",
+    "SequenceMessage",
     "StreamInvocation",
     "StreamItem",
+    "TimeoutKind",
     "TransferFormat",
+    "TransportClosed",
     "Value",
     "decode_varint",
     "encode_varint",
     "get_protocol",
-    "prepare",
 ]
+
+_RENAMED: dict[str, tuple[str, type[Event]]] = {
+    "ConnectionClosed": ("TransportClosed", TransportClosed),
+    "Sequence": ("SequenceMessage", SequenceMessage),
+}
+
+if TYPE_CHECKING:
+    # Type checkers see the old names as the classes they now are.
+    ConnectionClosed = TransportClosed
+    Sequence = SequenceMessage
+else:
+
+    def __getattr__(name: str) -> type[Event]:
+        renamed = _RENAMED.get(name)
+        if renamed is None:
+            raise AttributeError(f"module 'hubcore' has no attribute {name!r}")
+        new_name, cls = renamed
+        warnings.warn(
+            f"hubcore.{name} is deprecated; use hubcore.{new_name}",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return cls

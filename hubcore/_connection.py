@@ -9,7 +9,8 @@ Ack, timeout Close), due at ``next_deadline()``.
 ``now`` is the caller's monotonic clock in seconds; the connection only
 compares the times it is given. Every returned ``bytes`` holds whole records
 only, so the caller may put it in one WebSocket message, SSE event or poll
-response (spec §1.3), or join several.
+response (spec §1.3), or join several; ``transfer_format`` says which WebSocket
+frame type it goes in.
 
 Stateful reconnect (protocol version 2, spec §8) is kept here too: trackable
 messages are counted both ways, the unacknowledged outbound ones are kept for
@@ -19,11 +20,12 @@ starts with.
 
 from __future__ import annotations
 
+import enum
 from collections import deque
 from dataclasses import dataclass
 from typing import Final, TypeAlias
 
-from ._errors import LocalProtocolError, RemoteProtocolError, ReplayBufferFull
+from ._errors import ConnectionNotOpen, LocalProtocolError, RemoteProtocolError, ReplayBufferFull
 from ._events import (
     TRACKABLE_TYPES,
     Ack,
@@ -33,7 +35,7 @@ from ._events import (
     HandshakeResponse,
     HubMessage,
     Ping,
-    Sequence,
+    SequenceMessage,
 )
 from ._framing import RECORD_SEPARATOR, Buffer, find_text_record
 from ._handshake import (
@@ -52,11 +54,12 @@ from ._protocol import (
     HubProtocol,
     PreparedBatch,
     PreparedMessage,
+    TransferFormat,
     get_protocol,
 )
 from ._state import TRANSITIONS, ConnectionState, Move, Role
 
-__all__ = ["ConnectionClosed", "HubConnection", "Sendable"]
+__all__ = ["HubConnection", "Sendable", "TimeoutKind", "TransportClosed"]
 
 Sendable: TypeAlias = (
     HubMessage | PreparedMessage | PreparedBatch | HandshakeRequest | HandshakeResponse
@@ -67,8 +70,22 @@ _LOWEST_VERSION: Final = 0  # PyPI signalrcore sends 0 (spec §13)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class ConnectionClosed(Event):
-    """The byte stream ended (``receive_eof``); nothing follows this event."""
+class TransportClosed(Event):
+    """The byte stream ended (``receive_eof``); nothing follows this event.
+
+    An event, not an exception (``hubcore.ConnectionClosed`` is its deprecated
+    alias, renamed because it read like the exception of that name in websockets).
+    """
+
+
+class TimeoutKind(enum.Enum):
+    """Which timer of ``handle_timer`` ended a connection (``HubConnection.timeout_kind``)."""
+
+    #: The handshake did not complete within ``HubLimits.handshake_timeout``.
+    HANDSHAKE = "handshake"
+    #: Nothing was received for ``HubLimits.client_timeout``: the client, for a
+    #: server (counted from the end of the handshake), or the server, for a client.
+    PEER = "peer"
 
 
 class HubConnection:
@@ -92,6 +109,7 @@ class HubConnection:
         "_client_timeout_armed",
         "_eof",
         "_eof_reported",
+        "_format",
         "_last_received_at",
         "_last_sent_at",
         "_limits",
@@ -107,6 +125,7 @@ class HubConnection:
         "_started_at",
         "_state",
         "_stateful",
+        "_timeout_kind",
     )
 
     def __init__(
@@ -131,6 +150,8 @@ class HubConnection:
         self._stateful = False
         self._eof = False
         self._eof_reported = False
+        self._format = TransferFormat.TEXT
+        self._timeout_kind: TimeoutKind | None = None
         self._started_at = now
         self._last_sent_at = now
         self._last_received_at = now
@@ -167,6 +188,38 @@ class HubConnection:
         return self._request
 
     @property
+    def is_open(self) -> bool:
+        """Hub messages may be sent: the handshake completed and nobody closed yet.
+
+        ``send`` of a hub message at any other time raises ``ConnectionNotOpen``
+        and changes nothing, so a broadcast loop skips the connections for which
+        this is False (in the handshake, or whose client just sent Close).
+        """
+        return self._state is ConnectionState.OPEN
+
+    @property
+    def transfer_format(self) -> TransferFormat:
+        """The WebSocket frame type for the bytes this connection returns.
+
+        ``TEXT`` until the handshake succeeds, so for a handshake request and for a
+        handshake error (its ``protocol`` may be None); from the successful
+        handshake response on, the protocol's (``BINARY`` for MessagePack): ASP.NET
+        Core switches before writing that response. Inbound frames of either type
+        go to ``receive_data`` as they are (spec §1.3).
+        """
+        return self._format
+
+    @property
+    def timeout_kind(self) -> TimeoutKind | None:
+        """Which timeout ended the connection in ``handle_timer``, or None.
+
+        The bytes ``handle_timer`` returned then are the last to send: a handshake
+        error, or a Close with ASP.NET Core's generic text ("Connection closed with
+        an error.", reconnect allowed), which is all the peer is told.
+        """
+        return self._timeout_kind
+
+    @property
     def is_stateful(self) -> bool:
         """Stateful reconnect is in force (allowed, and handshake version 2)."""
         return self._stateful
@@ -196,8 +249,14 @@ class HubConnection:
 
     # -- receiving ---------------------------------------------------------
 
-    def receive_data(self, data: bytes | bytearray, now: float) -> None:
-        """Take bytes from the transport; parse them with ``next_event``.
+    def receive_data(self, data: bytes | bytearray | str, now: float) -> None:
+        """Take what the transport received; parse it with ``next_event``.
+
+        Args:
+            data: bytes, or the ``str`` of a WebSocket text frame (taken as UTF-8).
+                Frame boundaries do not matter: a message may span frames and a
+                frame may hold several (spec §1.3).
+            now: the time it arrived; it resets the peer's timeout.
 
         Data after the end of the stream, or once closed, is ignored.
 
@@ -206,12 +265,14 @@ class HubConnection:
         """
         if self._eof:
             raise LocalProtocolError("receive_data after receive_eof")
+        if isinstance(data, str):
+            data = data.encode()
         if data and self._state is not ConnectionState.CLOSED:
             self._buffer.append(data)
             self._last_received_at = now
 
     def receive_eof(self, now: float) -> None:
-        """The transport ended; ``next_event`` reports ``ConnectionClosed`` after the rest."""
+        """The transport ended; ``next_event`` reports ``TransportClosed`` after the rest."""
         self._eof = True
         self._last_received_at = now
 
@@ -223,8 +284,8 @@ class HubConnection:
 
         Raises:
             RemoteProtocolError: the peer broke the protocol. The connection is
-                in ERROR; send the reply the error hints at (``handshake_error``
-                or ``close_hint``), then close the transport.
+                in ERROR: ``send`` the error's ``reply`` (a handshake error or a
+                Close), then close the transport.
         """
         try:
             event = self._next_event()
@@ -234,7 +295,7 @@ class HubConnection:
             self._eof_reported = True
             if self._state is not ConnectionState.CLOSED:
                 self._move(Move.END_OF_STREAM)
-            return ConnectionClosed()
+            return TransportClosed()
         return event
 
     def _next_event(self) -> Event | None:
@@ -274,8 +335,8 @@ class HubConnection:
                     self._ack_due_at = self._last_received_at + self._limits.ack_interval
             elif kind is Ack:
                 self._release(message.sequence_id)  # type: ignore[attr-defined]  # kind is Ack
-            elif kind is Sequence:
-                sequence_id: int = message.sequence_id  # type: ignore[attr-defined]  # kind is Sequence
+            elif kind is SequenceMessage:
+                sequence_id: int = message.sequence_id  # type: ignore[attr-defined]  # kind is SequenceMessage
                 if sequence_id > self._recv_latest + 1:
                     raise RemoteProtocolError(
                         "Sequence ID greater than amount of messages we've received."
@@ -316,6 +377,8 @@ class HubConnection:
             self._move(
                 Move.RECV_HANDSHAKE_OK if response.error is None else Move.RECV_HANDSHAKE_ERROR
             )
+            if response.error is None and self._protocol is not None:
+                self._format = self._protocol.transfer_format
             return response
         request = parse_handshake_request(payload)
         if request.protocol not in self._protocols:
@@ -340,12 +403,28 @@ class HubConnection:
 
         Accepts a ``PreparedMessage`` wherever a hub message goes, and a
         ``PreparedBatch`` of them: their bytes are encoded once per protocol and
-        shared by every connection.
+        shared by every connection. Send the bytes in a frame of type
+        ``transfer_format``.
+
+        Write order: on a stateful connection (``is_stateful``) each trackable
+        message is numbered when ``send`` returns its bytes, and the peer numbers
+        them in the order they arrive. So the bytes of successive calls must reach
+        the transport in call order: if several tasks send (a reader answering
+        invocations, a broadcaster), write through one per-connection queue.
+
+        Returns:
+            The bytes to send; the caller owns them (for a prepared message, the
+            same object every recipient gets: do not mutate it).
 
         Raises:
-            LocalProtocolError: the event is not allowed in this state, or cannot
-                be encoded. ``ReplayBufferFull`` (a subclass) leaves the state as
-                it was: wait for an Ack, or give up on the peer.
+            ConnectionNotOpen: a hub message while the connection is not open
+                (``is_open``); nothing changed.
+            ReplayBufferFull: a stateful connection holds too many
+                unacknowledged bytes; nothing changed: wait for an Ack, or give
+                up on the peer.
+            LocalProtocolError: any other event not allowed in this state (the
+                connection is then in ERROR), or a value the protocol cannot
+                encode (nothing changed).
         """
         if type(event) is PreparedMessage:
             message = event.message
@@ -380,19 +459,20 @@ class HubConnection:
         stateful connection must use ``send`` (its messages are tracked).
 
         Raises:
-            LocalProtocolError: the connection is stateful, or not open.
+            ConnectionNotOpen: the connection is not open (nothing changed).
+            LocalProtocolError: the connection is stateful.
         """
-        if self._stateful or self._state is not ConnectionState.OPEN:
-            raise LocalProtocolError("note_sent is for open connections without stateful reconnect")
+        if self._state is not ConnectionState.OPEN:
+            raise ConnectionNotOpen(f"note_sent in state {self._state.name}")
+        if self._stateful:
+            raise LocalProtocolError("note_sent is for connections without stateful reconnect")
         if now > self._last_sent_at:
             self._last_sent_at = now
 
     def _send_batch(self, batch: PreparedBatch, now: float) -> bytes:
         protocol = self._protocol
         if self._state is not ConnectionState.OPEN or protocol is None:
-            old = self._state
-            self._state = ConnectionState.ERROR
-            raise LocalProtocolError(f"cannot send a batch in state {old.name}")
+            raise ConnectionNotOpen(f"cannot send a batch in state {self._state.name}")
         if any(type(item.message) is Close for item in batch.messages):
             self._state = ConnectionState.ERROR
             raise LocalProtocolError("a Close cannot travel in a batch")
@@ -424,6 +504,12 @@ class HubConnection:
                 raise LocalProtocolError("cannot send Close before the handshake chose a protocol")
             self._move(Move.SEND_CLOSE)
             return protocol.write_message(message)
+        if self._state is not ConnectionState.OPEN:
+            # Harmless: a broadcast may reach a connection still in its handshake
+            # or one whose peer just closed; nothing is sent and nothing changes.
+            raise ConnectionNotOpen(
+                f"cannot send {type(message).__name__} in state {self._state.name}"
+            )
         self._move(Move.SEND_MESSAGE)
         assert protocol is not None  # OPEN implies a protocol
         data = protocol.write_message(message)
@@ -453,6 +539,8 @@ class HubConnection:
                 self._state = ConnectionState.ERROR
                 raise LocalProtocolError("cannot accept a handshake that has not arrived")
             self._move(Move.SEND_HANDSHAKE_OK)
+            assert self._protocol is not None  # chosen with the request
+            self._format = self._protocol.transfer_format
             self._stateful = self._allow_stateful and self._request.version >= 2
             # The client timeout runs from the end of the handshake: a client
             # that never speaks again is dropped (ASP.NET Core's behaviour; the
@@ -500,11 +588,13 @@ class HubConnection:
     def handle_timer(self, now: float) -> bytes:
         """Do what is due at ``now``: keep-alive Ping, Ack, or a timeout.
 
+        Call it at ``next_deadline()`` (calling early or late is harmless).
+
         Returns:
-            Bytes to send (possibly empty). After a timeout the state is CLOSED
-            and the bytes are the last to send before closing the transport: a
-            handshake error (server, handshake timeout) or a Close with
-            ``allow_reconnect`` (peer timeout).
+            Bytes to send (possibly empty). After a timeout the state is CLOSED,
+            ``timeout_kind`` says which timer it was, and the bytes are the last
+            to send before closing the transport: a handshake error (server,
+            handshake timeout) or a Close with ``allow_reconnect`` (peer timeout).
         """
         state = self._state
         limits = self._limits
@@ -512,6 +602,7 @@ class HubConnection:
             if now < self._started_at + limits.handshake_timeout:
                 return b""
             self._move(Move.TIMEOUT)
+            self._timeout_kind = TimeoutKind.HANDSHAKE
             if self._role is Role.SERVER:
                 return write_handshake_response(HandshakeResponse(error=HANDSHAKE_CANCELED))
             return b""
@@ -521,6 +612,9 @@ class HubConnection:
         assert protocol is not None
         if self._client_timeout_armed and now >= self._last_received_at + limits.client_timeout:
             self._move(Move.TIMEOUT)
+            self._timeout_kind = TimeoutKind.PEER
+            # ASP.NET Core's Close for a client timeout is its generic error one
+            # (spec §4); the reason is for our caller, in timeout_kind.
             close = RemoteProtocolError("timeout").close_hint
             return protocol.write_message(close)
         out = b""
@@ -555,6 +649,6 @@ class HubConnection:
         self._last_received_at = now
         self._last_sent_at = now
         first = self._replay[0][0] if self._replay else self._sent_count + 1
-        parts = [protocol.write_message(Sequence(sequence_id=first))]
+        parts = [protocol.write_message(SequenceMessage(sequence_id=first))]
         parts.extend(data for _, data in self._replay)
         return b"".join(parts)

@@ -34,7 +34,7 @@ __all__ = [
     "Invocation",
     "MessageType",
     "Ping",
-    "Sequence",
+    "SequenceMessage",
     "StreamInvocation",
     "StreamItem",
     "Value",
@@ -374,11 +374,16 @@ class Ack(HubMessage):
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class Sequence(HubMessage):
-    """Type 9 (protocol v2): the next trackable message sent has id ``sequence_id``."""
+class SequenceMessage(HubMessage):
+    """Type 9 (protocol v2, the spec's Sequence): the next trackable message has ``sequence_id``.
+
+    Named as ASP.NET Core names it (``SequenceMessage``), so that it does not shadow
+    ``typing.Sequence`` or ``collections.abc.Sequence``; ``hubcore.Sequence`` is a
+    deprecated alias.
+    """
 
     message_type: ClassVar[MessageType] = MessageType.SEQUENCE
     sequence_id: int
 
     def __post_init__(self) -> None:
-        _check_sequence_id(Sequence, self.sequence_id)
+        _check_sequence_id(SequenceMessage, self.sequence_id)

@@ -39,7 +39,7 @@ from ._events import (
     Invocation,
     MessageType,
     Ping,
-    Sequence,
+    SequenceMessage,
     StreamInvocation,
     StreamItem,
     Value,
@@ -192,7 +192,7 @@ def _to_object(message: HubMessage) -> dict[str, object]:
                 out["error"] = message.error
             if message.allow_reconnect:
                 out["allowReconnect"] = True
-        case Ack() | Sequence():
+        case Ack() | SequenceMessage():
             out["sequenceId"] = message.sequence_id
         case Ping():
             pass
@@ -413,5 +413,5 @@ def _from_object_checked(kind: int, obj: dict[str, Value]) -> HubMessage | None:
     if kind == MessageType.ACK:
         return Ack(sequence_id=_integer(obj, "sequenceId"))
     if kind == MessageType.SEQUENCE:
-        return Sequence(sequence_id=_integer(obj, "sequenceId"))
+        return SequenceMessage(sequence_id=_integer(obj, "sequenceId"))
     return None

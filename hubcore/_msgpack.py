@@ -19,7 +19,11 @@ import threading
 from collections.abc import Mapping
 from typing import Final
 
-import msgpack
+# msgpack ships no types. The ignore keeps an embedder's own strict mypy quiet
+# however it finds hubcore (installed, vendored, or on MYPYPATH); unused-ignore
+# is for configurations that already ignore msgpack (this project's own). Nothing
+# of msgpack's leaks: every function here declares what it takes and returns.
+import msgpack  # type: ignore[import-untyped, unused-ignore]
 
 from ._errors import LocalProtocolError, RemoteProtocolError
 from ._events import (
@@ -31,7 +35,7 @@ from ._events import (
     Invocation,
     MessageType,
     Ping,
-    Sequence,
+    SequenceMessage,
     StreamInvocation,
     StreamItem,
     Value,
@@ -134,7 +138,7 @@ def _to_array(message: HubMessage) -> list[object]:
             return [kind, _headers(message.headers), message.invocation_id]
         case Close():
             return [kind, message.error, message.allow_reconnect]
-        case Ack() | Sequence():
+        case Ack() | SequenceMessage():
             return [kind, message.sequence_id]
         case Ping():
             return [kind]
@@ -338,5 +342,5 @@ def _from_array(kind: int, arr: list[Value]) -> HubMessage | None:
     if kind == MessageType.ACK:
         return Ack(sequence_id=_Fields(arr, "Ack").integer(1, "sequence id"))
     if kind == MessageType.SEQUENCE:
-        return Sequence(sequence_id=_Fields(arr, "Sequence").integer(1, "sequence id"))
+        return SequenceMessage(sequence_id=_Fields(arr, "Sequence").integer(1, "sequence id"))
     return None

@@ -5,13 +5,15 @@ protocols. Each writes a message to one complete record
 (``write_message``), parses complete records (``parse_messages``) and makes
 an incremental ``MessageReader`` that takes bytes split anywhere.
 
-``PreparedMessage`` is the broadcast path: it encodes one message at most once
-per protocol and hands the same ``bytes`` object to every recipient.
+``PreparedMessage(message)`` is the broadcast path: it encodes one message at
+most once per protocol and hands the same ``bytes`` object to every recipient
+(``prepare(message)`` is its deprecated spelling).
 """
 
 from __future__ import annotations
 
 import enum
+import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Final, TypeAlias
@@ -49,6 +51,10 @@ class TransferFormat(enum.Enum):
 @dataclass(frozen=True, slots=True, eq=False)
 class HubProtocol:
     """One hub protocol: framing plus encoding.
+
+    There is one object per protocol (``get_protocol`` returns it, and so does
+    ``HubConnection.protocol``), hashed and compared by identity: use it as a
+    dict key to group connections for a broadcast, one payload per group.
 
     Attributes:
         name: ``"json"`` or ``"messagepack"``, as in the handshake.
@@ -194,7 +200,13 @@ class PreparedMessage:
 
     ``encoded(protocol)`` returns the same ``bytes`` object on every call, so a
     broadcast costs one encoding per protocol, not one per recipient.
-    ``HubConnection.send`` accepts it wherever it accepts a message.
+    ``HubConnection.send`` accepts it wherever it accepts a message. The
+    cheapest broadcast writes ``encoded(protocol)`` to every connection of that
+    protocol and calls ``HubConnection.note_sent`` on each (not for stateful
+    connections, which must ``send`` it to be numbered).
+
+    Raises:
+        LocalProtocolError: ``message`` is not a hub message.
     """
 
     __slots__ = ("_json", "_msgpack", "message")
@@ -261,7 +273,12 @@ class PreparedBatch:
 
 
 def prepare(message: HubMessage) -> PreparedMessage:
-    """Wrap ``message`` for encode-once delivery to many connections."""
+    """Deprecated: use ``PreparedMessage(message)``, the one way to prepare a broadcast."""
+    warnings.warn(
+        "hubcore.prepare(message) is deprecated; use hubcore.PreparedMessage(message)",
+        DeprecationWarning,
+        stacklevel=2,
+    )
     return PreparedMessage(message)
 
 

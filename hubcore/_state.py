@@ -6,9 +6,17 @@ Theory of operation
 A hub connection starts in AWAITING_HANDSHAKE. The client's first record is
 the handshake request; the server answers ``{}`` (to OPEN) or an error (to
 CLOSED). In OPEN both sides exchange hub messages. A Close received moves to
-CLOSING, where the only thing left to do is to send our own Close (to CLOSED);
-a Close sent moves straight to CLOSED, since nothing may follow it. The end of
-the byte stream, or a timeout, ends the connection wherever it is.
+CLOSING, where the only thing left to do is to send our own Close (to CLOSED)
+and close the transport. That Close is a courtesy, not a duty: the peer stops
+reading hub messages once it has sent its own, and ASP.NET Core sends one
+(``{"type":7}``), so a server should too. A Close sent moves straight to
+CLOSED, since nothing may follow it. The end of the byte stream, or a timeout,
+ends the connection wherever it is.
+
+A hub message sent outside OPEN (a broadcast reaching a connection still in
+its handshake, or one whose peer just closed) is refused with
+``ConnectionNotOpen`` and no move at all: it is the one send that cannot be
+told from a race, so it must not break the connection.
 
 When the peer breaks the protocol, or the caller misuses the API, the
 connection moves to ERROR. From there the only moves are the reply the error

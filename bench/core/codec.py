@@ -6,7 +6,7 @@ distinct events. For each protocol it times:
 
 * encode: build the message and write one record, per event;
 * parse: feed one record to a connection's reader and take the message out;
-* broadcast encode (hubcore only): ``prepare(Invocation(...)).encoded(protocol)``,
+* broadcast encode (hubcore only): ``PreparedMessage(Invocation(...)).encoded(protocol)``,
   the cost of a broadcast paid once whatever the number of recipients;
 * broadcast per-recipient (hubcore only): ``encoded(protocol)`` again on a
   prepared message, the cost paid once per recipient.
@@ -143,11 +143,12 @@ def verify_codecs(texts: Sequence[str], protocol_name: str) -> None:
     for index, text in enumerate(texts):
         hub_record = hub.write_message(Invocation(target=TARGET, arguments=(text,)))
         peer_record = peer.write_message(InvocationMessage(target=TARGET, arguments=(text,)))
-        broadcast = hubcore.prepare(Invocation(target=TARGET, arguments=(text,))).encoded(hub)
+        prepared = hubcore.PreparedMessage(Invocation(target=TARGET, arguments=(text,)))
+        broadcast = prepared.encoded(hub)
         if broadcast != hub_record:
             raise CodecMismatch(
-                f"{protocol_name}: event {index}: prepare(...).encoded() wrote other bytes "
-                "than write_message()"
+                f"{protocol_name}: event {index}: PreparedMessage(...).encoded() wrote other "
+                "bytes than write_message()"
             )
         paths: tuple[tuple[str, bytes, Callable[[bytes], Sequence[object]]], ...] = (
             ("hubcore -> peer", hub_record, peer_parser.feed),
@@ -215,7 +216,7 @@ def _peer_parse(protocol: IHubProtocol, records: Sequence[bytes]) -> Callable[[]
 
 
 def _broadcast_encode(protocol: hubcore.HubProtocol, texts: Sequence[str]) -> Callable[[], None]:
-    prepare, target = hubcore.prepare, TARGET
+    prepare, target = hubcore.PreparedMessage, TARGET
 
     def run_pass() -> None:
         for text in texts:
@@ -227,7 +228,9 @@ def _broadcast_encode(protocol: hubcore.HubProtocol, texts: Sequence[str]) -> Ca
 def _broadcast_per_recipient(
     protocol: hubcore.HubProtocol, texts: Sequence[str]
 ) -> Callable[[], None]:
-    prepared = [hubcore.prepare(Invocation(target=TARGET, arguments=(text,))) for text in texts]
+    prepared = [
+        hubcore.PreparedMessage(Invocation(target=TARGET, arguments=(text,))) for text in texts
+    ]
     for message in prepared:
         message.encoded(protocol)
 

@@ -28,7 +28,6 @@ import trio
 from hubcore import (
     Close,
     Completion,
-    ConnectionClosed,
     ConnectionState,
     HandshakeRequest,
     HandshakeResponse,
@@ -40,6 +39,7 @@ from hubcore import (
     ReplayBufferFull,
     Sendable,
     StreamInvocation,
+    TransportClosed,
 )
 from hubserver.backplane import BackplaneError
 from hubserver.routing import Delivery, GroupKey, gap_message
@@ -700,7 +700,7 @@ class HubSession:
                     self._send(Completion.with_error(event.invocation_id, error), now)
                 case Close():
                     self.close(Close())
-                case ConnectionClosed():
+                case TransportClosed():
                     self._finish()
                 case _:
                     pass  # Ping, Ack, Sequence, StreamItem, Completion, CancelInvocation

@@ -23,6 +23,8 @@
 //                     "Gap" invocations
 //   stopOnReconnecting  true: call stop() from onreconnecting (so a test ends cleanly)
 //   stopAfterMs       stop this long after start() resolved (an idle connection test)
+//   invoke            optional [method, ...args]: connection.invoke(method, ...args) once
+//                     started (a hub method of a server other than hubserver)
 //   serverTimeoutMs   connection.serverTimeoutInMilliseconds (default 30000)
 //   keepAliveMs       connection.keepAliveIntervalInMilliseconds (default 15000)
 //   timeoutMs         give up after this long: print {"event":"timeout"} and exit 3
@@ -37,6 +39,8 @@
 //   {"event":"resumed","lastSeq":n}          (resume) invoke("Resume", n) resolved
 //   {"event":"resume_failed","error":"..."}  (resume) invoke("Resume", n) rejected
 //   {"event":"gap","first":n}                (resume) a Gap(n) invocation
+//   {"event":"invoked","result":...}         (invoke) the invocation's result
+//   {"event":"invoke_failed","error":"..."}  (invoke) the invocation was rejected
 //   {"event":"stopping"}                     about to call stop()
 //   {"event":"closed","error":...}           onclose (error text or null)
 //   {"event":"stopped"}                      stop() resolved (exit 0)
@@ -192,6 +196,13 @@ try {
   exit(2);
 }
 emit("started");
+if (config.invoke) {
+  const [method, ...args] = config.invoke;
+  connection.invoke(method, ...args).then(
+    (result) => emit("invoked", { result }),
+    (error) => emit("invoke_failed", { error: errorText(error) }),
+  );
+}
 if (config.stopAfterMs) {
   setTimeout(() => void stop(), config.stopAfterMs);
 }

@@ -30,7 +30,7 @@ from hubcore import (
     Invocation,
     Ping,
     Role,
-    Sequence,
+    SequenceMessage,
     StreamInvocation,
     StreamItem,
 )
@@ -116,7 +116,7 @@ def messages(values: st.SearchStrategy[Any]) -> st.SearchStrategy[HubMessage]:
         st.just(Ping()),
         st.builds(Close, error=st.none() | NON_EMPTY_TEXT, allow_reconnect=st.booleans()),
         st.builds(Ack, sequence_id=SEQUENCE_IDS),
-        st.builds(Sequence, sequence_id=SEQUENCE_IDS),
+        st.builds(SequenceMessage, sequence_id=SEQUENCE_IDS),
     )
 
 

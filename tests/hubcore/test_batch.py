@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 
-import hubcore
 from hubcore import (
     Close,
     HandshakeResponse,
@@ -13,9 +12,9 @@ from hubcore import (
     Invocation,
     LocalProtocolError,
     PreparedBatch,
+    PreparedMessage,
     ReplayBufferFull,
     get_protocol,
-    prepare,
 )
 
 
@@ -27,9 +26,10 @@ def _open(protocol: str, *, version: int = 1, limits: HubLimits | None = None) -
     return conn
 
 
-def _events(n: int) -> list[hubcore.PreparedMessage]:
+def _events(n: int) -> list[PreparedMessage]:
     return [
-        prepare(Invocation(target="ReceiveMessage", arguments=[f"event {i}"])) for i in range(n)
+        PreparedMessage(Invocation(target="ReceiveMessage", arguments=[f"event {i}"]))
+        for i in range(n)
     ]
 
 
@@ -76,7 +76,7 @@ def test_batch_misuse_is_refused() -> None:
         PreparedBatch([Invocation(target="x")])  # type: ignore[list-item]
     conn = _open("json")
     with pytest.raises(LocalProtocolError):
-        conn.send(PreparedBatch([prepare(Close())]), 1.0)
+        conn.send(PreparedBatch([PreparedMessage(Close())]), 1.0)
     fresh = HubConnection(now=0.0)
     with pytest.raises(LocalProtocolError):
         fresh.send(PreparedBatch(_events(1)), 0.0)

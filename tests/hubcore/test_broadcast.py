@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 from hypothesis import given
 
@@ -23,7 +25,7 @@ HELLO_MSGPACK = bytes.fromhex("1b960180c0ae526563656976654d65737361676591a568656
 
 
 def test_encoded_returns_the_same_bytes_object() -> None:
-    prepared = hubcore.prepare(HELLO)
+    prepared = hubcore.PreparedMessage(HELLO)
     assert isinstance(prepared, PreparedMessage) and prepared.message is HELLO
     first_json, first_msgpack = prepared.encoded(JSON), prepared.encoded(MSGPACK)
     assert first_json == HELLO_JSON
@@ -49,7 +51,7 @@ def test_send_returns_the_shared_bytes_to_every_connection() -> None:
 
 @given(JSON_MESSAGES.filter(lambda m: type(m) is not Close))
 def test_each_encoding_matches_write_message(message: hubcore.HubMessage) -> None:
-    prepared = hubcore.prepare(message)
+    prepared = hubcore.PreparedMessage(message)
     assert prepared.encoded(JSON) == JSON.write_message(message)
     try:
         msgpack_bytes = MSGPACK.write_message(message)
@@ -61,25 +63,70 @@ def test_each_encoding_matches_write_message(message: hubcore.HubMessage) -> Non
     assert conn.send(prepared, 1.0) is prepared.encoded(MSGPACK)
 
 
-def test_prepared_message_outside_open_is_checked_like_any_send() -> None:
-    prepared = hubcore.prepare(HELLO)
+def _in_handshake() -> hubcore.HubConnection:
     conn = hubcore.HubConnection(hubcore.Role.SERVER, now=0.0)
-    with pytest.raises(LocalProtocolError):
-        conn.send(prepared, 0.0)
-    assert conn.state is ConnectionState.ERROR
+    conn.receive_data(b'{"protocol":"json","version":1}\x1e', 0.0)
+    assert conn.next_event() is not None  # the application has yet to answer it
+    return conn
+
+
+def _client_closed() -> hubcore.HubConnection:
+    conn = open_server("json")
+    conn.receive_data(b'{"type":7}\x1e', 0.5)
+    assert conn.next_event() == Close()
+    return conn
+
+
+@pytest.mark.parametrize(
+    "make",
+    [_in_handshake, _client_closed],
+    ids=["in-handshake", "client-closed"],
+)
+def test_a_broadcast_reaching_a_connection_not_open_is_refused_harmlessly(
+    make: Callable[[], hubcore.HubConnection],
+) -> None:
+    # Issue #13: it used to put the connection into ERROR for good.
+    conn = make()
+    state = conn.state
+    assert not conn.is_open
+    for item in (PreparedMessage(HELLO), hubcore.PreparedBatch([PreparedMessage(HELLO)]), HELLO):
+        with pytest.raises(hubcore.ConnectionNotOpen):
+            conn.send(item, 1.0)  # type: ignore[arg-type]
+        assert conn.state is state
+    with pytest.raises(hubcore.ConnectionNotOpen):
+        conn.note_sent(1.0)
+    assert conn.state is state
+    # What it was waiting for still works: the handshake answer, or our Close.
+    if state is ConnectionState.AWAITING_HANDSHAKE:
+        assert conn.send(hubcore.HandshakeResponse(), 2.0) == b"{}\x1e"
+        assert conn.is_open
+        assert conn.send(PreparedMessage(HELLO), 2.0) == HELLO_JSON
+    else:
+        assert conn.send(Close(), 2.0) == b'{"type":7}\x1e'
+        assert conn.state is ConnectionState.CLOSED
+
+
+def test_is_open_only_between_the_handshake_and_a_close() -> None:
+    conn = hubcore.HubConnection(hubcore.Role.SERVER, now=0.0)
+    assert not conn.is_open
+    conn = open_server("messagepack")
+    assert conn.is_open
+    conn.send(Close(), 1.0)
+    assert not conn.is_open
 
 
 def test_prepared_close_closes() -> None:
     conn = open_server("json")
-    assert conn.send(hubcore.prepare(Close(error="bye")), 1.0) == b'{"type":7,"error":"bye"}\x1e'
+    data = conn.send(hubcore.PreparedMessage(Close(error="bye")), 1.0)
+    assert data == b'{"type":7,"error":"bye"}\x1e'
     assert conn.state is ConnectionState.CLOSED
 
 
 def test_prepared_ping_and_stream_item() -> None:
-    ping = hubcore.prepare(Ping())
+    ping = hubcore.PreparedMessage(Ping())
     assert ping.encoded(JSON) == b'{"type":6}\x1e'
     assert ping.encoded(MSGPACK) == b"\x02\x91\x06"
-    item = hubcore.prepare(StreamItem(invocation_id="1", item=[1, "a"]))
+    item = hubcore.PreparedMessage(StreamItem(invocation_id="1", item=[1, "a"]))
     assert item.encoded(JSON) == b'{"type":2,"invocationId":"1","item":[1,"a"]}\x1e'
 
 
@@ -87,11 +134,11 @@ def test_prepared_needs_a_hub_message() -> None:
     with pytest.raises(LocalProtocolError):
         PreparedMessage(hubcore.HandshakeResponse())  # type: ignore[arg-type]
     with pytest.raises(LocalProtocolError):
-        hubcore.prepare("hello")  # type: ignore[arg-type]
+        hubcore.PreparedMessage("hello")  # type: ignore[arg-type]
 
 
 def test_unencodable_prepared_message_raises_on_use() -> None:
-    prepared = hubcore.prepare(Invocation(target="a", arguments=[float("nan")]))
+    prepared = hubcore.PreparedMessage(Invocation(target="a", arguments=[float("nan")]))
     with pytest.raises(LocalProtocolError):
         prepared.encoded(JSON)
     assert prepared.encoded(MSGPACK) == MSGPACK.write_message(prepared.message)
@@ -103,9 +150,9 @@ def test_unencodable_prepared_message_raises_on_use() -> None:
 def _batch() -> hubcore.PreparedBatch:
     return hubcore.PreparedBatch(
         [
-            hubcore.prepare(HELLO),
-            hubcore.prepare(Ping()),
-            hubcore.prepare(StreamItem(invocation_id="1", item="x")),
+            hubcore.PreparedMessage(HELLO),
+            hubcore.PreparedMessage(Ping()),
+            hubcore.PreparedMessage(StreamItem(invocation_id="1", item="x")),
         ]
     )
 
@@ -161,7 +208,7 @@ def test_batch_is_all_or_nothing_against_the_replay_buffer() -> None:
 
 @pytest.mark.parametrize(
     "items",
-    [[], [HELLO], ["x"], [hubcore.prepare(HELLO), HELLO]],
+    [[], [HELLO], ["x"], [hubcore.PreparedMessage(HELLO), HELLO]],
     ids=["empty", "bare-message", "str", "mixed"],
 )
 def test_batch_needs_prepared_messages(items: list[object]) -> None:
@@ -169,12 +216,13 @@ def test_batch_needs_prepared_messages(items: list[object]) -> None:
         hubcore.PreparedBatch(items)  # type: ignore[arg-type]
 
 
-def test_batch_misuse_lands_in_error() -> None:
+def test_a_close_in_a_batch_lands_in_error() -> None:
     conn = open_server("json")
     with pytest.raises(LocalProtocolError):
-        conn.send(hubcore.PreparedBatch([hubcore.prepare(HELLO), hubcore.prepare(Close())]), 1.0)
+        batch = [hubcore.PreparedMessage(HELLO), hubcore.PreparedMessage(Close())]
+        conn.send(hubcore.PreparedBatch(batch), 1.0)
     assert conn.state is ConnectionState.ERROR
     fresh = hubcore.HubConnection(hubcore.Role.SERVER, now=0.0)
-    with pytest.raises(LocalProtocolError):
+    with pytest.raises(hubcore.ConnectionNotOpen):
         fresh.send(_batch(), 0.0)
-    assert fresh.state is ConnectionState.ERROR
+    assert fresh.state is ConnectionState.AWAITING_HANDSHAKE

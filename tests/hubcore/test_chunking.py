@@ -13,7 +13,6 @@ from hypothesis import strategies as st
 import hubcore
 from hubcore import (
     Close,
-    ConnectionClosed,
     ConnectionState,
     HandshakeRequest,
     HandshakeResponse,
@@ -22,6 +21,7 @@ from hubcore import (
     Invocation,
     Ping,
     Role,
+    TransportClosed,
 )
 from tests.hubcore.helpers import (
     MESSAGES_BY_PROTOCOL,
@@ -119,7 +119,7 @@ def test_server_connection_is_split_invariant(
                 events.extend(drain(conn))  # what followed the handshake in this chunk
     conn.receive_eof(now)
     events.extend(drain(conn))
-    expected = [HandshakeRequest(protocol=name, version=version), *messages, ConnectionClosed()]
+    expected = [HandshakeRequest(protocol=name, version=version), *messages, TransportClosed()]
     assert_same_events(events, expected)
     assert conn.state is ConnectionState.CLOSED
 

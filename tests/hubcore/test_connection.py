@@ -16,7 +16,6 @@ import hubcore
 from hubcore import (
     Ack,
     Close,
-    ConnectionClosed,
     ConnectionState,
     HandshakeRequest,
     HandshakeResponse,
@@ -28,8 +27,9 @@ from hubcore import (
     RemoteProtocolError,
     ReplayBufferFull,
     Role,
-    Sequence,
+    SequenceMessage,
     StreamItem,
+    TransportClosed,
 )
 from hubcore._state import TRANSITIONS, Move
 from tests.hubcore.helpers import (
@@ -495,9 +495,9 @@ def test_server_closes() -> None:
     assert server.state is S.CLOSED
     server.receive_data(PING_JSON, 1.0)
     assert server.next_event() is None
-    with pytest.raises(LocalProtocolError):
+    with pytest.raises(hubcore.ConnectionNotOpen):
         server.send(Ping(), 2.0)
-    assert server.state is S.ERROR
+    assert server.state is S.CLOSED
 
 
 @pytest.mark.parametrize("name", ["json", "messagepack"])
@@ -507,7 +507,7 @@ def test_receive_eof(name: str) -> None:
     assert protocol is not None
     server.receive_data(protocol.write_message(Ping()) + protocol.write_message(Ping())[:-1], 1.0)
     server.receive_eof(2.0)
-    assert drain(server) == [Ping(), ConnectionClosed()]  # the partial record is dropped
+    assert drain(server) == [Ping(), TransportClosed()]  # the partial record is dropped
     assert server.state is S.CLOSED
     assert server.next_event() is None
     with pytest.raises(LocalProtocolError):
@@ -518,13 +518,13 @@ def test_receive_eof_during_the_handshake_and_while_closing() -> None:
     conn = HubConnection(Role.SERVER, now=0.0)
     conn.receive_data(b'{"protocol":', 0.0)
     conn.receive_eof(1.0)
-    assert drain(conn) == [ConnectionClosed()]
+    assert drain(conn) == [TransportClosed()]
     assert conn.state is S.CLOSED
 
     conn = open_server("json")
     conn.receive_data(b'{"type":7}\x1e', 1.0)
     conn.receive_eof(1.0)
-    assert drain(conn) == [Close(), ConnectionClosed()]
+    assert drain(conn) == [Close(), TransportClosed()]
     assert conn.state is S.CLOSED
 
 
@@ -561,11 +561,11 @@ def test_resume_replays_unacked_messages_in_order() -> None:
     conn = _stateful_server("messagepack")
     sent = [conn.send(StreamItem(invocation_id="s", item=i), 1.0) for i in range(4)]
     out = conn.resume(2.0)
-    assert out == MSGPACK.write_message(Sequence(sequence_id=1)) + b"".join(sent)
+    assert out == MSGPACK.write_message(SequenceMessage(sequence_id=1)) + b"".join(sent)
     # Resuming again (another reconnect) replays the same, in the same order.
     assert conn.resume(3.0) == out
     assert MSGPACK.parse_messages(out) == [
-        Sequence(sequence_id=1),
+        SequenceMessage(sequence_id=1),
         *(StreamItem(invocation_id="s", item=i) for i in range(4)),
     ]
 
@@ -591,7 +591,7 @@ def test_resume_drops_a_partial_inbound_record() -> None:
     conn.receive_data(b'{"type":1,"tar', 1.0)
     conn.resume(2.0)
     conn.receive_data(b'{"type":9,"sequenceId":1}\x1e', 2.0)
-    assert drain(conn) == [Sequence(sequence_id=1)]
+    assert drain(conn) == [SequenceMessage(sequence_id=1)]
 
 
 def test_replay_buffer_full_leaves_the_connection_as_it_was() -> None:
@@ -603,7 +603,7 @@ def test_replay_buffer_full_leaves_the_connection_as_it_was() -> None:
     with pytest.raises(ReplayBufferFull):
         conn.send(third, 1.0)
     with pytest.raises(ReplayBufferFull):
-        conn.send(hubcore.prepare(third), 1.0)
+        conn.send(hubcore.PreparedMessage(third), 1.0)
     assert isinstance(ReplayBufferFull("x"), LocalProtocolError)
     assert conn.state is S.OPEN
     assert conn.replay_buffer_bytes == len(first) + len(second)
@@ -626,7 +626,7 @@ def test_a_message_larger_than_the_replay_buffer_goes_out_alone() -> None:
 
 def test_prepared_messages_are_tracked() -> None:
     conn = _stateful_server()
-    prepared = hubcore.prepare(Invocation(target="a", arguments=[1]))
+    prepared = hubcore.PreparedMessage(Invocation(target="a", arguments=[1]))
     data = conn.send(prepared, 1.0)
     assert data is prepared.encoded(JSON)
     assert conn.resume(2.0) == b'{"type":9,"sequenceId":1}\x1e' + data
@@ -639,13 +639,13 @@ def test_duplicates_after_the_peers_sequence_are_dropped() -> None:
     assert drain(conn) == messages[:3]  # ids 1, 2, 3
     # The peer reconnects and replays from 2: only message 4 is new.
     conn.resume(2.0)
-    replay = JSON.write_message(Sequence(sequence_id=2))
+    replay = JSON.write_message(SequenceMessage(sequence_id=2))
     replay += b"".join(JSON.write_message(m) for m in messages[1:])
     conn.receive_data(replay, 2.0)
-    assert drain(conn) == [Sequence(sequence_id=2), messages[3]]
+    assert drain(conn) == [SequenceMessage(sequence_id=2), messages[3]]
     # Pings in between are not counted.
-    conn.receive_data(PING_JSON + JSON.write_message(Sequence(sequence_id=5)), 3.0)
-    assert drain(conn) == [Ping(), Sequence(sequence_id=5)]
+    conn.receive_data(PING_JSON + JSON.write_message(SequenceMessage(sequence_id=5)), 3.0)
+    assert drain(conn) == [Ping(), SequenceMessage(sequence_id=5)]
     fifth = Invocation(target="m", arguments=[5])
     conn.receive_data(JSON.write_message(fifth), 3.0)
     assert drain(conn) == [fifth]
@@ -655,9 +655,9 @@ def test_sequence_beyond_what_was_received_is_fatal() -> None:
     conn = _stateful_server()
     conn.receive_data(JSON.write_message(Invocation(target="m")) * 2, 1.0)
     drain(conn)
-    conn.receive_data(JSON.write_message(Sequence(sequence_id=3)), 1.0)  # next expected: 3
-    assert drain(conn) == [Sequence(sequence_id=3)]
-    conn.receive_data(JSON.write_message(Sequence(sequence_id=4)), 1.0)
+    conn.receive_data(JSON.write_message(SequenceMessage(sequence_id=3)), 1.0)  # next expected: 3
+    assert drain(conn) == [SequenceMessage(sequence_id=3)]
+    conn.receive_data(JSON.write_message(SequenceMessage(sequence_id=4)), 1.0)
     with pytest.raises(RemoteProtocolError, match="Sequence ID greater") as info:
         conn.next_event()
     assert info.value.close_hint == CONNECTION_ERROR
@@ -690,7 +690,7 @@ def test_stateful_client() -> None:
     client = open_client("messagepack", version=2, allow_stateful_reconnect=True)
     assert client.is_stateful
     data = client.send(Invocation(target="a", invocation_id="0"), 1.0)
-    assert client.resume(2.0) == MSGPACK.write_message(Sequence(sequence_id=1)) + data
+    assert client.resume(2.0) == MSGPACK.write_message(SequenceMessage(sequence_id=1)) + data
 
 
 @pytest.mark.parametrize(("version", "allowed"), [(0, True), (1, True), (2, False)])
@@ -802,7 +802,7 @@ def _perform(conn: HubConnection, move: Move) -> None:
         conn.send(Close(), T)
     elif move is Move.END_OF_STREAM:
         conn.receive_eof(T)
-        assert drain(conn)[-1:] == [ConnectionClosed()]
+        assert drain(conn)[-1:] == [TransportClosed()]
     elif move is Move.TIMEOUT:
         conn.handle_timer(T + 10_000.0)
     else:
@@ -830,6 +830,12 @@ def test_every_state_and_move(state: ConnectionState, move: Move, role: Role) ->
     target = TRANSITIONS.get((state, move))
     heard = state in (S.AWAITING_HANDSHAKE, S.OPEN)
 
+    if move is Move.SEND_MESSAGE and state is not S.OPEN:
+        # Refused without a move: a broadcast can race the handshake or a Close.
+        with pytest.raises(hubcore.ConnectionNotOpen):
+            _perform(conn, move)
+        assert conn.state is state
+        return
     if move in SEND_MOVES:
         if target is None:
             with pytest.raises(LocalProtocolError):
@@ -864,21 +870,22 @@ def test_the_table_only_names_known_states_and_moves() -> None:
     assert all(TRANSITIONS[(state, Move.END_OF_STREAM)] is S.CLOSED for state in S)
 
 
-def test_send_before_the_handshake_is_misuse() -> None:
+def test_send_before_the_handshake_is_refused() -> None:
     for conn in (HubConnection(Role.SERVER, now=0.0), HubConnection(Role.CLIENT, now=0.0)):
-        with pytest.raises(LocalProtocolError):
+        with pytest.raises(hubcore.ConnectionNotOpen):
             conn.send(Invocation(target="a"), 0.0)
-        assert conn.state is S.ERROR
+        assert conn.state is S.AWAITING_HANDSHAKE
 
 
-def test_send_after_closed_is_misuse() -> None:
+def test_send_after_closed_is_refused() -> None:
     conn = open_server("json")
     conn.send(Close(), 1.0)
-    with pytest.raises(LocalProtocolError):
+    with pytest.raises(hubcore.ConnectionNotOpen):
         conn.send(Invocation(target="a"), 1.0)
-    assert conn.state is S.ERROR
-    with pytest.raises(LocalProtocolError):
-        conn.send(hubcore.prepare(Invocation(target="a")), 1.0)
+    assert conn.state is S.CLOSED
+    with pytest.raises(hubcore.ConnectionNotOpen):
+        conn.send(hubcore.PreparedMessage(Invocation(target="a")), 1.0)
+    assert conn.state is S.CLOSED
 
 
 @pytest.mark.parametrize(
@@ -887,7 +894,7 @@ def test_send_after_closed_is_misuse() -> None:
         (Role.CLIENT, HandshakeResponse()),
         (Role.SERVER, HandshakeRequest(protocol="json", version=1)),
         (Role.CLIENT, HandshakeRequest(protocol="xml", version=1)),
-        (Role.CLIENT, ConnectionClosed()),
+        (Role.CLIENT, TransportClosed()),
         (Role.CLIENT, Close()),  # before a protocol was chosen
         (Role.SERVER, Close()),
     ],

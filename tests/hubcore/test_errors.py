@@ -27,7 +27,7 @@ from hubcore import (
     ProtocolError,
     RemoteProtocolError,
     ReplayBufferFull,
-    Sequence,
+    SequenceMessage,
     StreamInvocation,
     StreamItem,
 )
@@ -72,7 +72,7 @@ BAD_EVENTS: list[tuple[str, Callable[[], object]]] = [
     ("Ack beyond int64", lambda: Ack(sequence_id=2**63)),
     ("Ack bool", lambda: Ack(sequence_id=True)),
     ("Ack float", lambda: Ack(sequence_id=1.0)),  # type: ignore[arg-type]
-    ("Sequence str", lambda: Sequence(sequence_id="1")),  # type: ignore[arg-type]
+    ("Sequence str", lambda: SequenceMessage(sequence_id="1")),  # type: ignore[arg-type]
     ("HandshakeRequest protocol empty", lambda: HandshakeRequest(protocol="", version=1)),
     ("HandshakeRequest version str", lambda: HandshakeRequest(protocol="json", version="1")),  # type: ignore[arg-type]
     ("HandshakeRequest version bool", lambda: HandshakeRequest(protocol="json", version=True)),

@@ -19,7 +19,6 @@ from hypothesis import strategies as st
 import hubcore
 from hubcore import (
     Close,
-    ConnectionClosed,
     ConnectionState,
     HandshakeRequest,
     HandshakeResponse,
@@ -28,6 +27,7 @@ from hubcore import (
     Invocation,
     RemoteProtocolError,
     Role,
+    TransportClosed,
     encode_varint,
 )
 from tests.hubcore.helpers import (
@@ -112,10 +112,10 @@ def _drive(conn: HubConnection, chunks: list[bytes]) -> list[object]:
             assert exc.close_hint == CONNECTION_ERROR
         # The connection can still be ended cleanly whatever happened.
         conn.receive_eof(now)
-        assert drain(conn) == [ConnectionClosed()]
+        assert drain(conn) == [TransportClosed()]
         assert conn.state is ConnectionState.CLOSED
         return out
-    assert out[-1] == ConnectionClosed()
+    assert out[-1] == TransportClosed()
     assert conn.state is ConnectionState.CLOSED
     return out
 

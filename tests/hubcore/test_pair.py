@@ -153,14 +153,14 @@ class HubPair(RuleBasedStateMachine):
 
     @rule(method=IDS, arguments=ARGUMENTS)
     def server_broadcasts(self, method: str, arguments: list[Any]) -> None:
-        prepared = hubcore.prepare(Invocation(target=method, arguments=arguments))
+        prepared = hubcore.PreparedMessage(Invocation(target=method, arguments=arguments))
         data = self.conns["server"].send(prepared, self.now)
         assert data is prepared.encoded(self.protocol)
         self._record_sent("server", data, prepared.message)
 
     @rule(items=st.lists(st.tuples(IDS, ARGUMENTS), min_size=1, max_size=3))
     def server_broadcasts_a_batch(self, items: list[tuple[str, list[Any]]]) -> None:
-        prepared = [hubcore.prepare(Invocation(target=t, arguments=a)) for t, a in items]
+        prepared = [hubcore.PreparedMessage(Invocation(target=t, arguments=a)) for t, a in items]
         batch = hubcore.PreparedBatch(prepared)
         data = self.conns["server"].send(batch, self.now)
         assert data is batch.encoded(self.protocol)

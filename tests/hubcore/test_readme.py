@@ -1,4 +1,5 @@
-"""The README's "Embedding hubcore" example runs as written (so the docs stay true)."""
+"""The README's "Embedding hubcore" section stays true: its example runs as written, and its
+install command names the hubcore distribution (tests/hubcore/test_install.py installs it)."""
 
 from __future__ import annotations
 
@@ -10,11 +11,15 @@ import hubcore
 README = Path(__file__).parents[2] / "README.md"
 
 
-def _embedding_example() -> str:
+def _section() -> str:
     text = README.read_text(encoding="utf-8")
     section = re.search(r"^## Embedding hubcore\n(.*?)(?=^## |\Z)", text, re.M | re.S)
     assert section is not None, "README.md has no '## Embedding hubcore' section"
-    blocks = re.findall(r"^```python\n(.*?)^```", section.group(1), re.M | re.S)
+    return section.group(1)
+
+
+def _embedding_example() -> str:
+    blocks = re.findall(r"^```python\n(.*?)^```", _section(), re.M | re.S)
     assert len(blocks) == 1, "expected exactly one ```python block in 'Embedding hubcore'"
     return str(blocks[0])
 
@@ -24,7 +29,14 @@ def test_embedding_example_runs() -> None:
     assert "hubcore.HubConnection" in code and "assert" in code
     namespace: dict[str, object] = {"__name__": "readme_example"}
     exec(compile(code, f"{README}:Embedding hubcore", "exec"), namespace)
-    # The example leaves its connection open after the keep-alive ping.
+    # The example leaves its first connection open after the broadcast.
     conn = namespace["conn"]
     assert isinstance(conn, hubcore.HubConnection)
     assert conn.state is hubcore.ConnectionState.OPEN
+
+
+def test_the_first_install_command_installs_hubcore_alone() -> None:
+    commands = re.findall(r"^pip install (\S+)$", _section(), re.M)
+    assert commands, "no 'pip install' line in 'Embedding hubcore'"
+    project = README.parent / commands[0]
+    assert re.search(r'^name = "hubcore"$', (project / "pyproject.toml").read_text(), re.M)

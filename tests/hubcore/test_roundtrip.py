@@ -26,7 +26,7 @@ from hubcore import (
     Invocation,
     Ping,
     Role,
-    Sequence,
+    SequenceMessage,
     StreamInvocation,
     StreamItem,
 )
@@ -68,7 +68,7 @@ def test_json_round_trip(message: HubMessage) -> None:
 @example(ASTRAL_INVOCATION)
 @example(Invocation(target="t", arguments=[2**63 - 1, -(2**63), b"\x00\xff", 1.0, -0.0]))
 @example(StreamItem(invocation_id="i", item=[True, 1, 1.0, None, "1", b"1"]))
-@example(Sequence(sequence_id=2**63 - 1))
+@example(SequenceMessage(sequence_id=2**63 - 1))
 def test_msgpack_round_trip(message: HubMessage) -> None:
     data = MSGPACK.write_message(message)
     (parsed,) = MSGPACK.parse_messages(data)

@@ -27,7 +27,7 @@ from hubcore import (
     Ping,
     RemoteProtocolError,
     Role,
-    Sequence,
+    SequenceMessage,
     StreamInvocation,
     StreamItem,
     decode_varint,
@@ -83,8 +83,8 @@ EXPECTED: dict[str, Event] = {
     "completion_error_upstream": Completion.with_error("xyz", "Error not found!"),
     "completion_error_unknown_method": Completion.with_error("1", UNKNOWN_METHOD),
     "ack": Ack(sequence_id=42),
-    "sequence": Sequence(sequence_id=146),
-    "sequence_1": Sequence(sequence_id=1),
+    "sequence": SequenceMessage(sequence_id=146),
+    "sequence_1": SequenceMessage(sequence_id=1),
 }
 
 
