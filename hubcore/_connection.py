@@ -105,6 +105,7 @@ class HubConnection:
         "_ack_due_at",
         "_acked_received",
         "_allow_stateful",
+        "_awaiting_sequence",
         "_buffer",
         "_client_timeout_armed",
         "_eof",
@@ -140,6 +141,8 @@ class HubConnection:
         for name in protocols:
             get_protocol(name)
         self._role = role
+        # A resumed client drops what arrives before the server's Sequence (spec §8).
+        self._awaiting_sequence = False
         self._limits = limits if limits is not None else HubLimits()
         self._protocols = protocols
         self._allow_stateful = allow_stateful_reconnect
@@ -325,6 +328,10 @@ class HubConnection:
         if kind is Close:
             self._move(Move.RECV_CLOSE)
         elif self._stateful:
+            if self._awaiting_sequence:
+                if kind is not SequenceMessage:
+                    return False  # sent before the server knew of the new transport
+                self._awaiting_sequence = False
             if message.message_type in TRACKABLE_TYPES:
                 message_id = self._recv_next_id
                 self._recv_next_id += 1
@@ -633,7 +640,8 @@ class HubConnection:
     def resume(self, now: float) -> bytes:
         """Start over on a new transport for a stateful connection (spec §8).
 
-        Drops any partial inbound record of the old transport and returns what
+        Drops any partial inbound record of the old transport (a client also
+        drops every message until the server's ``Sequence``) and returns what
         the new transport must start with: ``Sequence`` (the oldest
         unacknowledged id, or the next id if none) and then every
         unacknowledged message, in order.
@@ -649,6 +657,10 @@ class HubConnection:
         self._last_received_at = now
         self._last_sent_at = now
         first = self._replay[0][0] if self._replay else self._sent_count + 1
+        # A client then drops everything until the server's Sequence, as the
+        # official clients do: what comes before it on the new transport cannot
+        # be placed in the sequence.
+        self._awaiting_sequence = self._role is Role.CLIENT
         parts = [protocol.write_message(SequenceMessage(sequence_id=first))]
         parts.extend(data for _, data in self._replay)
         return b"".join(parts)

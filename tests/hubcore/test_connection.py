@@ -922,3 +922,30 @@ def test_unknown_protocol_in_the_constructor() -> None:
 def test_role_property() -> None:
     assert HubConnection(Role.CLIENT, now=0.0).role is Role.CLIENT
     assert HubConnection(now=0.0).role is Role.SERVER
+
+
+def test_a_resumed_client_drops_what_comes_before_the_servers_sequence() -> None:
+    """Spec §8: until the server's Sequence, the client cannot place what it gets."""
+    client = open_client(version=2, allow_stateful_reconnect=True)
+    assert client.is_stateful
+    client.receive_data(b'{"type":1,"target":"a","arguments":[1]}\x1e', 1.0)
+    assert drain(client) == [Invocation(target="a", arguments=[1])]
+    client.resume(2.0)
+    # The old transport's last message, seen again before the server's Sequence: dropped.
+    client.receive_data(b'{"type":1,"target":"a","arguments":[1]}\x1e{"type":6}\x1e', 2.0)
+    assert drain(client) == []
+    client.receive_data(
+        b'{"type":9,"sequenceId":1}\x1e{"type":1,"target":"a","arguments":[1]}\x1e'
+        b'{"type":1,"target":"a","arguments":[2]}\x1e',
+        3.0,
+    )
+    # From the Sequence on: the replayed duplicate dropped, the new one delivered.
+    assert drain(client) == [SequenceMessage(sequence_id=1), Invocation(target="a", arguments=[2])]
+
+
+def test_a_resumed_server_takes_what_comes_first() -> None:
+    """Only the client waits for a Sequence: the client sends its own first anyway."""
+    conn = _stateful_server()
+    conn.resume(1.0)
+    conn.receive_data(b'{"type":1,"target":"a","arguments":[1]}\x1e', 1.0)
+    assert drain(conn) == [Invocation(target="a", arguments=[1])]
