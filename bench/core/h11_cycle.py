@@ -25,6 +25,7 @@ absolute figures with the server's.
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import statistics
 import sys
 import time
@@ -131,7 +132,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cycles", type=int, default=20_000)
     parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args(argv)
-    print(f"h11 {h11.__version__}, python {sys.version.split()[0]}, request {len(_REQUEST)} B")
+    h11_version = importlib.metadata.version("h11")
+    print(f"h11 {h11_version}, python {sys.version.split()[0]}, request {len(_REQUEST)} B")
     for name, way in WAYS.items():
         print(f"{name:30} {measure(way, args.cycles, args.rounds):6.1f} us per cycle")
     return 0

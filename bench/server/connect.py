@@ -65,7 +65,7 @@ class ConnectRow:
                 "p90": percentile(durations, 0.9),
                 "p99": percentile(durations, 0.99),
                 "max": durations[-1] if durations else None,
-                "samples": durations,
+                "samples": list(durations),
             },
             "server_cpu_seconds": self.cpu_server,
             "server_cpu_ms_per_connection": 1000 * self.cpu_server / result.ok

@@ -43,14 +43,14 @@ def plot_fanout(path: Path, rows: Sequence[RowResult]) -> None:
         xs = [k + (index - (len(servers) - 1) / 2) * width for k in range(len(keys))]
         rates = []
         for key in keys:
-            row = by.get((key, server))
-            rates.append((row.deliveries_per_second or 0) if row else 0)
+            found = by.get((key, server))
+            rates.append((found.deliveries_per_second or 0) if found else 0)
         top.bar(xs, rates, width, label=server)
         for fraction, alpha, hatch in ((0.99, 0.35, "//"), (0.9, 0.6, ""), (0.5, 1.0, "")):
             values = []
             for key in keys:
-                row = by.get((key, server))
-                value = row.latency(fraction) if row else None
+                found = by.get((key, server))
+                value = found.latency(fraction) if found else None
                 values.append(value or 0)
             bottom.bar(
                 xs,

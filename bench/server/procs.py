@@ -441,10 +441,12 @@ class ClientPool:
             if remaining <= 0:
                 raise BenchError(f"load clients did not answer {kind!r} within {timeout:g} s")
             waiting = [p for i, p in enumerate(self.pipes) if i not in answers]
-            for pipe in wait(waiting, timeout=min(remaining, 0.5)):
-                index = self.pipes.index(pipe)  # type: ignore[arg-type]
+            ready = wait(waiting, timeout=min(remaining, 0.5))
+            for index, pipe in enumerate(self.pipes):
+                if pipe not in ready:
+                    continue
                 try:
-                    answer = pipe.recv()  # type: ignore[union-attr]
+                    answer = pipe.recv()
                 except (EOFError, OSError):
                     raise BenchError(f"load client {index} died") from None
                 if answer[0] == kind:

@@ -47,7 +47,6 @@ from bench.profile import BenchError
 from bench.server.hubpublisher import HUB_PUBLISH_PATH, HubPublisher
 from bench.server.procs import REPO_ROOT, free_port, process_tree, start_server
 from bench.server.publisher import EventFactory, Publisher, plan_requests
-from bench.server.publishloop import PublishLoop
 from bench.server.servers import (
     LOAD_GENERATOR_ENV,
     PUBLISH_PATH,
@@ -138,18 +137,18 @@ def _subscribe(
                     break
                 pipe.send([tally.distinct for tally in tallies])
             for key, _ in selector.select(0.05):
-                sock = key.fileobj
-                assert isinstance(sock, socket.socket)
+                ready = key.fileobj
+                assert isinstance(ready, socket.socket)
                 try:
-                    data = sock.recv(1 << 20)
+                    data = ready.recv(1 << 20)
                 except BlockingIOError:
                     continue
                 if not data:
-                    selector.unregister(sock)
+                    selector.unregister(ready)
                     continue
                 replies = receiver.feed(key.data, data, time.time_ns())
                 if replies:
-                    sock.sendall(replies)
+                    ready.sendall(replies)
         pipe.send(
             [{"received": t.received, "lost": t.lost, "duplicated": t.duplicated} for t in tallies]
         )
@@ -205,7 +204,7 @@ def run(args: argparse.Namespace) -> dict[str, object]:
         subscribers.start()
         if _wait_for(ours, 30.0) != "open":
             raise BenchError("the subscribers did not open")
-        publisher: PublishLoop
+        publisher: HubPublisher | Publisher
         if args.via == "hub":
             publisher = HubPublisher(
                 "127.0.0.1",

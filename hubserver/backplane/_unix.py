@@ -250,7 +250,9 @@ class BrokerServer:
             return ["ok", request[1]]
         if op == "hist":
             _, request_id, hub, site_id, after = request
-            history = await self._backplane.history(str(hub), str(site_id), int(after))  # type: ignore[call-overload]
+            if not (isinstance(hub, str) and isinstance(site_id, str) and isinstance(after, int)):
+                raise BackplaneError('expected ["hist", id, hub, site, after_seq]')
+            history = await self._backplane.history(hub, site_id, after)
             rows = [_numbered_row(event) for event in history.events]
             return ["ok", request_id, rows, history.first_seq, history.last_seq, history.epoch]
         raise ValueError(f"unknown operation {op!r}")

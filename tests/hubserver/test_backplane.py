@@ -911,9 +911,22 @@ async def test_unix_malformed_frames_are_refused_or_resubscribed_never_fatal(
         async with await trio.open_unix_socket(str(path)) as raw:
             await raw.send_all(_pack(["pub", 1, [[1, "s", None, "i", "{"]]]))
             await raw.send_all(_pack(["pub", 2, [["entries", "s"]]]))
+            # A history request whose hub, site or sequence is not what it says:
+            # refused, not read as the hub "None" or the sequence int("0").
+            await raw.send_all(_pack(["hist", 3, None, "s", 0]))
+            await raw.send_all(_pack(["hist", 4, "entries", 7, 0]))
+            await raw.send_all(_pack(["hist", 5, "entries", "s", "0"]))
+            await raw.send_all(_pack(["hist", 6, "entries", "s", 0]))
             reader = _FrameReader(raw)
-            replies = [await reader.next(), await reader.next()]
-        assert [reply[:2] for reply in replies if reply] == [["err", 1], ["err", 2]]
+            replies = [await reader.next() for _ in range(6)]
+        assert [reply[:2] for reply in replies if reply] == [
+            ["err", 1],
+            ["err", 2],
+            ["err", 3],
+            ["err", 4],
+            ["err", 5],
+            ["ok", 6],
+        ]
         published = await node.publish(events(1))
         await listener.wait_batch(published)
         assert listener.batches == [published]

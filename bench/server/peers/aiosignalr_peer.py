@@ -42,7 +42,7 @@ def build_server() -> SignalRServer:
 
 
 def build_app(server: SignalRServer) -> web.Application:
-    app = server.create_application(path=HUB_PATH)
+    app: web.Application = server.create_application(path=HUB_PATH)
 
     async def publish(request: web.Request) -> web.Response:
         parsed = json.loads(await request.read())
