@@ -24,8 +24,8 @@ from hubcore import HubError, HubLimits
 
 from .app import HUB_SCOPE, PUBLISH_SCOPE
 from .auth import ensure_dev_key
-from .config import ConfigError, ServerConfig
-from .permissions import Role, SqlitePermissionStore
+from .config import PERMISSION_SOURCES, ConfigError, ServerConfig, permission_source
+from .permissions import RedisPermissionStore, Role, SqlitePermissionStore
 from .permissions import cli as members_cli
 from .server import RunningServer, serve
 from .workers import PARENT_GONE_EXIT_TIMEOUT, watch_parent
@@ -209,6 +209,28 @@ def _parser() -> argparse.ArgumentParser:
         "publish API, with credentials; repeatable or comma-separated; '*' alone: any origin, "
         "without credentials. With a list, WebSocket upgrades from other origins get 403",
     )
+    _add(
+        s,
+        "--permissions",
+        choices=PERMISSION_SOURCES,
+        help="where roles live: sqlite (a file in --data-dir, per node), redis (the "
+        "--backplane's Redis, one set for the fleet) or url (--permissions-url); default: "
+        "url if --permissions-url, else redis with --backplane, else sqlite",
+    )
+    _add(
+        s,
+        "--permissions-url",
+        help="ask the access-control backend for roles: GET URL?site_id=S&subject=U "
+        'answers {"role": "site_admin"|"site_super_user"|"site_user"|null}',
+    )
+    _add(
+        s,
+        "--permissions-ttl",
+        type=float,
+        default=60.0,
+        help="seconds an answer of --permissions-url is reused (and between re-checks of "
+        "open connections)",
+    )
     _add(s, "--log-level", default="info", help="debug, info, warning or error")
     _add(
         s,
@@ -255,6 +277,21 @@ def _parser() -> argparse.ArgumentParser:
     listing.add_argument("--site")
     for sub in (grant, revoke, listing):
         _add(sub, "--data-dir", type=Path, default=Path(".hubserver"), help="data directory")
+        sub.add_argument(
+            "--redis",
+            default=_env("--backplane"),
+            metavar="URL",
+            help="the fleet's Redis (redis://HOST:PORT/DB, the nodes' --backplane): roles "
+            "there, seen by every node at once (default: env HUBSERVER_BACKPLANE; without "
+            "it, the SQLite file in --data-dir)",
+        )
+        _add(
+            sub,
+            "--permissions",
+            choices=("sqlite", "redis"),
+            help="sqlite: the file in --data-dir even with --redis (nodes run with "
+            "--permissions sqlite); default: redis with --redis, else sqlite",
+        )
     return parser
 
 
@@ -299,7 +336,25 @@ def _config(args: argparse.Namespace) -> ServerConfig:
         allow_any_audience=bool(args.no_audience_check),
         access_log=bool(args.access_log),
         cors_origins=_split_list(args.cors_origin),
+        permissions=args.permissions or None,
+        permissions_url=args.permissions_url or None,
+        permissions_ttl=float(args.permissions_ttl),
     )
+
+
+def _members_redis(args: argparse.Namespace) -> str | None:
+    """The Redis ``members`` works on, or None for the SQLite file (as ``serve`` decides)."""
+    source = permission_source(
+        args.permissions or None,
+        backplane=args.redis or None,
+        permissions_url=None if args.permissions else _env("--permissions-url"),
+    )
+    if source == "url":
+        raise ConfigError(
+            "roles come from the access-control backend (HUBSERVER_PERMISSIONS_URL): "
+            "change them there; it notifies the nodes"
+        )
+    return args.redis if source == "redis" else None
 
 
 def _max_connections(value: str) -> int | None:
@@ -336,12 +391,30 @@ def _announce(config: ServerConfig, port: int) -> None:
         )
 
 
+async def _grant_demo(config: ServerConfig) -> None:
+    """Make the demo subject a Site Admin of the demo site, where roles live."""
+    from .demo import DEMO_SITE, DEMO_SUBJECT
+
+    match config.permission_source:
+        case "redis":
+            assert config.backplane is not None
+            async with RedisPermissionStore(config.backplane) as redis_store:
+                await redis_store.grant(DEMO_SITE, DEMO_SUBJECT, Role.SITE_ADMIN)
+        case "url":
+            log.warning(
+                "--demo: roles come from --permissions-url; the demo subject %r needs a role "
+                "on site %r there",
+                DEMO_SUBJECT,
+                DEMO_SITE,
+            )
+        case _:
+            with SqlitePermissionStore.open(config.data_dir) as store:
+                store.grant(DEMO_SITE, DEMO_SUBJECT, Role.SITE_ADMIN)
+
+
 async def _serve_main(config: ServerConfig, parent_fd: int | None = None) -> None:
     if config.demo:
-        from .demo import DEMO_SITE, DEMO_SUBJECT
-
-        with SqlitePermissionStore.open(config.data_dir) as store:
-            store.grant(DEMO_SITE, DEMO_SUBJECT, Role.SITE_ADMIN)
+        await _grant_demo(config)
     async with trio.open_nursery() as nursery:
         server: RunningServer = await nursery.start(_serve_until_drained, config, nursery)
         # Everything made so far (modules, keys, config) lives as long as the
@@ -413,10 +486,7 @@ async def _workers_main(config: ServerConfig, count: int, worker_argv: list[str]
     from .workers import run_workers
 
     if config.demo:
-        from .demo import DEMO_SITE, DEMO_SUBJECT
-
-        with SqlitePermissionStore.open(config.data_dir) as store:
-            store.grant(DEMO_SITE, DEMO_SUBJECT, Role.SITE_ADMIN)
+        await _grant_demo(config)
     ensure_dev_key(config.data_dir)  # made once here, not raced by the workers
     async with trio.open_nursery() as nursery:
         port: int = await nursery.start(run_workers, config, count, worker_argv)
@@ -446,15 +516,20 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(key.mint(args.subject, scopes, float(args.ttl), time.time()))
         elif args.command == "members":
             data_dir = Path(args.data_dir)
+            redis_url = _members_redis(args)
             if args.action == "grant":
                 sites = list(args.site)
                 if args.sites_file is not None:
                     sites += members_cli.read_sites_file(Path(args.sites_file))
-                print(members_cli.grant_sites(data_dir, sites, args.subject, args.role))
+                print(
+                    members_cli.grant_sites(
+                        data_dir, sites, args.subject, args.role, redis_url=redis_url
+                    )
+                )
             elif args.action == "revoke":
-                print(members_cli.revoke(data_dir, args.site, args.subject))
+                print(members_cli.revoke(data_dir, args.site, args.subject, redis_url=redis_url))
             else:
-                print(members_cli.list_members(data_dir, args.site))
+                print(members_cli.list_members(data_dir, args.site, redis_url=redis_url))
     except (ConfigError, HubError, ValueError) as exc:
         print(f"hubserver: error: {exc}", file=sys.stderr)
         return 2
