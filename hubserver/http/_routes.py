@@ -25,7 +25,7 @@ from typing import Final, NamedTuple, Protocol
 
 import trio
 
-from hubserver.app import HUB_SCOPE, PUBLISH_SCOPE, App
+from hubserver.app import ADMIN_SCOPE, HUB_SCOPE, PUBLISH_SCOPE, App
 from hubserver.auth import AuthError, Claims, extract_token
 from hubserver.backplane import BackplaneError, BackplaneUnavailable
 from hubserver.connection import MAX_RESUME_SEQ, HubSession
@@ -45,6 +45,7 @@ from hubserver.transports import (
 )
 from hubserver.transports.negotiate import negotiate_body
 
+from ._notices import PERMISSIONS_CHANGED_PATH, permission_notice
 from ._request import JSON, Refusal, Request, Response, refusal_response
 
 __all__ = [
@@ -208,6 +209,8 @@ async def respond(request: Request) -> Response | Upgrade:
         return await _publish(request, hub)
     if path.startswith(HUB_PREFIX):
         return await _hub(request, path[len(HUB_PREFIX) :].rstrip("/"))
+    if path == PERMISSIONS_CHANGED_PATH:
+        return await _permissions_changed(request)
     if path == "/healthz":
         return await _simple(request, 200, "ok")
     if path == "/readyz":
@@ -293,6 +296,16 @@ async def _publish(request: Request, hub: Hub) -> Response:
     seqs = ",".join([str(event.seq) for event in published])
     text = f'{{"accepted":{len(published)},"ids":[{ids}],"seqs":[{seqs}]}}'
     return Response(202, text.encode(), JSON)
+
+
+async def _permissions_changed(request: Request) -> Response:
+    """The access-control backend's change notice (``_notices``), once its token passed."""
+    if request.method != b"POST":
+        return _json(Refusal(405, "method_not_allowed", "use POST"))
+    claims = await authenticate(request, ADMIN_SCOPE)
+    if isinstance(claims, Refusal):
+        return _json(claims)
+    return await permission_notice(request)
 
 
 # -- the hubs --------------------------------------------------------------------------
