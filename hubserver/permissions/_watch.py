@@ -77,11 +77,13 @@ class ChangeQueue:
             self._pairs |= change.pairs
             if len(self._pairs) > self._max_pairs:
                 self._pairs = None
-        if change.version is not None:
+        if change.version is not None and self._pairs is not None:
             self._versions.append(change.version)
             if len(self._versions) > self._max_pairs:
-                # Too many to follow one by one: claim a gap, which re-checks everyone.
-                self._versions = [self._versions[0], self._versions[-1] + 2]
+                self._pairs = None
+        if self._pairs is None:
+            # Everyone is re-checked, after which the polled version is the one known.
+            self._versions = []
         self._arrived.set()
 
     def take(self) -> tuple[frozenset[tuple[str, str]] | None, list[int]]:
