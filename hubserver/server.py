@@ -37,11 +37,13 @@ from .permissions import (
     CachedPermissionStore,
     ChangeFeed,
     PermissionStore,
+    PermissionStoreError,
     RedisPermissionStore,
     SqlitePermissionStore,
     UrlPermissionStore,
     watch_permissions,
 )
+from .permissions._sqlite import FILE_NAME as SQLITE_FILE_NAME
 from .routing import Broker, Router
 from .timers import TimerQueue
 
@@ -128,6 +130,7 @@ async def open_permission_store(config: ServerConfig) -> AsyncIterator[Permissio
     match config.permission_source:
         case "redis":
             assert config.backplane is not None  # checked by ServerConfig
+            _warn_of_unused_sqlite_roles(config)
             async with RedisPermissionStore(config.backplane) as redis_store:
                 yield redis_store
         case "url":
@@ -143,6 +146,32 @@ async def open_permission_store(config: ServerConfig) -> AsyncIterator[Permissio
         case _:
             with SqlitePermissionStore.open(config.data_dir) as sqlite_store:
                 yield sqlite_store
+
+
+def _warn_of_unused_sqlite_roles(config: ServerConfig) -> None:
+    """Say so when this node's SQLite file holds grants that Redis now stands in for.
+
+    With ``--backplane`` roles live in Redis unless ``--permissions sqlite``:
+    a node upgraded with grants in its file would otherwise refuse their
+    holders (403) without a word.
+    """
+    path = config.data_dir / SQLITE_FILE_NAME
+    if not path.exists():
+        return
+    try:
+        with SqlitePermissionStore.open(config.data_dir) as sqlite_store:
+            count = len(sqlite_store.list())
+    except PermissionStoreError as exc:
+        log.debug("could not read %s: %s", path, exc)
+        return
+    if count:
+        log.warning(
+            "roles are read from the backplane's Redis (--permissions redis, the default with "
+            "--backplane); the %d grant(s) in %s are not used. Grant them in Redis "
+            "(hubserver members grant --redis ...) or run with --permissions sqlite",
+            count,
+            path,
+        )
 
 
 def reuse_port_listener(host: str, port: int) -> trio.SocketListener:

@@ -32,7 +32,7 @@ from hubserver.app import ADMIN_SCOPE, HUB_SCOPE, PUBLISH_SCOPE
 from hubserver.auth import DevKey, ensure_dev_key
 from hubserver.config import ConfigError, ServerConfig
 from hubserver.connection import ACCESS_REVOKED_TEXT
-from hubserver.permissions import RedisPermissionStore, Role
+from hubserver.permissions import RedisPermissionStore, Role, SqlitePermissionStore
 from hubserver.server import RunningServer, serve
 
 from .helpers import (
@@ -322,6 +322,26 @@ async def test_a_hung_redis_keeps_open_connections_and_refuses_new_ones_then_rec
             await still_served(node, "s1", alice)
 
 
+async def test_a_node_upgraded_with_grants_in_its_file_says_they_are_not_used(
+    own_redis_server: RedisServer,
+    start_node: StartNode,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    with SqlitePermissionStore.open(tmp_path / "data") as sqlite_store:
+        sqlite_store.grant("s1", "alice", Role.SITE_ADMIN)
+    node = await start_node(backplane=own_redis_server.url)
+    (warning,) = [r.getMessage() for r in caplog.records if "are not used" in r.getMessage()]
+    assert "the 1 grant(s) in" in warning and "--permissions sqlite" in warning
+    refused = await upgrade_refused(node.port, hub_target("entries", "s1"), token=node.token())
+    assert refused.status == 403  # what the warning is about
+    caplog.clear()
+    kept = await start_node(backplane=own_redis_server.url, permissions="sqlite")
+    async with open_hub(kept, hub_target("entries", "s1")):  # type: ignore[arg-type]
+        pass
+    assert not [r for r in caplog.records if "are not used" in r.getMessage()]
+
+
 # --- the access-control backend as the source ------------------------------------------------
 
 
@@ -530,3 +550,15 @@ def test_the_flags_reach_the_config() -> None:
     assert (config.permissions_url, config.permissions_ttl) == ("https://acl.example/roles", 5.0)
     args = _parser().parse_args(["serve", "--backplane", "redis://r/0", "--permissions", "sqlite"])
     assert _config(args).permission_source == "sqlite"
+
+
+async def test_the_demo_grants_its_subject_where_roles_live(
+    own_redis_server: RedisServer, tmp_path: Path
+) -> None:
+    from hubserver.__main__ import _grant_demo
+    from hubserver.demo import DEMO_SITE, DEMO_SUBJECT
+
+    await _grant_demo(ServerConfig(data_dir=tmp_path, backplane=own_redis_server.url, demo=True))
+    async with RedisPermissionStore(own_redis_server.url) as roles:
+        assert await roles.role_of(DEMO_SITE, DEMO_SUBJECT) is Role.SITE_ADMIN
+    assert not (tmp_path / "permissions.sqlite3").exists()
