@@ -12,6 +12,7 @@ import trio
 from .auth import TokenVerifier
 from .config import ServerConfig
 from .connection import HubSession, SessionContext, SessionStats
+from .metrics import Metrics
 from .permissions import PermissionStore, Role, may_subscribe
 from .routing import Broker, GroupKey, Router
 from .transports.negotiate import Negotiations
@@ -38,6 +39,7 @@ class App:
     router: Router
     broker: Broker
     stats: SessionStats = field(default_factory=SessionStats)
+    metrics: Metrics = field(default_factory=Metrics)
     negotiations: Negotiations = field(default_factory=Negotiations)
     is_ready: bool = False
     is_draining: bool = False

@@ -31,6 +31,7 @@ from .config import ServerConfig
 from .connection import ACCESS_REVOKED_TEXT, SessionContext
 from .http import handle_connection
 from .http._accept import ConnectionGate, accept_connections, descriptor_budget
+from .metrics import SYNC_INTERVAL, Metrics
 from .permissions import (
     CachedPermissionStore,
     PermissionStore,
@@ -45,6 +46,8 @@ PUBLISH_INVOCATION_OVERHEAD = 4096
 
 __all__ = ["RunningServer", "build_verifier", "serve"]
 
+#: Seconds between the event-loop lag probe's wake-ups.
+LOOP_LAG_INTERVAL = 0.5
 log = logging.getLogger("hubserver")
 
 SHUTDOWN_TEXT = None  # ASP.NET Core's graceful close carries no error text (spec §5)
@@ -185,6 +188,10 @@ async def _run(app: App, task_status: trio.TaskStatus[RunningServer]) -> None:
             # live beside the connections, through the drain.
             timers = TimerQueue()
             handlers.start_soon(timers.run)
+            handlers.start_soon(_watch_loop_lag, app.metrics)
+            if app.metrics.is_multiprocess:
+                handlers.start_soon(_sync_metrics, app)
+            app.broker.lag_observer = app.metrics.delivery_lag.observe
             app.sessions = SessionContext(
                 limits=config.hub_limits,
                 max_outbox_bytes=config.max_outbox_bytes,
@@ -198,6 +205,7 @@ async def _run(app: App, task_status: trio.TaskStatus[RunningServer]) -> None:
                 timers=timers,
                 tasks=handlers,
                 publish=app.broker.publish,
+                publish_latency=app.metrics.publish_latency.labels("hub").observe,
                 # A publisher's message may carry what a publish request's body may
                 # (plus the invocation around it).
                 publisher_limits=replace(
@@ -290,10 +298,26 @@ async def _handle(stream: trio.SocketStream, *, app: App) -> None:
             app.hub_closed(session.subject)  # counted by the front's hub_opened
 
 
+async def _watch_loop_lag(metrics: Metrics) -> None:
+    """How late a periodic timer wakes: what else the loop had to do first."""
+    while True:
+        due = trio.current_time() + LOOP_LAG_INTERVAL
+        await trio.sleep_until(due)
+        metrics.loop_lag.observe(max(0.0, trio.current_time() - due))
+
+
+async def _sync_metrics(app: App) -> None:
+    """With --workers: keep this worker's values fresh for scrapes another worker answers."""
+    while True:
+        await trio.sleep(SYNC_INTERVAL)
+        app.metrics.sync(app)
+
+
 async def _drain(app: App) -> None:
     drained = app.stats.drained = trio.Event()
     answered = app.requests_done = trio.Event()
     for session in list(app.stats.by_id.values()):
+        app.stats.drain_closed += 1
         session.close(Close(error=SHUTDOWN_TEXT, allow_reconnect=True))
     with trio.move_on_after(app.config.drain_timeout):
         if app.stats.open:

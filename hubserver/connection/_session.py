@@ -39,6 +39,7 @@ from hubcore import (
     ReplayBufferFull,
     Sendable,
     StreamInvocation,
+    TimeoutKind,
     TransportClosed,
 )
 from hubserver.backplane import BackplaneError
@@ -149,7 +150,7 @@ class HubSession:
         if key is None:
             if ctx.publish is None:
                 raise ValueError("a publisher connection needs the context's publish")
-            self._calls = PublishCalls(ctx.publish, ctx.stats, session_id)
+            self._calls = PublishCalls(ctx.publish, ctx.stats, session_id, ctx.publish_latency)
             limits = dataclasses.replace(
                 ctx.publisher_limits or ctx.limits,
                 keepalive_interval=limits.keepalive_interval,
@@ -189,7 +190,22 @@ class HubSession:
 
     def register(self) -> None:
         """Known to role changes and the drain from now on: call before the 101 goes out."""
-        self._ctx.stats.register(self)
+        stats = self._ctx.stats
+        stats.register(self)
+        hub = "publish" if self.key is None else self.key.hub.value
+        stats.opened_by_hub[hub] = stats.opened_by_hub.get(hub, 0) + 1
+
+    @property
+    def metric_labels(self) -> tuple[str, str, str] | None:
+        """(hub, protocol, transport) once open, for /metrics."""
+        if self._phase is not Phase.OPEN or self._wire is None:
+            return None
+        hub = "publish" if self.key is None else self.key.hub.value
+        return (hub, self._wire.protocol.name, self._transport.kind.value)
+
+    @property
+    def queued_bytes(self) -> int:
+        return self._out.queued_bytes
 
     @property
     def kind(self) -> TransportKind:
@@ -355,9 +371,12 @@ class HubSession:
             outcome = self._gate.complete(since_seq, replay, is_lost=is_lost)
             queued_before = self._out.queued_bytes
             now = trio.current_time()
+            stats = self._ctx.stats
             if outcome.gap is not None:
+                stats.gaps += 1
                 self._send(outcome.gap, now)
             if outcome.replay is not None:
+                stats.replayed += outcome.replay.count
                 self._send(outcome.replay.payload, now)
             self._send_all(outcome.released, invocation_id, None)
             # A replay says nothing of the client's speed: live events may queue
@@ -414,6 +433,10 @@ class HubSession:
             if timer is not None and now >= timer:
                 self._out.queue_message(hub.handle_timer(now))
                 if hub.state is ConnectionState.CLOSED:
+                    if hub.timeout_kind is TimeoutKind.HANDSHAKE:
+                        self._ctx.stats.handshake_timed_out += 1
+                    else:
+                        self._ctx.stats.client_timed_out += 1
                     log.info("session %d: timed out", self.session_id)
                     self._finish()
         self._schedule()
@@ -676,6 +699,7 @@ class HubSession:
                 if exc.handshake_error is None:
                     self._end_with(exc.close_hint)
                 else:
+                    self._ctx.stats.handshake_failed += 1
                     self._send(HandshakeResponse(error=exc.handshake_error), now)
                     self._finish()
                 return

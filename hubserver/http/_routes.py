@@ -29,6 +29,7 @@ from hubserver.app import HUB_SCOPE, PUBLISH_SCOPE, App
 from hubserver.auth import AuthError, Claims, extract_token
 from hubserver.backplane import BackplaneError, BackplaneUnavailable
 from hubserver.connection import MAX_RESUME_SEQ, HubSession
+from hubserver.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from hubserver.permissions import PermissionStoreUnavailable
 from hubserver.routing import GroupKey, Hub, PublishError, parse_publish_body
 from hubserver.routing._events import MAX_ID_CHARS
@@ -205,9 +206,24 @@ async def respond(request: Request) -> Response | Upgrade:
         hub = _EVENT_HUBS.get(path[len(EVENTS_PREFIX) :].rstrip("/"))
         if hub is None:
             return _json(_NOT_FOUND)
-        return await _publish(request, hub)
+        started = trio.current_time()
+        response = await _publish(request, hub)
+        app = request.io.app
+        app.metrics.publish_latency.labels("http").observe(trio.current_time() - started)
+        if response.status != 202:
+            app.stats.count(app.stats.rejected, hub.value, "http", request.events or 1)
+        return response
     if path.startswith(HUB_PREFIX):
-        return await _hub(request, path[len(HUB_PREFIX) :].rstrip("/"))
+        name = path[len(HUB_PREFIX) :].rstrip("/")
+        answer = await _hub(request, name)
+        if isinstance(answer, Response) and answer.status >= 400:
+            request.io.app.metrics.refused(name.removesuffix("/negotiate"), answer.status)
+        return answer
+    if path == "/metrics":
+        if request.method not in (b"GET", b"HEAD"):
+            return _text(Refusal(405, "method_not_allowed", "method not allowed"))
+        app = request.io.app
+        return Response(200, app.metrics.exposition(app), METRICS_CONTENT_TYPE)
     if path == "/healthz":
         return await _simple(request, 200, "ok")
     if path == "/readyz":
@@ -272,6 +288,7 @@ async def _publish(request: Request, hub: Hub) -> Response:
         return _json(Refusal(413, "too_large", f"the body is larger than {limit} bytes"))
     try:
         events = parse_publish_body(body)
+        request.events = len(events)
         request.is_committed = True  # a publish that reached the backplane may have been applied
         published = await app.broker.publish(hub, events)
     except BackplaneUnavailable as exc:
@@ -292,6 +309,7 @@ async def _publish(request: Request, hub: Hub) -> Response:
     ids = ",".join([_encode_string(event.event_id) for event in published])
     seqs = ",".join([str(event.seq) for event in published])
     text = f'{{"accepted":{len(published)},"ids":[{ids}],"seqs":[{seqs}]}}'
+    app.stats.count(app.stats.published, hub.value, "http", len(published))
     return Response(202, text.encode(), JSON)
 
 
