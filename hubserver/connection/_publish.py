@@ -144,11 +144,27 @@ class PublishCalls:
             return self._refuse(call.invocation_id, _THREW, str(exc))
         except BackplaneUnavailable as exc:
             log.warning(
-                "session %d: publish refused, backplane unavailable: %s", self._session_id, exc
+                "session %d: publish refused, backplane unavailable: %s",
+                self._session_id,
+                exc,
+                extra={
+                    "event": "publish_refused",
+                    "session_id": self._session_id,
+                    "reason": "backplane_unavailable",
+                },
             )
             return self._refuse(call.invocation_id, _THREW, _UNAVAILABLE)
         except BackplaneError as exc:
-            log.warning("session %d: publish failed, outcome unknown: %s", self._session_id, exc)
+            log.warning(
+                "session %d: publish failed, outcome unknown: %s",
+                self._session_id,
+                exc,
+                extra={
+                    "event": "publish_failed",
+                    "session_id": self._session_id,
+                    "reason": "backplane_error",
+                },
+            )
             return self._refuse(call.invocation_id, _THREW, _UNKNOWN)
         if call.invocation_id is None:
             return None
@@ -174,5 +190,10 @@ class PublishCalls:
                 self._session_id,
                 self._silent,
                 why,
+                extra={
+                    "event": "publish_refused",
+                    "session_id": self._session_id,
+                    "reason": "fire_and_forget_failed",
+                },
             )
         return None
