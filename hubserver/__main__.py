@@ -1,9 +1,10 @@
-"""The ``hubserver`` command: serve, config show, token, members.
+"""The ``hubserver`` command: serve, check, config show, token, members.
 
 Every ``serve`` setting is a flag, a ``HUBSERVER_<FLAG>`` environment variable
 (``--data-dir`` is ``HUBSERVER_DATA_DIR``) and a key of the ``--config`` TOML
 file (``data_dir``); a flag wins over the environment, which wins over the
-file (``hubserver.config.sources``). ``config show`` takes the same settings.
+file (``hubserver.config.sources``). ``check`` and ``config show`` take the
+same settings.
 """
 
 from __future__ import annotations
@@ -59,6 +60,13 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--reuse-port", action="store_true", help=argparse.SUPPRESS)
     s.add_argument("--broker-socket", type=Path, help=argparse.SUPPRESS)
     s.add_argument("--parent-fd", type=int, help=argparse.SUPPRESS)
+
+    c = commands.add_parser(
+        "check",
+        help="preflight: load the settings, fetch the JWKS, ping Redis, open the permission "
+        "store, check the data directory and the open-files limit; exit 1 on any failure",
+    )
+    add_arguments(c)
 
     config = commands.add_parser("config", help="the settings serve would use")
     config_actions = config.add_subparsers(dest="action", required=True)
@@ -226,6 +234,26 @@ async def _workers_main(config: ServerConfig, count: int, worker_argv: list[str]
         _announce(config, port)
 
 
+def _check(args: argparse.Namespace) -> int:
+    from .check import check_config, run_checks
+
+    try:
+        settings = settings_from_arguments(args)
+    except ConfigError as exc:
+        print(f"FAIL  {'config':<12} {exc}", flush=True)
+        return 1
+    result, config = check_config(settings)
+    print(result.line(), flush=True)
+    if config is None:
+        return 1
+    # Only what a check itself logs (a JWKS fetch) goes to stderr, below warnings.
+    configure_logging("warning", "text")
+    results = trio.run(run_checks, config)
+    for result in results:
+        print(result.line(), flush=True)
+    return 0 if all(result.is_ok for result in results) else 1
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = _parser().parse_args(argv)
@@ -240,6 +268,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 trio.run(_workers_main, config, count, _worker_argv(argv))
             else:
                 trio.run(_serve_main, config, args.parent_fd)
+        elif args.command == "check":
+            return _check(args)
         elif args.command == "config":
             print(settings_from_arguments(args).show(), end="")
         elif args.command == "token":

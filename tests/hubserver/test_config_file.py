@@ -409,14 +409,14 @@ def test_the_example_file_mentions_every_setting() -> None:
         assert SETTINGS_BY_NAME[name].default is None or name == "data_dir", name
 
 
-def test_config_show_and_serve_share_every_setting_flag() -> None:
+def test_config_check_and_serve_share_every_setting_flag() -> None:
     parser = _parser()
     flags = {s.flag for s in SETTINGS}
-    for argv in (["serve"], ["config", "show"]):
+    for argv in (["serve"], ["check"], ["config", "show"]):
         args = parser.parse_args([*argv, "--config", "x.toml"])
         assert args.config == Path("x.toml")
     actions = parser._subparsers._group_actions[0].choices  # type: ignore[union-attr]
-    for command in ("serve",):
+    for command in ("serve", "check"):
         assert flags <= set(actions[command]._option_string_actions)
 
 
