@@ -470,3 +470,15 @@ async def test_serve_runs_on_a_config_file_with_workers(
     assert process.returncode == 0, "\n".join(log.lines)
     assert sum("worker" in line and "started" in line for line in log.lines) == 2
 
+
+
+def test_the_readme_fleet_example_is_a_working_config_file(tmp_path: Path) -> None:
+    text = (REPO / "README.md").read_text().split("## Operating a fleet", 1)[1]
+    block = text.split("```toml\n", 1)[1].split("```", 1)[0]
+    settings = resolve({}, {}, write(tmp_path, block))
+    config = settings.server_config()
+    assert config.backplane == "redis://:PASSWORD@redis.internal:6379/0"
+    assert config.cors_origins == ("https://app.example.com",)
+    assert config.jwks_url is not None and config.audience == "event-streaming"
+    assert settings["workers"] is None  # auto
+    assert settings.count(Origin.FILE) == 11  # as README's `hubserver check` example says
