@@ -27,7 +27,10 @@ Between requests a keep-alive connection may stay idle for
 
 Logging: refusals and errors (status 400 and up, missed deadlines, bad HTTP)
 are logged at INFO with the target's ``access_token`` redacted; successful
-requests only with ``--access-log``.
+requests only with ``--access-log``. Each such line carries, for the JSON log
+format (``hubserver.logs``), the fields ``method``, ``path`` (redacted and
+capped as in the message), ``status``, ``bytes`` (the answer's head and body)
+and ``duration_ms``.
 """
 
 from __future__ import annotations
