@@ -130,6 +130,7 @@ def _announce(config: ServerConfig, port: int) -> None:
             "Anyone who can read that directory can mint tokens. Use --jwks-file or "
             "--jwks-url in production.",
             config.data_dir.resolve(),
+            extra={"event": "development_mode"},
         )
     if config.demo:
         from .demo import DEMO_SITE, DEMO_SUBJECT
@@ -186,9 +187,9 @@ async def _on_signals(signals: AsyncIterator[int], server: RunningServer) -> Non
     async for signum in signals:
         name = signal.Signals(signum).name
         if is_draining:
-            log.info("received %s again: already draining", name)
+            log.info("received %s again: already draining", name, extra={"event": "signal"})
             continue
-        log.info("received %s", name)
+        log.info("received %s", name, extra={"event": "signal"})
         is_draining = True
         server.request_shutdown()
 
@@ -196,7 +197,9 @@ async def _on_signals(signals: AsyncIterator[int], server: RunningServer) -> Non
 def _parent_gone(server: RunningServer, scope: trio.CancelScope) -> None:
     """A --workers worker lost its parent: drain briefly, then exit."""
     log.warning(
-        "the --workers parent is gone; draining for at most %.0f s", PARENT_GONE_EXIT_TIMEOUT
+        "the --workers parent is gone; draining for at most %.0f s",
+        PARENT_GONE_EXIT_TIMEOUT,
+        extra={"event": "parent_gone"},
     )
     server.request_shutdown()
     scope.deadline = min(scope.deadline, trio.current_time() + PARENT_GONE_EXIT_TIMEOUT)

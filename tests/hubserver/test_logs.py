@@ -235,6 +235,6 @@ async def test_serve_logs_json_lines_to_a_pipe_by_default(
     assert listening["message"] == f"listening on http://127.0.0.1:{listening['port']}"
     assert listening["host"] == "127.0.0.1" and listening["level"] == "info"
     assert any(line.get("event") == "draining" for line in lines)
-    assert any(
-        line["level"] == "warning" and "DEVELOPMENT MODE" in line["message"] for line in lines
-    )
+    (development,) = [line for line in lines if line.get("event") == "development_mode"]
+    assert development["level"] == "warning" and "DEVELOPMENT MODE" in development["message"]
+    assert any(line.get("event") == "signal" for line in lines)
