@@ -238,3 +238,20 @@ async def test_serve_logs_json_lines_to_a_pipe_by_default(
     (development,) = [line for line in lines if line.get("event") == "development_mode"]
     assert development["level"] == "warning" and "DEVELOPMENT MODE" in development["message"]
     assert any(line.get("event") == "signal" for line in lines)
+
+
+def test_the_readme_names_every_log_event() -> None:
+    """Operators alert on ``event``: every name the code logs is documented."""
+    repo = Path(__file__).resolve().parents[2]
+    source = "\n".join(path.read_text() for path in (repo / "hubserver").rglob("*.py"))
+    events: set[str] = set()
+    for pattern in (
+        r'"event": "(\w+)"',
+        r'session_fields\(\s*\w+,\s*"(\w+)"',
+        r'event="(\w+)"(?: if [^\n]* else "(\w+)")?',
+    ):
+        for match in re.finditer(pattern, source):
+            events.update(group for group in match.groups() if group)
+    assert {"session_opened", "transport_attached", "http_request", "listening"} <= events
+    readme = (repo / "README.md").read_text().split("### Logs", 1)[1].split("\n## ", 1)[0]
+    assert sorted(event for event in events if f"`{event}`" not in readme) == []
