@@ -299,7 +299,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                 setting.flag, action=_ListFlag, metavar=setting.metavar, **common
             )
         else:
-            container.add_argument(setting.flag, metavar=setting.metavar, **common)
+            metavar = setting.metavar or ("|".join(setting.choices) if setting.choices else None)
+            container.add_argument(setting.flag, metavar=metavar, **common)
 
 
 def settings_from_arguments(
