@@ -31,6 +31,7 @@ from .config import ServerConfig
 from .connection import ACCESS_REVOKED_TEXT, SessionContext
 from .http import handle_connection
 from .http._accept import ConnectionGate, accept_connections, descriptor_budget
+from .logs import MAX_FIELD_CHARS, session_fields
 from .metrics import SYNC_INTERVAL, Metrics
 from .permissions import (
     CachedPermissionStore,
@@ -235,6 +236,11 @@ async def _run(app: App, task_status: trio.TaskStatus[RunningServer]) -> None:
                     "connection limits: %d in total, %s per address",
                     gate.max_total,
                     gate.max_per_ip or "no limit",
+                    extra={
+                        "event": "connection_limits",
+                        "max_connections": gate.max_total,
+                        "max_connections_per_ip": gate.max_per_ip,
+                    },
                 )
 
                 async def accept() -> None:
@@ -257,12 +263,18 @@ async def _run(app: App, task_status: trio.TaskStatus[RunningServer]) -> None:
 
                     root.start_soon(publish_demo_events, app.broker.publish, config.demo_interval)
                 app.is_ready = True
-                log.info("listening on http://%s:%d", config.host, port)
+                log.info(
+                    "listening on http://%s:%d",
+                    config.host,
+                    port,
+                    extra={"event": "listening", "host": config.host, "port": port},
+                )
                 task_status.started(RunningServer(port=port, app=app, _shutdown=shutdown))
                 await shutdown.wait()
                 log.info(
                     "shutting down: not ready, no new connections, closing %d hub connections",
                     app.stats.open,
+                    extra={"event": "draining", "open_connections": app.stats.open},
                 )
                 app.is_draining = True
                 accept_scope.cancel()
@@ -283,7 +295,10 @@ async def _handle(stream: trio.SocketStream, *, app: App) -> None:
     except Exception:
         # The per-connection boundary: one connection's bug never takes the server down.
         app.stats.crashed += 1
-        log.exception("connection handler failed (before any upgrade)")
+        log.exception(
+            "connection handler failed (before any upgrade)",
+            extra={"event": "connection_failed", "reason": "error"},
+        )
         return
     if session is not None:
         # Run here, not inside handle_connection: an idle session's stack (kept
@@ -293,7 +308,16 @@ async def _handle(stream: trio.SocketStream, *, app: App) -> None:
             await session.run()
         except Exception:
             app.stats.crashed += 1
-            log.exception("connection handler failed (session %d)", session.session_id)
+            log.exception(
+                "connection handler failed (session %d)",
+                session.session_id,
+                extra={
+                    "event": "session_failed",
+                    "session_id": session.session_id,
+                    "subject": session.subject[:MAX_FIELD_CHARS],
+                    "reason": "error",
+                },
+            )
         finally:
             app.hub_closed(session.subject)  # counted by the front's hub_opened
 
@@ -331,6 +355,11 @@ async def _drain(app: App) -> None:
             "drain timeout: cutting %d hub connections and %d HTTP requests",
             app.stats.open,
             app.requests_in_flight,
+            extra={
+                "event": "drain_timeout",
+                "open_connections": app.stats.open,
+                "requests_in_flight": app.requests_in_flight,
+            },
         )
 
 
@@ -349,5 +378,9 @@ async def _recheck_permissions(app: App) -> None:
     for session in list(app.stats.by_id.values()):
         if session.key is not None and not await app.may_open(session.key, session.subject):
             app.stats.revoked_closed += 1
-            log.info("session %d: access revoked, closing", session.session_id)
+            log.info(
+                "session %d: access revoked, closing",
+                session.session_id,
+                extra=session_fields(session, "session_closing", reason="revoked"),
+            )
             session.close(Close(error=ACCESS_REVOKED_TEXT, allow_reconnect=False))

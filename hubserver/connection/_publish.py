@@ -160,11 +160,27 @@ class PublishCalls:
             return self._refuse(call.invocation_id, _THREW, str(exc), hub, count)
         except BackplaneUnavailable as exc:
             log.warning(
-                "session %d: publish refused, backplane unavailable: %s", self._session_id, exc
+                "session %d: publish refused, backplane unavailable: %s",
+                self._session_id,
+                exc,
+                extra={
+                    "event": "publish_refused",
+                    "session_id": self._session_id,
+                    "reason": "backplane_unavailable",
+                },
             )
             return self._refuse(call.invocation_id, _THREW, _UNAVAILABLE, hub, count)
         except BackplaneError as exc:
-            log.warning("session %d: publish failed, outcome unknown: %s", self._session_id, exc)
+            log.warning(
+                "session %d: publish failed, outcome unknown: %s",
+                self._session_id,
+                exc,
+                extra={
+                    "event": "publish_failed",
+                    "session_id": self._session_id,
+                    "reason": "backplane_error",
+                },
+            )
             return self._refuse(call.invocation_id, _THREW, _UNKNOWN, hub, count)
         finally:
             if self._latency is not None:
@@ -202,5 +218,10 @@ class PublishCalls:
                 self._session_id,
                 self._silent,
                 why,
+                extra={
+                    "event": "publish_refused",
+                    "session_id": self._session_id,
+                    "reason": "fire_and_forget_failed",
+                },
             )
         return None

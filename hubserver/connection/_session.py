@@ -43,6 +43,7 @@ from hubcore import (
     TransportClosed,
 )
 from hubserver.backplane import BackplaneError
+from hubserver.logs import session_fields
 from hubserver.routing import Delivery, GroupKey, gap_message
 from hubserver.transports import (
     InboundItem,
@@ -334,7 +335,12 @@ class HubSession:
 
     def _close_slow(self, why: str) -> None:
         self._ctx.stats.slow_closed += 1
-        log.warning("session %d: closing slow client (%s)", self.session_id, why)
+        log.warning(
+            "session %d: closing slow client (%s)",
+            self.session_id,
+            why,
+            extra=session_fields(self, "session_closing", reason="slow_consumer"),
+        )
         self._out.drop_unsent()
         self.close(Close(error=SLOW_CLIENT_TEXT, allow_reconnect=True))
 
@@ -362,7 +368,12 @@ class HubSession:
         try:
             replay, is_lost = await fetch_replay(self._ctx.replay, key, since_seq)
         except (BackplaneError, trio.TooSlowError) as exc:
-            log.warning("session %d: resume failed: %s", self.session_id, exc)
+            log.warning(
+                "session %d: resume failed: %s",
+                self.session_id,
+                exc,
+                extra=session_fields(self, "resume_failed"),
+            )
             released = self._gate.fail(since_seq)
             if self._phase is Phase.OPEN:
                 self._send_all(released, invocation_id, _RESUME_FAILED)
@@ -412,7 +423,11 @@ class HubSession:
         due = self._deadlines.due(now, is_closing=self._is_closing)
         if due is Due.GOODBYE:
             if phase is Phase.CLOSING:
-                log.info("session %d: no closing handshake in time, dropping", self.session_id)
+                log.info(
+                    "session %d: no closing handshake in time, dropping",
+                    self.session_id,
+                    extra=session_fields(self, "session_dropped", reason="close_timeout"),
+                )
                 self._abort()
                 return
             self._finish()  # closed before a hub handshake that did not come in time
@@ -437,7 +452,11 @@ class HubSession:
                         self._ctx.stats.handshake_timed_out += 1
                     else:
                         self._ctx.stats.client_timed_out += 1
-                    log.info("session %d: timed out", self.session_id)
+                    log.info(
+                        "session %d: timed out",
+                        self.session_id,
+                        extra=session_fields(self, "session_closing", reason="client_timeout"),
+                    )
                     self._finish()
         self._schedule()
 
@@ -485,7 +504,12 @@ class HubSession:
             self._abort()  # detached: nobody to say goodbye to
 
     def _lost(self, exc: BaseException | None) -> None:
-        log.info("session %d: peer went away: %s", self.session_id, exc)
+        log.info(
+            "session %d: peer went away: %s",
+            self.session_id,
+            exc,
+            extra=session_fields(self, "peer_gone", reason="transport_lost"),
+        )
         if self._can_reattach:
             self._transport.close()  # the read side sees it end, and waits for the client
             return
@@ -499,7 +523,12 @@ class HubSession:
 
     def _crash(self, exc: BaseException) -> None:
         self._ctx.stats.crashed += 1
-        log.error("session %d: connection handler failed", self.session_id, exc_info=exc)
+        log.error(
+            "session %d: connection handler failed",
+            self.session_id,
+            exc_info=exc,
+            extra=session_fields(self, "session_failed", reason="error"),
+        )
         self._abort()
 
     def _abort(self) -> None:
@@ -553,7 +582,12 @@ class HubSession:
         """The transport dropped: wait for the client's next one; whether it came."""
         self._drop_transport()
         window = self._ctx.stateful_reconnect_window
-        log.info("session %d: transport lost; waiting %g s for it", self.session_id, window)
+        log.info(
+            "session %d: transport lost; waiting %g s for it",
+            self.session_id,
+            window,
+            extra=session_fields(self, "transport_lost"),
+        )
         self._schedule()  # hubcore's timers wait while detached
         self._reattached = event = trio.Event()
         with trio.move_on_after(window):
@@ -593,7 +627,9 @@ class HubSession:
         attached = self._attached = trio.Event()
         if self._reattached is not None:
             self._reattached.set()
-        log.info("session %d: reconnected", self.session_id)
+        log.info(
+            "session %d: reconnected", self.session_id, extra=session_fields(self, "reconnected")
+        )
         self._schedule()
         return attached
 
@@ -621,7 +657,12 @@ class HubSession:
             except WebSocketError as exc:
                 if inbound is not self._in:
                     continue  # an old transport's last words: a new one took over
-                log.info("session %d: bad WebSocket data: %s", self.session_id, exc)
+                log.info(
+                    "session %d: bad WebSocket data: %s",
+                    self.session_id,
+                    exc,
+                    extra=session_fields(self, "session_closing", reason="bad_websocket_data"),
+                )
                 self._peer_done(self._transport.error_reply(exc))
                 break
             if inbound is not self._in:
@@ -630,7 +671,11 @@ class HubSession:
                 if self._can_reattach:
                     if await self._wait_for_transport():
                         continue
-                    log.info("session %d: no reconnect in time", self.session_id)
+                    log.info(
+                        "session %d: no reconnect in time",
+                        self.session_id,
+                        extra=session_fields(self, "session_closing", reason="reconnect_timeout"),
+                    )
                     self._abort()
                     break
                 if self._phase is not Phase.CLOSED:
@@ -645,7 +690,12 @@ class HubSession:
                 try:
                     await self._out.wait_drained()
                 except (trio.ClosedResourceError, OSError) as exc:
-                    log.info("session %d: peer went away at goodbye: %s", self.session_id, exc)
+                    log.info(
+                        "session %d: peer went away at goodbye: %s",
+                        self.session_id,
+                        exc,
+                        extra=session_fields(self, "peer_gone", reason="transport_lost"),
+                    )
 
     async def _publish_calls(self, calls: PublishCalls) -> None:
         """Publish what the last read brought, reading nothing meanwhile (backpressure)."""
@@ -695,7 +745,12 @@ class HubSession:
                 event = hub.next_event()
             except RemoteProtocolError as exc:
                 self._ctx.stats.protocol_errors += 1
-                log.info("session %d: protocol error: %s", self.session_id, exc)
+                log.info(
+                    "session %d: protocol error: %s",
+                    self.session_id,
+                    exc,
+                    extra=session_fields(self, "session_closing", reason="protocol_error"),
+                )
                 if exc.handshake_error is None:
                     self._end_with(exc.close_hint)
                 else:

@@ -29,6 +29,7 @@ from hubserver.app import HUB_SCOPE, PUBLISH_SCOPE, App
 from hubserver.auth import AuthError, Claims, extract_token
 from hubserver.backplane import BackplaneError, BackplaneUnavailable
 from hubserver.connection import MAX_RESUME_SEQ, HubSession
+from hubserver.logs import connection_fields, session_fields
 from hubserver.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from hubserver.permissions import PermissionStoreUnavailable
 from hubserver.routing import GroupKey, Hub, PublishError, parse_publish_body
@@ -107,6 +108,8 @@ class HubGrant(NamedTuple):
     #: For the log line of the new session (no ids a client chose beyond what it needs).
     description: str
     start: StartSession
+    #: The group the connection receives (for the log's context); None for a publisher.
+    key: GroupKey | None = None
 
 
 class HubRoute(NamedTuple):
@@ -292,16 +295,28 @@ async def _publish(request: Request, hub: Hub) -> Response:
         request.is_committed = True  # a publish that reached the backplane may have been applied
         published = await app.broker.publish(hub, events)
     except BackplaneUnavailable as exc:
-        log.warning("publish refused, backplane unavailable: %s", exc)
+        log.warning(
+            "publish refused, backplane unavailable: %s",
+            exc,
+            extra={"event": "publish_refused", "hub": hub.value, "reason": "backplane_unavailable"},
+        )
         return _json(_BACKPLANE_UNAVAILABLE)
     except BackplaneError as exc:
         # Redis refused or failed mid-way (OOM, READONLY, NOPERM, a malformed
         # reply...): the events may or may not be stored. Retrying with the same
         # ids is safe (the publish API is idempotent on id).
-        log.warning("publish failed, outcome unknown: %s", exc)
+        log.warning(
+            "publish failed, outcome unknown: %s",
+            exc,
+            extra={"event": "publish_failed", "hub": hub.value, "reason": "backplane_error"},
+        )
         return _json(_BACKPLANE_FAILED)
     except PublishError as exc:
-        log.info("publish refused: %s", exc)
+        log.info(
+            "publish refused: %s",
+            exc,
+            extra={"event": "publish_refused", "hub": hub.value, "reason": "invalid"},
+        )
         code = "invalid_event" if exc.index is not None else "invalid_body"
         extra = None if exc.index is None else {"index": exc.index}
         return _json(Refusal(exc.status, code, str(exc), extra=extra))
@@ -488,6 +503,13 @@ async def _poll(request: Request, route: HubRoute, token: str) -> Response:
         session.session_id,
         grant.description,
         claims.subject[:64],
+        extra=connection_fields(
+            session.session_id,
+            claims.subject,
+            grant.key,
+            TransportKind.LONG_POLLING,
+            event="session_opened",
+        ),
     )
     app.session_context().tasks.start_soon(_run_detached, app, session)
     return Response(200, b"", _OCTETS, _POLL_HEADERS)
@@ -505,7 +527,11 @@ async def _run_detached(app: App, session: HubSession) -> None:
         await session.run()
     except Exception:
         app.stats.crashed += 1
-        log.exception("connection handler failed (session %d)", session.session_id)
+        log.exception(
+            "connection handler failed (session %d)",
+            session.session_id,
+            extra=session_fields(session, "session_failed", reason="error"),
+        )
     finally:
         app.hub_closed(session.subject)  # counted by _start's hub_opened
 
@@ -709,7 +735,7 @@ async def _site_stream(hub: Hub, request: Request, claims: Claims) -> HubGrant |
 
     stream_name = f"{hub.value}\x00{site_id}\x00{user_id or ''}"
     scope = "site stream" if user_id is None else "site stream of one user"
-    return HubGrant(stream_name, f"{hub.value} hub, {scope}", start)
+    return HubGrant(stream_name, f"{hub.value} hub, {scope}", start, group)
 
 
 def _session_starter(

@@ -101,6 +101,7 @@ async def run_workers(
         *extra,
     ]
     env = {k: v for k, v in os.environ.items() if not k.startswith("HUBSERVER_")}
+    env["HUBSERVER_LOG_FORMAT"] = "text"  # read as text lines (a pipe gets JSON by default)
     env.update(env_extra or {})
     process = await trio.lowlevel.open_process(
         command,
