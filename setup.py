@@ -30,6 +30,9 @@ DEPENDENCIES = [
     "pyjwt[crypto]>=2.8,<3",
     "cryptography>=42",
     "hiredis>=2.3,<4",
+    # Prometheus' own client: its text exposition and its multiprocess mode
+    # (one scrape for every worker of --workers) rather than a hand-written format.
+    "prometheus-client>=0.20,<1",
 ]
 
 if os.environ.get("HUBSERVER_EDITABLE_BUILD") == "1":

@@ -12,6 +12,7 @@ import trio
 from .auth import TokenVerifier
 from .config import ServerConfig
 from .connection import HubSession, SessionContext, SessionStats
+from .metrics import Metrics
 from .permissions import (
     CachedPermissionStore,
     ChangeFeed,
@@ -48,6 +49,7 @@ class App:
     router: Router
     broker: Broker
     stats: SessionStats = field(default_factory=SessionStats)
+    metrics: Metrics = field(default_factory=Metrics)
     negotiations: Negotiations = field(default_factory=Negotiations)
     is_ready: bool = False
     is_draining: bool = False
@@ -109,7 +111,11 @@ class App:
         try:
             await self.permission_feed.announce(site_id, subject)
         except PermissionStoreUnavailable as exc:
-            log.warning("a permission change notice reached this node only: %s", exc)
+            log.warning(
+                "a permission change notice reached this node only: %s",
+                exc,
+                extra={"event": "permission_notice_local_only"},
+            )
             return False
         return True
 

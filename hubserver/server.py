@@ -33,6 +33,8 @@ from .config import ServerConfig
 from .connection import ACCESS_REVOKED_TEXT, SessionContext
 from .http import handle_connection
 from .http._accept import ConnectionGate, accept_connections, descriptor_budget
+from .logs import MAX_FIELD_CHARS, session_fields
+from .metrics import SYNC_INTERVAL, Metrics
 from .permissions import (
     CachedPermissionStore,
     ChangeFeed,
@@ -52,6 +54,8 @@ PUBLISH_INVOCATION_OVERHEAD = 4096
 
 __all__ = ["RunningServer", "build_verifier", "open_permission_store", "serve"]
 
+#: Seconds between the event-loop lag probe's wake-ups.
+LOOP_LAG_INTERVAL = 0.5
 log = logging.getLogger("hubserver")
 
 SHUTDOWN_TEXT = None  # ASP.NET Core's graceful close carries no error text (spec §5)
@@ -171,6 +175,7 @@ def _warn_of_unused_sqlite_roles(config: ServerConfig) -> None:
             "(hubserver members grant --redis ...) or run with --permissions sqlite",
             count,
             path,
+            extra={"event": "sqlite_roles_unused"},
         )
 
 
@@ -245,6 +250,10 @@ async def _run(app: App, task_status: trio.TaskStatus[RunningServer]) -> None:
             # live beside the connections, through the drain.
             timers = TimerQueue()
             handlers.start_soon(timers.run)
+            handlers.start_soon(_watch_loop_lag, app.metrics)
+            if app.metrics.is_multiprocess:
+                handlers.start_soon(_sync_metrics, app)
+            app.broker.lag_observer = app.metrics.delivery_lag.observe
             app.sessions = SessionContext(
                 limits=config.hub_limits,
                 max_outbox_bytes=config.max_outbox_bytes,
@@ -258,6 +267,7 @@ async def _run(app: App, task_status: trio.TaskStatus[RunningServer]) -> None:
                 timers=timers,
                 tasks=handlers,
                 publish=app.broker.publish,
+                publish_latency=app.metrics.publish_latency.labels("hub").observe,
                 # A publisher's message may carry what a publish request's body may
                 # (plus the invocation around it).
                 publisher_limits=replace(
@@ -287,6 +297,11 @@ async def _run(app: App, task_status: trio.TaskStatus[RunningServer]) -> None:
                     "connection limits: %d in total, %s per address",
                     gate.max_total,
                     gate.max_per_ip or "no limit",
+                    extra={
+                        "event": "connection_limits",
+                        "max_connections": gate.max_total,
+                        "max_connections_per_ip": gate.max_per_ip,
+                    },
                 )
 
                 async def accept() -> None:
@@ -309,12 +324,18 @@ async def _run(app: App, task_status: trio.TaskStatus[RunningServer]) -> None:
 
                     root.start_soon(publish_demo_events, app.broker.publish, config.demo_interval)
                 app.is_ready = True
-                log.info("listening on http://%s:%d", config.host, port)
+                log.info(
+                    "listening on http://%s:%d",
+                    config.host,
+                    port,
+                    extra={"event": "listening", "host": config.host, "port": port},
+                )
                 task_status.started(RunningServer(port=port, app=app, _shutdown=shutdown))
                 await shutdown.wait()
                 log.info(
                     "shutting down: not ready, no new connections, closing %d hub connections",
                     app.stats.open,
+                    extra={"event": "draining", "open_connections": app.stats.open},
                 )
                 app.is_draining = True
                 accept_scope.cancel()
@@ -335,7 +356,10 @@ async def _handle(stream: trio.SocketStream, *, app: App) -> None:
     except Exception:
         # The per-connection boundary: one connection's bug never takes the server down.
         app.stats.crashed += 1
-        log.exception("connection handler failed (before any upgrade)")
+        log.exception(
+            "connection handler failed (before any upgrade)",
+            extra={"event": "connection_failed", "reason": "error"},
+        )
         return
     if session is not None:
         # Run here, not inside handle_connection: an idle session's stack (kept
@@ -345,15 +369,40 @@ async def _handle(stream: trio.SocketStream, *, app: App) -> None:
             await session.run()
         except Exception:
             app.stats.crashed += 1
-            log.exception("connection handler failed (session %d)", session.session_id)
+            log.exception(
+                "connection handler failed (session %d)",
+                session.session_id,
+                extra={
+                    "event": "session_failed",
+                    "session_id": session.session_id,
+                    "subject": session.subject[:MAX_FIELD_CHARS],
+                    "reason": "error",
+                },
+            )
         finally:
             app.hub_closed(session.subject)  # counted by the front's hub_opened
+
+
+async def _watch_loop_lag(metrics: Metrics) -> None:
+    """How late a periodic timer wakes: what else the loop had to do first."""
+    while True:
+        due = trio.current_time() + LOOP_LAG_INTERVAL
+        await trio.sleep_until(due)
+        metrics.loop_lag.observe(max(0.0, trio.current_time() - due))
+
+
+async def _sync_metrics(app: App) -> None:
+    """With --workers: keep this worker's values fresh for scrapes another worker answers."""
+    while True:
+        await trio.sleep(SYNC_INTERVAL)
+        app.metrics.sync(app)
 
 
 async def _drain(app: App) -> None:
     drained = app.stats.drained = trio.Event()
     answered = app.requests_done = trio.Event()
     for session in list(app.stats.by_id.values()):
+        app.stats.drain_closed += 1
         session.close(Close(error=SHUTDOWN_TEXT, allow_reconnect=True))
     with trio.move_on_after(app.config.drain_timeout):
         if app.stats.open:
@@ -367,6 +416,11 @@ async def _drain(app: App) -> None:
             "drain timeout: cutting %d hub connections and %d HTTP requests",
             app.stats.open,
             app.requests_in_flight,
+            extra={
+                "event": "drain_timeout",
+                "open_connections": app.stats.open,
+                "requests_in_flight": app.requests_in_flight,
+            },
         )
 
 
@@ -398,5 +452,9 @@ async def _recheck_permissions(app: App, pairs: frozenset[tuple[str, str]] | Non
             continue
         if not await app.may_open(key, session.subject):
             app.stats.revoked_closed += 1
-            log.info("session %d: access revoked, closing", session.session_id)
+            log.info(
+                "session %d: access revoked, closing",
+                session.session_id,
+                extra=session_fields(session, "session_closing", reason="revoked"),
+            )
             session.close(Close(error=ACCESS_REVOKED_TEXT, allow_reconnect=False))

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -21,9 +22,11 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Final
 
 import trio
+from prometheus_client.multiprocess import mark_process_dead
 
 from .backplane import Backplane, BrokerServer, MemoryBackplane
 from .config import ServerConfig
+from .metrics import MULTIPROCESS_ENV
 from .routing import Broker, Router
 from .server import build_backplane
 
@@ -109,7 +112,18 @@ async def run_workers(
         )
         broker.listen()
         extra += ["--broker-socket", str(path)]
-    env = {**os.environ, "HUBSERVER_WORKERS": "1", "HUBSERVER_DEMO": "0"}
+    # /metrics of the node from any worker: prometheus-client's multiprocess
+    # mode, its files in a directory of this run (emptied: stale files of an
+    # earlier run would count).
+    metrics_dir = config.data_dir / f"metrics-{os.getpid()}"
+    shutil.rmtree(metrics_dir, ignore_errors=True)
+    metrics_dir.mkdir(parents=True)
+    env = {
+        **os.environ,
+        "HUBSERVER_WORKERS": "1",
+        "HUBSERVER_DEMO": "0",
+        MULTIPROCESS_ENV: str(metrics_dir),
+    }
     command = [sys.executable, "-m", "hubserver", "serve", *worker_argv, *extra]
     stopping = trio.Event()
     try:
@@ -156,6 +170,7 @@ async def run_workers(
         reserved.close()
         os.close(lifeline)
         os.close(lifeline_writer)
+        shutil.rmtree(metrics_dir, ignore_errors=True)
 
 
 async def _ignore_signals(signals: AsyncIterator[int]) -> None:
@@ -218,6 +233,8 @@ async def _supervise(
         with trio.CancelScope(shield=True):
             # Shielded: the parent waits for its workers even while being cancelled.
             code = await process.wait()
+        # Its live gauges (open connections, queued bytes) no longer count.
+        mark_process_dead(process.pid, env[MULTIPROCESS_ENV])  # type: ignore[no-untyped-call]
         if stopping.is_set():
             log.info("worker %d (pid %d) stopped with exit code %s", index, process.pid, code)
             return

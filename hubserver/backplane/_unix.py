@@ -302,6 +302,7 @@ class BrokerServer:
                         "disconnecting it (it resubscribes and recovers from history)",
                         _peer_pid(stream),
                         queued,
+                        extra={"event": "worker_fell_behind"},
                     )
                     nursery.cancel_scope.cancel()
                     return

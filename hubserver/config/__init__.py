@@ -1,4 +1,9 @@
-"""Server configuration: one frozen dataclass, validated once at start."""
+"""Server configuration: one frozen dataclass, validated once at start.
+
+Where its values come from (flags, ``HUBSERVER_*``, a TOML file) is
+``config.settings`` (the table of settings) and ``config.sources`` (reading
+and precedence); they import this module, not the other way round.
+"""
 
 from __future__ import annotations
 

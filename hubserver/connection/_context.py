@@ -40,6 +40,21 @@ class SessionStats:
     crashed: int = 0
     #: Publisher hub calls refused or failed (fire-and-forget ones included).
     publish_failed: int = 0
+    #: For /metrics (see ``hubserver.metrics``): plain counters where things
+    #: pass, read at each scrape. Events accepted and refused by (hub, api).
+    published: dict[tuple[str, str], int] = field(default_factory=dict)
+    rejected: dict[tuple[str, str], int] = field(default_factory=dict)
+    opened_by_hub: dict[str, int] = field(default_factory=dict)
+    handshake_failed: int = 0
+    handshake_timed_out: int = 0
+    client_timed_out: int = 0
+    drain_closed: int = 0
+    replayed: int = 0
+    gaps: int = 0
+
+    def count(self, table: dict[tuple[str, str], int], hub: str, api: str, events: int) -> None:
+        key = (hub, api)
+        table[key] = table.get(key, 0) + events
     by_id: dict[int, HubSession] = field(default_factory=dict)
     #: Set by the server when it drains; fired when the last connection ends.
     drained: trio.Event | None = None
@@ -90,4 +105,6 @@ class SessionContext:
     #: How long a stateful connection waits for its client's new transport (spec §8).
     stateful_reconnect_window: float = 30.0
     publish: PublishFn | None = None
+    #: Told how long each publisher hub call took (seconds), for /metrics.
+    publish_latency: Callable[[float], None] | None = None
     publisher_limits: HubLimits | None = None

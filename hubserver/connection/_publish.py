@@ -26,8 +26,11 @@ fire-and-forget: its errors are counted and logged, never answered
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Final
+
+import trio
 
 from hubcore import Completion, Invocation
 from hubserver.backplane import BackplaneError, BackplaneUnavailable
@@ -70,11 +73,19 @@ class PublishCalls:
     """
 
     __slots__ = (
-        "_is_stopping", "_publish", "_queue", "_session_id", "_silent", "_stats", "is_running",
+        "_is_stopping", "_latency", "_publish", "_queue", "_session_id", "_silent", "_stats",
+        "is_running",
     )  # fmt: skip
 
-    def __init__(self, publish: PublishFn, stats: SessionStats, session_id: int) -> None:
+    def __init__(
+        self,
+        publish: PublishFn,
+        stats: SessionStats,
+        session_id: int,
+        latency: Callable[[float], None] | None = None,
+    ) -> None:
         self._publish = publish
+        self._latency = latency
         self._stats = stats
         self._session_id = session_id
         self._queue: list[_Call] = []
@@ -101,6 +112,7 @@ class PublishCalls:
         if hub is None:
             names = " or ".join(f"'{h}'" for h in _HUBS)
             return self._refuse(call.invocation_id, _THREW, f"hub must be {names}.")
+        count = len(value) if type(value) is list else 1
         try:
             # MessagePack has no nesting bound of its own, and JSON's is far
             # deeper than the encoder should meet later.
@@ -108,7 +120,7 @@ class PublishCalls:
                 raise PublishError(f"events nest deeper than {MAX_DEPTH} levels")
             events = check_events(value, what="events")
         except PublishError as exc:
-            return self._refuse(call.invocation_id, _THREW, str(exc))
+            return self._refuse(call.invocation_id, _THREW, str(exc), hub.value, count)
         self._queue.append(_Call(call.invocation_id, hub, events))
         return None
 
@@ -128,7 +140,9 @@ class PublishCalls:
         try:
             for call in queue:
                 if self._is_stopping:
-                    reply = self._refuse(call.invocation_id, _THREW, _CLOSING)
+                    reply = self._refuse(
+                        call.invocation_id, _THREW, _CLOSING, call.hub.value, len(call.events)
+                    )
                 else:
                     reply = await self._run_one(call)
                 if reply is not None:
@@ -138,18 +152,40 @@ class PublishCalls:
         return replies
 
     async def _run_one(self, call: _Call) -> Completion | None:
+        hub, count = call.hub.value, len(call.events)
+        started = trio.current_time()
         try:
             published = await self._publish(call.hub, call.events)
         except PublishError as exc:  # an event cannot be encoded: nothing was published
-            return self._refuse(call.invocation_id, _THREW, str(exc))
+            return self._refuse(call.invocation_id, _THREW, str(exc), hub, count)
         except BackplaneUnavailable as exc:
             log.warning(
-                "session %d: publish refused, backplane unavailable: %s", self._session_id, exc
+                "session %d: publish refused, backplane unavailable: %s",
+                self._session_id,
+                exc,
+                extra={
+                    "event": "publish_refused",
+                    "session_id": self._session_id,
+                    "reason": "backplane_unavailable",
+                },
             )
-            return self._refuse(call.invocation_id, _THREW, _UNAVAILABLE)
+            return self._refuse(call.invocation_id, _THREW, _UNAVAILABLE, hub, count)
         except BackplaneError as exc:
-            log.warning("session %d: publish failed, outcome unknown: %s", self._session_id, exc)
-            return self._refuse(call.invocation_id, _THREW, _UNKNOWN)
+            log.warning(
+                "session %d: publish failed, outcome unknown: %s",
+                self._session_id,
+                exc,
+                extra={
+                    "event": "publish_failed",
+                    "session_id": self._session_id,
+                    "reason": "backplane_error",
+                },
+            )
+            return self._refuse(call.invocation_id, _THREW, _UNKNOWN, hub, count)
+        finally:
+            if self._latency is not None:
+                self._latency(trio.current_time() - started)
+        self._stats.count(self._stats.published, hub, "hub", len(published))
         if call.invocation_id is None:
             return None
         return Completion.with_result(
@@ -161,8 +197,16 @@ class PublishCalls:
             },
         )
 
-    def _refuse(self, invocation_id: str | None, prefix: str, why: str) -> Completion | None:
+    def _refuse(
+        self,
+        invocation_id: str | None,
+        prefix: str,
+        why: str,
+        hub: str = "unknown",
+        events: int = 1,
+    ) -> Completion | None:
         self._stats.publish_failed += 1
+        self._stats.count(self._stats.rejected, hub, "hub", events)
         if invocation_id is not None:
             return Completion.with_error(invocation_id, prefix + why)
         # Nobody hears of a fire-and-forget call's failure but the log: the first
@@ -174,5 +218,10 @@ class PublishCalls:
                 self._session_id,
                 self._silent,
                 why,
+                extra={
+                    "event": "publish_refused",
+                    "session_id": self._session_id,
+                    "reason": "fire_and_forget_failed",
+                },
             )
         return None

@@ -39,9 +39,11 @@ from hubcore import (
     ReplayBufferFull,
     Sendable,
     StreamInvocation,
+    TimeoutKind,
     TransportClosed,
 )
 from hubserver.backplane import BackplaneError
+from hubserver.logs import session_fields
 from hubserver.routing import Delivery, GroupKey, gap_message
 from hubserver.transports import (
     InboundItem,
@@ -149,7 +151,7 @@ class HubSession:
         if key is None:
             if ctx.publish is None:
                 raise ValueError("a publisher connection needs the context's publish")
-            self._calls = PublishCalls(ctx.publish, ctx.stats, session_id)
+            self._calls = PublishCalls(ctx.publish, ctx.stats, session_id, ctx.publish_latency)
             limits = dataclasses.replace(
                 ctx.publisher_limits or ctx.limits,
                 keepalive_interval=limits.keepalive_interval,
@@ -189,7 +191,22 @@ class HubSession:
 
     def register(self) -> None:
         """Known to role changes and the drain from now on: call before the 101 goes out."""
-        self._ctx.stats.register(self)
+        stats = self._ctx.stats
+        stats.register(self)
+        hub = "publish" if self.key is None else self.key.hub.value
+        stats.opened_by_hub[hub] = stats.opened_by_hub.get(hub, 0) + 1
+
+    @property
+    def metric_labels(self) -> tuple[str, str, str] | None:
+        """(hub, protocol, transport) once open, for /metrics."""
+        if self._phase is not Phase.OPEN or self._wire is None:
+            return None
+        hub = "publish" if self.key is None else self.key.hub.value
+        return (hub, self._wire.protocol.name, self._transport.kind.value)
+
+    @property
+    def queued_bytes(self) -> int:
+        return self._out.queued_bytes
 
     @property
     def kind(self) -> TransportKind:
@@ -318,7 +335,12 @@ class HubSession:
 
     def _close_slow(self, why: str) -> None:
         self._ctx.stats.slow_closed += 1
-        log.warning("session %d: closing slow client (%s)", self.session_id, why)
+        log.warning(
+            "session %d: closing slow client (%s)",
+            self.session_id,
+            why,
+            extra=session_fields(self, "session_closing", reason="slow_consumer"),
+        )
         self._out.drop_unsent()
         self.close(Close(error=SLOW_CLIENT_TEXT, allow_reconnect=True))
 
@@ -346,7 +368,12 @@ class HubSession:
         try:
             replay, is_lost = await fetch_replay(self._ctx.replay, key, since_seq)
         except (BackplaneError, trio.TooSlowError) as exc:
-            log.warning("session %d: resume failed: %s", self.session_id, exc)
+            log.warning(
+                "session %d: resume failed: %s",
+                self.session_id,
+                exc,
+                extra=session_fields(self, "resume_failed"),
+            )
             released = self._gate.fail(since_seq)
             if self._phase is Phase.OPEN:
                 self._send_all(released, invocation_id, _RESUME_FAILED)
@@ -355,9 +382,12 @@ class HubSession:
             outcome = self._gate.complete(since_seq, replay, is_lost=is_lost)
             queued_before = self._out.queued_bytes
             now = trio.current_time()
+            stats = self._ctx.stats
             if outcome.gap is not None:
+                stats.gaps += 1
                 self._send(outcome.gap, now)
             if outcome.replay is not None:
+                stats.replayed += outcome.replay.count
                 self._send(outcome.replay.payload, now)
             self._send_all(outcome.released, invocation_id, None)
             # A replay says nothing of the client's speed: live events may queue
@@ -393,7 +423,11 @@ class HubSession:
         due = self._deadlines.due(now, is_closing=self._is_closing)
         if due is Due.GOODBYE:
             if phase is Phase.CLOSING:
-                log.info("session %d: no closing handshake in time, dropping", self.session_id)
+                log.info(
+                    "session %d: no closing handshake in time, dropping",
+                    self.session_id,
+                    extra=session_fields(self, "session_dropped", reason="close_timeout"),
+                )
                 self._abort()
                 return
             self._finish()  # closed before a hub handshake that did not come in time
@@ -414,7 +448,15 @@ class HubSession:
             if timer is not None and now >= timer:
                 self._out.queue_message(hub.handle_timer(now))
                 if hub.state is ConnectionState.CLOSED:
-                    log.info("session %d: timed out", self.session_id)
+                    if hub.timeout_kind is TimeoutKind.HANDSHAKE:
+                        self._ctx.stats.handshake_timed_out += 1
+                    else:
+                        self._ctx.stats.client_timed_out += 1
+                    log.info(
+                        "session %d: timed out",
+                        self.session_id,
+                        extra=session_fields(self, "session_closing", reason="client_timeout"),
+                    )
                     self._finish()
         self._schedule()
 
@@ -462,7 +504,12 @@ class HubSession:
             self._abort()  # detached: nobody to say goodbye to
 
     def _lost(self, exc: BaseException | None) -> None:
-        log.info("session %d: peer went away: %s", self.session_id, exc)
+        log.info(
+            "session %d: peer went away: %s",
+            self.session_id,
+            exc,
+            extra=session_fields(self, "peer_gone", reason="transport_lost"),
+        )
         if self._can_reattach:
             self._transport.close()  # the read side sees it end, and waits for the client
             return
@@ -476,7 +523,12 @@ class HubSession:
 
     def _crash(self, exc: BaseException) -> None:
         self._ctx.stats.crashed += 1
-        log.error("session %d: connection handler failed", self.session_id, exc_info=exc)
+        log.error(
+            "session %d: connection handler failed",
+            self.session_id,
+            exc_info=exc,
+            extra=session_fields(self, "session_failed", reason="error"),
+        )
         self._abort()
 
     def _abort(self) -> None:
@@ -530,7 +582,12 @@ class HubSession:
         """The transport dropped: wait for the client's next one; whether it came."""
         self._drop_transport()
         window = self._ctx.stateful_reconnect_window
-        log.info("session %d: transport lost; waiting %g s for it", self.session_id, window)
+        log.info(
+            "session %d: transport lost; waiting %g s for it",
+            self.session_id,
+            window,
+            extra=session_fields(self, "transport_lost"),
+        )
         self._schedule()  # hubcore's timers wait while detached
         self._reattached = event = trio.Event()
         with trio.move_on_after(window):
@@ -570,7 +627,9 @@ class HubSession:
         attached = self._attached = trio.Event()
         if self._reattached is not None:
             self._reattached.set()
-        log.info("session %d: reconnected", self.session_id)
+        log.info(
+            "session %d: reconnected", self.session_id, extra=session_fields(self, "reconnected")
+        )
         self._schedule()
         return attached
 
@@ -598,7 +657,12 @@ class HubSession:
             except WebSocketError as exc:
                 if inbound is not self._in:
                     continue  # an old transport's last words: a new one took over
-                log.info("session %d: bad WebSocket data: %s", self.session_id, exc)
+                log.info(
+                    "session %d: bad WebSocket data: %s",
+                    self.session_id,
+                    exc,
+                    extra=session_fields(self, "session_closing", reason="bad_websocket_data"),
+                )
                 self._peer_done(self._transport.error_reply(exc))
                 break
             if inbound is not self._in:
@@ -607,7 +671,11 @@ class HubSession:
                 if self._can_reattach:
                     if await self._wait_for_transport():
                         continue
-                    log.info("session %d: no reconnect in time", self.session_id)
+                    log.info(
+                        "session %d: no reconnect in time",
+                        self.session_id,
+                        extra=session_fields(self, "session_closing", reason="reconnect_timeout"),
+                    )
                     self._abort()
                     break
                 if self._phase is not Phase.CLOSED:
@@ -622,7 +690,12 @@ class HubSession:
                 try:
                     await self._out.wait_drained()
                 except (trio.ClosedResourceError, OSError) as exc:
-                    log.info("session %d: peer went away at goodbye: %s", self.session_id, exc)
+                    log.info(
+                        "session %d: peer went away at goodbye: %s",
+                        self.session_id,
+                        exc,
+                        extra=session_fields(self, "peer_gone", reason="transport_lost"),
+                    )
 
     async def _publish_calls(self, calls: PublishCalls) -> None:
         """Publish what the last read brought, reading nothing meanwhile (backpressure)."""
@@ -672,10 +745,16 @@ class HubSession:
                 event = hub.next_event()
             except RemoteProtocolError as exc:
                 self._ctx.stats.protocol_errors += 1
-                log.info("session %d: protocol error: %s", self.session_id, exc)
+                log.info(
+                    "session %d: protocol error: %s",
+                    self.session_id,
+                    exc,
+                    extra=session_fields(self, "session_closing", reason="protocol_error"),
+                )
                 if exc.handshake_error is None:
                     self._end_with(exc.close_hint)
                 else:
+                    self._ctx.stats.handshake_failed += 1
                     self._send(HandshakeResponse(error=exc.handshake_error), now)
                     self._finish()
                 return

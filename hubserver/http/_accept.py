@@ -156,6 +156,7 @@ class ConnectionGate:
                 self.open,
                 self.max_total,
                 self.max_per_ip or "none",
+                extra={"event": "connections_refused", "refused": self._refused_unlogged},
             )
             self._refusal_logged_at, self._refused_unlogged = now, 0
 
@@ -212,6 +213,7 @@ async def _accept_forever(
                     errno.errorcode.get(exc.errno or 0, "?"),
                     exc.strerror,
                     failures,
+                    extra={"event": "accept_failed", "reason": errno.errorcode.get(exc.errno or 0)},
                 )
                 last_logged_at, failures = now, 0
             await trio.sleep(pause)

@@ -27,7 +27,10 @@ Between requests a keep-alive connection may stay idle for
 
 Logging: refusals and errors (status 400 and up, missed deadlines, bad HTTP)
 are logged at INFO with the target's ``access_token`` redacted; successful
-requests only with ``--access-log``.
+requests only with ``--access-log``. Each such line carries, for the JSON log
+format (``hubserver.logs``), the fields ``method``, ``path`` (redacted and
+capped as in the message), ``status``, ``bytes`` (the answer's head and body)
+and ``duration_ms``.
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ import trio
 
 from hubserver.app import App
 from hubserver.auth import redact_url
+from hubserver.logs import connection_fields
 from hubserver.transports import TransportError
 
 from ._cors import decide_cors
@@ -214,7 +218,13 @@ class HttpConnection:
             # h11 quotes the offending line ("illegal request line: b'GET ...'"), which
             # may carry an access_token or an Authorization header: keep only the verdict.
             reason = str(exc).partition(":")[0]
-            log.info("bad HTTP from %s: %s", self._peer(), reason)
+            peer = self._peer()
+            log.info(
+                "bad HTTP from %s: %s",
+                peer,
+                reason,
+                extra={"event": "bad_http", "peer": peer, "reason": reason},
+            )
             if not self._is_answered:
                 self._is_answered = True
                 response = Response(exc.error_status_hint, f"bad request: {reason}\n".encode())
@@ -273,8 +283,8 @@ class HttpConnection:
                         deadline.deadline = started + request_timeout
             if deadline.cancelled_caught and self._phase is _Phase.HANDLING:
                 assert event is not None
-                status = await self._answer_missed_deadline(event)
-                self._log(event, status or "cut off at the request deadline", started)
+                status, sent = await self._answer_missed_deadline(event)
+                self._log(event, status or "cut off at the request deadline", started, sent)
             return None  # slowloris, idle, or the deadline answered: nothing more to say
         finally:
             if is_in_flight:
@@ -320,9 +330,11 @@ class HttpConnection:
             # A preflight, or a foreign origin's WebSocket: no route, token or body involved.
             result = cors.response
             if cors.refused_origin is not None:
+                origin = ascii(cors.refused_origin[:MAX_LOGGED_TARGET_CHARS])
                 log.info(
                     "origin %s is not in --cors-origin",
-                    ascii(cors.refused_origin[:MAX_LOGGED_TARGET_CHARS]),
+                    origin,
+                    extra={"event": "origin_refused", "origin": origin},
                 )
         else:
             parsed = parse_target(target)
@@ -340,11 +352,10 @@ class HttpConnection:
             result = result._replace(headers=(*result.headers, *cors.headers))
         is_going_on = not result.close and self._is_request_done(event)
         self._is_answered = True
-        await self._write(
-            response_bytes(result, is_head=event.method == b"HEAD", close=not is_going_on)
-        )
+        data = response_bytes(result, is_head=event.method == b"HEAD", close=not is_going_on)
+        await self._write(data)
         if result.status >= 400 or self._app.config.access_log:
-            self._log(event, result.status, started)
+            self._log(event, result.status, started, len(data))
         return is_going_on
 
     def _is_request_done(self, event: h11.Request) -> bool:
@@ -396,19 +407,27 @@ class HttpConnection:
             session.session_id,
             grant.description,
             upgrade.subject[:64],
+            extra=connection_fields(
+                session.session_id,
+                upgrade.subject,
+                grant.key,
+                transport.kind,
+                event="session_opened" if upgrade.attach is None else "transport_attached",
+            ),
         )
         if self._app.config.access_log:
-            self._log(event, int(upgrade.head[9:12]), started)
+            self._log(event, int(upgrade.head[9:12]), started, len(head))
         return session
 
-    async def _answer_missed_deadline(self, event: h11.Request) -> int:
-        """408 (the client was slow) or 503 (we were), if nothing was answered yet; 0 if not.
+    async def _answer_missed_deadline(self, event: h11.Request) -> tuple[int, int]:
+        """408 (the client was slow) or 503 (we were), if nothing was answered yet; 0 if not;
+        and the answer's size in bytes.
 
         The connection is closed after this either way: a response cut short
         cannot be resumed, and a client that missed a deadline gets no more time.
         """
         if self._is_answered:
-            return 0  # an answer is (partly) out already: the close tells the rest
+            return 0, 0  # an answer is (partly) out already: the close tells the rest
         if self._parser.their_state is h11.SEND_BODY:
             refusal = Refusal(408, "timeout", "the request did not arrive in time", close=True)
         else:
@@ -428,7 +447,7 @@ class HttpConnection:
         self._is_answered = True
         with trio.move_on_after(TIMEOUT_REPLY_TIMEOUT), contextlib.suppress(TransportError):
             await self._write(data)
-        return refusal.status
+        return refusal.status, len(data)
 
     # -- the socket ---------------------------------------------------------------------
 
@@ -471,14 +490,22 @@ class HttpConnection:
 
     # -- logging ------------------------------------------------------------------------
 
-    def _log(self, event: h11.Request, status: int | str, started: float) -> None:
-        log.info(
-            "%s %s -> %s (%.1f ms)",
-            event.method.decode("ascii", "replace"),
-            _loggable(event.target),
-            status,
-            (trio.current_time() - started) * 1000,
-        )
+    def _log(self, event: h11.Request, status: int | str, started: float, sent: int) -> None:
+        """The access log's line (``sent``: the answer's bytes, head and body)."""
+        method = event.method.decode("ascii", "replace")
+        target = _loggable(event.target)
+        duration_ms = (trio.current_time() - started) * 1000
+        fields: dict[str, object] = {
+            "event": "http_request",
+            "method": method,
+            "path": target,
+            "status": status if isinstance(status, int) else None,
+            "bytes": sent,
+            "duration_ms": round(duration_ms, 1),
+        }
+        if not isinstance(status, int):
+            fields["reason"] = "request_deadline"
+        log.info("%s %s -> %s (%.1f ms)", method, target, status, duration_ms, extra=fields)
 
     def _peer(self) -> str:
         try:

@@ -262,10 +262,12 @@ class Request:
         cors_headers: the CORS headers every answer to this request carries
             (``_cors``). The front adds them to a returned ``Response``; a
             handler that writes its own head (a stream) must write them too.
+        events: a publish's event count once its body parsed (0 before), for /metrics.
     """
 
     __slots__ = (
         "cors_headers",
+        "events",
         "headers",
         "io",
         "is_committed",
@@ -293,6 +295,7 @@ class Request:
         self.io = io
         self.is_committed = False
         self.cors_headers = cors_headers
+        self.events = 0
 
     @property
     def is_head(self) -> bool:

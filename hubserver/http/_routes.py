@@ -29,6 +29,8 @@ from hubserver.app import ADMIN_SCOPE, HUB_SCOPE, PUBLISH_SCOPE, App
 from hubserver.auth import AuthError, Claims, extract_token
 from hubserver.backplane import BackplaneError, BackplaneUnavailable
 from hubserver.connection import MAX_RESUME_SEQ, HubSession
+from hubserver.logs import connection_fields, session_fields
+from hubserver.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from hubserver.permissions import PermissionStoreUnavailable
 from hubserver.routing import GroupKey, Hub, PublishError, parse_publish_body
 from hubserver.routing._events import MAX_ID_CHARS
@@ -107,6 +109,8 @@ class HubGrant(NamedTuple):
     #: For the log line of the new session (no ids a client chose beyond what it needs).
     description: str
     start: StartSession
+    #: The group the connection receives (for the log's context); None for a publisher.
+    key: GroupKey | None = None
 
 
 class HubRoute(NamedTuple):
@@ -206,11 +210,26 @@ async def respond(request: Request) -> Response | Upgrade:
         hub = _EVENT_HUBS.get(path[len(EVENTS_PREFIX) :].rstrip("/"))
         if hub is None:
             return _json(_NOT_FOUND)
-        return await _publish(request, hub)
+        started = trio.current_time()
+        response = await _publish(request, hub)
+        app = request.io.app
+        app.metrics.publish_latency.labels("http").observe(trio.current_time() - started)
+        if response.status != 202:
+            app.stats.count(app.stats.rejected, hub.value, "http", request.events or 1)
+        return response
     if path.startswith(HUB_PREFIX):
-        return await _hub(request, path[len(HUB_PREFIX) :].rstrip("/"))
+        name = path[len(HUB_PREFIX) :].rstrip("/")
+        answer = await _hub(request, name)
+        if isinstance(answer, Response) and answer.status >= 400:
+            request.io.app.metrics.refused(name.removesuffix("/negotiate"), answer.status)
+        return answer
     if path == PERMISSIONS_CHANGED_PATH:
         return await _permissions_changed(request)
+    if path == "/metrics":
+        if request.method not in (b"GET", b"HEAD"):
+            return _text(Refusal(405, "method_not_allowed", "method not allowed"))
+        app = request.io.app
+        return Response(200, app.metrics.exposition(app), METRICS_CONTENT_TYPE)
     if path == "/healthz":
         return await _simple(request, 200, "ok")
     if path == "/readyz":
@@ -275,19 +294,32 @@ async def _publish(request: Request, hub: Hub) -> Response:
         return _json(Refusal(413, "too_large", f"the body is larger than {limit} bytes"))
     try:
         events = parse_publish_body(body)
+        request.events = len(events)
         request.is_committed = True  # a publish that reached the backplane may have been applied
         published = await app.broker.publish(hub, events)
     except BackplaneUnavailable as exc:
-        log.warning("publish refused, backplane unavailable: %s", exc)
+        log.warning(
+            "publish refused, backplane unavailable: %s",
+            exc,
+            extra={"event": "publish_refused", "hub": hub.value, "reason": "backplane_unavailable"},
+        )
         return _json(_BACKPLANE_UNAVAILABLE)
     except BackplaneError as exc:
         # Redis refused or failed mid-way (OOM, READONLY, NOPERM, a malformed
         # reply...): the events may or may not be stored. Retrying with the same
         # ids is safe (the publish API is idempotent on id).
-        log.warning("publish failed, outcome unknown: %s", exc)
+        log.warning(
+            "publish failed, outcome unknown: %s",
+            exc,
+            extra={"event": "publish_failed", "hub": hub.value, "reason": "backplane_error"},
+        )
         return _json(_BACKPLANE_FAILED)
     except PublishError as exc:
-        log.info("publish refused: %s", exc)
+        log.info(
+            "publish refused: %s",
+            exc,
+            extra={"event": "publish_refused", "hub": hub.value, "reason": "invalid"},
+        )
         code = "invalid_event" if exc.index is not None else "invalid_body"
         extra = None if exc.index is None else {"index": exc.index}
         return _json(Refusal(exc.status, code, str(exc), extra=extra))
@@ -295,6 +327,7 @@ async def _publish(request: Request, hub: Hub) -> Response:
     ids = ",".join([_encode_string(event.event_id) for event in published])
     seqs = ",".join([str(event.seq) for event in published])
     text = f'{{"accepted":{len(published)},"ids":[{ids}],"seqs":[{seqs}]}}'
+    app.stats.count(app.stats.published, hub.value, "http", len(published))
     return Response(202, text.encode(), JSON)
 
 
@@ -483,6 +516,13 @@ async def _poll(request: Request, route: HubRoute, token: str) -> Response:
         session.session_id,
         grant.description,
         claims.subject[:64],
+        extra=connection_fields(
+            session.session_id,
+            claims.subject,
+            grant.key,
+            TransportKind.LONG_POLLING,
+            event="session_opened",
+        ),
     )
     app.session_context().tasks.start_soon(_run_detached, app, session)
     return Response(200, b"", _OCTETS, _POLL_HEADERS)
@@ -500,7 +540,11 @@ async def _run_detached(app: App, session: HubSession) -> None:
         await session.run()
     except Exception:
         app.stats.crashed += 1
-        log.exception("connection handler failed (session %d)", session.session_id)
+        log.exception(
+            "connection handler failed (session %d)",
+            session.session_id,
+            extra=session_fields(session, "session_failed", reason="error"),
+        )
     finally:
         app.hub_closed(session.subject)  # counted by _start's hub_opened
 
@@ -704,7 +748,7 @@ async def _site_stream(hub: Hub, request: Request, claims: Claims) -> HubGrant |
 
     stream_name = f"{hub.value}\x00{site_id}\x00{user_id or ''}"
     scope = "site stream" if user_id is None else "site stream of one user"
-    return HubGrant(stream_name, f"{hub.value} hub, {scope}", start)
+    return HubGrant(stream_name, f"{hub.value} hub, {scope}", start, group)
 
 
 def _session_starter(

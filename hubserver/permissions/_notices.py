@@ -162,7 +162,11 @@ class NoticeChannel:
                 conn = await self._subscribe()
             except BackplaneError as exc:
                 if not is_failing:
-                    log.warning("cannot subscribe to permission change notices (%s); retrying", exc)
+                    log.warning(
+                        "cannot subscribe to permission change notices (%s); retrying",
+                        exc,
+                        extra={"event": "permission_notices_lost"},
+                    )
                     is_failing = True
                 await trio.sleep(backoff)
                 backoff = min(backoff * 2, MAX_BACKOFF_INTERVAL)
@@ -170,7 +174,12 @@ class NoticeChannel:
             backoff = FIRST_BACKOFF_INTERVAL
             async with conn:
                 if is_failing:
-                    log.info("subscribed to permission change notices at %s again", self._address)
+                    log.info(
+                        "subscribed to permission change notices at %s again; re-checking every "
+                        "open connection",
+                        self._address,
+                        extra={"event": "permission_notices_back"},
+                    )
                     is_failing = False
                 if not is_first:
                     on_notice(PermissionChange(pairs=None))  # what was sent meanwhile is lost
@@ -178,7 +187,11 @@ class NoticeChannel:
                 try:
                     await self._receive(conn, on_notice)
                 except BackplaneError as exc:
-                    log.warning("lost the permission change notices subscription: %s", exc)
+                    log.warning(
+                        "lost the permission change notices subscription: %s",
+                        exc,
+                        extra={"event": "permission_notices_lost"},
+                    )
                     is_failing = True
             await trio.sleep(backoff)
 
@@ -227,5 +240,11 @@ def _decoded(data: bytes) -> PermissionChange:
         return decode_notice(data)
     except ValueError as exc:
         # Someone else's message on our channel, or a bug: assume the worst.
-        log.error("a malformed permission change notice of %d bytes: %s", len(data), exc)
+        log.error(
+            "a malformed permission change notice of %d bytes (re-checking every open "
+            "connection): %s",
+            len(data),
+            exc,
+            extra={"event": "permission_notice_malformed"},
+        )
         return PermissionChange(pairs=None)

@@ -180,6 +180,7 @@ async def watch_permissions(
                     "permission store unavailable, open connections keep their roles, "
                     "new ones get 503 (retrying with backoff): %s",
                     exc,
+                    extra={"event": "permission_store_unavailable"},
                 )
             else:
                 retry_interval = min(retry_interval * 2, max(max_retry_interval, poll_interval))
@@ -191,6 +192,7 @@ async def watch_permissions(
             log.info(
                 "permission store available again after %.1f s; open connections re-checked",
                 trio.current_time() - failing_since,
+                extra={"event": "permission_store_available"},
             )
             failing_since = None
         await changes.wait_until(next_poll_at)

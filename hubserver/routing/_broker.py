@@ -181,6 +181,13 @@ class Broker:
         self._rounds = 0
         self._round_done = trio.Event()
         self.deliveries = 0
+        # For /metrics: gaps sent, backplane reconnects and failed publishes; and
+        # per round, how long its oldest event waited (``lag_observer``).
+        self.gaps_sent = 0
+        self.reconnects = 0
+        self.backplane_errors = 0
+        self.lag_observer: Callable[[float], None] | None = None
+        self._pending_since = 0.0
         # This node's publishes waiting for the backplane (by ticket), and those
         # of them the dispatcher waits for before its round (``_dispatch_pending``).
         self._tickets = 0
@@ -249,6 +256,9 @@ class Broker:
         self._publishing.add(ticket)
         try:
             published = await self._backplane.publish(pending)
+        except BackplaneError:
+            self.backplane_errors += 1
+            raise
         finally:
             self._publishing.discard(ticket)
             if ticket in self._awaited:
@@ -328,6 +338,7 @@ class Broker:
             self._deliver(ready)
 
     def on_reconnect(self) -> None:
+        self.reconnects += 1
         for site, last in list(self._last.items()):
             if site not in self._held:
                 self._held[site] = []
@@ -391,6 +402,8 @@ class Broker:
         if self._nursery is None:
             self.deliveries += deliver_to(self._router, stream, self._clock())
             return
+        if not self._pending:
+            self._pending_since = self._clock()
         self._pending.extend(stream)
         self._dispatcher.unpark()
 
@@ -420,7 +433,10 @@ class Broker:
                             await self._awaited_done.wait()
                         self._awaited.clear()
                 stream, self._pending = self._pending, []
-                self.deliveries += deliver_to(self._router, stream, self._clock())
+                now = self._clock()
+                self.deliveries += deliver_to(self._router, stream, now)
+                if self.lag_observer is not None:
+                    self.lag_observer(self._clock() - self._pending_since)
                 self._rounds += 1
                 done, self._round_done = self._round_done, trio.Event()
                 done.set()
@@ -500,6 +516,7 @@ class Broker:
         hub = Hub(site[0])
         message = gap_message(first_available)
         for key in self._router.keys_of(hub, site[1]):
+            self.gaps_sent += self._router.count(key)
             self._router.notify(key, message)
 
     def _release(self, site: _Site, recovered: list[NumberedEvent], last: int) -> None:

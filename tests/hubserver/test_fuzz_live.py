@@ -246,6 +246,7 @@ async def fuzz_server(
         command += ["--workers", str(processes)]
     env = {k: v for k, v in os.environ.items() if not k.startswith("HUBSERVER_")}
     env |= {"HUBSERVER_" + name.upper().replace("-", "_"): value for name, value in flags.items()}
+    env["HUBSERVER_LOG_FORMAT"] = "text"  # read as text lines (a pipe gets JSON by default)
     log_path = tmp_path / "server.log"
     with log_path.open("wb") as log_file:
         # A file, not a pipe: the server never waits for the test to read its log.

@@ -262,6 +262,7 @@ async def server_process(
 
     env = {k: v for k, v in os.environ.items() if not k.startswith("HUBSERVER_")}
     env |= {f"HUBSERVER_{name.upper()}": value for name, value in env_flags.items()}
+    env["HUBSERVER_LOG_FORMAT"] = "text"  # read as text lines (a pipe gets JSON by default)
     command = [sys.executable, "-m", "hubserver", "serve", "--port", "0"]
     command += ["--data-dir", str(data)]
     process = await trio.lowlevel.open_process(

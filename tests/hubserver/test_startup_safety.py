@@ -50,6 +50,7 @@ def test_development_mode_needs_no_audience() -> None:
 
 async def _run_cli(args: list[str], tmp_path: Path) -> trio.Process:
     env = {k: v for k, v in os.environ.items() if not k.startswith("HUBSERVER_")}
+    env["HUBSERVER_LOG_FORMAT"] = "text"  # read as text lines (a pipe gets JSON by default)
     return await trio.lowlevel.open_process(
         [
             sys.executable,

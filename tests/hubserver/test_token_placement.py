@@ -4,7 +4,8 @@ The official JavaScript client sends ``Authorization: Bearer`` wherever it
 can set a header (negotiate, and the POSTs, polls and DELETE of SSE and long
 polling) and the ``access_token`` query parameter where a browser API cannot
 (``WebSocket``, ``EventSource``). Every hub endpoint takes either, as does the
-publish API; neither may ever reach a log line, an exception or an answer.
+publish API; neither may ever reach a log line (text or JSON, with its context
+fields), an exception or an answer.
 
 Endpoint tables below name each (method, target) a token opens; a transport
 that adds endpoints adds rows.
@@ -20,6 +21,7 @@ import pytest
 import trio
 
 from hubserver.auth import DevKey
+from hubserver.logs import JsonFormatter
 from hubserver.permissions import Role
 
 from .conftest import Harness
@@ -198,13 +200,18 @@ async def test_no_token_reaches_a_log_line_an_exception_or_an_answer(
                 answers.append((await exchange(h.port, raw)).body)
             await b.check()
     assert caplog.records, "nothing was logged: the test would prove nothing"
+    # Both formats: the text lines, and the JSON lines with every context field.
+    as_json = [JsonFormatter().format(record) for record in caplog.records]
     logged = [
         caplog.text,
         *(record.getMessage() for record in caplog.records),
         *(record.exc_text or "" for record in caplog.records),
+        *as_json,
     ]
     assert any(" -> 101 (" in line for line in logged), "no upgrade was logged"
     assert any("access_token=***" in line for line in logged), "no redacted URL was logged"
+    paths = [json.loads(line).get("path", "") for line in as_json]
+    assert any("access_token=***" in path for path in paths), "no redacted path field"
     for name, token in tokens.items():
         signature = token.rsplit(".", 1)[1]
         for text in logged:
