@@ -464,7 +464,9 @@ class HubSession:
     def _lost(self, exc: BaseException | None) -> None:
         log.info("session %d: peer went away: %s", self.session_id, exc)
         if self._can_reattach:
-            self._transport.close()  # the read side sees it end, and waits for the client
+            # Output first: once the socket is closed its descriptor is the next
+            # accept's, and a write still pending would go to that client.
+            self._drop_transport()
             return
         self._abort()
 

@@ -7,18 +7,28 @@ The official client's happy paths are in tests/e2e/test_js_transports.py.
 from __future__ import annotations
 
 import json
+import socket
+import struct
 from typing import Any
 
 import pytest
 import trio
 
+from hubcore import HubLimits
+from hubserver.connection import HubSession
 from hubserver.permissions import Role
+from hubserver.transports import Reading
 from tests.hubserver.conftest import Harness
 from tests.hubserver.helpers import (
+    PING_JSON,
+    RS,
+    HubClient,
     bearer,
     bystander,
     http_request,
     open_tcp,
+    open_ws,
+    publish_ok,
     upgrade_headers,
 )
 
@@ -343,4 +353,82 @@ async def test_a_long_polling_client_over_its_budget_is_closed_as_slow(
             # What it gets now is the slow Close (what waited beyond it was dropped).
             close = await _wait_for_close(h, target, None, token)
             assert b"did not keep up" in close
+            await b.check()
+
+
+# -- stateful reconnect when the socket fails under a write ----------------------------
+
+
+async def _stateful(
+    h: Harness, site: str, subject: str, *, rcvbuf: int | None = None
+) -> tuple[str, HubClient]:
+    """A negotiated stateful WebSocket (handshake version 2): its target and client."""
+    response = await http_request(
+        h.port,
+        "POST",
+        f"/v1/hub/entries/negotiate?site_id={site}&negotiateVersion=1&useStatefulReconnect=true",
+        headers=[bearer(h.token(subject))],
+    )
+    assert json.loads(response.body)["useStatefulReconnect"] is True, response
+    target = f"/v1/hub/entries?site_id={site}&id=" + json.loads(response.body)["connectionToken"]
+    ws = await open_ws(h.port, target, headers=[bearer(h.token(subject))], rcvbuf=rcvbuf)
+    client = HubClient(ws)
+    assert await client.handshake(request='{"protocol":"json","version":2}' + RS) == {}
+    return target, client
+
+
+def _reset(stream: trio.SocketStream) -> None:
+    """Drop the connection as a failed network does: an RST, no close frame."""
+    stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    stream.socket.close()
+
+
+async def _paused_then_reset(h: Harness, site: str, subject: str) -> tuple[str, HubSession]:
+    """A stateful subscriber that stopped reading (the server stopped reading it too:
+    its output is over the budget) and whose socket then failed under a write."""
+    target, client = await _stateful(h, site, subject, rcvbuf=4096)
+    [session] = [s for s in h.server.app.stats.by_id.values() if s.subject == subject]
+    assert isinstance(session, HubSession)
+    while session._in.state is not Reading.PAUSED:
+        await publish_ok(h, "entries", {"site_id": site, "pad": "x" * 2000})
+    # It still pings (as the official clients do): the server reads that, then waits
+    # for its output to drain before it reads any more.
+    await client.ws.send_text(PING_JSON)
+    await trio.sleep(0.2)
+    _reset(client.ws.stream)
+    # The writer meets the reset; the connection waits for its client's next socket.
+    while session.transport._sock.fileno() != -1:  # type: ignore[attr-defined]  # noqa: ASYNC110
+        await trio.sleep(0.01)
+    return target, session
+
+
+async def test_a_stateful_connection_whose_socket_failed_writes_to_no_other_socket(
+    start_server: Any,
+) -> None:
+    """Its descriptor, closed, is the next one an accept gets: nothing of the dropped
+    client's stream may reach whoever holds it now."""
+    h: Harness = await start_server(
+        max_outbox_bytes=16 * 1024,
+        slow_client_timeout=5.0,
+        resume_window=0,
+        hub_limits=HubLimits(max_replay_buffer_bytes=1 << 20),
+    )
+    site = new_site()
+    h.grant(site, "alice", Role.SITE_ADMIN)
+    with trio.fail_after(CAP):
+        async with bystander(h) as b:
+            # Made first (this process is also the server): the server's accepts then
+            # take the lowest free descriptors, alice's among them once it is closed.
+            newcomers = [trio.socket.socket() for _ in range(30)]
+            await _paused_then_reset(h, site, "alice")
+            for sock in newcomers:
+                await sock.connect(("127.0.0.1", h.port))
+            await trio.sleep(0.2)  # all accepted
+            await publish_ok(h, "entries", {"site_id": site, "secret": "for alice only"})
+            await trio.sleep(0.3)
+            for sock in newcomers:
+                with trio.move_on_after(0.01):
+                    leaked = await sock.recv(65536)
+                    assert leaked == b"", f"another client's bytes: {leaked[:80]!r}"
+                sock.close()
             await b.check()
