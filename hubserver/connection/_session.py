@@ -523,6 +523,9 @@ class HubSession:
         self._is_detached = True
         self._direct = False
         self._out.close()
+        # A read of the old transport may wait for its output to drain (paused
+        # over the budget), which it never will: it ends now.
+        self._in.stop()
         self._transport.close()
         if self._attached is not None:
             self._attached.set()
@@ -593,7 +596,9 @@ class HubSession:
         self._phase = next_phase(Phase.UPGRADING, Move.UPGRADED)
         self._transport.begin(self._guard.start_soon)
         self._schedule()  # the handshake timeout (and an early close's deadline)
-        while self._in.state is not Reading.DONE:
+        # Detached, the old transport's read is stopped: the loop goes on to wait for
+        # the next one.
+        while self._in.state is not Reading.DONE or self._is_detached:
             inbound = self._in
             try:
                 items = await inbound.receive()

@@ -432,3 +432,34 @@ async def test_a_stateful_connection_whose_socket_failed_writes_to_no_other_sock
                     assert leaked == b"", f"another client's bytes: {leaked[:80]!r}"
                 sock.close()
             await b.check()
+
+
+async def test_a_stateful_client_dropped_while_unread_is_read_again_once_back(
+    start_server: Any,
+) -> None:
+    """Its connection stopped reading the old socket (over the budget); the new one is
+    read: the client's Sequence, its calls, its Acks."""
+    h: Harness = await start_server(
+        max_outbox_bytes=16 * 1024,
+        slow_client_timeout=5.0,
+        resume_window=0,
+        hub_limits=HubLimits(max_replay_buffer_bytes=1 << 20),
+    )
+    site = new_site()
+    h.grant(site, "alice", Role.SITE_ADMIN)
+    with trio.fail_after(CAP):
+        async with bystander(h) as b:
+            target, session = await _paused_then_reset(h, site, "alice")
+            # Its reconnect (spec §8): the same id, no handshake; its Sequence, then a call.
+            client = HubClient(await open_ws(h.port, target, headers=[bearer(h.token("alice"))]))
+            await client.ws.send_text('{"type":9,"sequenceId":1}' + RS)
+            await client.ws.send_text(
+                '{"type":1,"invocationId":"7","target":"Nope","arguments":[]}' + RS
+            )
+            with trio.fail_after(3):  # never answered: the new socket was never read
+                while (message := await client.next_message()).get("invocationId") != "7":
+                    assert message["type"] in (1, 9), message  # the Sequence, the replay
+            assert message["type"] == 3 and "does not exist" in message["error"], message
+            assert session.session_id in h.server.app.stats.by_id  # the same connection
+            await client.aclose()
+            await b.check()
