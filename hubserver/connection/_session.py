@@ -284,6 +284,10 @@ class HubSession:
     # -- output ------------------------------------------------------------------
 
     def _send(self, item: Sendable, now: float) -> None:
+        if self._phase is Phase.CLOSING or self._phase is Phase.CLOSED:
+            # Closed part-way through a run of sends (a replay that filled the
+            # stateful buffer): after our Close nothing more goes out.
+            return
         self._direct = False
         try:
             data = self._hub.send(item, now)
@@ -639,6 +643,11 @@ class HubSession:
             now = trio.current_time()
             try:
                 data = b"".join([self._hub.send(reply, now) for reply in replies])
+            except ReplayBufferFull:
+                # As in _send: the client acknowledges nothing. Its calls' outcome is
+                # unknown to it; a retry with the same ids is safe.
+                self._close_slow("its stateful-reconnect buffer is full")
+                return
             except LocalProtocolError as exc:
                 self._crash(exc)  # we sent at a wrong moment: our bug, this connection's end
                 return

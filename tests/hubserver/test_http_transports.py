@@ -28,6 +28,7 @@ from tests.hubserver.helpers import (
     http_request,
     open_tcp,
     open_ws,
+    publish,
     publish_ok,
     upgrade_headers,
 )
@@ -461,5 +462,63 @@ async def test_a_stateful_client_dropped_while_unread_is_read_again_once_back(
                     assert message["type"] in (1, 9), message  # the Sequence, the replay
             assert message["type"] == 3 and "does not exist" in message["error"], message
             assert session.session_id in h.server.app.stats.by_id  # the same connection
+            await client.aclose()
+            await b.check()
+
+
+async def test_a_resume_past_the_stateful_replay_buffer_closes_as_slow(
+    start_server: Any,
+) -> None:
+    """The replay does not fit in what the client has not acknowledged: it is closed as a
+    slow client (and reconnects), not counted as a server bug."""
+    h: Harness = await start_server(resume_window=0)
+    site = new_site()
+    h.grant(site, "alice", Role.SITE_ADMIN)
+    with trio.fail_after(CAP):
+        async with bystander(h) as b:
+            events = [{"site_id": site, "pad": "x" * 1000} for _ in range(50)]
+            for _ in range(3):  # ~150 KB of history, over the 100 KB replay buffer
+                assert (await publish(h, "entries", events)).status == 202
+            _, client = await _stateful(h, site, "alice")
+            await publish_ok(h, "entries", {"site_id": site, "live": 1})
+            assert (await client.next_event())["live"] == 1  # tracked, never acknowledged
+            await client.ws.send_text(
+                '{"type":1,"invocationId":"1","target":"Resume","arguments":[0]}' + RS
+            )
+            closed = await client.expect_close()
+            assert closed.close is not None, closed
+            assert "did not keep up" in closed.close["error"], closed
+            assert h.server.app.stats.crashed == 0
+            await client.aclose()
+            await b.check()
+
+
+async def test_a_stateful_publisher_that_never_acknowledges_is_closed_as_slow(
+    start_server: Any,
+) -> None:
+    """Its Completions fill the replay buffer: closed as a slow client, not a server bug."""
+    h: Harness = await start_server(hub_limits=HubLimits(max_replay_buffer_bytes=1000))
+    site = new_site()
+    publisher = [bearer(h.publisher_token())]
+    with trio.fail_after(CAP):
+        async with bystander(h) as b:
+            response = await http_request(
+                h.port,
+                "POST",
+                "/v1/hub/publish/negotiate?negotiateVersion=1&useStatefulReconnect=true",
+                headers=publisher,
+            )
+            token = json.loads(response.body)["connectionToken"]
+            client = HubClient(
+                await open_ws(h.port, f"/v1/hub/publish?id={token}", headers=publisher)
+            )
+            assert await client.handshake(request='{"protocol":"json","version":2}' + RS) == {}
+            call = {"type": 1, "target": "Publish", "arguments": ["entries", [{"site_id": site}]]}
+            calls = [json.dumps({**call, "invocationId": str(n)}) + RS for n in range(30)]
+            await client.ws.send_text("".join(calls))  # one read: their answers leave together
+            closed = await client.expect_close()
+            assert closed.close is not None, closed
+            assert "did not keep up" in closed.close["error"], closed
+            assert h.server.app.stats.crashed == 0
             await client.aclose()
             await b.check()
