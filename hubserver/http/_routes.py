@@ -440,6 +440,9 @@ def _sse_transport(stream: trio.SocketStream, received: bytes) -> Transport:
 
 async def _poll(request: Request, route: HubRoute, token: str) -> Response:
     """A long poll: the first one starts the connection and answers at once (spec §7.3)."""
+    if request.is_head:
+        # Its answer has no body: a poll would take what is queued and drop it.
+        return _text(Refusal(405, "method_not_allowed", "a long poll is a GET"))
     live = request.io.app.negotiations.find(token)
     if live is not None:
         if live.kind is not TransportKind.LONG_POLLING:

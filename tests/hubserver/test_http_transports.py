@@ -23,7 +23,9 @@ from tests.hubserver.helpers import (
     PING_JSON,
     RS,
     HubClient,
+    ResponseReader,
     bearer,
+    build_request,
     bystander,
     http_request,
     open_tcp,
@@ -522,3 +524,32 @@ async def test_a_stateful_publisher_that_never_acknowledges_is_closed_as_slow(
             assert h.server.app.stats.crashed == 0
             await client.aclose()
             await b.check()
+
+
+async def test_a_head_request_takes_nothing_from_a_long_polling_connection(
+    start_server: Any,
+) -> None:
+    """HEAD answers without a body: as a poll it would take what is queued and drop it."""
+    h: Harness = await start_server(resume_window=0)
+    site = new_site()
+    h.grant(site, "alice", Role.SITE_ADMIN)
+    token = h.token("alice")
+    auth = [bearer(token)]
+    with trio.fail_after(CAP):
+        target, _ = await _open(h, site, "longpolling", token)
+        await publish_ok(h, "entries", {"site_id": site, "n": 1})
+        assert await _head(h, target, auth) == 405
+        poll = await http_request(h.port, "GET", target, headers=auth)
+        assert poll.status == 200 and b'\\"n\\":1' in poll.body, poll
+        # Nor does a HEAD start a connection with a negotiated id.
+        fresh = f"/v1/hub/entries?site_id={site}&id=" + await negotiate(h, site, "alice")
+        assert await _head(h, fresh, auth) == 405
+        assert h.server.app.negotiations.find(fresh.rpartition("=")[2]) is None
+
+
+async def _head(h: Harness, target: str, headers: list[tuple[str, str]]) -> int:
+    """The status of a HEAD request (its answer has no body, whatever its length says)."""
+    async with await open_tcp(h.port) as stream:
+        await stream.send_all(build_request("HEAD", target, headers=headers))
+        status, _ = await ResponseReader(stream).read_head()
+    return status
