@@ -359,9 +359,15 @@ async def _live(
     claims = await authenticate(request, route.scope)
     if isinstance(claims, Refusal):
         return claims
-    live = request.io.app.negotiations.find(token)
+    negotiations = request.io.app.negotiations
+    live = negotiations.find(token)
     # Another subject's connection is as unknown as none: no probing of tokens.
     if not isinstance(live, HubSession) or live.subject != claims.subject:
+        return _NO_CONNECTION
+    # And another hub's: the token was checked for this hub's scope, not that one's
+    # (a listener's token must not drive its subject's publisher connection).
+    stream = negotiations.stream_of(token) or ""
+    if HUBS.get(stream.partition("\x00")[0]) is not route:
         return _NO_CONNECTION
     return live
 

@@ -15,6 +15,7 @@ import pytest
 import trio
 
 from hubcore import HubLimits
+from hubserver.app import PUBLISH_SCOPE
 from hubserver.connection import HubSession
 from hubserver.permissions import Role
 from hubserver.transports import Reading
@@ -553,3 +554,32 @@ async def _head(h: Harness, target: str, headers: list[tuple[str, str]]) -> int:
         await stream.send_all(build_request("HEAD", target, headers=headers))
         status, _ = await ResponseReader(stream).read_head()
     return status
+
+
+async def test_a_connection_is_reached_only_through_its_own_hub(start_server: Any) -> None:
+    """A connection's id works on its hub's URL only: another hub's URL checks another
+    scope, and a token without the publish scope must not drive a publisher connection."""
+    h: Harness = await start_server()
+    site = new_site()
+    h.grant(site, "svc", Role.SITE_ADMIN)
+    may_publish = [bearer(h.token("svc", (PUBLISH_SCOPE,)))]
+    may_listen = [bearer(h.token("svc"))]  # the same subject, without the publish scope
+    with trio.fail_after(CAP):
+        async with bystander(h) as b:
+            response = await http_request(
+                h.port, "POST", "/v1/hub/publish/negotiate?negotiateVersion=1", headers=may_publish
+            )
+            token = json.loads(response.body)["connectionToken"]
+            mine = f"/v1/hub/publish?id={token}"
+            assert (await http_request(h.port, "GET", mine, headers=may_publish)).status == 200
+            posted = await http_request(h.port, "POST", mine, headers=may_publish, body=HANDSHAKE)
+            assert posted.status == 200
+            assert (await http_request(h.port, "GET", mine, headers=may_publish)).body == b"{}\x1e"
+            # The same id on the entries hub's URL, with a token that may only listen.
+            other = f"/v1/hub/entries?site_id={site}&id={token}"
+            call = {"type": 1, "target": "Publish", "arguments": ["entries", [{"site_id": b.site}]]}
+            body = json.dumps({**call, "invocationId": "1"}).encode() + b"\x1e"
+            for method in ("POST", "GET", "DELETE"):
+                answer = await http_request(h.port, method, other, headers=may_listen, body=body)
+                assert answer.status == 404, (method, answer)
+            await b.check()  # nothing was published to it meanwhile
