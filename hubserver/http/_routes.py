@@ -604,6 +604,11 @@ async def _upgrade(request: Request, route: HubRoute) -> Response | Upgrade:
             connection_token, grant.stream, claims.subject, trio.current_time()
         )
     if claimed is None:
+        if taken is None and app.config.reuse_port:
+            # --workers: the negotiate may have reached another worker. The id binds
+            # nothing here (no other transport, no stateful reconnect): the request
+            # is authorized on its own, as one that skipped negotiation.
+            return Upgrade(head, WebSocketTransport, claims.subject, grant)
         app.hub_closed(claims.subject)  # no session will end to release it
         return _text(taken or _NO_CONNECTION)
     return Upgrade(

@@ -25,6 +25,7 @@ from tests.hubserver.helpers import (
     RS,
     HubClient,
     ResponseReader,
+    UpgradeRefused,
     bearer,
     build_request,
     bystander,
@@ -583,3 +584,38 @@ async def test_a_connection_is_reached_only_through_its_own_hub(start_server: An
                 answer = await http_request(h.port, method, other, headers=may_listen, body=body)
                 assert answer.status == 404, (method, answer)
             await b.check()  # nothing was published to it meanwhile
+
+
+async def test_a_negotiated_websocket_opens_on_whichever_worker_it_reaches(
+    start_server: Any,
+) -> None:
+    """Two workers on one port (SO_REUSEPORT, as ``--workers`` runs them): the
+    negotiate and the WebSocket are two TCP connections, which the kernel spreads
+    over both. Negotiate offers WebSockets only there, so the WebSocket must open
+    wherever it lands, as it does without negotiating."""
+    first: Harness = await start_server(reuse_port=True)
+    second: Harness = await start_server(reuse_port=True, port=first.port)
+    site = new_site()
+    for h in (first, second):
+        h.grant(site, "alice", Role.SITE_ADMIN)
+    auth = [bearer(first.token("alice"))]
+    statuses = []
+    with trio.fail_after(CAP):
+        for _ in range(16):
+            response = await http_request(
+                first.port,
+                "POST",
+                f"/v1/hub/entries/negotiate?site_id={site}&negotiateVersion=1",
+                headers=auth,
+            )
+            token = json.loads(response.body)["connectionToken"]
+            target = f"/v1/hub/entries?site_id={site}&id={token}"
+            try:
+                client = HubClient(await open_ws(first.port, target, headers=auth))
+            except UpgradeRefused as exc:
+                statuses.append(exc.response.status)
+                continue
+            assert await client.handshake() == {}
+            statuses.append(101)
+            await client.aclose()
+    assert statuses == [101] * 16
