@@ -19,6 +19,7 @@ from hubserver.app import PUBLISH_SCOPE
 from hubserver.connection import HubSession
 from hubserver.permissions import Role
 from hubserver.transports import Reading
+from hubserver.transports import negotiate as negotiate_module
 from tests.hubserver.conftest import Harness
 from tests.hubserver.helpers import (
     PING_JSON,
@@ -619,3 +620,28 @@ async def test_a_negotiated_websocket_opens_on_whichever_worker_it_reaches(
             statuses.append(101)
             await client.aclose()
     assert statuses == [101] * 16
+
+
+async def test_one_subjects_negotiations_do_not_push_out_anothers(
+    start_server: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Pending negotiations are bounded; a subject negotiating without connecting (any
+    valid token, thousands a second on one keep-alive connection) must not make
+    everyone else's negotiated connections 404."""
+    monkeypatch.setattr(negotiate_module, "MAX_PENDING", 40)
+    monkeypatch.setattr(negotiate_module, "MAX_PENDING_PER_SUBJECT", 10)
+    h: Harness = await start_server()
+    site = new_site()
+    h.grant(site, "alice", Role.SITE_ADMIN)
+    h.grant(site, "mallory", Role.SITE_ADMIN)
+    with trio.fail_after(CAP):
+        token = await negotiate(h, site, "alice")
+        for _ in range(60):
+            await negotiate(h, site, "mallory")
+        first = await http_request(
+            h.port,
+            "GET",
+            f"/v1/hub/entries?site_id={site}&id={token}",
+            headers=[bearer(h.token("alice"))],
+        )
+        assert first.status == 200, first  # alice's long polling starts
