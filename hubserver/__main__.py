@@ -217,8 +217,15 @@ async def _serve_main(config: ServerConfig, parent_fd: int | None = None) -> Non
         # second signal (a --workers parent forwarding the SIGTERM this worker
         # already got from systemd or the terminal) must not meet the default
         # action and kill the process mid-drain.
-        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-            await _on_signals(signals, server)
+        try:
+            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+                await _on_signals(signals, server)
+        finally:
+            # Drained, and the receiver gave the default actions back: a signal
+            # still on its way (a --workers parent forwarding the one this worker
+            # already drained for) must not turn the clean exit into a kill (-15).
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 async def _serve_until_drained(

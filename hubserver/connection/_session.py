@@ -301,6 +301,10 @@ class HubSession:
     # -- output ------------------------------------------------------------------
 
     def _send(self, item: Sendable, now: float) -> None:
+        if self._phase is Phase.CLOSING or self._phase is Phase.CLOSED:
+            # Closed part-way through a run of sends (a replay that filled the
+            # stateful buffer): after our Close nothing more goes out.
+            return
         self._direct = False
         try:
             data = self._hub.send(item, now)
@@ -511,7 +515,9 @@ class HubSession:
             extra=session_fields(self, "peer_gone", reason="transport_lost"),
         )
         if self._can_reattach:
-            self._transport.close()  # the read side sees it end, and waits for the client
+            # Output first: once the socket is closed its descriptor is the next
+            # accept's, and a write still pending would go to that client.
+            self._drop_transport()
             return
         self._abort()
 
@@ -573,6 +579,9 @@ class HubSession:
         self._is_detached = True
         self._direct = False
         self._out.close()
+        # A read of the old transport may wait for its output to drain (paused
+        # over the budget), which it never will: it ends now.
+        self._in.stop()
         self._transport.close()
         if self._attached is not None:
             self._attached.set()
@@ -650,7 +659,9 @@ class HubSession:
         self._phase = next_phase(Phase.UPGRADING, Move.UPGRADED)
         self._transport.begin(self._guard.start_soon)
         self._schedule()  # the handshake timeout (and an early close's deadline)
-        while self._in.state is not Reading.DONE:
+        # Detached, the old transport's read is stopped: the loop goes on to wait for
+        # the next one.
+        while self._in.state is not Reading.DONE or self._is_detached:
             inbound = self._in
             try:
                 items = await inbound.receive()
@@ -705,6 +716,11 @@ class HubSession:
             now = trio.current_time()
             try:
                 data = b"".join([self._hub.send(reply, now) for reply in replies])
+            except ReplayBufferFull:
+                # As in _send: the client acknowledges nothing. Its calls' outcome is
+                # unknown to it; a retry with the same ids is safe.
+                self._close_slow("its stateful-reconnect buffer is full")
+                return
             except LocalProtocolError as exc:
                 self._crash(exc)  # we sent at a wrong moment: our bug, this connection's end
                 return

@@ -405,9 +405,15 @@ async def _live(
     claims = await authenticate(request, route.scope)
     if isinstance(claims, Refusal):
         return claims
-    live = request.io.app.negotiations.find(token)
+    negotiations = request.io.app.negotiations
+    live = negotiations.find(token)
     # Another subject's connection is as unknown as none: no probing of tokens.
     if not isinstance(live, HubSession) or live.subject != claims.subject:
+        return _NO_CONNECTION
+    # And another hub's: the token was checked for this hub's scope, not that one's
+    # (a listener's token must not drive its subject's publisher connection).
+    stream = negotiations.stream_of(token) or ""
+    if HUBS.get(stream.partition("\x00")[0]) is not route:
         return _NO_CONNECTION
     return live
 
@@ -486,6 +492,9 @@ def _sse_transport(stream: trio.SocketStream, received: bytes) -> Transport:
 
 async def _poll(request: Request, route: HubRoute, token: str) -> Response:
     """A long poll: the first one starts the connection and answers at once (spec §7.3)."""
+    if request.is_head:
+        # Its answer has no body: a poll would take what is queued and drop it.
+        return _text(Refusal(405, "method_not_allowed", "a long poll is a GET"))
     live = request.io.app.negotiations.find(token)
     if live is not None:
         if live.kind is not TransportKind.LONG_POLLING:
@@ -652,6 +661,11 @@ async def _upgrade(request: Request, route: HubRoute) -> Response | Upgrade:
             connection_token, grant.stream, claims.subject, trio.current_time()
         )
     if claimed is None:
+        if taken is None and app.config.reuse_port:
+            # --workers: the negotiate may have reached another worker. The id binds
+            # nothing here (no other transport, no stateful reconnect): the request
+            # is authorized on its own, as one that skipped negotiation.
+            return Upgrade(head, WebSocketTransport, claims.subject, grant)
         app.hub_closed(claims.subject)  # no session will end to release it
         return _text(taken or _NO_CONNECTION)
     return Upgrade(

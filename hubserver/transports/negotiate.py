@@ -15,6 +15,7 @@ from __future__ import annotations
 import base64
 import json
 import secrets
+from collections import deque
 from dataclasses import dataclass
 from typing import Final, Protocol
 
@@ -26,6 +27,9 @@ __all__ = ["LiveConnection", "Negotiated", "Negotiations", "negotiate_body"]
 #: after its DisconnectTimeout (spec §6).
 PENDING_TIMEOUT: Final = 15.0
 MAX_PENDING: Final = 100_000
+#: One subject's pending negotiations: past this its own oldest gives way, so a
+#: client negotiating without connecting pushes out no one else's.
+MAX_PENDING_PER_SUBJECT: Final = 1000
 
 
 def _random_id() -> str:
@@ -59,6 +63,8 @@ class Negotiations:
 
     def __init__(self) -> None:
         self._pending: dict[str, Negotiated] = {}
+        # Each subject's pending tokens, oldest first (as in ``_pending``).
+        self._pending_of: dict[str, deque[str]] = {}
         self._live: dict[str, tuple[LiveConnection, str]] = {}
 
     @property
@@ -85,19 +91,32 @@ class Negotiations:
     ) -> tuple[str, str]:
         """Register a negotiated connection; returns (connectionId, connectionToken)."""
         self._expire(now)
-        if len(self._pending) >= MAX_PENDING:
+        tokens = self._pending_of.get(subject)
+        if tokens is not None and len(tokens) >= MAX_PENDING_PER_SUBJECT:
+            self._drop(tokens[0])
+        elif len(self._pending) >= MAX_PENDING:
             # Bounded: the oldest pending negotiation gives way.
-            del self._pending[next(iter(self._pending))]
+            self._drop(next(iter(self._pending)))
         token = _random_id()
         self._pending[token] = Negotiated(path, subject, now + PENDING_TIMEOUT, is_stateful)
+        self._pending_of.setdefault(subject, deque()).append(token)
         return _random_id(), token
 
     def claim(self, token: str, path: str, subject: str, now: float) -> Negotiated | None:
         """Use a connection token once; None if unknown, expired or for another stream."""
         self._expire(now)
-        pending = self._pending.pop(token, None)
+        pending = self._drop(token)
         if pending is None or pending.path != path or pending.subject != subject:
             return None
+        return pending
+
+    def _drop(self, token: str) -> Negotiated | None:
+        pending = self._pending.pop(token, None)
+        if pending is not None:
+            tokens = self._pending_of[pending.subject]
+            tokens.remove(token)  # at most MAX_PENDING_PER_SUBJECT; mostly the first
+            if not tokens:
+                del self._pending_of[pending.subject]
         return pending
 
     def _expire(self, now: float) -> None:
@@ -106,7 +125,7 @@ class Negotiations:
             token = next(iter(pending))
             if pending[token].expires_at > now:
                 break
-            del pending[token]
+            self._drop(token)
 
 
 #: In the order clients should try them (the JS client takes the first that works).

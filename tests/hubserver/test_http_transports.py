@@ -7,18 +7,34 @@ The official client's happy paths are in tests/e2e/test_js_transports.py.
 from __future__ import annotations
 
 import json
+import socket
+import struct
 from typing import Any
 
 import pytest
 import trio
 
+from hubcore import HubLimits
+from hubserver.app import PUBLISH_SCOPE
+from hubserver.connection import HubSession
 from hubserver.permissions import Role
+from hubserver.transports import Reading
+from hubserver.transports import negotiate as negotiate_module
 from tests.hubserver.conftest import Harness
 from tests.hubserver.helpers import (
+    PING_JSON,
+    RS,
+    HubClient,
+    ResponseReader,
+    UpgradeRefused,
     bearer,
+    build_request,
     bystander,
     http_request,
     open_tcp,
+    open_ws,
+    publish,
+    publish_ok,
     upgrade_headers,
 )
 
@@ -344,3 +360,288 @@ async def test_a_long_polling_client_over_its_budget_is_closed_as_slow(
             close = await _wait_for_close(h, target, None, token)
             assert b"did not keep up" in close
             await b.check()
+
+
+# -- stateful reconnect when the socket fails under a write ----------------------------
+
+
+async def _stateful(
+    h: Harness, site: str, subject: str, *, rcvbuf: int | None = None
+) -> tuple[str, HubClient]:
+    """A negotiated stateful WebSocket (handshake version 2): its target and client."""
+    response = await http_request(
+        h.port,
+        "POST",
+        f"/v1/hub/entries/negotiate?site_id={site}&negotiateVersion=1&useStatefulReconnect=true",
+        headers=[bearer(h.token(subject))],
+    )
+    assert json.loads(response.body)["useStatefulReconnect"] is True, response
+    target = f"/v1/hub/entries?site_id={site}&id=" + json.loads(response.body)["connectionToken"]
+    ws = await open_ws(h.port, target, headers=[bearer(h.token(subject))], rcvbuf=rcvbuf)
+    client = HubClient(ws)
+    assert await client.handshake(request='{"protocol":"json","version":2}' + RS) == {}
+    return target, client
+
+
+def _reset(stream: trio.SocketStream) -> None:
+    """Drop the connection as a failed network does: an RST, no close frame."""
+    stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    stream.socket.close()
+
+
+async def _paused_then_reset(h: Harness, site: str, subject: str) -> tuple[str, HubSession]:
+    """A stateful subscriber that stopped reading (the server stopped reading it too:
+    its output is over the budget) and whose socket then failed under a write."""
+    target, client = await _stateful(h, site, subject, rcvbuf=4096)
+    [session] = [s for s in h.server.app.stats.by_id.values() if s.subject == subject]
+    assert isinstance(session, HubSession)
+    while session._in.state is not Reading.PAUSED:
+        await publish_ok(h, "entries", {"site_id": site, "pad": "x" * 2000})
+    # It still pings (as the official clients do): the server reads that, then waits
+    # for its output to drain before it reads any more.
+    await client.ws.send_text(PING_JSON)
+    await trio.sleep(0.2)
+    _reset(client.ws.stream)
+    # The writer meets the reset; the connection waits for its client's next socket.
+    while session.transport._sock.fileno() != -1:  # type: ignore[attr-defined]  # noqa: ASYNC110
+        await trio.sleep(0.01)
+    return target, session
+
+
+async def test_a_stateful_connection_whose_socket_failed_writes_to_no_other_socket(
+    start_server: Any,
+) -> None:
+    """Its descriptor, closed, is the next one an accept gets: nothing of the dropped
+    client's stream may reach whoever holds it now."""
+    h: Harness = await start_server(
+        max_outbox_bytes=16 * 1024,
+        slow_client_timeout=5.0,
+        resume_window=0,
+        hub_limits=HubLimits(max_replay_buffer_bytes=1 << 20),
+    )
+    site = new_site()
+    h.grant(site, "alice", Role.SITE_ADMIN)
+    with trio.fail_after(CAP):
+        async with bystander(h) as b:
+            # Made first (this process is also the server): the server's accepts then
+            # take the lowest free descriptors, alice's among them once it is closed.
+            newcomers = [trio.socket.socket() for _ in range(30)]
+            await _paused_then_reset(h, site, "alice")
+            for sock in newcomers:
+                await sock.connect(("127.0.0.1", h.port))
+            await trio.sleep(0.2)  # all accepted
+            await publish_ok(h, "entries", {"site_id": site, "secret": "for alice only"})
+            await trio.sleep(0.3)
+            for sock in newcomers:
+                with trio.move_on_after(0.01):
+                    leaked = await sock.recv(65536)
+                    assert leaked == b"", f"another client's bytes: {leaked[:80]!r}"
+                sock.close()
+            await b.check()
+
+
+async def test_a_stateful_client_dropped_while_unread_is_read_again_once_back(
+    start_server: Any,
+) -> None:
+    """Its connection stopped reading the old socket (over the budget); the new one is
+    read: the client's Sequence, its calls, its Acks."""
+    h: Harness = await start_server(
+        max_outbox_bytes=16 * 1024,
+        slow_client_timeout=5.0,
+        resume_window=0,
+        hub_limits=HubLimits(max_replay_buffer_bytes=1 << 20),
+    )
+    site = new_site()
+    h.grant(site, "alice", Role.SITE_ADMIN)
+    with trio.fail_after(CAP):
+        async with bystander(h) as b:
+            target, session = await _paused_then_reset(h, site, "alice")
+            # Its reconnect (spec §8): the same id, no handshake; its Sequence, then a call.
+            client = HubClient(await open_ws(h.port, target, headers=[bearer(h.token("alice"))]))
+            await client.ws.send_text('{"type":9,"sequenceId":1}' + RS)
+            await client.ws.send_text(
+                '{"type":1,"invocationId":"7","target":"Nope","arguments":[]}' + RS
+            )
+            with trio.fail_after(3):  # never answered: the new socket was never read
+                while (message := await client.next_message()).get("invocationId") != "7":
+                    assert message["type"] in (1, 9), message  # the Sequence, the replay
+            assert message["type"] == 3 and "does not exist" in message["error"], message
+            assert session.session_id in h.server.app.stats.by_id  # the same connection
+            await client.aclose()
+            await b.check()
+
+
+async def test_a_resume_past_the_stateful_replay_buffer_closes_as_slow(
+    start_server: Any,
+) -> None:
+    """The replay does not fit in what the client has not acknowledged: it is closed as a
+    slow client (and reconnects), not counted as a server bug."""
+    h: Harness = await start_server(resume_window=0)
+    site = new_site()
+    h.grant(site, "alice", Role.SITE_ADMIN)
+    with trio.fail_after(CAP):
+        async with bystander(h) as b:
+            events = [{"site_id": site, "pad": "x" * 1000} for _ in range(50)]
+            for _ in range(3):  # ~150 KB of history, over the 100 KB replay buffer
+                assert (await publish(h, "entries", events)).status == 202
+            _, client = await _stateful(h, site, "alice")
+            await publish_ok(h, "entries", {"site_id": site, "live": 1})
+            assert (await client.next_event())["live"] == 1  # tracked, never acknowledged
+            await client.ws.send_text(
+                '{"type":1,"invocationId":"1","target":"Resume","arguments":[0]}' + RS
+            )
+            closed = await client.expect_close()
+            assert closed.close is not None, closed
+            assert "did not keep up" in closed.close["error"], closed
+            assert h.server.app.stats.crashed == 0
+            await client.aclose()
+            await b.check()
+
+
+async def test_a_stateful_publisher_that_never_acknowledges_is_closed_as_slow(
+    start_server: Any,
+) -> None:
+    """Its Completions fill the replay buffer: closed as a slow client, not a server bug."""
+    h: Harness = await start_server(hub_limits=HubLimits(max_replay_buffer_bytes=1000))
+    site = new_site()
+    publisher = [bearer(h.publisher_token())]
+    with trio.fail_after(CAP):
+        async with bystander(h) as b:
+            response = await http_request(
+                h.port,
+                "POST",
+                "/v1/hub/publish/negotiate?negotiateVersion=1&useStatefulReconnect=true",
+                headers=publisher,
+            )
+            token = json.loads(response.body)["connectionToken"]
+            client = HubClient(
+                await open_ws(h.port, f"/v1/hub/publish?id={token}", headers=publisher)
+            )
+            assert await client.handshake(request='{"protocol":"json","version":2}' + RS) == {}
+            call = {"type": 1, "target": "Publish", "arguments": ["entries", [{"site_id": site}]]}
+            calls = [json.dumps({**call, "invocationId": str(n)}) + RS for n in range(30)]
+            await client.ws.send_text("".join(calls))  # one read: their answers leave together
+            closed = await client.expect_close()
+            assert closed.close is not None, closed
+            assert "did not keep up" in closed.close["error"], closed
+            assert h.server.app.stats.crashed == 0
+            await client.aclose()
+            await b.check()
+
+
+async def test_a_head_request_takes_nothing_from_a_long_polling_connection(
+    start_server: Any,
+) -> None:
+    """HEAD answers without a body: as a poll it would take what is queued and drop it."""
+    h: Harness = await start_server(resume_window=0)
+    site = new_site()
+    h.grant(site, "alice", Role.SITE_ADMIN)
+    token = h.token("alice")
+    auth = [bearer(token)]
+    with trio.fail_after(CAP):
+        target, _ = await _open(h, site, "longpolling", token)
+        await publish_ok(h, "entries", {"site_id": site, "n": 1})
+        assert await _head(h, target, auth) == 405
+        poll = await http_request(h.port, "GET", target, headers=auth)
+        assert poll.status == 200 and b'\\"n\\":1' in poll.body, poll
+        # Nor does a HEAD start a connection with a negotiated id.
+        fresh = f"/v1/hub/entries?site_id={site}&id=" + await negotiate(h, site, "alice")
+        assert await _head(h, fresh, auth) == 405
+        assert h.server.app.negotiations.find(fresh.rpartition("=")[2]) is None
+
+
+async def _head(h: Harness, target: str, headers: list[tuple[str, str]]) -> int:
+    """The status of a HEAD request (its answer has no body, whatever its length says)."""
+    async with await open_tcp(h.port) as stream:
+        await stream.send_all(build_request("HEAD", target, headers=headers))
+        status, _ = await ResponseReader(stream).read_head()
+    return status
+
+
+async def test_a_connection_is_reached_only_through_its_own_hub(start_server: Any) -> None:
+    """A connection's id works on its hub's URL only: another hub's URL checks another
+    scope, and a token without the publish scope must not drive a publisher connection."""
+    h: Harness = await start_server()
+    site = new_site()
+    h.grant(site, "svc", Role.SITE_ADMIN)
+    may_publish = [bearer(h.token("svc", (PUBLISH_SCOPE,)))]
+    may_listen = [bearer(h.token("svc"))]  # the same subject, without the publish scope
+    with trio.fail_after(CAP):
+        async with bystander(h) as b:
+            response = await http_request(
+                h.port, "POST", "/v1/hub/publish/negotiate?negotiateVersion=1", headers=may_publish
+            )
+            token = json.loads(response.body)["connectionToken"]
+            mine = f"/v1/hub/publish?id={token}"
+            assert (await http_request(h.port, "GET", mine, headers=may_publish)).status == 200
+            posted = await http_request(h.port, "POST", mine, headers=may_publish, body=HANDSHAKE)
+            assert posted.status == 200
+            assert (await http_request(h.port, "GET", mine, headers=may_publish)).body == b"{}\x1e"
+            # The same id on the entries hub's URL, with a token that may only listen.
+            other = f"/v1/hub/entries?site_id={site}&id={token}"
+            call = {"type": 1, "target": "Publish", "arguments": ["entries", [{"site_id": b.site}]]}
+            body = json.dumps({**call, "invocationId": "1"}).encode() + b"\x1e"
+            for method in ("POST", "GET", "DELETE"):
+                answer = await http_request(h.port, method, other, headers=may_listen, body=body)
+                assert answer.status == 404, (method, answer)
+            await b.check()  # nothing was published to it meanwhile
+
+
+async def test_a_negotiated_websocket_opens_on_whichever_worker_it_reaches(
+    start_server: Any,
+) -> None:
+    """Two workers on one port (SO_REUSEPORT, as ``--workers`` runs them): the
+    negotiate and the WebSocket are two TCP connections, which the kernel spreads
+    over both. Negotiate offers WebSockets only there, so the WebSocket must open
+    wherever it lands, as it does without negotiating."""
+    first: Harness = await start_server(reuse_port=True)
+    second: Harness = await start_server(reuse_port=True, port=first.port)
+    site = new_site()
+    for h in (first, second):
+        h.grant(site, "alice", Role.SITE_ADMIN)
+    auth = [bearer(first.token("alice"))]
+    statuses = []
+    with trio.fail_after(CAP):
+        for _ in range(16):
+            response = await http_request(
+                first.port,
+                "POST",
+                f"/v1/hub/entries/negotiate?site_id={site}&negotiateVersion=1",
+                headers=auth,
+            )
+            token = json.loads(response.body)["connectionToken"]
+            target = f"/v1/hub/entries?site_id={site}&id={token}"
+            try:
+                client = HubClient(await open_ws(first.port, target, headers=auth))
+            except UpgradeRefused as exc:
+                statuses.append(exc.response.status)
+                continue
+            assert await client.handshake() == {}
+            statuses.append(101)
+            await client.aclose()
+    assert statuses == [101] * 16
+
+
+async def test_one_subjects_negotiations_do_not_push_out_anothers(
+    start_server: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Pending negotiations are bounded; a subject negotiating without connecting (any
+    valid token, thousands a second on one keep-alive connection) must not make
+    everyone else's negotiated connections 404."""
+    monkeypatch.setattr(negotiate_module, "MAX_PENDING", 40)
+    monkeypatch.setattr(negotiate_module, "MAX_PENDING_PER_SUBJECT", 10)
+    h: Harness = await start_server()
+    site = new_site()
+    h.grant(site, "alice", Role.SITE_ADMIN)
+    h.grant(site, "mallory", Role.SITE_ADMIN)
+    with trio.fail_after(CAP):
+        token = await negotiate(h, site, "alice")
+        for _ in range(60):
+            await negotiate(h, site, "mallory")
+        first = await http_request(
+            h.port,
+            "GET",
+            f"/v1/hub/entries?site_id={site}&id={token}",
+            headers=[bearer(h.token("alice"))],
+        )
+        assert first.status == 200, first  # alice's long polling starts
