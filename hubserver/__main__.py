@@ -26,10 +26,10 @@ from hubcore import HubError
 
 from .app import HUB_SCOPE
 from .auth import ensure_dev_key
-from .config import ConfigError, ServerConfig
+from .config import ConfigError, ServerConfig, permission_source
 from .config.sources import Settings, add_arguments, settings_from_arguments
 from .logs import configure_logging
-from .permissions import Role, SqlitePermissionStore
+from .permissions import RedisPermissionStore, Role, SqlitePermissionStore
 from .permissions import cli as members_cli
 from .server import RunningServer, serve
 from .workers import PARENT_GONE_EXIT_TIMEOUT, watch_parent
@@ -101,6 +101,22 @@ def _parser() -> argparse.ArgumentParser:
     listing.add_argument("--site")
     for sub in (grant, revoke, listing):
         _add_data_dir(sub)
+        sub.add_argument(
+            "--redis",
+            default=os.environ.get("HUBSERVER_BACKPLANE") or None,
+            metavar="URL",
+            help="the fleet's Redis (redis://HOST:PORT/DB, the nodes' --backplane): roles "
+            "there, seen by every node at once (default: env HUBSERVER_BACKPLANE; without "
+            "it, the SQLite file in --data-dir)",
+        )
+        sub.add_argument(
+            "--permissions",
+            choices=("sqlite", "redis"),
+            default=os.environ.get("HUBSERVER_PERMISSIONS") or None,
+            help="sqlite: the file in --data-dir even with --redis (nodes run with "
+            "--permissions sqlite); default: redis with --redis, else sqlite (env "
+            "HUBSERVER_PERMISSIONS)",
+        )
     return parser
 
 
@@ -114,6 +130,21 @@ def _server_config(settings: Settings, args: argparse.Namespace) -> ServerConfig
 def _config(args: argparse.Namespace) -> ServerConfig:
     """The configuration of a ``serve`` command line (its flags, the environment, the file)."""
     return _server_config(settings_from_arguments(args), args)
+
+
+def _members_redis(args: argparse.Namespace) -> str | None:
+    """The Redis ``members`` works on, or None for the SQLite file (as ``serve`` decides)."""
+    source = permission_source(
+        args.permissions or None,
+        backplane=args.redis or None,
+        permissions_url=None if args.permissions else os.environ.get("HUBSERVER_PERMISSIONS_URL"),
+    )
+    if source == "url":
+        raise ConfigError(
+            "roles come from the access-control backend (HUBSERVER_PERMISSIONS_URL): "
+            "change them there; it notifies the nodes"
+        )
+    return args.redis if source == "redis" else None
 
 
 def _worker_total(settings: Settings) -> int:
@@ -148,12 +179,30 @@ def _announce(config: ServerConfig, port: int) -> None:
         )
 
 
+async def _grant_demo(config: ServerConfig) -> None:
+    """Make the demo subject a Site Admin of the demo site, where roles live."""
+    from .demo import DEMO_SITE, DEMO_SUBJECT
+
+    match config.permission_source:
+        case "redis":
+            assert config.backplane is not None
+            async with RedisPermissionStore(config.backplane) as redis_store:
+                await redis_store.grant(DEMO_SITE, DEMO_SUBJECT, Role.SITE_ADMIN)
+        case "url":
+            log.warning(
+                "--demo: roles come from --permissions-url; the demo subject %r needs a role "
+                "on site %r there",
+                DEMO_SUBJECT,
+                DEMO_SITE,
+            )
+        case _:
+            with SqlitePermissionStore.open(config.data_dir) as store:
+                store.grant(DEMO_SITE, DEMO_SUBJECT, Role.SITE_ADMIN)
+
+
 async def _serve_main(config: ServerConfig, parent_fd: int | None = None) -> None:
     if config.demo:
-        from .demo import DEMO_SITE, DEMO_SUBJECT
-
-        with SqlitePermissionStore.open(config.data_dir) as store:
-            store.grant(DEMO_SITE, DEMO_SUBJECT, Role.SITE_ADMIN)
+        await _grant_demo(config)
     async with trio.open_nursery() as nursery:
         server: RunningServer = await nursery.start(_serve_until_drained, config, nursery)
         # Everything made so far (modules, keys, config) lives as long as the
@@ -234,10 +283,7 @@ async def _workers_main(config: ServerConfig, count: int, worker_argv: list[str]
     from .workers import run_workers
 
     if config.demo:
-        from .demo import DEMO_SITE, DEMO_SUBJECT
-
-        with SqlitePermissionStore.open(config.data_dir) as store:
-            store.grant(DEMO_SITE, DEMO_SUBJECT, Role.SITE_ADMIN)
+        await _grant_demo(config)
     ensure_dev_key(config.data_dir)  # made once here, not raced by the workers
     async with trio.open_nursery() as nursery:
         port: int = await nursery.start(run_workers, config, count, worker_argv)
@@ -288,15 +334,20 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(key.mint(args.subject, scopes, float(args.ttl), time.time()))
         elif args.command == "members":
             data_dir = Path(args.data_dir)
+            redis_url = _members_redis(args)
             if args.action == "grant":
                 sites = list(args.site)
                 if args.sites_file is not None:
                     sites += members_cli.read_sites_file(Path(args.sites_file))
-                print(members_cli.grant_sites(data_dir, sites, args.subject, args.role))
+                print(
+                    members_cli.grant_sites(
+                        data_dir, sites, args.subject, args.role, redis_url=redis_url
+                    )
+                )
             elif args.action == "revoke":
-                print(members_cli.revoke(data_dir, args.site, args.subject))
+                print(members_cli.revoke(data_dir, args.site, args.subject, redis_url=redis_url))
             else:
-                print(members_cli.list_members(data_dir, args.site))
+                print(members_cli.list_members(data_dir, args.site, redis_url=redis_url))
     except (ConfigError, HubError, ValueError) as exc:
         print(f"hubserver: error: {exc}", file=sys.stderr)
         return 2

@@ -13,20 +13,30 @@ from .auth import TokenVerifier
 from .config import ServerConfig
 from .connection import HubSession, SessionContext, SessionStats
 from .metrics import Metrics
-from .permissions import PermissionStore, Role, may_subscribe
+from .permissions import (
+    CachedPermissionStore,
+    ChangeFeed,
+    ChangeQueue,
+    PermissionChange,
+    PermissionStoreUnavailable,
+    Role,
+    may_subscribe,
+)
 from .routing import Broker, GroupKey, Router
 from .transports.negotiate import Negotiations
 
 if TYPE_CHECKING:
     from .http._accept import ConnectionGate
 
-__all__ = ["App", "HUB_SCOPE", "PUBLISH_SCOPE"]
+__all__ = ["ADMIN_SCOPE", "App", "HUB_SCOPE", "PUBLISH_SCOPE"]
 
 log = logging.getLogger("hubserver")
 
 #: The scope the reference requires for the hubs, and ours for the publish API.
 HUB_SCOPE = "user_api.full_access"
 PUBLISH_SCOPE = "event_streaming.publish"
+#: The scope of the access-control backend's change notices (``/v1/permissions/changed``).
+ADMIN_SCOPE = "event_streaming.admin"
 
 
 @dataclass(slots=True, kw_only=True)
@@ -35,7 +45,7 @@ class App:
 
     config: ServerConfig
     verifier: TokenVerifier
-    store: PermissionStore
+    store: CachedPermissionStore
     router: Router
     broker: Broker
     stats: SessionStats = field(default_factory=SessionStats)
@@ -51,6 +61,10 @@ class App:
     requests_done: trio.Event | None = None
     #: The accept loop's connection counts; set by the server once it listens.
     connections: ConnectionGate | None = None
+    #: The store behind ``store`` when it announces changes to every node.
+    permission_feed: ChangeFeed | None = None
+    #: Change notices for the permission watcher (which re-checks open connections).
+    permission_changes: ChangeQueue = field(default_factory=ChangeQueue)
     _ids: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
     #: Open hub connections per token subject (``--max-hub-connections-per-subject``).
     _hubs_by_subject: dict[str, int] = field(default_factory=dict)
@@ -82,6 +96,28 @@ class App:
         """The site-role rule for opening ``key`` (unknown site and no role look alike)."""
         role: Role | None = await self.store.role_of(key.site_id, subject)
         return may_subscribe(role, subject=subject, user_id=key.user_id)
+
+    async def permissions_changed(self, site_id: str, subject: str) -> bool:
+        """A change notice: re-check the pair's open connections, on every node if possible.
+
+        Returns:
+            True if every node was told; False if only this node could be (the
+            store could not reach the others).
+        """
+        if self.permission_feed is None:
+            await trio.lowlevel.checkpoint()
+            self.permission_changes.put(PermissionChange(pairs=frozenset({(site_id, subject)})))
+            return True
+        try:
+            await self.permission_feed.announce(site_id, subject)
+        except PermissionStoreUnavailable as exc:
+            log.warning(
+                "a permission change notice reached this node only: %s",
+                exc,
+                extra={"event": "permission_notice_local_only"},
+            )
+            return False
+        return True
 
     def hub_opened(self, subject: str) -> bool:
         """Count a hub connection of ``subject``; False (and not counted) over the limit.

@@ -30,7 +30,6 @@ from .config import ConfigError, ServerConfig
 from .config.settings import redact_credentials
 from .config.sources import Origin, Settings
 from .http._accept import FD_HEADROOM, descriptor_budget
-from .permissions import SqlitePermissionStore
 
 __all__ = ["CHECK_TIMEOUT", "CheckResult", "check_config", "run_checks"]
 
@@ -147,9 +146,29 @@ async def _backplane(config: ServerConfig) -> str:
 
 
 async def _permissions(config: ServerConfig) -> str:
-    with SqlitePermissionStore.open(config.data_dir) as store:
-        version = await store.version()
-    return f"SQLite store in {config.data_dir.absolute()} opens and answers (version {version})"
+    # The store serve would open, asked what serve asks of it.
+    from .server import open_permission_store
+
+    async with open_permission_store(config) as store:
+        match config.permission_source:
+            case "url":
+                assert config.permissions_url is not None
+                # Any well-formed answer will do; garbage or no answer fails.
+                role = await store.role_of("hubserver-check", "hubserver-check")
+                where = redact_credentials(config.permissions_url)
+                answer = "null" if role is None else role.value
+                return f"the permissions URL {where} answers a role lookup ({answer})"
+            case "redis":
+                assert config.backplane is not None
+                version = await store.version()
+                address = parse_redis_url(config.backplane)
+                return f"roles in Redis at {address} answer (version {version})"
+            case _:
+                version = await store.version()
+                return (
+                    f"SQLite store in {config.data_dir.absolute()} opens and answers "
+                    f"(version {version})"
+                )
 
 
 async def _descriptors(config: ServerConfig) -> str:

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import logging
 import socket
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
 from functools import partial
 
@@ -35,17 +37,22 @@ from .logs import MAX_FIELD_CHARS, session_fields
 from .metrics import SYNC_INTERVAL, Metrics
 from .permissions import (
     CachedPermissionStore,
+    ChangeFeed,
     PermissionStore,
+    PermissionStoreError,
+    RedisPermissionStore,
     SqlitePermissionStore,
+    UrlPermissionStore,
     watch_permissions,
 )
+from .permissions._sqlite import FILE_NAME as SQLITE_FILE_NAME
 from .routing import Broker, Router
 from .timers import TimerQueue
 
 #: Room for a Publish invocation's own bytes around its events.
 PUBLISH_INVOCATION_OVERHEAD = 4096
 
-__all__ = ["RunningServer", "build_verifier", "serve"]
+__all__ = ["RunningServer", "build_verifier", "open_permission_store", "serve"]
 
 #: Seconds between the event-loop lag probe's wake-ups.
 LOOP_LAG_INTERVAL = 0.5
@@ -117,6 +124,61 @@ def build_memory_backplane(config: ServerConfig) -> MemoryBackplane:
     )
 
 
+@asynccontextmanager
+async def open_permission_store(config: ServerConfig) -> AsyncIterator[PermissionStore]:
+    """The store ``config.permission_source`` names, closed at the end of the block.
+
+    Raises:
+        PermissionStoreError: the SQLite file cannot be opened.
+    """
+    match config.permission_source:
+        case "redis":
+            assert config.backplane is not None  # checked by ServerConfig
+            _warn_of_unused_sqlite_roles(config)
+            async with RedisPermissionStore(config.backplane) as redis_store:
+                yield redis_store
+        case "url":
+            assert config.permissions_url is not None  # checked by ServerConfig
+            url_store = UrlPermissionStore(
+                config.permissions_url, ttl=config.permissions_ttl, relay=config.backplane
+            )
+            try:
+                yield url_store
+            finally:
+                with trio.CancelScope(shield=True):
+                    await url_store.aclose()
+        case _:
+            with SqlitePermissionStore.open(config.data_dir) as sqlite_store:
+                yield sqlite_store
+
+
+def _warn_of_unused_sqlite_roles(config: ServerConfig) -> None:
+    """Say so when this node's SQLite file holds grants that Redis now stands in for.
+
+    With ``--backplane`` roles live in Redis unless ``--permissions sqlite``:
+    a node upgraded with grants in its file would otherwise refuse their
+    holders (403) without a word.
+    """
+    path = config.data_dir / SQLITE_FILE_NAME
+    if not path.exists():
+        return
+    try:
+        with SqlitePermissionStore.open(config.data_dir) as sqlite_store:
+            count = len(sqlite_store.list())
+    except PermissionStoreError as exc:
+        log.debug("could not read %s: %s", path, exc)
+        return
+    if count:
+        log.warning(
+            "roles are read from the backplane's Redis (--permissions redis, the default with "
+            "--backplane); the %d grant(s) in %s are not used. Grant them in Redis "
+            "(hubserver members grant --redis ...) or run with --permissions sqlite",
+            count,
+            path,
+            extra={"event": "sqlite_roles_unused"},
+        )
+
+
 def reuse_port_listener(host: str, port: int) -> trio.SocketListener:
     """A listener with SO_REUSEPORT: the kernel spreads connections over the workers."""
     family, kind, proto, _, address = socket.getaddrinfo(
@@ -145,34 +207,33 @@ async def serve(
 
     Args:
         config: the validated configuration.
-        store: the permission store; by default SQLite in ``config.data_dir``.
+        store: the permission store; by default the one ``config`` names
+            (``open_permission_store``).
         verifier: the token verifier; by default from ``config``.
         task_status: receives a ``RunningServer`` once listening.
     """
-    own_store = None
     if store is None:
-        store = own_store = SqlitePermissionStore.open(config.data_dir)
-    try:
-        if verifier is None:
-            verifier = build_verifier(config)
-        router = Router()
-        app = App(
-            config=config,
-            verifier=CachingVerifier(verifier),
-            store=CachedPermissionStore(store),
-            router=router,
-            broker=Broker(
-                router,
-                build_backplane(config),
-                trio.current_time,
-                publish_window=config.publish_window,
-                site_idle_timeout=config.site_idle_timeout,
-            ),
-        )
-        await _run(app, task_status)
-    finally:
-        if own_store is not None:
-            own_store.close()
+        async with open_permission_store(config) as own_store:
+            await serve(config, store=own_store, verifier=verifier, task_status=task_status)
+        return
+    if verifier is None:
+        verifier = build_verifier(config)
+    router = Router()
+    app = App(
+        config=config,
+        verifier=CachingVerifier(verifier),
+        store=CachedPermissionStore(store),
+        permission_feed=store if isinstance(store, ChangeFeed) else None,
+        router=router,
+        broker=Broker(
+            router,
+            build_backplane(config),
+            trio.current_time,
+            publish_window=config.publish_window,
+            site_idle_timeout=config.site_idle_timeout,
+        ),
+    )
+    await _run(app, task_status)
 
 
 async def _run(app: App, task_status: trio.TaskStatus[RunningServer]) -> None:
@@ -365,18 +426,31 @@ async def _drain(app: App) -> None:
 
 async def _watch_permissions(app: App) -> None:
     """Re-check open connections whenever the grants change (revoke takes effect live)."""
-    await watch_permissions(
-        app.store,
-        partial(_recheck_permissions, app),
-        poll_interval=app.config.permission_poll_interval,
-    )
+    async with trio.open_nursery() as nursery:
+        feed = app.permission_feed
+        if feed is not None:
+            nursery.start_soon(feed.watch_changes, app.permission_changes.put)
+        await watch_permissions(
+            app.store,
+            partial(_recheck_permissions, app),
+            poll_interval=app.config.permission_poll_interval,
+            changes=app.permission_changes,
+            has_feed=feed is not None,
+        )
 
 
-async def _recheck_permissions(app: App) -> None:
-    # A store failure raises out of here and leaves every connection open;
-    # the watcher runs this again once the store is back.
+async def _recheck_permissions(app: App, pairs: frozenset[tuple[str, str]] | None) -> None:
+    """Re-check the open connections of these ``(site_id, subject)`` pairs (None: all).
+
+    A store failure raises out of here and leaves every connection open; the
+    watcher runs this again, for everyone, once the store is back.
+    """
+    app.store.forget(pairs)
     for session in list(app.stats.by_id.values()):
-        if session.key is not None and not await app.may_open(session.key, session.subject):
+        key = session.key
+        if key is None or (pairs is not None and (key.site_id, session.subject) not in pairs):
+            continue
+        if not await app.may_open(key, session.subject):
             app.stats.revoked_closed += 1
             log.info(
                 "session %d: access revoked, closing",

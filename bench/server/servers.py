@@ -238,11 +238,15 @@ def parse_servers(text: str) -> tuple[str, ...]:
 
 #: Every load client connects from 127.0.0.1, most with one token subject: a
 #: server's per-address and per-subject limits (issue #9) would refuse the load
-#: generator itself. Set through the environment, which a ``--hubserver-src``
-#: tree without those settings ignores.
+#: generator itself. The grants are made in the data directory's SQLite file
+#: (``hubprep``, before any Redis starts), which the ``hubserver-redis2`` nodes
+#: share; with a backplane roles would otherwise be read from Redis (issue #12).
+#: Set through the environment, which a ``--hubserver-src`` tree without those
+#: settings ignores.
 LOAD_GENERATOR_ENV: Final = {
     "HUBSERVER_MAX_CONNECTIONS_PER_IP": "0",
     "HUBSERVER_MAX_HUB_CONNECTIONS_PER_SUBJECT": "0",
+    "HUBSERVER_PERMISSIONS": "sqlite",
 }
 
 

@@ -11,11 +11,19 @@ import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Final
 from urllib.parse import urlsplit
 
 from hubcore import HubError, HubLimits
 
-__all__ = ["ANY_ORIGIN", "ConfigError", "ServerConfig", "normalize_origins"]
+__all__ = [
+    "ANY_ORIGIN",
+    "PERMISSION_SOURCES",
+    "ConfigError",
+    "ServerConfig",
+    "normalize_origins",
+    "permission_source",
+]
 
 #: ``--cors-origin '*'``: any page may call, but without credentials (Fetch
 #: standard §3.2.5: a credentialed answer must name its origin).
@@ -27,6 +35,45 @@ _HOST_CHARS = re.compile(r"[a-z0-9.\-_:]+")
 
 class ConfigError(HubError):
     """The configuration cannot work (bad value, missing file, conflicting flags)."""
+
+
+#: Where roles live (``--permissions``): a file per node, the backplane's
+#: Redis, or the access-control backend (``--permissions-url``).
+PERMISSION_SOURCES: Final = ("sqlite", "redis", "url")
+
+
+def permission_source(
+    permissions: str | None, *, backplane: str | None, permissions_url: str | None
+) -> str:
+    """Where roles live, from ``--permissions``, ``--backplane`` and ``--permissions-url``.
+
+    Unset, it follows the deployment: the URL when one is given, else Redis
+    with a backplane (one set of roles for the fleet), else SQLite.
+
+    Raises:
+        ConfigError: an unknown source, or one that lacks what it needs.
+    """
+    if permissions is None:
+        if permissions_url is not None:
+            return "url"
+        return "sqlite" if backplane is None else "redis"
+    source = permissions.strip().lower()
+    if source not in PERMISSION_SOURCES:
+        raise ConfigError(
+            f"--permissions must be one of {', '.join(PERMISSION_SOURCES)}, got {permissions!r}"
+        )
+    if source == "redis" and backplane is None:
+        raise ConfigError(
+            "--permissions redis keeps roles in the backplane's Redis: give --backplane"
+        )
+    if source == "url" and permissions_url is None:
+        raise ConfigError("--permissions url needs --permissions-url")
+    if source != "url" and permissions_url is not None:
+        raise ConfigError(
+            f"--permissions-url asks the access-control backend for roles; it cannot be "
+            f"combined with --permissions {source}"
+        )
+    return source
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -96,6 +143,15 @@ class ServerConfig:
             (``--no-audience-check``); otherwise ``audience`` is required.
         access_log: log every HTTP request at INFO (``--access-log``); without
             it only refusals and errors are logged.
+        permissions: where roles live: ``"sqlite"`` (a file in ``data_dir``,
+            per node), ``"redis"`` (the backplane's Redis, shared by the
+            fleet), ``"url"`` (the access-control backend at
+            ``permissions_url``); None: the URL if given, else Redis with a
+            backplane, else SQLite (see ``permission_source``).
+        permissions_url: ``GET URL?site_id=S&subject=U`` answers
+            ``{"role": ...}`` (``--permissions-url``).
+        permissions_ttl: seconds an answer of ``permissions_url`` is reused,
+            and between two re-checks of every open connection against it.
         cors_origins: the browser origins (``scheme://host[:port]``) whose
             pages may call the hubs and the publish API (``--cors-origin``),
             normalized as browsers send them; ``("*",)`` allows every origin,
@@ -139,10 +195,14 @@ class ServerConfig:
     allow_any_audience: bool = False
     access_log: bool = False
     cors_origins: tuple[str, ...] = ()
+    permissions: str | None = None
+    permissions_url: str | None = None
+    permissions_ttl: float = 60.0
 
     def __post_init__(self) -> None:
         # Frozen: the normalized list replaces the given one once, here.
         object.__setattr__(self, "cors_origins", normalize_origins(self.cors_origins))
+        self._check_permissions()
         if self.jwks_file is not None and self.jwks_url is not None:
             raise ConfigError("give --jwks-file or --jwks-url, not both")
         if not 0 <= self.port <= 65535:
@@ -193,6 +253,31 @@ class ServerConfig:
             )
         if self.audience is not None and self.allow_any_audience:
             raise ConfigError("give --audience or --no-audience-check, not both")
+
+    @property
+    def permission_source(self) -> str:
+        """Where roles live: ``"sqlite"``, ``"redis"`` or ``"url"`` (see ``permissions``)."""
+        return permission_source(
+            self.permissions, backplane=self.backplane, permissions_url=self.permissions_url
+        )
+
+    def _check_permissions(self) -> None:
+        self.permission_source  # noqa: B018 (raises ConfigError for a bad combination)
+        url = self.permissions_url
+        if url is not None:
+            try:
+                parts = urlsplit(url)
+                parts.port  # noqa: B018 (raises ValueError for a bad port)
+            except ValueError:
+                raise ConfigError("--permissions-url is not a URL") from None
+            if parts.scheme not in ("http", "https") or not parts.hostname or parts.fragment:
+                raise ConfigError(
+                    "--permissions-url must be an http:// or https:// URL with a host "
+                    "(and no #fragment)"
+                )
+        ttl = self.permissions_ttl
+        if not math.isfinite(ttl) or ttl <= 0:
+            raise ConfigError("permissions_ttl must be a positive number of seconds")
 
     @property
     def is_dev_mode(self) -> bool:

@@ -23,7 +23,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 from hubcore import HubLimits
 
-from . import ServerConfig
+from . import PERMISSION_SOURCES, ServerConfig
 
 __all__ = [
     "ENV_PREFIX",
@@ -380,6 +380,28 @@ def _build() -> tuple[Setting, ...]:
             "redis://[[USER]:PASSWORD@]HOST:PORT/DB to run several nodes as one service",
             is_secret=True,
             metavar="URL",
+        ),
+        _s(
+            "permissions",
+            Kind.CHOICE,
+            "where roles live: sqlite (a file in --data-dir, per node), redis (the "
+            "--backplane's Redis, one set for the fleet) or url (--permissions-url); unset: "
+            "url with --permissions-url, else redis with --backplane, else sqlite",
+            choices=PERMISSION_SOURCES,
+        ),
+        _s(
+            "permissions_url",
+            Kind.TEXT,
+            "ask the access-control backend for roles: GET URL?site_id=S&subject=U answers "
+            '{"role": "site_admin"|"site_super_user"|"site_user"|null}',
+            is_secret=True,
+            metavar="URL",
+        ),
+        _s(
+            "permissions_ttl",
+            Kind.SECONDS,
+            "seconds an answer of --permissions-url is reused (and between two re-checks of "
+            "every open connection against it)",
         ),
         _s("history_size", Kind.INTEGER, "events kept per site and hub"),
         _s("resume_window", Kind.SECONDS, "seconds live events wait for Resume"),

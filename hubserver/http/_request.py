@@ -45,6 +45,7 @@ TEXT: Final = b"text/plain; charset=utf-8"
 JSON: Final = b"application/json"
 EVENTS_PREFIX: Final = "/v1/events/"
 _EVENTS_TARGET: Final = EVENTS_PREFIX.encode()
+_PERMISSIONS_TARGET: Final = b"/v1/permissions/"
 _SERVER: Final = b"server: hubserver\r\n"
 
 
@@ -177,8 +178,8 @@ def refusal_response(refusal: Refusal, *, is_json: bool) -> Response:
 
 
 def is_json_family(target: bytes) -> bool:
-    """Whether refusals to ``target`` are JSON (the publish API) rather than text."""
-    return target.startswith(_EVENTS_TARGET)
+    """Whether refusals to ``target`` are JSON (the publish API, change notices) or text."""
+    return target.startswith((_EVENTS_TARGET, _PERMISSIONS_TARGET))
 
 
 _EMPTY_QUERY: Final[Mapping[str, str]] = MappingProxyType({})

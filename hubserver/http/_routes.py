@@ -25,7 +25,7 @@ from typing import Final, NamedTuple, Protocol
 
 import trio
 
-from hubserver.app import HUB_SCOPE, PUBLISH_SCOPE, App
+from hubserver.app import ADMIN_SCOPE, HUB_SCOPE, PUBLISH_SCOPE, App
 from hubserver.auth import AuthError, Claims, extract_token
 from hubserver.backplane import BackplaneError, BackplaneUnavailable
 from hubserver.connection import MAX_RESUME_SEQ, HubSession
@@ -47,6 +47,7 @@ from hubserver.transports import (
 )
 from hubserver.transports.negotiate import negotiate_body
 
+from ._notices import PERMISSIONS_CHANGED_PATH, permission_notice
 from ._request import JSON, Refusal, Request, Response, refusal_response
 
 __all__ = [
@@ -222,6 +223,8 @@ async def respond(request: Request) -> Response | Upgrade:
         if isinstance(answer, Response) and answer.status >= 400:
             request.io.app.metrics.refused(name.removesuffix("/negotiate"), answer.status)
         return answer
+    if path == PERMISSIONS_CHANGED_PATH:
+        return await _permissions_changed(request)
     if path == "/metrics":
         if request.method not in (b"GET", b"HEAD"):
             return _text(Refusal(405, "method_not_allowed", "method not allowed"))
@@ -326,6 +329,16 @@ async def _publish(request: Request, hub: Hub) -> Response:
     text = f'{{"accepted":{len(published)},"ids":[{ids}],"seqs":[{seqs}]}}'
     app.stats.count(app.stats.published, hub.value, "http", len(published))
     return Response(202, text.encode(), JSON)
+
+
+async def _permissions_changed(request: Request) -> Response:
+    """The access-control backend's change notice (``_notices``), once its token passed."""
+    if request.method != b"POST":
+        return _json(Refusal(405, "method_not_allowed", "use POST"))
+    claims = await authenticate(request, ADMIN_SCOPE)
+    if isinstance(claims, Refusal):
+        return _json(claims)
+    return await permission_notice(request)
 
 
 # -- the hubs --------------------------------------------------------------------------

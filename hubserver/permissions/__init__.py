@@ -1,35 +1,53 @@
-"""Who may subscribe to which stream: roles per site, their store, and the rule.
+"""Who may subscribe to which stream: roles per site, their stores, and the rule.
 
 `may_subscribe` is the pure rule; a `PermissionStore` answers `role_of` and a
 `version` the server polls to re-check open connections after a revoke.
-`SqlitePermissionStore` is the store shared with the ``hubserver members`` CLI
-(see `hubserver.permissions.cli`); `InMemoryPermissionStore` is for embedding
-and tests. `watch_permissions` is that poll, surviving store outages.
+Three stores hold the roles:
+
+- `SqlitePermissionStore`: a file in the data directory, shared with the
+  ``hubserver members`` CLI on the same machine (one node).
+- `RedisPermissionStore`: the Redis of the backplane, shared by every node of
+  a fleet and by the CLI anywhere.
+- `UrlPermissionStore`: the access-control backend, asked over HTTP.
+
+`InMemoryPermissionStore` is for embedding and tests. The Redis and URL
+stores are also a `ChangeFeed`: they tell every node what changed at once.
+`watch_permissions` is the poll and the notices' consumer, surviving store
+outages.
 """
 
 from __future__ import annotations
 
 from ._cached import CachedPermissionStore
 from ._model import MAX_ID_CHARS, Member, Role, may_subscribe, parse_role
+from ._redis import RedisPermissionStore
 from ._sqlite import SqlitePermissionStore
 from ._store import (
+    ChangeFeed,
     InMemoryPermissionStore,
+    PermissionChange,
     PermissionStore,
     PermissionStoreError,
     PermissionStoreUnavailable,
 )
-from ._watch import watch_permissions
+from ._url import UrlPermissionStore
+from ._watch import ChangeQueue, watch_permissions
 
 __all__ = [
     "MAX_ID_CHARS",
     "CachedPermissionStore",
+    "ChangeFeed",
+    "ChangeQueue",
     "InMemoryPermissionStore",
     "Member",
+    "PermissionChange",
     "PermissionStore",
     "PermissionStoreError",
     "PermissionStoreUnavailable",
+    "RedisPermissionStore",
     "Role",
     "SqlitePermissionStore",
+    "UrlPermissionStore",
     "may_subscribe",
     "parse_role",
     "watch_permissions",

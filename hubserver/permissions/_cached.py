@@ -5,7 +5,10 @@ thread, which cost a quarter of the server's CPU per connection in the
 ``connect`` bench. Answers are reused until the store's ``version`` changes
 (the server polls it every second to re-check open connections anyway) and
 for at most ``max_age`` seconds, so a grant or revoke is seen as fast as
-before.
+before. A change notice drops the answers it names (`forget`) at once.
+
+An answer whose lookup was under way while answers were dropped is returned
+but not kept: it may predate the change that dropped them.
 """
 
 from __future__ import annotations
@@ -40,6 +43,8 @@ class CachedPermissionStore:
         self._max_entries = max_entries
         self._roles: dict[tuple[str, str], tuple[Role | None, float]] = {}
         self._version: int | None = None
+        # Bumped whenever answers are dropped; see the module docstring.
+        self._generation = 0
 
     async def role_of(self, site_id: str, subject: str) -> Role | None:
         key = (site_id, subject)
@@ -48,7 +53,10 @@ class CachedPermissionStore:
         if entry is not None and now - entry[1] < self._max_age:
             await trio.lowlevel.checkpoint()
             return entry[0]
+        generation = self._generation
         role = await self._inner.role_of(site_id, subject)
+        if generation != self._generation:
+            return role
         roles = self._roles
         if len(roles) >= self._max_entries:
             # Expired answers go first; if every answer is fresh, all go: the
@@ -62,8 +70,17 @@ class CachedPermissionStore:
         version = await self._inner.version()
         if version != self._version:
             self._version = version
-            self._roles.clear()
+            self.forget(None)
         return version
+
+    def forget(self, pairs: frozenset[tuple[str, str]] | None) -> None:
+        """Drop the answers of these ``(site_id, subject)`` pairs (None: all answers)."""
+        self._generation += 1
+        if pairs is None:
+            self._roles.clear()
+            return
+        for pair in pairs:
+            self._roles.pop(pair, None)
 
     @property
     def is_available(self) -> bool:

@@ -85,6 +85,11 @@ def check_id(name: str, value: object) -> str:
     return value
 
 
+def is_id(value: object) -> bool:
+    """True if ``value`` could be a site id or subject (what `check_id` accepts)."""
+    return isinstance(value, str) and 0 < len(value) <= MAX_ID_CHARS
+
+
 def check_role(value: object) -> Role:
     """Return ``value`` if it is a `Role`, else raise ValueError."""
     if not isinstance(value, Role):

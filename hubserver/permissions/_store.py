@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import builtins
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 import trio
 
@@ -14,7 +15,9 @@ from hubcore._errors import HubError
 from ._model import Member, Role, check_id, check_role
 
 __all__ = [
+    "ChangeFeed",
     "InMemoryPermissionStore",
+    "PermissionChange",
     "PermissionStore",
     "PermissionStoreError",
     "PermissionStoreUnavailable",
@@ -60,6 +63,57 @@ class PermissionStore(Protocol):
     @property
     def is_available(self) -> bool:
         """False since a lookup failed, until one succeeds (``/readyz`` reports it)."""
+        ...
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PermissionChange:
+    """A change notice: some subjects' roles on some sites may have changed.
+
+    Attributes:
+        pairs: the ``(site_id, subject)`` pairs concerned; None when it is not
+            known which (a notice that could not name them all, notices that
+            may have been lost): then every open connection is re-checked.
+        version: the store's `PermissionStore.version` right after this
+            change, when the store numbers its changes one by one (a notice
+            whose number skips one tells the watcher that a notice was lost);
+            None for a notice that changed no version.
+    """
+
+    pairs: frozenset[tuple[str, str]] | None
+    version: int | None = None
+
+
+@runtime_checkable
+class ChangeFeed(Protocol):
+    """What a store that hears of changes as they happen offers beside `PermissionStore`.
+
+    A store shared by several nodes (Redis, the access-control backend) tells
+    each node what changed, so a node re-checks only the connections concerned,
+    at once, instead of everyone at its next version poll. The version poll
+    stays as the safety net for notices lost on the way.
+    """
+
+    async def watch_changes(self, on_change: Callable[[PermissionChange], None]) -> None:
+        """Report every change made on any node through ``on_change``, until cancelled.
+
+        ``on_change`` is also called with ``pairs=None`` whenever notices may
+        have been missed (a subscription lost and made again). Never raises for
+        the store's own failures: it retries.
+        """
+        ...
+
+    async def announce(self, site_id: str, subject: str) -> None:
+        """Tell every node (this one included) that ``subject``'s role on ``site_id`` changed.
+
+        Every node drops what it cached of that pair and re-checks the open
+        connections concerned. What the store's ``watch_changes`` reports of it
+        is how this node learns it, too.
+
+        Raises:
+            PermissionStoreUnavailable: the other nodes could not be told; the
+                caller should apply the change on this node itself.
+        """
         ...
 
 

@@ -1,66 +1,175 @@
-"""`watch_permissions`: poll the store's version, re-check open connections, survive outages.
+"""`watch_permissions`: re-check open connections when grants change, survive store outages.
 
-Theory of operation. The store is polled every ``poll_interval``; when its
-``version`` changed, ``recheck`` runs (the server closes the connections whose
-subject lost the right to its stream). A store that cannot answer
-(`PermissionStoreUnavailable`: a locked or corrupt database, a deadline
-missed) must not take the server down, and must not close anyone either: the
-open connections keep their last known roles. The watcher then logs once,
-retries with doubling intervals up to ``max_retry_interval``, and once the
-store answers again runs ``recheck`` whatever the version says, so a revoke
-made during the outage still takes effect. A ``recheck`` cut short by a
-failure is redone on recovery in the same way.
+Theory of operation. Two ways of learning about changes feed one loop:
+
+- The poll. The store's ``version`` is read every ``poll_interval``. For a
+  store without change notices (SQLite, in memory) a new version means
+  "anything may have changed": ``recheck(None)`` re-checks every open
+  connection.
+- Change notices (a `ChangeFeed`: Redis, the access-control backend, and the
+  ``POST /v1/permissions/changed`` endpoint for any store) arrive in a
+  `ChangeQueue` and wake the loop at once; ``recheck(pairs)`` re-checks only
+  the connections of the ``(site_id, subject)`` pairs named. A notice that
+  names no pairs re-checks everyone.
+
+For a store whose notices carry its version (``has_feed``), the poll is the
+safety net for notices lost on the way: the loop keeps the last version its
+notices accounted for (``known``). A notice whose version skips one means
+one was lost: everyone is re-checked. A polled version ahead of ``known``
+is given one ``poll_interval`` for its notices to arrive (they are usually
+in flight) before everyone is re-checked. A version that went back (an
+emptied Redis) re-checks everyone at once.
+
+A store that cannot answer (`PermissionStoreUnavailable`: a locked or
+corrupt database, Redis or the backend unreachable, a deadline missed) must
+not take the server down, and must not close anyone either: the open
+connections keep their last known roles. The watcher then logs once, retries
+with doubling intervals up to ``max_retry_interval``, and once the store
+answers again re-checks everyone whatever the version says, so a revoke made
+during the outage still takes effect. A re-check cut short by a failure
+(whether of everyone or of some pairs) is redone in the same way, for
+everyone.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Awaitable, Callable
 from typing import Final
 
 import trio
 
-from ._store import PermissionStore, PermissionStoreUnavailable
+from ._store import PermissionChange, PermissionStore, PermissionStoreUnavailable
 
-__all__ = ["MAX_RETRY_INTERVAL", "watch_permissions"]
+__all__ = ["MAX_QUEUED_PAIRS", "MAX_RETRY_INTERVAL", "ChangeQueue", "Recheck", "watch_permissions"]
 
 log = logging.getLogger("hubserver")
 
 #: The longest wait between two attempts while the store is failing, in seconds.
 MAX_RETRY_INTERVAL: Final = 30.0
+#: Pairs a `ChangeQueue` holds before it turns into "re-check everyone".
+MAX_QUEUED_PAIRS: Final = 1000
+
+#: Re-checks open connections: those of the given ``(site_id, subject)`` pairs,
+#: or every one for None. May raise `PermissionStoreUnavailable`.
+Recheck = Callable[[frozenset[tuple[str, str]] | None], Awaitable[None]]
+
+
+class ChangeQueue:
+    """Change notices heard of and not yet acted on, and the wake-up of the watcher.
+
+    Bounded: past ``max_pairs`` pairs (a bulk grant, a flood of notices) it
+    forgets them and keeps "re-check everyone", which covers them all.
+    """
+
+    def __init__(self, *, max_pairs: int = MAX_QUEUED_PAIRS) -> None:
+        self._max_pairs = max_pairs
+        self._pairs: set[tuple[str, str]] | None = set()  # None: everyone
+        self._versions: list[int] = []
+        self._arrived = trio.Event()
+
+    def put(self, change: PermissionChange) -> None:
+        """Queue ``change`` and wake the watcher (sync: callable from any task)."""
+        if change.pairs is None or self._pairs is None:
+            self._pairs = None
+        else:
+            self._pairs |= change.pairs
+            if len(self._pairs) > self._max_pairs:
+                self._pairs = None
+        if change.version is not None and self._pairs is not None:
+            self._versions.append(change.version)
+            if len(self._versions) > self._max_pairs:
+                self._pairs = None
+        if self._pairs is None:
+            # Everyone is re-checked, after which the polled version is the one known.
+            self._versions = []
+        self._arrived.set()
+
+    def take(self) -> tuple[frozenset[tuple[str, str]] | None, list[int]]:
+        """What was queued: the pairs (None: everyone) and the versions, in arrival order."""
+        pairs = None if self._pairs is None else frozenset(self._pairs)
+        versions = self._versions
+        self._pairs, self._versions = set(), []
+        if self._arrived.is_set():
+            self._arrived = trio.Event()
+        return pairs, versions
+
+    async def wait_until(self, deadline: float) -> None:
+        """Return at ``deadline``, or as soon as a change is queued."""
+        with trio.move_on_at(deadline):
+            await self._arrived.wait()
 
 
 async def watch_permissions(
     store: PermissionStore,
-    recheck: Callable[[], Awaitable[None]],
+    recheck: Recheck,
     *,
     poll_interval: float,
     max_retry_interval: float = MAX_RETRY_INTERVAL,
+    changes: ChangeQueue | None = None,
+    has_feed: bool = False,
 ) -> None:
-    """Run ``recheck`` whenever the grants change, until cancelled; never raises for the store.
+    """Re-check open connections when grants change, until cancelled; never raises for the store.
 
     Args:
         store: the permission store to poll.
-        recheck: re-checks every open connection against the current grants; it
-            may raise `PermissionStoreUnavailable`, and is then run again once
-            the store is back.
+        recheck: re-checks open connections (see `Recheck`); when it raises
+            `PermissionStoreUnavailable`, everyone is re-checked once the store
+            is back.
         poll_interval: seconds between polls; 0 or less turns the watcher off.
         max_retry_interval: the cap of the doubling retry interval while the
             store is failing.
+        changes: where change notices arrive; they wake the watcher at once.
+        has_feed: the store's own notices (in ``changes``) carry its version,
+            so a polled version change is first waited for as a notice.
     """
     if poll_interval <= 0:
         return
+    if changes is None:
+        changes = ChangeQueue()
     known: int | None = None
+    # A polled version the notices have not reached yet, and since when.
+    awaited: tuple[int, float] | None = None
     is_recheck_due = False
     failing_since: float | None = None
     retry_interval = poll_interval
+    next_poll_at = -math.inf
     while True:
         try:
+            now = trio.current_time()
+            is_poll = now >= next_poll_at
+            if is_poll:
+                next_poll_at = now + poll_interval
+            # Taken before the poll: every notice taken is then covered by the
+            # version read (a change is made before its notice is sent).
+            pairs, versions = changes.take()
             current = await store.version()
-            if is_recheck_due or (known is not None and current != known):
-                is_recheck_due = True  # until a recheck completes
-                await recheck()
-            known, is_recheck_due = current, False
+            if pairs is None:
+                is_recheck_due = True
+            for version in versions:
+                if known is None or version <= known:
+                    continue
+                if version > known + 1:
+                    is_recheck_due = True  # a notice in between was lost
+                known = version
+            if known is None:
+                known = current  # the first answer: nothing to compare it with
+            elif current < known or (current != known and not has_feed):
+                is_recheck_due = True
+            elif current == known:
+                awaited = None
+            elif awaited is None or known >= awaited[0]:
+                awaited = (current, now)  # the notices may be on their way
+            elif is_poll and now >= awaited[1] + poll_interval:
+                is_recheck_due = True  # they are not: lost
+            if is_recheck_due:
+                await recheck(None)
+                known, awaited, is_recheck_due = current, None, False
+            elif pairs:
+                is_recheck_due = True  # until this recheck completes
+                await recheck(pairs)
+                is_recheck_due = False
         except PermissionStoreUnavailable as exc:
             # What changed meanwhile is unknown: re-check everyone on recovery.
             is_recheck_due = True
@@ -77,6 +186,7 @@ async def watch_permissions(
                 retry_interval = min(retry_interval * 2, max(max_retry_interval, poll_interval))
                 log.debug("permission store still unavailable: %s", exc)
             await trio.sleep(retry_interval)
+            next_poll_at = -math.inf
             continue
         if failing_since is not None:
             log.info(
@@ -85,4 +195,4 @@ async def watch_permissions(
                 extra={"event": "permission_store_available"},
             )
             failing_since = None
-        await trio.sleep(poll_interval)
+        await changes.wait_until(next_poll_at)

@@ -4,7 +4,8 @@ Tests never touch a Redis they did not start: ``RedisServer`` runs
 ``redis-server`` as a subprocess on a port picked free, without persistence,
 in a temporary directory, and kills it at teardown. ``stop()`` and ``start()``
 take it down and bring it back on the same port (the data is gone: nothing is
-saved), for the tests of losing Redis.
+saved), for the tests of losing Redis; ``pause()`` and ``resume()`` freeze it
+and let it go on (a Redis that hangs, its data intact).
 
 Fixtures (import the ``*_fixture`` functions into a test module to use them):
 
@@ -19,6 +20,7 @@ Both skip the test, with the reason, when redis-server is not installed.
 from __future__ import annotations
 
 import shutil
+import signal
 import socket
 import subprocess
 import time
@@ -136,12 +138,23 @@ class RedisServer:
         if process is None:
             return
         if process.poll() is None:
+            process.send_signal(signal.SIGCONT)  # a paused server cannot act on SIGTERM
             process.terminate()
             try:
                 process.wait(STOP_TIMEOUT)
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
+
+    def pause(self) -> None:
+        """Freeze it (SIGSTOP): connections stay open, nothing answers, the data stays."""
+        assert self._process is not None and self.is_running
+        self._process.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        """Let a paused server run again (SIGCONT)."""
+        assert self._process is not None
+        self._process.send_signal(signal.SIGCONT)
 
     def _log_tail(self) -> str:
         try:

@@ -26,6 +26,7 @@ from .redis_fixture import (  # noqa: F401 (fixtures, found by pytest)
     RedisServer,
     redis_server_fixture,
 )
+from .role_backend import role_backend
 from .test_auth import JwksServer
 
 CHECKS = ["config", "data_dir", "keys", "backplane", "permissions", "descriptors"]
@@ -99,6 +100,10 @@ async def test_a_good_setup_passes_every_check(
     assert (tmp_path / "data").is_dir()
     assert lines["data_dir"][1].startswith(f"{tmp_path / 'data'} is writable"), out
     assert lines["descriptors"][1] == "--max-connections 100 fits the open-files limit 1024", out
+    # With a backplane, roles live in its Redis.
+    assert lines["permissions"][1].startswith(
+        f"roles in Redis at 127.0.0.1:{redis_server.port}/0 answer"
+    ), out
 
 
 async def test_development_mode_and_a_jwks_file_pass(tmp_path: Path, dev_key: DevKey) -> None:
@@ -161,3 +166,22 @@ async def test_a_bad_config_is_a_failed_check(tmp_path: Path) -> None:
     assert code == 1
     assert lines["config"][0] == "FAIL" and "need --audience" in lines["config"][1], out
     assert list(lines) == ["config"], "nothing is tried on a configuration serve would refuse"
+
+
+async def test_the_permissions_url_is_asked_and_garbage_fails(tmp_path: Path) -> None:
+    async with role_backend() as backend:
+        url = backend.url("api_key=s3cret")
+        args = ["--data-dir", str(tmp_path), "--permissions-url", url]
+        code, lines, out = await run_check(args)
+        assert code == 0, out
+        assert lines["permissions"] == (
+            "ok",
+            f"the permissions URL http://127.0.0.1:{backend.port}/roles?api_key=*** answers "
+            "a role lookup (null)",
+        ), out
+        backend.misbehave = "unknown_role"
+        code, lines, out = await run_check(args)
+        assert code == 1, out
+        assert lines["permissions"][0] == "FAIL", out
+        assert "expected a role" in lines["permissions"][1], out
+        assert "s3cret" not in out

@@ -240,6 +240,9 @@ async def fuzz_server(
     }
     if backplane is not None:
         flags["backplane"] = backplane
+        # The roles churned here are the data directory's SQLite file's; with a
+        # backplane they would be read from Redis (issue #12).
+        flags["permissions"] = "sqlite"
     command = [sys.executable, "-m", "hubserver", "serve", "--port", "0"]
     command += ["--data-dir", str(data), "--log-level", "info"]
     if processes > 1:

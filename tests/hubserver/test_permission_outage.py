@@ -272,8 +272,9 @@ async def test_watcher_backs_off_logs_once_and_rechecks_after_recovery(
     caplog.set_level(logging.DEBUG, logger="hubserver")
     rechecks = 0
 
-    async def recheck() -> None:
+    async def recheck(pairs: frozenset[tuple[str, str]] | None) -> None:
         nonlocal rechecks
+        assert pairs is None  # a version change without notices: everyone
         rechecks += 1
 
     with SqlitePermissionStore.open(tmp_path) as store, trio.fail_after(10):

@@ -1,12 +1,10 @@
-"""Tests for hubserver.permissions: the rule, both stores, and the CLI functions."""
+"""Tests for hubserver.permissions: the rule, the SQLite store's specifics, and the CLI."""
 
 from __future__ import annotations
 
 import sqlite3
 import subprocess
 import sys
-from collections.abc import Iterator
-from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -16,8 +14,6 @@ from hubcore._errors import HubError
 from hubserver.permissions import (
     MAX_ID_CHARS,
     InMemoryPermissionStore,
-    Member,
-    PermissionStore,
     PermissionStoreError,
     Role,
     SqlitePermissionStore,
@@ -77,134 +73,7 @@ def test_parse_role_lists_valid_names() -> None:
         parse_role("owner")
 
 
-# --- both stores ----------------------------------------------------------------------------
-
-
-@pytest.fixture(params=["sqlite", "memory"])
-def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
-    if request.param == "memory":
-        yield InMemoryPermissionStore()
-        return
-    with SqlitePermissionStore.open(tmp_path) as sqlite_store:
-        yield sqlite_store
-
-
-def test_both_stores_satisfy_the_protocol(tmp_path: Path) -> None:
-    # Checked by mypy: assignment fails if either store drifts from the seam.
-    with SqlitePermissionStore.open(tmp_path) as sqlite_store:
-        stores: list[PermissionStore] = [sqlite_store, InMemoryPermissionStore()]
-        assert len(stores) == 2
-
-
-async def test_grant_replace_revoke(store: Store) -> None:
-    assert await store.role_of("s1", ME) is None
-    store.grant("s1", ME, Role.SITE_USER)
-    assert await store.role_of("s1", ME) is Role.SITE_USER
-    assert await store.role_of("s2", ME) is None  # roles are per site
-    store.grant("s1", ME, Role.SITE_ADMIN)  # one role per subject per site: replaces
-    assert await store.role_of("s1", ME) is Role.SITE_ADMIN
-    assert [m.role for m in store.list("s1")] == [Role.SITE_ADMIN]
-    assert store.revoke("s1", ME) is True
-    assert await store.role_of("s1", ME) is None
-    assert store.revoke("s1", ME) is False
-
-
-async def test_role_of_unknown_is_none(store: Store) -> None:
-    store.grant("s1", ME, Role.SITE_ADMIN)
-    assert await store.role_of("unknown-site", ME) is None
-    assert await store.role_of("s1", "unknown-subject") is None
-    # Ids that could never be granted are simply unknown, not an error.
-    assert await store.role_of("", ME) is None
-    assert await store.role_of("s" * (MAX_ID_CHARS + 1), ME) is None
-
-
-async def test_list(store: Store) -> None:
-    assert store.list() == []
-    before = datetime.now(UTC)
-    store.grant("s2", OTHER, Role.SITE_USER)
-    store.grant("s1", OTHER, Role.SITE_SUPER_USER)
-    store.grant("s1", ME, Role.SITE_ADMIN)
-    members = store.list()
-    assert [(m.site_id, m.subject, m.role) for m in members] == [
-        ("s1", ME, Role.SITE_ADMIN),
-        ("s1", OTHER, Role.SITE_SUPER_USER),
-        ("s2", OTHER, Role.SITE_USER),
-    ]
-    assert all(isinstance(m, Member) and before <= m.granted_at for m in members)
-    assert store.list("s2") == members[2:]
-    assert store.list("nowhere") == []
-
-
-async def test_version_changes_only_on_change(store: Store) -> None:
-    start = await store.version()
-    assert await store.version() == start
-    store.grant("s1", ME, Role.SITE_USER)
-    granted = await store.version()
-    assert granted != start
-    await store.role_of("s1", ME)
-    store.list()
-    assert store.revoke("s1", OTHER) is False  # nothing changed, nothing to re-check
-    assert await store.version() == granted
-    store.revoke("s1", ME)
-    assert await store.version() != granted
-
-
-async def test_grant_many_is_one_change_all_or_nothing(store: Store) -> None:
-    store.grant("s1", ME, Role.SITE_USER)
-    start = await store.version()
-    grants = [(f"s{index}", ME, Role.SITE_ADMIN) for index in range(1, 6)]
-    grants.append(("s2", OTHER, Role.SITE_USER))
-    assert store.grant_many(grants) == 6
-    # One version step for the lot: a server re-checks its connections once.
-    assert await store.version() == start + 1
-    assert await store.role_of("s1", ME) is Role.SITE_ADMIN  # replaced, like grant
-    assert [(m.site_id, m.subject, m.role) for m in store.list("s2")] == [
-        ("s2", ME, Role.SITE_ADMIN),
-        ("s2", OTHER, Role.SITE_USER),
-    ]
-
-    # A bad row anywhere: nothing of the call is written, and the version stays.
-    bad = [("s7", ME, Role.SITE_ADMIN), ("s8", "", Role.SITE_ADMIN)]
-    with pytest.raises(ValueError, match="grant 1: subject must be a non-empty string"):
-        store.grant_many(bad)
-    with pytest.raises(ValueError, match="grant 0: role must be a Role"):
-        store.grant_many([("s9", ME, "site_admin")])  # type: ignore[list-item]
-    assert await store.role_of("s7", ME) is None
-    assert await store.version() == start + 1
-    assert store.grant_many([]) == 0
-    assert await store.version() == start + 1
-
-
-@pytest.mark.parametrize(
-    ("site_id", "subject", "message"),
-    [
-        ("", ME, "site_id must be a non-empty string"),
-        ("s" * (MAX_ID_CHARS + 1), ME, f"at most {MAX_ID_CHARS} characters"),
-        (42, ME, "site_id .* got a int"),
-        ("s1", "", "subject must be a non-empty string"),
-        ("s1", None, "subject .* got a NoneType"),
-    ],
-)
-def test_ids_are_validated(store: Store, site_id: str, subject: str, message: str) -> None:
-    with pytest.raises(ValueError, match=message):
-        store.grant(site_id, subject, Role.SITE_USER)
-    with pytest.raises(ValueError, match=message):
-        store.revoke(site_id, subject)
-    assert store.list() == []
-
-
-def test_longest_id_is_accepted(store: Store) -> None:
-    longest = "s" * MAX_ID_CHARS
-    store.grant(longest, longest, Role.SITE_USER)
-    assert [m.site_id for m in store.list(longest)] == [longest]
-
-
-def test_role_and_list_filter_are_validated(store: Store) -> None:
-    with pytest.raises(ValueError, match="role must be a Role, got a str"):
-        store.grant("s1", ME, "site_admin")  # type: ignore[arg-type]  # the point of the test
-    with pytest.raises(ValueError, match="site_id must be"):
-        store.list("")
-    assert store.list() == []
+# The stores' shared contract is in test_permission_stores.py.
 
 
 # --- SQLite specifics -----------------------------------------------------------------------

@@ -1,0 +1,378 @@
+"""`RedisPermissionStore`: roles in the Redis every node of a fleet shares.
+
+Keys (``P`` is ``key_prefix``, the backplane's by default; its keys are
+``P:seq:...``, ``P:hist:...``, ``P:id:...``, so these never meet them):
+
+- ``P:perm:site:SITE``: a hash per site, ``subject -> "ROLE GRANTED_AT"``
+  (the role's value, a space, the grant's ISO 8601 UTC time). The site id is
+  the rest of the key, colons and all: the prefix before it is fixed.
+- ``P:perm:sites``: the set of sites that have members (for ``list``).
+- ``P:perm:version``: a counter ``INCR``-ed once per grant, bulk grant or
+  actual revoke.
+
+Every change is one Lua script: it writes, bumps the version, and publishes a
+notice (see ``_notices``) on ``P:perm:changes`` naming the version and the
+pairs (or none past ``max_notice_pairs``: nodes then re-check everyone).
+Redis runs a script atomically, so a node that receives a notice reads the
+change it announces, and notices arrive in version order.
+
+A lookup is one ``HGET`` (the server caches answers per connection open, see
+``CachedPermissionStore``); ``version`` is one ``GET``. Every command runs
+under ``fail_after(op_timeout)``, from the wait for a pooled connection to
+the reply; any failure raises `PermissionStoreUnavailable` (the server keeps
+open connections on the roles they had and answers new ones 503). A value
+that is not one of our roles is never taken for a grant: it is a failure too.
+"""
+
+from __future__ import annotations
+
+import builtins
+import logging
+from collections.abc import Awaitable, Callable, Iterable
+from datetime import UTC, datetime
+from functools import partial
+from types import TracebackType
+from typing import Final, Self
+
+import trio
+
+from hubserver.backplane import BackplaneError, RedisConnection, parse_redis_url
+
+# The backplane's Redis client: its pool, and scripts by EVALSHA with an EVAL fallback.
+from hubserver.backplane._redis import _ConnectionPool, _evaluate, _Script
+from hubserver.backplane._resp import Arg, Reply
+
+from ._model import Member, Role, check_id, check_role, is_id
+from ._notices import NoticeChannel, channel_name, encode_notice
+from ._store import PermissionChange, PermissionStoreError, PermissionStoreUnavailable
+
+__all__ = ["DEFAULT_KEY_PREFIX", "RedisPermissionStore"]
+
+log = logging.getLogger("hubserver")
+
+DEFAULT_KEY_PREFIX: Final = "hubserver"
+#: Pairs one notice names at most; a bigger change asks nodes to re-check everyone.
+MAX_NOTICE_PAIRS: Final = 1000
+
+_GRANT: Final = _Script.of("""
+-- KEYS[1]: the sites set; KEYS[2]: the version; KEYS[2 + i]: row i's site hash.
+-- ARGV[1]: the channel; ARGV[2]: pairs a notice names at most; then three per
+-- row: site, subject, value. Returns the new version.
+local count = #KEYS - 2
+for i = 1, count do
+  local a = 3 + (i - 1) * 3
+  redis.call('HSET', KEYS[2 + i], ARGV[a + 1], ARGV[a + 2])
+  redis.call('SADD', KEYS[1], ARGV[a])
+end
+local version = redis.call('INCR', KEYS[2])
+local named = false
+if count <= tonumber(ARGV[2]) then
+  named = {}
+  for i = 1, count do
+    local a = 3 + (i - 1) * 3
+    named[i] = {ARGV[a], ARGV[a + 1]}
+  end
+end
+redis.call('PUBLISH', ARGV[1], cmsgpack.pack({version, named}))
+return version
+""")
+
+_REVOKE: Final = _Script.of("""
+-- KEYS[1]: the sites set; KEYS[2]: the version; KEYS[3]: the site's hash.
+-- ARGV[1]: the channel; ARGV[2]: the site; ARGV[3]: the subject.
+-- Returns 1 if the subject had a role there, else 0 (and nothing changes).
+if redis.call('HDEL', KEYS[3], ARGV[3]) == 0 then
+  return 0
+end
+if redis.call('EXISTS', KEYS[3]) == 0 then
+  redis.call('SREM', KEYS[1], ARGV[2])
+end
+local version = redis.call('INCR', KEYS[2])
+redis.call('PUBLISH', ARGV[1], cmsgpack.pack({version, {{ARGV[2], ARGV[3]}}}))
+return 1
+""")
+
+
+class RedisPermissionStore:
+    """A `PermissionStore` (and `ChangeFeed`) over Redis; see the module docstring.
+
+    Args:
+        url: ``redis://[[USER]:PASSWORD@]HOST[:PORT][/DB]``, the backplane's.
+        key_prefix: the prefix of every key and of the channel.
+        op_timeout: the deadline of one command, from waiting for a pooled
+            connection to the reply, in seconds.
+        ping_interval: how long the notice subscription may stay silent
+            before it is probed with ``PING``, in seconds.
+        max_connections: command connections at most (the subscription has its own).
+        max_notice_pairs: pairs a notice names at most.
+
+    Close it with ``aclose`` (or ``async with``).
+
+    Raises:
+        PermissionStoreError: ``url`` is not a redis:// URL.
+        ValueError: a duration or count is not positive.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        key_prefix: str = DEFAULT_KEY_PREFIX,
+        op_timeout: float = 2.0,
+        ping_interval: float = 5.0,
+        max_connections: int = 4,
+        max_notice_pairs: int = MAX_NOTICE_PAIRS,
+    ) -> None:
+        for name, value in (
+            ("op_timeout", op_timeout),
+            ("ping_interval", ping_interval),
+            ("max_connections", max_connections),
+            ("max_notice_pairs", max_notice_pairs),
+        ):
+            if not value > 0:
+                raise ValueError(f"{name} must be positive, got {value}")
+        try:
+            self._address = parse_redis_url(url)
+        except BackplaneError as exc:
+            raise PermissionStoreError(f"permission store: {exc}") from exc
+        self._op_timeout = op_timeout
+        self._max_notice_pairs = max_notice_pairs
+        self._pool = _ConnectionPool(self._address, max_connections)
+        self._site_key_prefix = f"{key_prefix}:perm:site:"
+        self._sites_key = f"{key_prefix}:perm:sites"
+        self._version_key = f"{key_prefix}:perm:version"
+        self._channel = channel_name(key_prefix)
+        self._notices = NoticeChannel(
+            self._address,
+            self._channel,
+            pool=self._pool,
+            op_timeout=op_timeout,
+            ping_interval=ping_interval,
+        )
+        self._is_available = True
+        self._on_change: Callable[[PermissionChange], None] | None = None
+
+    async def aclose(self) -> None:
+        """Close the idle connections (the store stays usable: it reconnects)."""
+        await self._pool.close_idle()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    # -- PermissionStore -------------------------------------------------------------
+
+    async def role_of(self, site_id: str, subject: str) -> Role | None:
+        """See `PermissionStore.role_of`: one ``HGET``."""
+        if not is_id(site_id) or not is_id(subject):
+            await trio.lowlevel.checkpoint()
+            return None  # never granted, so unknown: not worth a round trip
+        reply = await self._call(
+            "a role lookup", lambda conn: conn.execute("HGET", self._site_key(site_id), subject)
+        )
+        if reply is None:
+            return None
+        parsed = _parse_value(reply)
+        if parsed is None:
+            # Never taken for a grant: a value someone else wrote, or a bug of ours.
+            raise self._unavailable("the role of a subject on a site is not one of ours")
+        return parsed[0]
+
+    async def version(self) -> int:
+        """See `PermissionStore.version`: one ``GET``."""
+        reply = await self._call("the version", lambda conn: conn.execute("GET", self._version_key))
+        if reply is None:
+            return 0
+        if isinstance(reply, bytes) and reply.isdigit():
+            return int(reply)
+        raise self._unavailable(f"Redis key {self._version_key} does not hold a version")
+
+    @property
+    def is_available(self) -> bool:
+        """False since a command failed or missed its deadline, until one succeeds."""
+        return self._is_available
+
+    # -- ChangeFeed --------------------------------------------------------------------
+
+    async def watch_changes(self, on_change: Callable[[PermissionChange], None]) -> None:
+        """See `ChangeFeed.watch_changes`: the subscription to the notices' channel."""
+        self._on_change = on_change
+        try:
+            await self._notices.run(on_change)
+        finally:
+            self._on_change = None
+
+    async def announce(self, site_id: str, subject: str) -> None:
+        """See `ChangeFeed.announce`: a notice without a version (nothing changed in Redis).
+
+        Raises:
+            PermissionStoreUnavailable: Redis could not take it; the notice
+                was applied on this node only.
+        """
+        pairs = frozenset({(site_id, subject)})
+        try:
+            # This node hears it back from the channel, like every other node.
+            await self._notices.publish(encode_notice(None, pairs))
+        except PermissionStoreUnavailable:
+            if self._on_change is not None:
+                self._on_change(PermissionChange(pairs=pairs))
+            raise
+
+    # -- members: what ``hubserver members`` does --------------------------------------
+
+    async def grant(self, site_id: str, subject: str, role: Role) -> None:
+        """Give ``subject`` ``role`` on ``site_id``, replacing any role it had there.
+
+        Raises:
+            ValueError: an id is empty, too long or not a string, or role is not a Role.
+            PermissionStoreError: Redis failed (the message says whether the
+                grant may have been applied).
+        """
+        row = (check_id("site_id", site_id), check_id("subject", subject), check_role(role))
+        await self._grant_rows([row])
+
+    async def grant_many(self, grants: Iterable[tuple[str, str, Role]]) -> int:
+        """Give each ``(site_id, subject, role)`` in one script: all or none, one version step.
+
+        A later row for the same site and subject wins.
+
+        Returns:
+            How many rows were given.
+
+        Raises:
+            ValueError: an id or role is bad (naming the row by its index);
+                nothing is written.
+            PermissionStoreError: Redis failed.
+        """
+        rows = []
+        for index, (site_id, subject, role) in enumerate(grants):
+            try:
+                rows.append(
+                    (check_id("site_id", site_id), check_id("subject", subject), check_role(role))
+                )
+            except ValueError as exc:
+                raise ValueError(f"grant {index}: {exc}") from exc
+        if not rows:
+            await trio.lowlevel.checkpoint()
+            return 0
+        await self._grant_rows(rows)
+        return len(rows)
+
+    async def revoke(self, site_id: str, subject: str) -> bool:
+        """Remove ``subject``'s role on ``site_id``; False if it had none (nothing changes).
+
+        Raises:
+            ValueError: an id is empty, too long or not a string.
+            PermissionStoreError: Redis failed.
+        """
+        check_id("site_id", site_id)
+        check_id("subject", subject)
+        keys: list[Arg] = [self._sites_key, self._version_key, self._site_key(site_id)]
+        args: list[Arg] = [self._channel, site_id, subject]
+        reply = await self._call(
+            "a revoke", lambda conn: _evaluate(conn, _REVOKE, keys, args), is_write=True
+        )
+        return reply == 1
+
+    async def list(self, site_id: str | None = None) -> builtins.list[Member]:
+        """The members of one site (or of all sites), sorted by site and subject.
+
+        Raises:
+            ValueError: ``site_id`` is given but empty, too long or not a string.
+            PermissionStoreError: Redis failed, or holds something that is not a grant.
+        """
+        if site_id is not None:
+            sites = [check_id("site_id", site_id)]
+        else:
+            reply = await self._call(
+                "the list of sites", lambda conn: conn.execute("SMEMBERS", self._sites_key)
+            )
+            if not isinstance(reply, builtins.list):
+                raise self._unavailable(f"Redis key {self._sites_key} is not a set")
+            sites = sorted(_text(item) for item in reply)
+        members = []
+        for site in sites:
+            key = self._site_key(site)
+            reply = await self._call("a site's members", partial(_hgetall, key=key))
+            if not isinstance(reply, builtins.list) or len(reply) % 2:
+                raise self._unavailable(f"Redis key {key} is not a hash")
+            for name, value in zip(reply[::2], reply[1::2], strict=True):
+                parsed = _parse_value(value)
+                if parsed is None:
+                    raise PermissionStoreError(
+                        f"Redis key {key} holds a role that is not one of ours"
+                    )
+                members.append(
+                    Member(site_id=site, subject=_text(name), role=parsed[0], granted_at=parsed[1])
+                )
+        return sorted(members, key=lambda member: (member.site_id, member.subject))
+
+    # -- internals ---------------------------------------------------------------------
+
+    def _site_key(self, site_id: str) -> str:
+        return self._site_key_prefix + site_id
+
+    async def _grant_rows(self, rows: builtins.list[tuple[str, str, Role]]) -> None:
+        granted_at = datetime.now(UTC).isoformat()
+        keys: list[Arg] = [self._sites_key, self._version_key]
+        args: list[Arg] = [self._channel, self._max_notice_pairs]
+        for site_id, subject, role in rows:
+            keys.append(self._site_key(site_id))
+            args += [site_id, subject, f"{role.value} {granted_at}"]
+        await self._call("a grant", lambda conn: _evaluate(conn, _GRANT, keys, args), is_write=True)
+
+    def _unavailable(self, message: str) -> PermissionStoreUnavailable:
+        self._is_available = False
+        return PermissionStoreUnavailable(f"Redis at {self._address}: {message}")
+
+    async def _call(
+        self,
+        what: str,
+        operation: Callable[[RedisConnection], Awaitable[Reply]],
+        *,
+        is_write: bool = False,
+    ) -> Reply:
+        """Run ``operation`` on a pooled connection under the deadline; map failures to ours."""
+        maybe = "; it may or may not have been applied" if is_write else ""
+        try:
+            with trio.fail_after(self._op_timeout):
+                async with self._pool.connection() as conn:
+                    reply = await operation(conn)
+        except trio.TooSlowError as exc:
+            await self._pool.close_idle()  # the others most likely died with this one
+            raise self._unavailable(
+                f"no answer to {what} within {self._op_timeout:g} s{maybe}"
+            ) from exc
+        except BackplaneError as exc:
+            await self._pool.close_idle()
+            raise self._unavailable(f"{what} failed{maybe}: {exc}") from exc
+        self._is_available = True
+        return reply
+
+
+def _parse_value(value: Reply) -> tuple[Role, datetime] | None:
+    """``b"ROLE GRANTED_AT"`` as a role and a time, or None if it is not that."""
+    if not isinstance(value, bytes):
+        return None
+    role_text, _, granted_text = value.partition(b" ")
+    try:
+        return Role(role_text.decode()), datetime.fromisoformat(granted_text.decode())
+    except (UnicodeDecodeError, ValueError):
+        return None
+
+
+async def _hgetall(conn: RedisConnection, *, key: str) -> Reply:
+    return await conn.execute("HGETALL", key)
+
+
+def _text(value: Reply) -> str:
+    if isinstance(value, bytes):
+        return value.decode(errors="replace")
+    raise PermissionStoreError(f"expected a string from Redis, got {type(value).__name__}")

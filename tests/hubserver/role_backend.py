@@ -1,0 +1,146 @@
+"""A real HTTP server on 127.0.0.1 standing in for the access-control backend.
+
+``GET /roles?site_id=S&subject=U`` answers ``{"role": ...}`` from ``roles``,
+over keep-alive HTTP/1.1 (h11). ``misbehave`` makes it answer what a broken
+backend would: another status, a redirect, garbage, an oversized body, a
+stall, or a closed connection. It counts connections and records requests.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from functools import partial
+from typing import Literal
+from urllib.parse import parse_qsl, urlsplit
+
+import h11
+import trio
+
+__all__ = ["Misbehaviour", "RoleBackend", "role_backend"]
+
+Misbehaviour = Literal[
+    "status_500",
+    "redirect",
+    "not_json",
+    "json_list",
+    "no_role_key",
+    "unknown_role",
+    "role_not_string",
+    "too_large",
+    "stall",
+    "close",
+    "deep_json",
+]
+
+
+class RoleBackend:
+    def __init__(self) -> None:
+        self.roles: dict[tuple[str, str], str | None] = {}
+        self.requests: list[tuple[str, str]] = []
+        self.connections = 0
+        self.misbehave: Misbehaviour | None = None
+        #: Seconds each answer waits before it is sent.
+        self.delay = 0.0
+        self.port = 0
+        #: The query parameters the URL had before site_id and subject.
+        self.extra_query: dict[str, str] = {}
+        # Connections waiting for their next request (what a keep-alive timeout closes).
+        self._idle: set[trio.SocketStream] = set()
+
+    def url(self, query: str = "") -> str:
+        return f"http://127.0.0.1:{self.port}/roles" + (f"?{query}" if query else "")
+
+    async def handle(self, stream: trio.SocketStream) -> None:
+        self.connections += 1
+        conn = h11.Connection(our_role=h11.SERVER)
+        try:
+            while True:
+                event = conn.next_event()
+                if event is h11.NEED_DATA:
+                    if conn.their_state is h11.IDLE:
+                        self._idle.add(stream)
+                    try:
+                        data = await stream.receive_some(16384)
+                    finally:
+                        self._idle.discard(stream)
+                    conn.receive_data(data)
+                    if not data and conn.their_state is h11.IDLE:
+                        return
+                    continue
+                if isinstance(event, h11.ConnectionClosed):
+                    return
+                if isinstance(event, h11.Request):
+                    target = event.target.decode()
+                elif isinstance(event, h11.EndOfMessage):
+                    if not await self._answer(stream, conn, target):
+                        return
+                    if conn.our_state is h11.MUST_CLOSE:
+                        return
+                    conn.start_next_cycle()
+        except (trio.BrokenResourceError, trio.ClosedResourceError, h11.ProtocolError):
+            return
+        finally:
+            await trio.aclose_forcefully(stream)
+
+    async def close_idle(self) -> int:
+        """Close the connections waiting for a request, as a keep-alive timeout does."""
+        idle, self._idle = self._idle, set()
+        for stream in idle:
+            await trio.aclose_forcefully(stream)
+        return len(idle)
+
+    async def _answer(self, stream: trio.SocketStream, conn: h11.Connection, target: str) -> bool:
+        query = dict(parse_qsl(urlsplit(target).query))
+        pair = (query.pop("site_id", ""), query.pop("subject", ""))
+        self.extra_query = query
+        self.requests.append(pair)
+        if self.delay:
+            await trio.sleep(self.delay)
+        status, body = 200, json.dumps({"role": self.roles.get(pair)}).encode()
+        headers = [("Content-Type", "application/json")]
+        match self.misbehave:
+            case None:
+                pass
+            case "status_500":
+                status, body = 500, b'{"role": "site_admin"}'
+            case "redirect":
+                status, body = 302, b'{"role": "site_admin"}'
+                headers.append(("Location", "/elsewhere"))
+            case "not_json":
+                body = b"<html>site_admin</html>"
+            case "json_list":
+                body = b'["site_admin"]'
+            case "no_role_key":
+                body = b'{"rights": "site_admin"}'
+            case "unknown_role":
+                body = b'{"role": "Site Admin"}'
+            case "role_not_string":
+                body = b'{"role": 1}'
+            case "too_large":
+                body = b'{"role": "site_admin", "pad": "' + b"x" * 100_000 + b'"}'
+            case "deep_json":
+                body = b"[" * 5000 + b"]" * 5000
+            case "stall":
+                await trio.sleep_forever()
+            case "close":
+                return False
+        headers.append(("Content-Length", str(len(body))))
+        await stream.send_all(conn.send(h11.Response(status_code=status, headers=headers)) or b"")
+        await stream.send_all(conn.send(h11.Data(data=body)) or b"")
+        await stream.send_all(conn.send(h11.EndOfMessage()) or b"")
+        return True
+
+
+@asynccontextmanager
+async def role_backend() -> AsyncIterator[RoleBackend]:
+    """A running `RoleBackend` on a free port; stopped at the end of the block."""
+    backend = RoleBackend()
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(
+            partial(trio.serve_tcp, backend.handle, 0, host="127.0.0.1")
+        )
+        backend.port = listeners[0].socket.getsockname()[1]
+        yield backend
+        nursery.cancel_scope.cancel()

@@ -1,0 +1,211 @@
+"""The permission watcher's two inputs: the version poll and change notices.
+
+The store here is the I/O boundary: a version the test sets (and can make
+fail); notices are put in the watcher's ``ChangeQueue`` as a store's
+``watch_changes`` would. The clock is trio's autojump clock (a test function must ask for it).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import pytest
+import trio
+from trio.testing import MockClock
+
+from hubserver.permissions import (
+    ChangeQueue,
+    PermissionChange,
+    PermissionStoreUnavailable,
+    Role,
+    watch_permissions,
+)
+
+POLL = 1.0
+Pairs = frozenset[tuple[str, str]]
+
+
+class Versions:
+    """A store reduced to its version."""
+
+    def __init__(self) -> None:
+        self.value = 0
+        self.is_failing = False
+
+    async def role_of(self, site_id: str, subject: str) -> Role | None:
+        raise AssertionError("the watcher never looks up roles itself")
+
+    async def version(self) -> int:
+        await trio.lowlevel.checkpoint()
+        if self.is_failing:
+            raise PermissionStoreUnavailable("down")
+        return self.value
+
+    @property
+    def is_available(self) -> bool:
+        return not self.is_failing
+
+
+@dataclass
+class Rechecks:
+    calls: list[tuple[float, Pairs | None]] = field(default_factory=list)
+    failures_left: int = 0
+
+    async def __call__(self, pairs: Pairs | None) -> None:
+        await trio.lowlevel.checkpoint()
+        if self.failures_left:
+            self.failures_left -= 1
+            raise PermissionStoreUnavailable("down mid-way")
+        self.calls.append((trio.current_time(), pairs))
+
+    @property
+    def full(self) -> list[float]:
+        return [at for at, pairs in self.calls if pairs is None]
+
+    @property
+    def targeted(self) -> list[Pairs]:
+        return [pairs for _, pairs in self.calls if pairs is not None]
+
+
+@dataclass
+class Watched:
+    store: Versions
+    rechecks: Rechecks
+    changes: ChangeQueue
+
+    def notice(self, *pairs: tuple[str, str], version: int | None = None) -> None:
+        self.changes.put(PermissionChange(pairs=frozenset(pairs), version=version))
+
+    def change(self, *pairs: tuple[str, str]) -> None:
+        """A change in the store and its notice."""
+        self.store.value += 1
+        self.notice(*pairs, version=self.store.value)
+
+
+@pytest.fixture
+async def watched(nursery: trio.Nursery, request: pytest.FixtureRequest) -> AsyncIterator[Watched]:
+    has_feed: bool = getattr(request, "param", True)  # False: parametrized indirectly
+    w = Watched(Versions(), Rechecks(), ChangeQueue(max_pairs=5))
+    nursery.start_soon(
+        lambda: watch_permissions(
+            w.store, w.rechecks, poll_interval=POLL, changes=w.changes, has_feed=has_feed
+        )
+    )
+    await trio.sleep(0.1)  # the first poll: the version it starts from
+    yield w
+    nursery.cancel_scope.cancel()
+
+
+async def test_notices_re_check_their_pairs_at_once_and_nothing_else(
+    watched: Watched, autojump_clock: MockClock
+) -> None:
+    watched.change(("s1", "alice"))
+    await trio.sleep(0.01)
+    assert watched.rechecks.targeted == [{("s1", "alice")}]
+    watched.change(("s1", "bob"), ("s2", "bob"))
+    watched.notice(("s3", "carol"))  # a notice that changed no version (an announce)
+    await trio.sleep(10 * POLL)
+    assert watched.rechecks.targeted == [
+        {("s1", "alice")},
+        {("s1", "bob"), ("s2", "bob"), ("s3", "carol")},
+    ]
+    assert watched.rechecks.full == []
+
+
+async def test_a_skipped_version_means_a_lost_notice(
+    watched: Watched, autojump_clock: MockClock
+) -> None:
+    watched.store.value += 1  # its notice never comes
+    watched.change(("s1", "alice"))
+    await trio.sleep(0.01)
+    assert len(watched.rechecks.full) == 1
+
+
+async def test_a_version_without_its_notice_re_checks_everyone_one_poll_later(
+    watched: Watched, autojump_clock: MockClock
+) -> None:
+    changed_at = trio.current_time()
+    watched.store.value += 1
+    await trio.sleep(3 * POLL)
+    (full_at,) = watched.rechecks.full
+    assert changed_at + POLL <= full_at <= changed_at + 2 * POLL + 0.01
+    assert watched.rechecks.targeted == []
+
+
+async def test_a_notice_still_on_its_way_at_a_poll_is_waited_for(
+    watched: Watched, autojump_clock: MockClock
+) -> None:
+    watched.store.value += 1
+    await trio.sleep(1.5 * POLL)  # a poll has seen the version ahead of the notices
+    watched.notice(("s1", "alice"), version=watched.store.value)
+    await trio.sleep(10 * POLL)
+    assert watched.rechecks.full == []
+    assert watched.rechecks.targeted == [{("s1", "alice")}]
+
+
+async def test_a_version_that_went_back_re_checks_everyone_at_once(
+    watched: Watched, autojump_clock: MockClock
+) -> None:
+    watched.change(("s1", "alice"))
+    await trio.sleep(POLL)
+    watched.store.value = 0  # an emptied Redis
+    await trio.sleep(POLL + 0.01)
+    assert len(watched.rechecks.full) == 1
+
+
+async def test_a_flood_of_pairs_becomes_one_re_check_of_everyone(
+    watched: Watched, autojump_clock: MockClock
+) -> None:
+    for index in range(6):  # the queue holds 5
+        watched.change((f"s{index}", "alice"))
+    await trio.sleep(0.01)
+    assert len(watched.rechecks.full) == 1
+    assert watched.rechecks.targeted == []
+    await trio.sleep(5 * POLL)
+    assert len(watched.rechecks.full) == 1  # the poll agrees with the notices since
+
+
+async def test_a_notice_without_pairs_re_checks_everyone(
+    watched: Watched, autojump_clock: MockClock
+) -> None:
+    watched.changes.put(PermissionChange(pairs=None))  # a subscription was lost
+    await trio.sleep(0.01)
+    assert len(watched.rechecks.full) == 1
+
+
+async def test_a_targeted_re_check_cut_short_is_redone_for_everyone(
+    watched: Watched, autojump_clock: MockClock
+) -> None:
+    watched.rechecks.failures_left = 1
+    watched.change(("s1", "alice"))
+    await trio.sleep(2 * POLL)  # the retry, after poll_interval
+    assert watched.rechecks.targeted == []
+    assert len(watched.rechecks.full) == 1
+
+
+async def test_notices_wait_while_the_store_is_down_then_everyone_is_re_checked(
+    watched: Watched, autojump_clock: MockClock
+) -> None:
+    watched.store.is_failing = True
+    await trio.sleep(2 * POLL)
+    watched.change(("s1", "alice"))
+    await trio.sleep(POLL)
+    assert watched.rechecks.calls == []
+    watched.store.is_failing = False
+    await trio.sleep(10 * POLL)
+    assert len(watched.rechecks.full) == 1
+    assert watched.rechecks.targeted == []
+
+
+@pytest.mark.parametrize("watched", [False], indirect=True, ids=["no feed"])
+async def test_without_a_feed_a_new_version_re_checks_everyone_at_the_poll(
+    watched: Watched, autojump_clock: MockClock
+) -> None:
+    watched.store.value += 1
+    await trio.sleep(POLL + 0.01)
+    assert len(watched.rechecks.full) == 1
+    # A notice (the change endpoint, for a store without a feed) is still targeted.
+    watched.notice(("s1", "alice"))
+    await trio.sleep(0.01)
+    assert watched.rechecks.targeted == [{("s1", "alice")}]
