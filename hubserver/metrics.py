@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import os
 import resource
-from collections.abc import Iterable
 from typing import TYPE_CHECKING, Final
 
 from prometheus_client import (
@@ -183,6 +182,8 @@ class Metrics:
         # What each sync has already counted of the server's own counters.
         self._seen: dict[object, int] = {}
         self._store_was_up = True
+        # The label sets of the open-connections gauge last set: gone ones go to 0.
+        self._open_labels: set[tuple[str, str, str]] = set()
 
     # -- live counting (once per request or round) ------------------------------------
 
@@ -249,7 +250,7 @@ class Metrics:
             if labels is not None:
                 by_labels[labels] = by_labels.get(labels, 0) + 1
             queued += session.queued_bytes
-        for labels in list(self._seen_labels()):
+        for labels in self._open_labels:
             if labels not in by_labels:
                 self.connections_open.labels(*labels).set(0)
         for labels, count in by_labels.items():
@@ -264,9 +265,6 @@ class Metrics:
         self.permission_store_up.set(1 if store_up else 0)
         if self.is_multiprocess:
             self._process()
-
-    def _seen_labels(self) -> Iterable[tuple[str, str, str]]:
-        return getattr(self, "_open_labels", ())
 
     def _process(self) -> None:
         usage = resource.getrusage(resource.RUSAGE_SELF)
