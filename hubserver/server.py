@@ -121,6 +121,7 @@ def build_memory_backplane(config: ServerConfig) -> MemoryBackplane:
         dedupe_window=config.dedupe_window,
         max_dedupe_ids=config.max_dedupe_ids,
         max_sites=config.max_history_sites,
+        max_history_bytes=config.max_history_bytes,
     )
 
 

@@ -24,11 +24,11 @@ from typing import Final
 import trio
 from prometheus_client.multiprocess import mark_process_dead
 
-from .backplane import Backplane, BrokerServer, MemoryBackplane
+from .backplane import Backplane, BrokerServer
 from .config import ServerConfig
 from .metrics import MULTIPROCESS_ENV
 from .routing import Broker, Router
-from .server import build_backplane
+from .server import build_backplane, build_memory_backplane
 
 __all__ = ["PARENT_GONE_EXIT_TIMEOUT", "run_workers", "watch_parent", "worker_count"]
 
@@ -101,12 +101,7 @@ async def run_workers(
     if config.backplane is None:
         path = config.data_dir / f"broker-{os.getpid()}.sock"
         broker = BrokerServer(
-            MemoryBackplane(
-                history_size=config.history_size,
-                dedupe_window=config.dedupe_window,
-                max_dedupe_ids=config.max_dedupe_ids,
-                max_sites=config.max_history_sites,
-            ),
+            build_memory_backplane(config),
             path,
             max_queue_bytes=config.broker_max_queue_bytes,
         )

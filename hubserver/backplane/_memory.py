@@ -13,7 +13,14 @@ Memory is bounded against publishers that invent ids and sites:
   again). A warning is logged when that starts.
 - Sites: at most ``max_sites`` (hub, site) pairs keep a counter and a history
   (at most ``history_size`` events each); the least recently published (or
-  read) one is forgotten first. This process holds the only copy, so a
+  read) one is forgotten first.
+- History bytes: all histories together hold at most ``max_history_bytes``
+  (each event counted as its text, its id strings and a fixed overhead for
+  the objects that hold them). Past it, the oldest events of the least
+  recently used site with any history go first; the site keeps its counter,
+  so a client resuming there gets a ``Gap`` for what went, never a wrong
+  replay. Counts alone did not bound memory: 10,000 sites of 1,000 events of
+  up to a megabyte each is far past any machine. This process holds the only copy, so a
   client resuming on a forgotten site gets a ``Gap``. Its numbering must not
   start over at 1, where a connected client would take new events for ones it
   already has: every site created after a site was forgotten starts after the
@@ -28,7 +35,7 @@ import uuid
 from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
 from itertools import islice
-from typing import ClassVar
+from typing import ClassVar, Final
 
 import trio
 
@@ -43,12 +50,31 @@ _SiteKey = tuple[str, str]  # (hub, site_id)
 _IdKey = tuple[str, str, str]  # (hub, site_id, event id): the scope of an id
 
 
-class _Site:
-    __slots__ = ("history", "last_seq")
+#: Bytes an event costs beyond its strings' characters: the NumberedEvent, the
+#: string objects' headers and its deque slot (tracemalloc: ~330 on CPython 3.12).
+EVENT_OVERHEAD: Final = 400
 
-    def __init__(self, last_seq: int, history_size: int) -> None:
+
+def held_bytes(event: NumberedEvent) -> int:
+    """What keeping ``event`` in a history costs, as ``max_history_bytes`` counts it."""
+    user = event.user_id
+    return (
+        len(event.text)
+        + len(event.event_id)
+        + len(event.site_id)
+        + (len(user) if user is not None else 0)
+        + EVENT_OVERHEAD
+    )
+
+
+class _Site:
+    __slots__ = ("bytes", "history", "last_seq")
+
+    def __init__(self, last_seq: int) -> None:
         self.last_seq = last_seq
-        self.history: deque[NumberedEvent] = deque(maxlen=history_size)
+        # Bounded by MemoryBackplane (history_size events, max_history_bytes overall).
+        self.history: deque[NumberedEvent] = deque()
+        self.bytes = 0
 
 
 class MemoryBackplane:
@@ -61,6 +87,8 @@ class MemoryBackplane:
             published again (0 turns deduplication off).
         max_dedupe_ids: ids remembered at most (see the module docstring).
         max_sites: (hub, site) pairs with a counter and history kept at most.
+        max_history_bytes: bytes all histories hold together, at most (see
+            ``held_bytes``; the module docstring says what goes first).
         clock: monotonic seconds (``trio.current_time`` by default).
     """
 
@@ -75,12 +103,14 @@ class MemoryBackplane:
         dedupe_window: float = 600.0,
         max_dedupe_ids: int = 100_000,
         max_sites: int = 10_000,
+        max_history_bytes: int = 1 << 30,
         clock: Callable[[], float] = trio.current_time,
     ) -> None:
         for name, value in (
             ("history_size", history_size),
             ("max_dedupe_ids", max_dedupe_ids),
             ("max_sites", max_sites),
+            ("max_history_bytes", max_history_bytes),
         ):
             if value < 1:
                 raise ValueError(f"{name} must be positive, got {value}")
@@ -90,11 +120,17 @@ class MemoryBackplane:
         self._dedupe_window = dedupe_window
         self._max_dedupe_ids = max_dedupe_ids
         self._max_sites = max_sites
+        self._max_history_bytes = max_history_bytes
         self._clock = clock
         # A new process is a new numbering: nothing of a previous one survives.
         self._epoch = uuid.uuid4().hex
         # Least recently used first.
         self._sites: OrderedDict[_SiteKey, _Site] = OrderedDict()
+        # The sites with any history, in the same order: trimming for bytes
+        # starts at the first without walking past sites already emptied.
+        self._holding: OrderedDict[_SiteKey, _Site] = OrderedDict()
+        self._history_bytes = 0
+        self._has_trimmed = False
         # The highest seq a forgotten site reached: new sites number after it.
         self._floor = 0
         self._has_forgotten = False
@@ -113,6 +149,11 @@ class MemoryBackplane:
     def site_count(self) -> int:
         """(hub, site) pairs with a counter and history in memory."""
         return len(self._sites)
+
+    @property
+    def history_bytes(self) -> int:
+        """Bytes all histories hold, as ``max_history_bytes`` counts them."""
+        return self._history_bytes
 
     @property
     def dedupe_count(self) -> int:
@@ -140,7 +181,7 @@ class MemoryBackplane:
             site = self._site(event.hub, event.site_id)
             seq = site.last_seq = site.last_seq + 1
             item = number(event, seq, self._epoch)
-            site.history.append(item)
+            self._keep(event.hub, event.site_id, site, item)
             numbered.append(item)
             returned.append(item)
             if is_deduping:
@@ -159,6 +200,8 @@ class MemoryBackplane:
             # Never seen, or forgotten: its seqs so far are at most the floor.
             return History(events=[], first_seq=None, last_seq=self._floor, epoch=self._epoch)
         self._sites.move_to_end(site_key)
+        if site_key in self._holding:
+            self._holding.move_to_end(site_key)
         kept = site.history
         if not kept:
             return History(events=[], first_seq=None, last_seq=site.last_seq, epoch=self._epoch)
@@ -205,6 +248,8 @@ class MemoryBackplane:
             return site
         if len(self._sites) >= self._max_sites:
             (forgotten_hub, forgotten_id), forgotten = self._sites.popitem(last=False)
+            if self._holding.pop((forgotten_hub, forgotten_id), None) is not None:
+                self._history_bytes -= forgotten.bytes
             self._floor = max(self._floor, forgotten.last_seq)
             # One warning, then debug lines: a flood of new sites must not flood the log.
             log.log(
@@ -218,8 +263,49 @@ class MemoryBackplane:
                 self._floor + 1,
             )
             self._has_forgotten = True
-        site = self._sites[key] = _Site(self._floor, self._history_size)
+        site = self._sites[key] = _Site(self._floor)
         return site
+
+    def _keep(self, hub: str, site_id: str, site: _Site, event: NumberedEvent) -> None:
+        key = (hub, site_id)
+        history = site.history
+        if len(history) >= self._history_size:
+            self._drop_oldest(site)
+        size = held_bytes(event)
+        history.append(event)
+        site.bytes += size
+        self._history_bytes += size
+        holding = self._holding
+        if key in holding:
+            holding.move_to_end(key)
+        else:
+            holding[key] = site
+        if self._history_bytes > self._max_history_bytes:
+            self._trim()
+
+    def _drop_oldest(self, site: _Site) -> None:
+        size = held_bytes(site.history.popleft())
+        site.bytes -= size
+        self._history_bytes -= size
+
+    def _trim(self) -> None:
+        holding = self._holding
+        # The event just kept is never dropped: a publish larger than the whole
+        # budget still reaches the subscribers' history for its own site.
+        while self._history_bytes > self._max_history_bytes:
+            key, site = next(iter(holding.items()))
+            if len(site.history) == 1 and len(holding) == 1:
+                break
+            self._drop_oldest(site)
+            if not site.history:
+                del holding[key]
+        if not self._has_trimmed:
+            self._has_trimmed = True
+            log.warning(
+                "histories hold more than %d bytes: dropping the oldest events of the "
+                "least recently used sites (clients resuming there get a Gap)",
+                self._max_history_bytes,
+            )
 
     def _expire(self, now: float) -> None:
         accepted = self._accepted

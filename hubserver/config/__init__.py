@@ -127,6 +127,9 @@ class ServerConfig:
             it the oldest are forgotten early).
         site_idle_timeout: a site without local subscribers and without
             events for this long is forgotten from the broker's memory.
+        max_history_bytes: bytes the histories of every site hold together,
+            at most, without Redis (the least recently used site's oldest
+            events go first; a client resuming there gets a Gap).
         max_history_sites: sites whose history is kept, at most, without
             Redis (the least recently used is forgotten first).
         http_idle_timeout: how long a keep-alive HTTP connection may wait
@@ -188,6 +191,7 @@ class ServerConfig:
     max_dedupe_ids: int = 100_000
     site_idle_timeout: float = 600.0
     max_history_sites: int = 10_000
+    max_history_bytes: int = 1 << 30
     http_idle_timeout: float = 120.0
     max_connections: int | None = None
     max_connections_per_ip: int = 1000
@@ -214,7 +218,7 @@ class ServerConfig:
         for name in ("max_outbox_bytes", "max_publish_bytes", "history_size", "publish_window"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be positive")
-        for name in ("max_dedupe_ids", "max_history_sites"):
+        for name in ("max_dedupe_ids", "max_history_sites", "max_history_bytes"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be positive")
         for name in (

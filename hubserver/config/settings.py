@@ -445,6 +445,12 @@ def _build() -> tuple[Setting, ...]:
             "sites whose history is kept at most without Redis (least recently used go first)",
         ),
         _s(
+            "max_history_bytes",
+            Kind.INTEGER,
+            "bytes all sites' histories hold at most without Redis (the least recently used "
+            "site's oldest events go first)",
+        ),
+        _s(
             "request_timeout",
             Kind.SECONDS,
             "seconds for one HTTP request: head, body and writing the answer",

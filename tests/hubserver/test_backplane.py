@@ -39,6 +39,7 @@ from hubserver.backplane import (
     RedisConnection,
     UnixBackplane,
 )
+from hubserver.backplane._memory import held_bytes
 from hubserver.backplane._resp import NeedData, ReplyParser
 
 from .redis_fixture import (  # noqa: F401 (fixtures are found by pytest, not by name)
@@ -485,6 +486,49 @@ async def test_memory_sites_are_capped_and_a_new_numbering_starts_after_the_forg
     # ...and new events of "b" are numbered after anything it saw (never 1 again).
     [event] = await node.publish(events(1, site_id="b"))
     assert event.seq > 3
+
+
+async def test_memory_histories_are_bounded_in_bytes_oldest_site_first() -> None:
+    # Counts alone let a publisher hold max_sites x history_size x event size:
+    # the byte bound trims the least recently used site's oldest events first.
+    first = events(6, site_id="old", note="x" * 1000) + events(4, site_id="new", note="x" * 1000)
+    # Room for these ten (ids differ in length by a digit at most, so a few
+    # bytes of slack and no room for an eleventh ~1.4 kB event).
+    budget = sum(held_bytes(e) for e in await MemoryBackplane().publish(first)) + 10
+    node = MemoryBackplane(max_history_bytes=budget)
+    await node.publish(first[:6])
+    await node.publish(first[6:])
+    assert node.history_bytes == budget - 10
+    await node.publish(events(3, site_id="new", note="x" * 1000))
+    assert node.history_bytes <= budget
+    old = await node.history("entries", "old", 0)
+    # The oldest three of "old" went: what is left is contiguous and says where
+    # it starts, so a client that saw less than 3 is told of a gap.
+    assert (seqs(old.events), old.first_seq, old.last_seq) == ([4, 5, 6], 4, 6)
+    assert seqs((await node.history("entries", "new", 0)).events) == list(range(1, 8))
+    # "old" was just read, so "new" is now the least recently used: it gives next.
+    await node.publish(events(2, site_id="old", note="x" * 1000))
+    assert seqs((await node.history("entries", "new", 0)).events) == list(range(3, 8))
+    assert seqs((await node.history("entries", "old", 0)).events) == [4, 5, 6, 7, 8]
+
+
+async def test_memory_history_bytes_follow_every_way_an_event_goes() -> None:
+    node = MemoryBackplane(history_size=3, max_sites=2)
+    await node.publish(events(5, site_id="a"))  # two pushed out by history_size
+    kept_a = (await node.history("entries", "a", 0)).events
+    assert node.history_bytes == sum(held_bytes(e) for e in kept_a)
+    await node.publish(events(2, site_id="b"))
+    await node.publish(events(1, site_id="c"))  # "a" forgotten whole by max_sites
+    kept = [*(await node.history("entries", "b", 0)).events]
+    kept += (await node.history("entries", "c", 0)).events
+    assert node.history_bytes == sum(held_bytes(e) for e in kept)
+
+
+async def test_memory_one_event_over_the_byte_bound_is_still_kept() -> None:
+    node = MemoryBackplane(max_history_bytes=1)
+    await node.publish(events(3, site_id="a"))
+    # The newest event of the only site stays: its subscribers can still resume to it.
+    assert seqs((await node.history("entries", "a", 0)).events) == [3]
 
 
 async def test_memory_history_after_any_seq() -> None:

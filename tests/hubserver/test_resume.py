@@ -743,3 +743,27 @@ async def test_resume_after_the_window_replays_only_what_came_before_live(
             assert await sub.take(3) == [*events_of(2, 3), ("done", "r1", None)]
             await pub.some(site, 1)
             assert await sub.take(1) == events_of(5)
+
+
+async def test_history_bytes_bound_trims_the_least_recent_site_and_says_gap(
+    start_server: Any,
+) -> None:
+    """A publisher of big events cannot hold memory past --max-history-bytes.
+
+    Site A's history is trimmed (oldest first) to make room for site B's: a client
+    resuming A from the start is told of the gap, and B's subscriber, the
+    bystander, replays all of B.
+    """
+    h: Harness = await start_server(max_history_bytes=12 * 2700)
+    site_a, site_b, pub = new_site(), new_site(), Publisher(h)
+    with trio.fail_after(CAP):
+        await pub.some(site_a, 10, note="x" * 2000)
+        await pub.some(site_b, 10, note="x" * 2000)
+        async with subscribe(h, site_b, since=0) as bystander:
+            assert await bystander.take(10) == events_of(*range(1, 11))
+        async with subscribe(h, site_a, since=0) as sub:
+            [(kind, first)] = await sub.take(1)
+            assert kind == "gap" and 1 < first <= 10
+            assert await sub.take(11 - first) == events_of(*range(first, 11))
+            await pub.some(site_a, 1)
+            assert await sub.take(1) == events_of(11)
