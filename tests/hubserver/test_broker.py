@@ -279,3 +279,45 @@ def test_ids_given_by_the_server_are_distinct_across_processes() -> None:
     ours += _server_ids(100)
     assert len(theirs) == 100
     assert not set(theirs) & set(ours)
+
+
+class CountingBackplane(DroppingBackplane):
+    """Records how many history reads run at once (each takes a while)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.running = 0
+        self.most = 0
+
+    async def history(self, hub: str, site_id: str, after_seq: int):  # type: ignore[no-untyped-def]
+        self.running += 1
+        self.most = max(self.most, self.running)
+        try:
+            await trio.sleep(0.001)
+            return await super().history(hub, site_id, after_seq)
+        finally:
+            self.running -= 1
+
+
+async def test_a_reconnect_recovers_every_site_with_bounded_history_reads(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    # 2,000 sites recovering at once used to be 2,000 history reads at once.
+    router = Router()
+    recorders = {f"s{i}": Recorder() for i in range(2000)}
+    backplane = CountingBackplane()
+    broker = Broker(router, backplane, trio.current_time)
+    await nursery.start(broker.run)
+    for site, recorder in recorders.items():
+        router.add(GroupKey(Hub.ENTRIES, site), recorder)
+        await broker.publish(Hub.ENTRIES, [{"site_id": site}])
+    await trio.sleep(1)
+    backplane.is_connected = False
+    for site in recorders:
+        await broker.publish(Hub.ENTRIES, [{"site_id": site}])
+    backplane.is_connected = True
+    backplane.most = 0
+    broker.on_reconnect()
+    await trio.sleep(5)
+    assert all(recorder.seqs == [1, 2] for recorder in recorders.values())
+    assert 1 < backplane.most <= 32
