@@ -33,6 +33,8 @@ from ._context import ReplayFn
 __all__ = [
     "MAX_HELD_DELIVERIES",
     "MAX_RESUME_SEQ",
+    "RESUME_BURST",
+    "RESUME_REFILL",
     "RESUME_TIMEOUT",
     "HoldOverflow",
     "ResumeGate",
@@ -44,6 +46,12 @@ __all__ = [
 MAX_HELD_DELIVERIES: Final = 100_000
 #: A resume's history fetch must finish within this many seconds.
 RESUME_TIMEOUT: Final = 10.0
+#: ``Resume`` calls a connection may make at once, and the seconds that earn one
+#: more. A replay sends up to ``--history-size`` events for a few bytes asked:
+#: unlimited, one client calling it in a loop would take a core. A real client
+#: calls it once per connection (after it reconnected).
+RESUME_BURST: Final = 5
+RESUME_REFILL: Final = 10.0
 #: The largest seq a client may resume from: JavaScript's largest safe
 #: integer, beyond anything a stream reaches and within every backplane's range.
 MAX_RESUME_SEQ: Final = 2**53
@@ -78,6 +86,8 @@ class ResumeGate:
     __slots__ = (
         "_first_live_seq",
         "_held",
+        "_resumes",
+        "_resumes_at",
         "_user_id",
         "hold_deadline",
         "is_resuming",
@@ -91,6 +101,8 @@ class ResumeGate:
         self.is_resuming = False
         self._first_live_seq: int | None = None
         self.replayed_upto = 0
+        self._resumes = float(RESUME_BURST)
+        self._resumes_at = -math.inf
 
     @property
     def is_passthrough(self) -> bool:
@@ -101,6 +113,16 @@ class ResumeGate:
         """Hold live events until ``deadline`` in case the client calls ``Resume``."""
         self._held = []
         self.hold_deadline = deadline
+
+    def may_call_resume(self, now: float) -> bool:
+        """Whether a ``Resume`` call is within its rate (a token bucket); takes one if so."""
+        earned = (now - self._resumes_at) / RESUME_REFILL
+        self._resumes = min(float(RESUME_BURST), self._resumes + earned)
+        self._resumes_at = now
+        if self._resumes < 1:
+            return False
+        self._resumes -= 1
+        return True
 
     def begin(self) -> bool:
         """Start a resume; False if one is under way (one at a time)."""

@@ -62,7 +62,14 @@ from ._context import SessionContext
 from ._deadlines import Deadlines, Due
 from ._guard import TaskGuard
 from ._publish import PUBLISH_TARGET, PublishCalls
-from ._resume import MAX_RESUME_SEQ, HoldOverflow, ResumeGate, fetch_replay
+from ._resume import (
+    MAX_RESUME_SEQ,
+    RESUME_BURST,
+    RESUME_REFILL,
+    HoldOverflow,
+    ResumeGate,
+    fetch_replay,
+)
 from ._state import Move, Phase, next_phase
 
 __all__ = ["ACCESS_REVOKED_TEXT", "HubSession"]
@@ -74,6 +81,10 @@ CLOSE_TIMEOUT: Final = 5.0
 SLOW_CLIENT_TEXT: Final = "Connection closed: the client did not keep up with the event stream."
 ACCESS_REVOKED_TEXT: Final = "Access to this stream was revoked."
 _RESUME_BUSY: Final = "A resume is already in progress."
+_RESUME_TOO_OFTEN: Final = (
+    f"Resume was called too often: at most {RESUME_BURST} calls, then one every "
+    f"{RESUME_REFILL:g} s."
+)
 _RESUME_FAILED: Final = "Resume failed: the event history is unavailable; try again."
 _MAY_CLOSE: Final = (ConnectionState.OPEN, ConnectionState.CLOSING, ConnectionState.ERROR)
 
@@ -842,7 +853,10 @@ class HubSession:
         arguments = event.arguments
         since = arguments[0] if len(arguments) == 1 else None
         if type(since) is int and 0 <= since <= MAX_RESUME_SEQ:
-            self._start_resume(since, event.invocation_id)
+            if self._gate.may_call_resume(now):
+                self._start_resume(since, event.invocation_id)
+            elif event.invocation_id is not None:
+                self._send(Completion.with_error(event.invocation_id, _RESUME_TOO_OFTEN), now)
         elif event.invocation_id is not None:
             # ASP.NET Core's answer for arguments it cannot bind (spec §3.3).
             error = f"Failed to invoke '{event.target}' due to an error on the server."

@@ -767,3 +767,25 @@ async def test_history_bytes_bound_trims_the_least_recent_site_and_says_gap(
             assert await sub.take(11 - first) == events_of(*range(first, 11))
             await pub.some(site_a, 1)
             assert await sub.take(1) == events_of(11)
+
+
+async def test_resume_called_in_a_loop_is_refused_past_its_rate(start_server: Any) -> None:
+    """Each Resume replays up to history_size events for a few bytes: a loop is refused.
+
+    The connection stays open and live (only the call is refused), and a
+    bystander on the same site is not touched.
+    """
+    h: Harness = await start_server()
+    site, pub = new_site(), Publisher(h)
+    with trio.fail_after(CAP):
+        await pub.some(site, 2)
+        async with subscribe(h, site) as sub, subscribe(h, site, since=2) as bystander:
+            for n in range(5):
+                await sub.resume(0, invocation_id=f"r{n}")
+                assert await sub.take(3) == [*events_of(1, 2), ("done", f"r{n}", None)]
+            await sub.resume(0, invocation_id="r5")
+            [(kind, call, error)] = await sub.take(1)
+            assert (kind, call) == ("done", "r5") and "too often" in error
+            await pub.some(site, 1)
+            assert await sub.take(1) == events_of(3)
+            assert await bystander.take(1) == events_of(3)
