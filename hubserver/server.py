@@ -38,11 +38,13 @@ from .metrics import SYNC_INTERVAL, Metrics
 from .permissions import (
     CachedPermissionStore,
     ChangeFeed,
+    NoticeRelay,
     PermissionStore,
     PermissionStoreError,
     RedisPermissionStore,
     SqlitePermissionStore,
     UrlPermissionStore,
+    WorkerNoticeChannel,
     watch_permissions,
 )
 from .permissions._sqlite import FILE_NAME as SQLITE_FILE_NAME
@@ -140,8 +142,13 @@ async def open_permission_store(config: ServerConfig) -> AsyncIterator[Permissio
                 yield redis_store
         case "url":
             assert config.permissions_url is not None  # checked by ServerConfig
+            relay: str | NoticeRelay | None = config.backplane
+            if relay is None and config.broker_socket is not None:
+                # A --workers worker without Redis: a notice must reach the
+                # other workers of this node too, through the parent.
+                relay = WorkerNoticeChannel(config.broker_socket)
             url_store = UrlPermissionStore(
-                config.permissions_url, ttl=config.permissions_ttl, relay=config.backplane
+                config.permissions_url, ttl=config.permissions_ttl, relay=relay
             )
             try:
                 yield url_store
