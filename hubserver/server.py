@@ -9,6 +9,7 @@ allows reconnect), then give them ``drain_timeout`` before cancelling.
 from __future__ import annotations
 
 import logging
+import shlex
 import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -30,6 +31,7 @@ from .auth import (
 )
 from .backplane import Backplane, MemoryBackplane, RedisBackplane, UnixBackplane
 from .config import ServerConfig
+from .config.settings import redact_credentials
 from .connection import ACCESS_REVOKED_TEXT, SessionContext
 from .http import handle_connection
 from .http._accept import ConnectionGate, accept_connections, descriptor_budget
@@ -177,13 +179,20 @@ def _warn_of_unused_sqlite_roles(config: ServerConfig) -> None:
         log.debug("could not read %s: %s", path, exc)
         return
     if count:
+        # The backplane URL's password stays out of the log: the operator adds it.
+        command = (
+            f"hubserver members import --from-sqlite {shlex.quote(str(path.absolute()))} "
+            f"--redis {shlex.quote(redact_credentials(config.backplane or ''))}"
+        )
         log.warning(
             "roles are read from the backplane's Redis (--permissions redis, the default with "
-            "--backplane); the %d grant(s) in %s are not used. Grant them in Redis "
-            "(hubserver members grant --redis ...) or run with --permissions sqlite",
+            "--backplane); the %d grant(s) in %s are not used. Copy them into Redis with "
+            "`%s` (add --dry-run first to see what it would do), or run with "
+            "--permissions sqlite",
             count,
             path,
-            extra={"event": "sqlite_roles_unused"},
+            command,
+            extra={"event": "sqlite_roles_unused", "command": command},
         )
 
 

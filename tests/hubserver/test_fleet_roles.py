@@ -342,6 +342,49 @@ async def test_a_node_upgraded_with_grants_in_its_file_says_they_are_not_used(
     assert not [r for r in caplog.records if "are not used" in r.getMessage()]
 
 
+async def test_a_running_node_hears_an_import_at_once(
+    own_redis_server: RedisServer, tmp_path: Path, start_node: StartNode
+) -> None:
+    """``members import --overwrite`` sends the notice of its writes: bob, whose
+    role the node's file lowers, loses his site stream at once (the poll is 30 s
+    away); alice (the same role in both) and dave (not in the file) stay."""
+    url = own_redis_server.url
+    data = tmp_path / "node-data"
+    with SqlitePermissionStore.open(data) as sqlite_store:
+        sqlite_store.grant_many(
+            [
+                ("s1", "alice", Role.SITE_ADMIN),
+                ("s1", "bob", Role.SITE_USER),
+                ("s2", "erin", Role.SITE_ADMIN),
+            ]
+        )
+    async with RedisPermissionStore(url) as fleet:
+        for subject in ("alice", "bob", "dave"):
+            await fleet.grant("s1", subject, Role.SITE_ADMIN)
+    node: Node = await start_node(backplane=url, permission_poll_interval=30)
+    target = hub_target("entries", "s1")
+    with trio.fail_after(CAP):
+        async with (
+            open_hub(node, target) as alice,  # type: ignore[arg-type]
+            open_hub(node, target, token=node.token("bob")) as bob,  # type: ignore[arg-type]
+            open_hub(node, target, token=node.token("dave")) as dave,  # type: ignore[arg-type]
+        ):
+            await members_cli(
+                "import",
+                "--from-sqlite",
+                str(data),
+                "--redis",
+                url,
+                "--overwrite",
+                env=_clean_env(),
+            )
+            with trio.fail_after(2):
+                await expect_revoked(bob)
+            async with open_hub(node, hub_target("entries", "s2"), token=node.token("erin")):  # type: ignore[arg-type]
+                pass
+            await still_served(node, "s1", alice, dave)
+
+
 # --- the access-control backend as the source ------------------------------------------------
 
 
