@@ -31,7 +31,7 @@ from .config.sources import Settings, add_arguments, settings_from_arguments
 from .logs import configure_logging
 from .permissions import RedisPermissionStore, Role, SqlitePermissionStore
 from .permissions import cli as members_cli
-from .server import RunningServer, serve
+from .server import RunningServer, read_permissions_url_token, serve
 from .workers import PARENT_GONE_EXIT_TIMEOUT, watch_parent
 
 __all__ = ["main"]
@@ -345,6 +345,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             # Everything is read and checked before anything starts.
             settings = settings_from_arguments(args)
             config = _server_config(settings, args)
+            read_permissions_url_token(config)  # a bad file stops here, not in each worker
             count = _worker_total(settings)
             configure_logging(str(settings["log_level"]), str(settings["log_format"]))
             if count > 1:

@@ -30,7 +30,7 @@ from .auth import (
     load_jwks_file,
 )
 from .backplane import Backplane, MemoryBackplane, RedisBackplane, UnixBackplane
-from .config import ServerConfig
+from .config import ServerConfig, read_token_file
 from .config.settings import redact_credentials
 from .connection import ACCESS_REVOKED_TEXT, SessionContext
 from .http import handle_connection
@@ -56,7 +56,13 @@ from .timers import TimerQueue
 #: Room for a Publish invocation's own bytes around its events.
 PUBLISH_INVOCATION_OVERHEAD = 4096
 
-__all__ = ["RunningServer", "build_verifier", "open_permission_store", "serve"]
+__all__ = [
+    "RunningServer",
+    "build_verifier",
+    "open_permission_store",
+    "read_permissions_url_token",
+    "serve",
+]
 
 #: Seconds between the event-loop lag probe's wake-ups.
 LOOP_LAG_INTERVAL = 0.5
@@ -135,6 +141,7 @@ async def open_permission_store(config: ServerConfig) -> AsyncIterator[Permissio
 
     Raises:
         PermissionStoreError: the SQLite file cannot be opened.
+        ConfigError: ``--permissions-url-token-file`` cannot be read.
     """
     match config.permission_source:
         case "redis":
@@ -150,7 +157,10 @@ async def open_permission_store(config: ServerConfig) -> AsyncIterator[Permissio
                 # other workers of this node too, through the parent.
                 relay = WorkerNoticeChannel(config.broker_socket)
             url_store = UrlPermissionStore(
-                config.permissions_url, ttl=config.permissions_ttl, relay=relay
+                config.permissions_url,
+                ttl=config.permissions_ttl,
+                relay=relay,
+                token=read_permissions_url_token(config),
             )
             try:
                 yield url_store
@@ -160,6 +170,16 @@ async def open_permission_store(config: ServerConfig) -> AsyncIterator[Permissio
         case _:
             with SqlitePermissionStore.open(config.data_dir) as sqlite_store:
                 yield sqlite_store
+
+
+def read_permissions_url_token(config: ServerConfig) -> str | None:
+    """The token of ``--permissions-url-token-file``, or None without one.
+
+    Raises:
+        ConfigError: the file cannot be read or does not hold one token.
+    """
+    path = config.permissions_url_token_file
+    return None if path is None else read_token_file(path)
 
 
 def _warn_of_unused_sqlite_roles(config: ServerConfig) -> None:

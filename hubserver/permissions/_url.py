@@ -87,6 +87,8 @@ class UrlPermissionStore:
             `NoticeRelay` (the ``--workers`` parent's, `WorkerNoticeChannel`).
         key_prefix: the prefix of the relay's channel (the Redis store's).
         ssl_context: for https; the system's default trust by default.
+        token: sent with every question as ``Authorization: Bearer TOKEN``
+            (never logged; a 401 or 403 is a failure like any other).
 
     Close it with ``aclose``.
 
@@ -107,6 +109,7 @@ class UrlPermissionStore:
         relay: str | NoticeRelay | None = None,
         key_prefix: str = "hubserver",
         ssl_context: ssl.SSLContext | None = None,
+        token: str | None = None,
     ) -> None:
         for name, value in (
             ("ttl", ttl),
@@ -124,6 +127,7 @@ class UrlPermissionStore:
             max_connections=max_connections,
             max_body_bytes=max_response_bytes,
             ssl_context=ssl_context,
+            headers=() if token is None else [("Authorization", f"Bearer {token}")],
         )
         self._url_for_log = redact_origin(url)
         self._ttl = ttl
@@ -289,7 +293,10 @@ class UrlPermissionStore:
         except HttpGetError as exc:
             raise self._failed(site_id, subject, str(exc)) from exc
         if status != 200:
-            raise self._failed(site_id, subject, f"HTTP {status} instead of 200")
+            detail = f"HTTP {status} instead of 200"
+            if status in (401, 403):
+                detail += " (check --permissions-url-token-file)"
+            raise self._failed(site_id, subject, detail)
         try:
             role = _parse_answer(body)
         except ValueError as exc:

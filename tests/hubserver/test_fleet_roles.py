@@ -466,6 +466,38 @@ async def test_a_failing_backend_refuses_new_connections_and_keeps_open_ones(
             await still_served(node, "s1", alice)
 
 
+async def test_a_backend_behind_auth_gets_the_token_of_the_file(
+    backend: RoleBackend,
+    start_node: StartNode,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """``--permissions-url-token-file``: every question carries the file's token.
+    A node without it is refused by the backend (401): its store is
+    unavailable, so new connections get 503, as with any backend failure."""
+    token = "acl-" + "9f2c" * 16
+    backend.required_token = token
+    backend.roles["s1", "alice"] = "site_admin"
+    token_file = tmp_path / "acl-token"
+    token_file.write_text(token + "\n")  # as `echo TOKEN > file` writes it
+    node = await start_node(permissions_url=backend.url(), permissions_url_token_file=token_file)
+    bare = await start_node(permissions_url=backend.url(), permission_poll_interval=0.1)
+    with trio.fail_after(CAP):
+        async with open_hub(node, hub_target("entries", "s1")) as alice:  # type: ignore[arg-type]
+            assert backend.authorizations == [f"Bearer {token}"]
+            refused = await upgrade_refused(
+                bare.port, hub_target("entries", "s1"), token=bare.token()
+            )
+            assert refused.status == 503
+            assert backend.authorizations[1:] == [None]
+            await still_served(node, "s1", alice)
+            # The bare node's watcher says why its store is unavailable.
+            hint = "HTTP 401 instead of 200 (check --permissions-url-token-file)"
+            while hint not in caplog.text:  # noqa: ASYNC110 (a log line has no event to wait on)
+                await trio.sleep(0.05)
+    assert token not in caplog.text
+
+
 async def test_a_notice_to_one_node_reaches_every_node_through_redis(
     backend: RoleBackend, own_redis_server: RedisServer, start_node: StartNode
 ) -> None:
