@@ -292,11 +292,11 @@ class UrlPermissionStore:
             ) from None
         except HttpGetError as exc:
             raise self._failed(site_id, subject, str(exc)) from exc
+        if status in (401, 403):
+            hint = f"HTTP {status} instead of 200 (check --permissions-url-token-file)"
+            raise self._failed(site_id, subject, hint)
         if status != 200:
-            detail = f"HTTP {status} instead of 200"
-            if status in (401, 403):
-                detail += " (check --permissions-url-token-file)"
-            raise self._failed(site_id, subject, detail)
+            raise self._failed(site_id, subject, f"HTTP {status} instead of 200")
         try:
             role = _parse_answer(body)
         except ValueError as exc:
