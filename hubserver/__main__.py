@@ -31,7 +31,7 @@ from .config.sources import Settings, add_arguments, settings_from_arguments
 from .logs import configure_logging
 from .permissions import RedisPermissionStore, Role, SqlitePermissionStore
 from .permissions import cli as members_cli
-from .server import RunningServer, serve
+from .server import RunningServer, read_permissions_url_token, serve
 from .workers import PARENT_GONE_EXIT_TIMEOUT, watch_parent
 
 __all__ = ["main"]
@@ -99,6 +99,33 @@ def _parser() -> argparse.ArgumentParser:
     revoke.add_argument("--subject", required=True)
     listing = actions.add_parser("list")
     listing.add_argument("--site")
+    imports = actions.add_parser(
+        "import",
+        help="copy every grant of a node's SQLite file into the fleet's Redis (idempotent; "
+        "refuses, writing nothing, where Redis holds another role, unless --overwrite)",
+    )
+    imports.add_argument(
+        "--from-sqlite",
+        type=Path,
+        required=True,
+        metavar="PATH",
+        help="the node's permissions.sqlite3 (or its data directory); only read",
+    )
+    imports.add_argument(
+        "--redis",
+        default=os.environ.get("HUBSERVER_BACKPLANE") or None,
+        metavar="URL",
+        help="the fleet's Redis (redis://HOST:PORT/DB, the nodes' --backplane; default: env "
+        "HUBSERVER_BACKPLANE)",
+    )
+    imports.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="where Redis holds another role for a grant of the file, give it the file's role",
+    )
+    imports.add_argument(
+        "--dry-run", action="store_true", help="compare only: say what would be done"
+    )
     for sub in (grant, revoke, listing):
         _add_data_dir(sub)
         sub.add_argument(
@@ -318,6 +345,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             # Everything is read and checked before anything starts.
             settings = settings_from_arguments(args)
             config = _server_config(settings, args)
+            read_permissions_url_token(config)  # a bad file stops here, not in each worker
             count = _worker_total(settings)
             configure_logging(str(settings["log_level"]), str(settings["log_format"]))
             if count > 1:
@@ -332,6 +360,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             scopes = args.scope or [HUB_SCOPE]
             key = ensure_dev_key(Path(args.data_dir))
             print(key.mint(args.subject, scopes, float(args.ttl), time.time()))
+        elif args.command == "members" and args.action == "import":
+            if not args.redis:
+                raise ConfigError("members import needs --redis URL (or HUBSERVER_BACKPLANE)")
+            report, is_ok = members_cli.import_from_sqlite(
+                args.from_sqlite,
+                args.redis,
+                allow_overwrite=args.overwrite,
+                is_dry_run=args.dry_run,
+            )
+            print(report, file=sys.stdout if is_ok else sys.stderr)
+            return 0 if is_ok else 1
         elif args.command == "members":
             data_dir = Path(args.data_dir)
             redis_url = _members_redis(args)

@@ -9,6 +9,7 @@ allows reconnect), then give them ``drain_timeout`` before cancelling.
 from __future__ import annotations
 
 import logging
+import shlex
 import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -29,7 +30,8 @@ from .auth import (
     load_jwks_file,
 )
 from .backplane import Backplane, MemoryBackplane, RedisBackplane, UnixBackplane
-from .config import ServerConfig
+from .config import ServerConfig, read_token_file
+from .config.settings import redact_credentials
 from .connection import ACCESS_REVOKED_TEXT, SessionContext
 from .http import handle_connection
 from .http._accept import ConnectionGate, accept_connections, descriptor_budget
@@ -38,11 +40,13 @@ from .metrics import SYNC_INTERVAL, Metrics
 from .permissions import (
     CachedPermissionStore,
     ChangeFeed,
+    NoticeRelay,
     PermissionStore,
     PermissionStoreError,
     RedisPermissionStore,
     SqlitePermissionStore,
     UrlPermissionStore,
+    WorkerNoticeChannel,
     watch_permissions,
 )
 from .permissions._sqlite import FILE_NAME as SQLITE_FILE_NAME
@@ -52,7 +56,13 @@ from .timers import TimerQueue
 #: Room for a Publish invocation's own bytes around its events.
 PUBLISH_INVOCATION_OVERHEAD = 4096
 
-__all__ = ["RunningServer", "build_verifier", "open_permission_store", "serve"]
+__all__ = [
+    "RunningServer",
+    "build_verifier",
+    "open_permission_store",
+    "read_permissions_url_token",
+    "serve",
+]
 
 #: Seconds between the event-loop lag probe's wake-ups.
 LOOP_LAG_INTERVAL = 0.5
@@ -131,6 +141,7 @@ async def open_permission_store(config: ServerConfig) -> AsyncIterator[Permissio
 
     Raises:
         PermissionStoreError: the SQLite file cannot be opened.
+        ConfigError: ``--permissions-url-token-file`` cannot be read.
     """
     match config.permission_source:
         case "redis":
@@ -140,8 +151,16 @@ async def open_permission_store(config: ServerConfig) -> AsyncIterator[Permissio
                 yield redis_store
         case "url":
             assert config.permissions_url is not None  # checked by ServerConfig
+            relay: str | NoticeRelay | None = config.backplane
+            if relay is None and config.broker_socket is not None:
+                # A --workers worker without Redis: a notice must reach the
+                # other workers of this node too, through the parent.
+                relay = WorkerNoticeChannel(config.broker_socket)
             url_store = UrlPermissionStore(
-                config.permissions_url, ttl=config.permissions_ttl, relay=config.backplane
+                config.permissions_url,
+                ttl=config.permissions_ttl,
+                relay=relay,
+                token=read_permissions_url_token(config),
             )
             try:
                 yield url_store
@@ -151,6 +170,16 @@ async def open_permission_store(config: ServerConfig) -> AsyncIterator[Permissio
         case _:
             with SqlitePermissionStore.open(config.data_dir) as sqlite_store:
                 yield sqlite_store
+
+
+def read_permissions_url_token(config: ServerConfig) -> str | None:
+    """The token of ``--permissions-url-token-file``, or None without one.
+
+    Raises:
+        ConfigError: the file cannot be read or does not hold one token.
+    """
+    path = config.permissions_url_token_file
+    return None if path is None else read_token_file(path)
 
 
 def _warn_of_unused_sqlite_roles(config: ServerConfig) -> None:
@@ -170,13 +199,20 @@ def _warn_of_unused_sqlite_roles(config: ServerConfig) -> None:
         log.debug("could not read %s: %s", path, exc)
         return
     if count:
+        # The backplane URL's password stays out of the log: the operator adds it.
+        command = (
+            f"hubserver members import --from-sqlite {shlex.quote(str(path.absolute()))} "
+            f"--redis {shlex.quote(redact_credentials(config.backplane or ''))}"
+        )
         log.warning(
             "roles are read from the backplane's Redis (--permissions redis, the default with "
-            "--backplane); the %d grant(s) in %s are not used. Grant them in Redis "
-            "(hubserver members grant --redis ...) or run with --permissions sqlite",
+            "--backplane); the %d grant(s) in %s are not used. Copy them into Redis with "
+            "`%s` (add --dry-run first to see what it would do), or run with "
+            "--permissions sqlite",
             count,
             path,
-            extra={"event": "sqlite_roles_unused"},
+            command,
+            extra={"event": "sqlite_roles_unused", "command": command},
         )
 
 

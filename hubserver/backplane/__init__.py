@@ -14,10 +14,11 @@ from ._contract import (
 from ._memory import MemoryBackplane
 from ._redis import RedisBackplane
 from ._resp import RedisAddress, RedisConnection, RedisReplyError, parse_redis_url
-from ._unix import BrokerServer, UnixBackplane
+from ._unix import BrokerMessages, BrokerServer, UnixBackplane
 
 __all__ = [
     "Backplane",
+    "BrokerMessages",
     "BrokerServer",
     "BackplaneError",
     "BackplaneUnavailable",

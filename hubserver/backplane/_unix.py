@@ -20,6 +20,12 @@ worker that published reads its events with the answer, and its dispatcher,
 which waits for its own publishes under way, delivers them in the round that
 follows (``Broker``).
 
+Beside the event stream, the parent relays small opaque messages between
+workers (a permission change notice must reach every worker of the node):
+``["msg", id, data]`` is answered ``["ok", id]`` once ``data`` is queued for
+every worker listening, itself included; ``["msgs"]`` turns a connection into
+a stream of ``["msg", data]`` pushes (``BrokerMessages``).
+
 A publish whose reply is lost after its frame was written whole raises
 ``PublishOutcomeUnknown`` (the parent may have published it); one that fails
 before, or that the parent answers with an error, ``BackplaneUnavailable``.
@@ -34,6 +40,7 @@ import os
 import socket
 import struct
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
@@ -50,7 +57,7 @@ from ._contract import (
 )
 from ._memory import MemoryBackplane
 
-__all__ = ["BrokerServer", "UnixBackplane"]
+__all__ = ["BrokerMessages", "BrokerServer", "UnixBackplane"]
 
 log = logging.getLogger("hubserver.backplane.unix")
 
@@ -63,6 +70,12 @@ MAX_FRAME_BYTES: Final = 64 << 20
 DEFAULT_MAX_QUEUE_BYTES: Final = 8 << 20
 #: Event text (prefix bytes) that publishes of one worker may share in one request.
 MAX_SHARED_PUBLISH_BYTES: Final = 1 << 20
+#: The longest message one worker may relay to the others (a change notice is
+#: under 4 KiB).
+MAX_MESSAGE_BYTES: Final = 64 << 10
+#: Messages queued for one worker's message stream before the parent
+#: disconnects it: it reconnects at once and is told some may have been lost.
+MAX_QUEUED_MESSAGES: Final = 1024
 
 
 def _pack(value: object) -> bytes:
@@ -163,6 +176,8 @@ class BrokerServer:
         path: where to listen.
         max_queue_bytes: what may wait for one worker's event stream; over
             it that stream is closed (see ``DEFAULT_MAX_QUEUE_BYTES``).
+        max_queued_messages: relayed messages that may wait for one worker;
+            over it that worker's message stream is closed.
     """
 
     def __init__(
@@ -171,15 +186,22 @@ class BrokerServer:
         path: Path,
         *,
         max_queue_bytes: int = DEFAULT_MAX_QUEUE_BYTES,
+        max_queued_messages: int = MAX_QUEUED_MESSAGES,
     ) -> None:
         if max_queue_bytes < 1:
             raise ValueError(f"max_queue_bytes must be positive, got {max_queue_bytes}")
+        if max_queued_messages < 1:
+            raise ValueError(f"max_queued_messages must be positive, got {max_queued_messages}")
+        self._max_queued_messages = max_queued_messages
         self._backplane = backplane
         self._path = path
         self._max_queue_bytes = max_queue_bytes
         self._listener: trio.SocketListener | None = None
         #: Event streams closed because their worker fell too far behind.
         self.streams_dropped = 0
+        # The workers' message streams: where a relayed message is queued, and
+        # the scope that ends a stream whose worker stopped reading.
+        self._listeners: list[_Listener] = []
 
     @property
     def backplane(self) -> MemoryBackplane:
@@ -230,6 +252,9 @@ class BrokerServer:
             if op == "sub":
                 await self._stream_events(stream, reader)
                 return
+            if op == "msgs":
+                await self._stream_messages(stream, reader)
+                return
             request_id = request[1] if len(request) > 1 else None
             try:
                 reply = await self._answer(op, request)
@@ -247,6 +272,13 @@ class BrokerServer:
             return ["ok", request[1], [_numbered_row(event) for event in numbered]]
         if op == "ping":
             await trio.lowlevel.checkpoint()
+            return ["ok", request[1]]
+        if op == "msg":
+            data = request[2] if len(request) > 2 else None
+            if not isinstance(data, bytes) or len(data) > MAX_MESSAGE_BYTES:
+                raise BackplaneError(f'expected ["msg", id, data of at most {MAX_MESSAGE_BYTES}]')
+            await trio.lowlevel.checkpoint()
+            self._relay(data)
             return ["ok", request[1]]
         if op == "hist":
             _, request_id, hub, site_id, after = request
@@ -331,6 +363,56 @@ class BrokerServer:
                 pass
             nursery.cancel_scope.cancel()
         # Returning closes the stream (``_handle``): after a drop, the worker reads EOF.
+
+    def _relay(self, data: bytes) -> None:
+        """Queue ``data`` for every worker's message stream; drop a stream that is full."""
+        frame = _pack(["msg", data])
+        for listener in list(self._listeners):
+            try:
+                listener.channel.send_nowait(frame)
+            except trio.WouldBlock:
+                # One stuck worker never holds the others' messages up, nor
+                # grows the parent: its stream ends, and the worker, reconnecting,
+                # learns that messages may have been lost.
+                self._listeners.remove(listener)
+                log.warning(
+                    "worker (pid %s) left %d relayed messages unread; disconnecting it",
+                    listener.pid,
+                    self._max_queued_messages,
+                )
+                listener.scope.cancel()
+
+    async def _stream_messages(self, stream: trio.SocketStream, reader: _FrameReader) -> None:
+        send, receive = trio.open_memory_channel[bytes](self._max_queued_messages)
+        with send, receive, trio.CancelScope() as scope:
+            listener = _Listener(send, scope, _peer_pid(stream))
+            self._listeners.append(listener)
+            try:
+                await stream.send_all(_pack(["subscribed"]))
+                async with trio.open_nursery() as nursery:
+
+                    async def write() -> None:
+                        async for frame in receive:
+                            await stream.send_all(frame)
+
+                    nursery.start_soon(write)
+                    # The worker sends nothing more; its end of the stream ends this.
+                    while await reader.next() is not None:
+                        pass
+                    nursery.cancel_scope.cancel()
+            finally:
+                if listener in self._listeners:
+                    self._listeners.remove(listener)
+        # Returning closes the stream (``_handle``): after a drop, the worker reads EOF.
+
+
+@dataclass(eq=False, slots=True)
+class _Listener:
+    """A worker's message stream, as the parent holds it."""
+
+    channel: trio.MemorySendChannel[bytes]
+    scope: trio.CancelScope
+    pid: str
 
 
 def _peer_pid(stream: trio.SocketStream) -> str:
@@ -631,3 +713,97 @@ class UnixBackplane:
 
     async def aclose(self) -> None:
         await self._drop()
+
+
+class BrokerMessages:
+    """A worker's end of the parent's message relay (see the module docstring).
+
+    What one worker ``send``s, every worker listening (``run``) receives, the
+    sender included. The relay keeps nothing: a worker that is not listening
+    when a message passes (reconnecting, or dropped for not reading) misses
+    it, and ``run`` says so with ``on_reconnect``.
+
+    Args:
+        path: the broker's socket.
+        op_timeout: seconds a send, or the confirmation of a subscription, may take.
+    """
+
+    def __init__(self, path: Path | str, *, op_timeout: float = 2.0) -> None:
+        self._path = str(path)
+        self._op_timeout = op_timeout
+
+    async def send(self, data: bytes) -> None:
+        """Queue ``data`` for every listening worker; return once the parent has.
+
+        Raises:
+            BackplaneUnavailable: the parent could not be reached in time, or
+                refused the message (over ``MAX_MESSAGE_BYTES``).
+        """
+        # A connection per message: they are rare (a role change), and a kept
+        # one would need its own liveness care.
+        try:
+            with trio.fail_after(self._op_timeout):
+                async with await trio.open_unix_socket(self._path) as stream:
+                    await stream.send_all(_pack(["msg", 1, data]))
+                    reply = await _FrameReader(stream).next()
+        except (OSError, trio.BrokenResourceError, trio.TooSlowError, BackplaneError) as exc:
+            raise BackplaneUnavailable(
+                f"the workers' broker is unreachable: {exc or type(exc).__name__}"
+            ) from exc
+        if reply is None or reply[0] != "ok":
+            detail = reply[2] if reply is not None and len(reply) > 2 else "no answer"
+            raise BackplaneUnavailable(f"the workers' broker refused the message: {detail}")
+
+    async def run(
+        self,
+        on_message: Callable[[bytes], None],
+        on_reconnect: Callable[[], None],
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Hand every relayed message to ``on_message`` until cancelled; never raises.
+
+        ``on_reconnect`` is called each time the stream is back after it was
+        lost (messages relayed meanwhile were missed); ``task_status`` is
+        started once the first subscription is confirmed.
+        """
+        delay = 0.05
+        is_first = True
+        while True:
+            try:
+                stream = await trio.open_unix_socket(self._path)
+            except OSError as exc:
+                log.warning("broker unreachable for messages (%s); retrying in %.2f s", exc, delay)
+                await trio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+                continue
+            async with stream:
+                reader = _FrameReader(stream)
+                try:
+                    await stream.send_all(_pack(["msgs"]))
+                    with trio.fail_after(self._op_timeout):
+                        ack = await reader.next()
+                    if ack != ["subscribed"]:
+                        raise BackplaneError("the broker did not confirm the message stream")
+                    delay = 0.05
+                    if is_first:
+                        is_first = False
+                        task_status.started()
+                    else:
+                        on_reconnect()
+                    while (frame := await reader.next()) is not None:
+                        match frame:
+                            case ["msg", bytes(data)]:
+                                on_message(data)
+                            case _:
+                                raise BackplaneError(f"expected a message, got {_describe(frame)}")
+                    log.warning("broker closed the message stream; listening again")
+                except (
+                    OSError,
+                    trio.BrokenResourceError,
+                    trio.TooSlowError,
+                    BackplaneError,
+                ) as exc:
+                    log.warning("broker message stream lost: %s", exc)
+            await trio.sleep(delay)
+            delay = min(delay * 2, 2.0)

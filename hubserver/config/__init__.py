@@ -23,6 +23,7 @@ __all__ = [
     "ServerConfig",
     "normalize_origins",
     "permission_source",
+    "read_token_file",
 ]
 
 #: ``--cors-origin '*'``: any page may call, but without credentials (Fetch
@@ -155,6 +156,9 @@ class ServerConfig:
             ``{"role": ...}`` (``--permissions-url``).
         permissions_ttl: seconds an answer of ``permissions_url`` is reused,
             and between two re-checks of every open connection against it.
+        permissions_url_token_file: a file holding the token sent to
+            ``permissions_url`` as ``Authorization: Bearer`` (read at start,
+            by ``read_token_file``; the token itself is never held here).
         cors_origins: the browser origins (``scheme://host[:port]``) whose
             pages may call the hubs and the publish API (``--cors-origin``),
             normalized as browsers send them; ``("*",)`` allows every origin,
@@ -202,6 +206,7 @@ class ServerConfig:
     permissions: str | None = None
     permissions_url: str | None = None
     permissions_ttl: float = 60.0
+    permissions_url_token_file: Path | None = None
 
     def __post_init__(self) -> None:
         # Frozen: the normalized list replaces the given one once, here.
@@ -282,6 +287,11 @@ class ServerConfig:
         ttl = self.permissions_ttl
         if not math.isfinite(ttl) or ttl <= 0:
             raise ConfigError("permissions_ttl must be a positive number of seconds")
+        if self.permissions_url_token_file is not None and url is None:
+            raise ConfigError(
+                "--permissions-url-token-file is the credential of --permissions-url: "
+                "give both, or neither"
+            )
 
     @property
     def is_dev_mode(self) -> bool:
@@ -344,3 +354,41 @@ def _normalize_origin(origin: str) -> str:
     if port is None or port == _DEFAULT_PORTS[scheme]:
         return f"{scheme}://{host}"
     return f"{scheme}://{host}:{port}"
+
+
+#: A bearer token is a line of a few hundred bytes (a JWT, an opaque key); a
+#: file far bigger than that is not one.
+MAX_TOKEN_FILE_BYTES: Final = 16 * 1024
+#: RFC 6750 §2.1's b64token, plus what opaque API keys use beside it: visible
+#: ASCII, no spaces (anything else could not travel in a header as it is).
+_TOKEN_CHARS = re.compile(r"[\x21-\x7e]+")
+
+
+def read_token_file(path: Path, *, setting: str = "--permissions-url-token-file") -> str:
+    """The bearer token held by the file at ``path`` (surrounding blanks and newlines dropped).
+
+    The file's mode is not checked: secrets mounted by container platforms
+    (Kubernetes secret volumes, Docker secrets) are 0644 or 0444 by default,
+    and what may read the file is the platform's business, as for the other
+    credentials (a backplane or JWKS URL in the environment or the config
+    file). Messages name the file, never what it holds.
+
+    Raises:
+        ConfigError: the file cannot be read, is empty, too big, or does not
+            hold one token (one line of visible ASCII).
+    """
+    try:
+        with path.open("rb") as file:
+            data = file.read(MAX_TOKEN_FILE_BYTES + 1)
+    except OSError as exc:
+        raise ConfigError(f"{setting} {path}: cannot read it: {exc.strerror or exc}") from None
+    if len(data) > MAX_TOKEN_FILE_BYTES:
+        raise ConfigError(f"{setting} {path}: over {MAX_TOKEN_FILE_BYTES} bytes, not a token")
+    token = data.strip().decode("ascii", errors="replace")
+    if not token:
+        raise ConfigError(f"{setting} {path}: the file is empty")
+    if not _TOKEN_CHARS.fullmatch(token):
+        raise ConfigError(
+            f"{setting} {path}: expected one token (one line of visible ASCII, no spaces)"
+        )
+    return token

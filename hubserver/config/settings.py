@@ -398,6 +398,13 @@ def _build() -> tuple[Setting, ...]:
             metavar="URL",
         ),
         _s(
+            "permissions_url_token_file",
+            Kind.PATH,
+            "a file holding the token --permissions-url gets as Authorization: Bearer TOKEN "
+            "(read at start; never logged)",
+            metavar="PATH",
+        ),
+        _s(
             "permissions_ttl",
             Kind.SECONDS,
             "seconds an answer of --permissions-url is reused (and between two re-checks of "

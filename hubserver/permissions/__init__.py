@@ -11,7 +11,9 @@ Three stores hold the roles:
 - `UrlPermissionStore`: the access-control backend, asked over HTTP.
 
 `InMemoryPermissionStore` is for embedding and tests. The Redis and URL
-stores are also a `ChangeFeed`: they tell every node what changed at once.
+stores are also a `ChangeFeed`: they tell every node what changed at once
+(the URL store through a `NoticeRelay`: Redis, or `WorkerNoticeChannel`
+between the workers of one node).
 `watch_permissions` is the poll and the notices' consumer, surviving store
 outages.
 """
@@ -21,6 +23,7 @@ from __future__ import annotations
 from ._cached import CachedPermissionStore
 from ._model import MAX_ID_CHARS, Member, Role, may_subscribe, parse_role
 from ._redis import RedisPermissionStore
+from ._relay import NoticeRelay, WorkerNoticeChannel
 from ._sqlite import SqlitePermissionStore
 from ._store import (
     ChangeFeed,
@@ -40,6 +43,7 @@ __all__ = [
     "ChangeQueue",
     "InMemoryPermissionStore",
     "Member",
+    "NoticeRelay",
     "PermissionChange",
     "PermissionStore",
     "PermissionStoreError",
@@ -48,6 +52,7 @@ __all__ = [
     "Role",
     "SqlitePermissionStore",
     "UrlPermissionStore",
+    "WorkerNoticeChannel",
     "may_subscribe",
     "parse_role",
     "watch_permissions",

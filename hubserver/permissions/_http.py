@@ -16,7 +16,7 @@ is safe to repeat).
 from __future__ import annotations
 
 import ssl
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Final
 from urllib.parse import urlencode, urlsplit
 
@@ -53,7 +53,13 @@ class _Connection:
         #: Some byte of the current exchange's answer arrived (so the server was there).
         self.is_anything_received = False
 
-    async def get(self, target: str, host: str, max_body_bytes: int) -> tuple[int, bytes, bool]:
+    async def get(
+        self,
+        target: str,
+        host: str,
+        max_body_bytes: int,
+        headers: Sequence[tuple[str, str]] = (),
+    ) -> tuple[int, bytes, bool]:
         """One exchange: (status, body, whether the connection may be reused)."""
         conn = self.h11
         self.is_anything_received = False
@@ -64,6 +70,7 @@ class _Connection:
                 ("Host", host),
                 ("Accept", "application/json"),
                 ("User-Agent", "hubserver"),
+                *headers,
             ],
         )
         data = conn.send(request)
@@ -107,6 +114,7 @@ class HttpGetter:
         max_connections: requests at once, and connections kept.
         max_body_bytes: the longest response body accepted.
         ssl_context: for https; ``ssl.create_default_context()`` by default.
+        headers: sent with every request (an ``Authorization``); never in an error.
     """
 
     def __init__(
@@ -116,8 +124,10 @@ class HttpGetter:
         max_connections: int,
         max_body_bytes: int,
         ssl_context: ssl.SSLContext | None = None,
+        headers: Sequence[tuple[str, str]] = (),
     ) -> None:
         parts = urlsplit(url)
+        self._headers = tuple(headers)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError("expected an http:// or https:// URL with a host")
         self._is_https = parts.scheme == "https"
@@ -149,7 +159,7 @@ class HttpGetter:
                 is_kept = False
                 try:
                     status, body, is_kept = await conn.get(
-                        target, self._host_header, self._max_body_bytes
+                        target, self._host_header, self._max_body_bytes, self._headers
                     )
                     return status, body
                 except (OSError, trio.BrokenResourceError, h11.ProtocolError) as exc:

@@ -27,12 +27,14 @@ that is not one of our roles is never taken for a grant: it is a failure too.
 from __future__ import annotations
 
 import builtins
+import enum
 import logging
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import partial
 from types import TracebackType
-from typing import Final, Self
+from typing import Final, Literal, Self
 
 import trio
 
@@ -46,7 +48,7 @@ from ._model import Member, Role, check_id, check_role, is_id
 from ._notices import NoticeChannel, channel_name, encode_notice
 from ._store import PermissionChange, PermissionStoreError, PermissionStoreUnavailable
 
-__all__ = ["DEFAULT_KEY_PREFIX", "RedisPermissionStore"]
+__all__ = ["DEFAULT_KEY_PREFIX", "Found", "Held", "RedisPermissionStore"]
 
 log = logging.getLogger("hubserver")
 
@@ -91,6 +93,72 @@ local version = redis.call('INCR', KEYS[2])
 redis.call('PUBLISH', ARGV[1], cmsgpack.pack({version, {{ARGV[2], ARGV[3]}}}))
 return 1
 """)
+
+
+_IMPORT: Final = _Script.of("""
+-- KEYS[1]: the sites set; KEYS[2]: the version; KEYS[2 + i]: row i's site hash.
+-- ARGV[1]: the channel; ARGV[2]: pairs a notice names at most; ARGV[3]: the mode,
+-- 'compare', 'add' or 'replace'; then three per row: site, subject, value.
+-- Returns what each row found: 0 nothing, 1 the same role, or the value held
+-- (another role, or a value not ours). 'compare' writes nothing; 'add' writes
+-- the rows that found nothing, unless a row found another value (then
+-- nothing); 'replace' writes every row that did not find the same role. A row
+-- that found the same role is left as it is (its grant time too).
+local count = #KEYS - 2
+local mode = ARGV[3]
+local found = {}
+local others = 0
+for i = 1, count do
+  local a = 4 + (i - 1) * 3
+  local current = redis.call('HGET', KEYS[2 + i], ARGV[a + 1])
+  if not current then
+    found[i] = 0
+  elseif string.match(current, '^[^ ]*') == string.match(ARGV[a + 2], '^[^ ]*') then
+    found[i] = 1
+  else
+    found[i] = current
+    others = others + 1
+  end
+end
+if mode == 'compare' or (mode == 'add' and others > 0) then
+  return found
+end
+local written = {}
+for i = 1, count do
+  if found[i] ~= 1 then
+    local a = 4 + (i - 1) * 3
+    redis.call('HSET', KEYS[2 + i], ARGV[a + 1], ARGV[a + 2])
+    redis.call('SADD', KEYS[1], ARGV[a])
+    written[#written + 1] = {ARGV[a], ARGV[a + 1]}
+  end
+end
+if #written > 0 then
+  local version = redis.call('INCR', KEYS[2])
+  local named = false
+  if #written <= tonumber(ARGV[2]) then
+    named = written
+  end
+  redis.call('PUBLISH', ARGV[1], cmsgpack.pack({version, named}))
+end
+return found
+""")
+
+
+class Found(enum.Enum):
+    """What `RedisPermissionStore.import_grants` found in Redis for a grant it was given."""
+
+    NOTHING = "nothing"
+    SAME_ROLE = "the same role"
+    #: Another role, or a value that is not one of ours.
+    OTHER_ROLE = "another role"
+
+
+@dataclass(frozen=True, slots=True)
+class Held:
+    """What Redis held for an imported grant: `Found`, and the role (None: none, or not ours)."""
+
+    found: Found
+    role: Role | None
 
 
 class RedisPermissionStore:
@@ -280,6 +348,64 @@ class RedisPermissionStore:
             "a revoke", lambda conn: _evaluate(conn, _REVOKE, keys, args), is_write=True
         )
         return reply == 1
+
+    async def import_grants(
+        self, members: Sequence[Member], *, mode: Literal["compare", "add", "replace"]
+    ) -> builtins.list[Held]:
+        """Copy grants made elsewhere (another store's), with their grant times, in one script.
+
+        A grant Redis already holds with the same role is left as it is, so
+        importing the same grants twice changes nothing (not even the version).
+        The version moves and a notice goes out only when something is written.
+
+        Args:
+            members: the grants; one script, so keep it to a few hundred.
+            mode: ``"compare"`` writes nothing; ``"add"`` writes the grants
+                Redis does not hold, unless it holds another role for one of
+                them (then nothing is written); ``"replace"`` also replaces
+                those other roles.
+
+        Returns:
+            What Redis held for each grant before, in order.
+
+        Raises:
+            ValueError: an id or role is bad (naming the grant by its index);
+                nothing is written.
+            PermissionStoreError: Redis failed.
+        """
+        keys: list[Arg] = [self._sites_key, self._version_key]
+        args: list[Arg] = [self._channel, self._max_notice_pairs, mode]
+        for index, member in enumerate(members):
+            try:
+                site_id = check_id("site_id", member.site_id)
+                subject = check_id("subject", member.subject)
+                role = check_role(member.role)
+            except ValueError as exc:
+                raise ValueError(f"grant {index}: {exc}") from exc
+            keys.append(self._site_key(site_id))
+            args += [site_id, subject, f"{role.value} {member.granted_at.isoformat()}"]
+        if not members:
+            await trio.lowlevel.checkpoint()
+            return []
+        reply = await self._call(
+            "an import",
+            lambda conn: _evaluate(conn, _IMPORT, keys, args),
+            is_write=mode != "compare",
+        )
+        if not isinstance(reply, builtins.list) or len(reply) != len(members):
+            raise self._unavailable("an import got a malformed reply")
+        held = []
+        for member, item in zip(members, reply, strict=True):
+            if item == 0:
+                held.append(Held(Found.NOTHING, None))
+            elif item == 1:
+                held.append(Held(Found.SAME_ROLE, member.role))
+            elif isinstance(item, bytes):
+                parsed = _parse_value(item)
+                held.append(Held(Found.OTHER_ROLE, None if parsed is None else parsed[0]))
+            else:
+                raise self._unavailable("an import got a malformed reply")
+        return held
 
     async def list(self, site_id: str | None = None) -> builtins.list[Member]:
         """The members of one site (or of all sites), sorted by site and subject.

@@ -17,7 +17,7 @@ import trio
 from ._model import Member, Role, check_id, check_role
 from ._store import PermissionStoreError, PermissionStoreUnavailable
 
-__all__ = ["SqlitePermissionStore"]
+__all__ = ["SqlitePermissionStore", "read_members"]
 
 _T = TypeVar("_T")
 
@@ -309,6 +309,49 @@ class SqlitePermissionStore:
                     conn.execute("ROLLBACK")
                 raise
             conn.execute("COMMIT")
+
+
+def read_members(path: Path) -> builtins.list[Member]:
+    """Every grant of a store's file, sorted by site and subject, the file opened read-only.
+
+    For copying a node's grants elsewhere (``hubserver members import``): the
+    file is never created, migrated or written, so a node that still runs on
+    it is not disturbed.
+
+    Args:
+        path: a ``permissions.sqlite3`` file, or the data directory holding one.
+
+    Raises:
+        PermissionStoreError: no such file, or it cannot be read as a store's file.
+    """
+    if path.is_dir():
+        path = path / FILE_NAME
+    if not path.is_file():
+        raise PermissionStoreError(f"{path} is not a file")
+    try:
+        # mode=ro: nothing is created or changed (WAL readers still share the file's locks).
+        conn = sqlite3.connect(
+            f"{path.absolute().as_uri()}?mode=ro", uri=True, timeout=BUSY_TIMEOUT
+        )
+    except sqlite3.Error as exc:
+        raise PermissionStoreError(f"cannot open {path}: {exc}") from exc
+    try:
+        rows = conn.execute(
+            "SELECT site_id, subject, role, granted_at FROM members ORDER BY site_id, subject"
+        ).fetchall()
+        return [
+            Member(
+                site_id=check_id("site_id", site),
+                subject=check_id("subject", subject),
+                role=Role(role),
+                granted_at=datetime.fromisoformat(granted_at),
+            )
+            for site, subject, role, granted_at in rows
+        ]
+    except (sqlite3.Error, ValueError, TypeError) as exc:
+        raise PermissionStoreError(f"cannot read the grants in {path}: {exc}") from exc
+    finally:
+        conn.close()
 
 
 def _checked_rows(grants: Iterable[tuple[str, str, Role]]) -> builtins.list[tuple[str, str, str]]:

@@ -18,12 +18,13 @@ watcher's probe), and a success ends that.
 
 Change notices (``POST /v1/permissions/changed``, see ``announce``) drop the
 pair's cached answer, and the server re-checks the open connections of that
-pair. With ``relay`` (the backplane's Redis URL), a notice received by one
-node is published to every node; without it, the backend must notify each
-node. A notice counts as a change: ``version`` is the number of notices
-applied. Every ``ttl`` the store also asks the server to re-check every open
-connection: answers older than that are asked again, so a revoke whose
-notice was lost ends open connections within about ``ttl``.
+pair. With ``relay`` (the backplane's Redis URL, or the ``--workers``
+parent's broker), a notice received by one node or worker is published to
+every one; without it, the backend must notify each node. A notice counts
+as a change: ``version`` is the number of notices applied. Every ``ttl``
+the store also asks the server to re-check every open connection: answers
+older than that are asked again, so a revoke whose notice was lost ends
+open connections within about ``ttl``.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ from hubserver.backplane import BackplaneError
 from ._http import HttpGetError, HttpGetter, redact_origin
 from ._model import Role, is_id
 from ._notices import NoticeChannel, encode_notice
+from ._relay import NoticeRelay
 from ._store import PermissionChange, PermissionStoreUnavailable
 
 __all__ = ["UrlPermissionStore"]
@@ -81,9 +83,12 @@ class UrlPermissionStore:
         max_response_bytes: the longest answer body accepted.
         max_connections: requests at once (and connections kept alive).
         failure_backoff: seconds questions fail at once after a failure.
-        relay: a ``redis://`` URL through which change notices reach every node.
+        relay: how change notices reach every node: a ``redis://`` URL, or a
+            `NoticeRelay` (the ``--workers`` parent's, `WorkerNoticeChannel`).
         key_prefix: the prefix of the relay's channel (the Redis store's).
         ssl_context: for https; the system's default trust by default.
+        token: sent with every question as ``Authorization: Bearer TOKEN``
+            (never logged; a 401 or 403 is a failure like any other).
 
     Close it with ``aclose``.
 
@@ -101,9 +106,10 @@ class UrlPermissionStore:
         max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES,
         max_connections: int = DEFAULT_MAX_CONNECTIONS,
         failure_backoff: float = DEFAULT_FAILURE_BACKOFF,
-        relay: str | None = None,
+        relay: str | NoticeRelay | None = None,
         key_prefix: str = "hubserver",
         ssl_context: ssl.SSLContext | None = None,
+        token: str | None = None,
     ) -> None:
         for name, value in (
             ("ttl", ttl),
@@ -121,6 +127,7 @@ class UrlPermissionStore:
             max_connections=max_connections,
             max_body_bytes=max_response_bytes,
             ssl_context=ssl_context,
+            headers=() if token is None else [("Authorization", f"Bearer {token}")],
         )
         self._url_for_log = redact_origin(url)
         self._ttl = ttl
@@ -137,8 +144,10 @@ class UrlPermissionStore:
         self._failed_until = -math.inf
         self._last_failed: tuple[str, str] | None = None
         self._on_change: Callable[[PermissionChange], None] | None = None
-        self._relay: NoticeChannel | None = None
-        if relay is not None:
+        self._relay: NoticeRelay | None = None
+        if not isinstance(relay, str):
+            self._relay = relay
+        else:
             try:
                 self._relay = NoticeChannel.for_url(relay, key_prefix=key_prefix)
             except BackplaneError as exc:
@@ -283,6 +292,9 @@ class UrlPermissionStore:
             ) from None
         except HttpGetError as exc:
             raise self._failed(site_id, subject, str(exc)) from exc
+        if status in (401, 403):
+            hint = f"HTTP {status} instead of 200 (check --permissions-url-token-file)"
+            raise self._failed(site_id, subject, hint)
         if status != 200:
             raise self._failed(site_id, subject, f"HTTP {status} instead of 200")
         try:

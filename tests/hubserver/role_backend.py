@@ -4,6 +4,8 @@
 over keep-alive HTTP/1.1 (h11). ``misbehave`` makes it answer what a broken
 backend would: another status, a redirect, garbage, an oversized body, a
 stall, or a closed connection. It counts connections and records requests.
+With ``required_token`` it answers 401 to a request without
+``Authorization: Bearer`` that token, as a backend behind auth does.
 """
 
 from __future__ import annotations
@@ -46,6 +48,10 @@ class RoleBackend:
         self.port = 0
         #: The query parameters the URL had before site_id and subject.
         self.extra_query: dict[str, str] = {}
+        #: Requests without ``Authorization: Bearer <this>`` get 401 (None: no check).
+        self.required_token: str | None = None
+        #: The Authorization header of each request (None: there was none).
+        self.authorizations: list[str | None] = []
         # Connections waiting for their next request (what a keep-alive timeout closes).
         self._idle: set[trio.SocketStream] = set()
 
@@ -73,8 +79,11 @@ class RoleBackend:
                     return
                 if isinstance(event, h11.Request):
                     target = event.target.decode()
+                    authorization = next(
+                        (v.decode() for k, v in event.headers if k == b"authorization"), None
+                    )
                 elif isinstance(event, h11.EndOfMessage):
-                    if not await self._answer(stream, conn, target):
+                    if not await self._answer(stream, conn, target, authorization):
                         return
                     if conn.our_state is h11.MUST_CLOSE:
                         return
@@ -91,15 +100,26 @@ class RoleBackend:
             await trio.aclose_forcefully(stream)
         return len(idle)
 
-    async def _answer(self, stream: trio.SocketStream, conn: h11.Connection, target: str) -> bool:
+    async def _answer(
+        self,
+        stream: trio.SocketStream,
+        conn: h11.Connection,
+        target: str,
+        authorization: str | None,
+    ) -> bool:
         query = dict(parse_qsl(urlsplit(target).query))
         pair = (query.pop("site_id", ""), query.pop("subject", ""))
         self.extra_query = query
         self.requests.append(pair)
+        self.authorizations.append(authorization)
         if self.delay:
             await trio.sleep(self.delay)
         status, body = 200, json.dumps({"role": self.roles.get(pair)}).encode()
         headers = [("Content-Type", "application/json")]
+        if self.required_token is not None and authorization != f"Bearer {self.required_token}":
+            # What the answer would be is not the unauthenticated caller's to see.
+            status, body = 401, b'{"error": "unauthorized"}'
+            headers.append(("WWW-Authenticate", 'Bearer realm="roles"'))
         match self.misbehave:
             case None:
                 pass

@@ -185,3 +185,26 @@ async def test_the_permissions_url_is_asked_and_garbage_fails(tmp_path: Path) ->
         assert lines["permissions"][0] == "FAIL", out
         assert "expected a role" in lines["permissions"][1], out
         assert "s3cret" not in out
+
+
+async def test_the_permissions_url_is_asked_with_the_token_of_the_file(tmp_path: Path) -> None:
+    async with role_backend() as backend:
+        backend.required_token = "tok-s3cret"
+        token_file = tmp_path / "acl-token"
+        args = ["--data-dir", str(tmp_path), "--permissions-url", backend.url()]
+        args += ["--permissions-url-token-file", str(token_file)]
+        code, lines, out = await run_check(args)
+        assert code == 1, out
+        assert lines["permissions"] == (
+            "FAIL",
+            f"--permissions-url-token-file {token_file}: cannot read it: No such file or directory",
+        ), out
+        token_file.write_text("tok-s3cret\n")
+        code, lines, out = await run_check(args)
+        assert code == 0, out
+        assert backend.authorizations == ["Bearer tok-s3cret"]
+        token_file.write_text("tok-old\n")
+        code, lines, out = await run_check(args)
+        assert lines["permissions"][0] == "FAIL", out
+        assert "HTTP 401 instead of 200 (check --permissions-url-token-file)" in out
+        assert "s3cret" not in out

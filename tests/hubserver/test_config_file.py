@@ -324,6 +324,58 @@ def test_bad_environment_values_name_the_variable_and_never_a_secret(
     )
 
 
+# -- the permissions URL's token file ----------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("content", "problem"),
+    [
+        (None, "cannot read it: No such file or directory"),
+        (b"", "the file is empty"),
+        (b" \n\t\n", "the file is empty"),
+        (b"s3cret-one\ns3cret-two\n", "expected one token (one line of visible ASCII, no spaces)"),
+        (b"Bearer s3cret", "expected one token (one line of visible ASCII, no spaces)"),
+        ("s3crét".encode(), "expected one token (one line of visible ASCII, no spaces)"),
+        (b"s3cret" * 4000, "over 16384 bytes, not a token"),
+    ],
+)
+def test_a_token_file_that_holds_no_token_stops_serve_and_never_shows_its_content(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], content: bytes | None, problem: str
+) -> None:
+    token_file = tmp_path / "acl-token"
+    if content is not None:
+        token_file.write_bytes(content)
+    url = "http://127.0.0.1:9/roles"
+    for workers in ("1", "2"):  # refused by the --workers parent, before any worker starts
+        argv = ["serve", "--permissions-url", url, "--permissions-url-token-file"]
+        assert main([*argv, str(token_file), "--workers", workers, "--port", "0"]) == 2
+        err = capsys.readouterr().err
+        assert err == f"hubserver: error: --permissions-url-token-file {token_file}: {problem}\n"
+        assert "s3cr" not in err
+
+
+def test_a_token_file_is_read_whole_and_shown_as_a_path_only(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from hubserver.config import read_token_file
+
+    token_file = tmp_path / "acl-token"
+    token_file.write_text("  eyJhbGciOi.s3cret-payload.sig==\r\n")
+    assert read_token_file(token_file) == "eyJhbGciOi.s3cret-payload.sig=="
+    path = write(
+        tmp_path,
+        'permissions_url = "https://acl.internal/roles"\n'
+        'permissions_url_token_file = "acl-token"\n',  # relative to the file
+    )
+    assert main(["config", "show", "--config", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert f'permissions_url_token_file = "{token_file}"' in out
+    assert "s3cret" not in out
+    # A token for no URL is a mistake worth stopping for.
+    assert main(["serve", "--permissions-url-token-file", str(token_file)]) == 2
+    assert "give both, or neither" in capsys.readouterr().err
+
+
 def test_a_missing_file_is_an_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["serve", "--config", str(tmp_path / "nope.toml")]) == 2
     assert "nope.toml: cannot read the config file: No such file or directory" in (
@@ -364,7 +416,14 @@ def test_config_show_says_where_each_value_came_from_and_hides_secrets(
     assert lines["host"].endswith("# default")
     assert lines["cors_origin"].startswith('cors_origin = ["https://a.example"]')
     assert "# issuer is not set" in out
-    unset = {"issuer", "audience", "jwks_file", "permissions", "permissions_url"}
+    unset = {
+        "issuer",
+        "audience",
+        "jwks_file",
+        "permissions",
+        "permissions_url",
+        "permissions_url_token_file",
+    }
     assert set(lines) | unset == set(SETTINGS_BY_NAME)
 
 

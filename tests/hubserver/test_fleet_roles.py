@@ -562,3 +562,81 @@ async def test_the_demo_grants_its_subject_where_roles_live(
     async with RedisPermissionStore(own_redis_server.url) as roles:
         assert await roles.role_of(DEMO_SITE, DEMO_SUBJECT) is Role.SITE_ADMIN
     assert not (tmp_path / "permissions.sqlite3").exists()
+
+
+# --- moving roles into Redis, a backend behind auth -------------------------------------------
+
+
+async def test_a_running_node_hears_an_import_at_once(
+    own_redis_server: RedisServer, tmp_path: Path, start_node: StartNode
+) -> None:
+    """``members import --overwrite`` sends the notice of its writes: bob, whose
+    role the node's file lowers, loses his site stream at once (the poll is 30 s
+    away); alice (the same role in both) and dave (not in the file) stay."""
+    url = own_redis_server.url
+    data = tmp_path / "node-data"
+    with SqlitePermissionStore.open(data) as sqlite_store:
+        sqlite_store.grant_many(
+            [
+                ("s1", "alice", Role.SITE_ADMIN),
+                ("s1", "bob", Role.SITE_USER),
+                ("s2", "erin", Role.SITE_ADMIN),
+            ]
+        )
+    async with RedisPermissionStore(url) as fleet:
+        for subject in ("alice", "bob", "dave"):
+            await fleet.grant("s1", subject, Role.SITE_ADMIN)
+    node: Node = await start_node(backplane=url, permission_poll_interval=30)
+    target = hub_target("entries", "s1")
+    with trio.fail_after(CAP):
+        async with (
+            open_hub(node, target) as alice,  # type: ignore[arg-type]
+            open_hub(node, target, token=node.token("bob")) as bob,  # type: ignore[arg-type]
+            open_hub(node, target, token=node.token("dave")) as dave,  # type: ignore[arg-type]
+        ):
+            await members_cli(
+                "import",
+                "--from-sqlite",
+                str(data),
+                "--redis",
+                url,
+                "--overwrite",
+                env=_clean_env(),
+            )
+            with trio.fail_after(2):
+                await expect_revoked(bob)
+            async with open_hub(node, hub_target("entries", "s2"), token=node.token("erin")):  # type: ignore[arg-type]
+                pass
+            await still_served(node, "s1", alice, dave)
+
+
+async def test_a_backend_behind_auth_gets_the_token_of_the_file(
+    backend: RoleBackend,
+    start_node: StartNode,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """``--permissions-url-token-file``: every question carries the file's token.
+    A node without it is refused by the backend (401): its store is
+    unavailable, so new connections get 503, as with any backend failure."""
+    token = "acl-" + "9f2c" * 16
+    backend.required_token = token
+    backend.roles["s1", "alice"] = "site_admin"
+    token_file = tmp_path / "acl-token"
+    token_file.write_text(token + "\n")  # as `echo TOKEN > file` writes it
+    node = await start_node(permissions_url=backend.url(), permissions_url_token_file=token_file)
+    bare = await start_node(permissions_url=backend.url(), permission_poll_interval=0.1)
+    with trio.fail_after(CAP):
+        async with open_hub(node, hub_target("entries", "s1")) as alice:  # type: ignore[arg-type]
+            assert backend.authorizations == [f"Bearer {token}"]
+            refused = await upgrade_refused(
+                bare.port, hub_target("entries", "s1"), token=bare.token()
+            )
+            assert refused.status == 503
+            assert backend.authorizations[1:] == [None]
+            await still_served(node, "s1", alice)
+            # The bare node's watcher says why its store is unavailable.
+            hint = "HTTP 401 instead of 200 (check --permissions-url-token-file)"
+            while hint not in caplog.text:  # noqa: ASYNC110 (a log line has no event to wait on)
+                await trio.sleep(0.05)
+    assert token not in caplog.text

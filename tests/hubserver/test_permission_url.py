@@ -299,6 +299,34 @@ async def test_a_relay_that_fails_still_applies_the_notice_here(backend: RoleBac
         await store.aclose()
 
 
+async def test_the_token_goes_with_every_question_and_a_refusal_is_unavailable(
+    backend: RoleBackend, caplog: pytest.LogCaptureFixture
+) -> None:
+    token = "tok-4f9a.b_c~d+e/f="  # RFC 6750 b64token characters
+    backend.required_token = token
+    backend.roles["s1", ME] = "site_admin"
+    with_token = UrlPermissionStore(backend.url(), token=token)
+    without = UrlPermissionStore(backend.url())
+    wrong = UrlPermissionStore(backend.url(), token="tok-old")
+    try:
+        assert await with_token.role_of("s1", ME) is Role.SITE_ADMIN
+        assert await with_token.role_of("s2", ME) is None  # a kept connection, again
+        assert backend.authorizations == [f"Bearer {token}"] * 2
+        for store in (without, wrong):
+            # Refused is unavailable (503 for new connections), never "no role".
+            with pytest.raises(PermissionStoreUnavailable) as refused:
+                await store.role_of("s1", ME)
+            assert "HTTP 401 instead of 200 (check --permissions-url-token-file)" in str(
+                refused.value
+            )
+            assert not store.is_available
+        assert backend.authorizations[2:] == [None, "Bearer tok-old"]
+    finally:
+        for store in (with_token, without, wrong):
+            await store.aclose()
+    assert token not in caplog.text
+
+
 @pytest.mark.parametrize(
     ("url", "kwargs"),
     [

@@ -23,8 +23,9 @@ from typing import Any
 import pytest
 import trio
 
-from hubserver.app import HUB_SCOPE, PUBLISH_SCOPE
+from hubserver.app import ADMIN_SCOPE, HUB_SCOPE, PUBLISH_SCOPE
 from hubserver.auth import DevKey, ensure_dev_key
+from hubserver.connection import ACCESS_REVOKED_TEXT
 from hubserver.permissions import Role, SqlitePermissionStore
 
 from .helpers import (
@@ -34,11 +35,13 @@ from .helpers import (
     ResponseReader,
     bearer,
     build_request,
+    http_request,
     hub_target,
     open_hub,
     open_tcp,
     publish_ok,
 )
+from .role_backend import role_backend
 
 CAP = 60
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -220,12 +223,12 @@ def _owner(port: int, client: trio.SocketStream, pids: set[int]) -> int | None:
 
 
 async def _one_per_worker(
-    w: Workers, stack: AsyncExitStack, target: str, pids: set[int]
+    w: Workers, stack: AsyncExitStack, target: str, pids: set[int], token: str | None = None
 ) -> dict[int, HubClient]:
     """A subscriber on every worker (the kernel picks; open until each has one)."""
     by_pid: dict[int, HubClient] = {}
     for _ in range(60):
-        client = await stack.enter_async_context(open_hub(w, target))  # type: ignore[arg-type]
+        client = await stack.enter_async_context(open_hub(w, target, token=token))  # type: ignore[arg-type]
         pid = _owner(w.port, client.ws.stream, pids)
         if pid is not None and pid not in by_pid:
             by_pid[pid] = client
@@ -467,3 +470,57 @@ async def test_a_worker_that_cannot_be_restarted_is_retried_and_shutdown_still_w
             with trio.fail_after(15):
                 await w.process.wait()
     assert w.process.returncode == 0, w.log[-20:]
+
+
+# -- permission change notices reach every worker ---------------------------------------
+
+
+async def test_a_backend_notice_to_one_worker_revokes_on_every_worker(
+    tmp_path: Path, nursery: trio.Nursery
+) -> None:
+    """``--permissions-url`` without Redis: the backend's ``POST
+    /v1/permissions/changed`` reaches one worker (the kernel picks); the
+    parent's broker passes it to the others, so alice's connection on every
+    worker closes at once. The TTL (600 s) is far: nothing else could close
+    them in time. Bob, on every worker too, is not touched."""
+    target = hub_target("entries", "s1")
+    async with role_backend() as backend, AsyncExitStack() as stack:
+        backend.roles["s1", "alice"] = "site_admin"
+        backend.roles["s1", "bob"] = "site_admin"
+        with trio.fail_after(CAP):
+            w = await stack.enter_async_context(
+                run_workers(
+                    tmp_path,
+                    nursery,
+                    "--permissions-url",
+                    backend.url(),
+                    "--permissions-ttl",
+                    "600",
+                )
+            )
+            await _ready(w)
+            pids = _live_worker_pids(w.log)
+            alices = await _one_per_worker(w, stack, target, pids)
+            bobs = await _one_per_worker(w, stack, target, pids, token=w.token("bob"))
+            asked = len(backend.requests)
+
+            backend.roles["s1", "alice"] = None
+            admin = w.token("acl-backend", (ADMIN_SCOPE,))
+            response = await http_request(
+                w.port,
+                "POST",
+                "/v1/permissions/changed",
+                headers=[("Content-Type", "application/json"), bearer(admin)],
+                body=b'{"site_id": "s1", "subject": "alice"}',
+            )
+            assert response.status == 202, response
+            with trio.fail_after(2):
+                for alice in alices.values():
+                    closed = await alice.expect_close()
+                    assert closed.close is not None
+                    assert closed.close.get("error") == ACCESS_REVOKED_TEXT
+            # Each worker dropped its cached answer and asked again, about alice only.
+            assert sorted(backend.requests[asked:]) == [("s1", "alice")] * len(pids)
+            (event_id,) = await publish_ok(w, "entries", {"site_id": "s1"})  # type: ignore[arg-type]
+            for bob in bobs.values():
+                assert (await bob.next_event())["id"] == event_id
