@@ -527,4 +527,5 @@ def test_the_readme_fleet_example_is_a_working_config_file(tmp_path: Path) -> No
     assert config.cors_origins == ("https://app.example.com",)
     assert config.jwks_url is not None and config.audience == "event-streaming"
     assert settings["workers"] is None  # auto
-    assert settings.count(Origin.FILE) == 11  # as README's `hubserver check` example says
+    assert config.metrics_port == 9100
+    assert settings.count(Origin.FILE) == 12  # as README's `hubserver check` example says
