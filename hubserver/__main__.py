@@ -289,7 +289,8 @@ def _parent_gone(server: RunningServer, scope: trio.CancelScope) -> None:
 
 
 def _worker_argv(argv: Sequence[str]) -> list[str]:
-    """The parent's ``serve`` arguments a worker gets: all but --workers, --port, --demo."""
+    """The parent's ``serve`` arguments a worker gets: all but --workers, --port,
+    --metrics-port (the parent gives the ports it reserved) and --demo."""
     out: list[str] = []
     skip = False
     for arg in argv[1:]:  # argv[0] is "serve"
@@ -297,7 +298,7 @@ def _worker_argv(argv: Sequence[str]) -> list[str]:
             skip = False
             continue
         name = arg.split("=", 1)[0]
-        if name in ("--workers", "--port"):
+        if name in ("--workers", "--port", "--metrics-port"):
             skip = "=" not in arg
             continue
         if name == "--demo":

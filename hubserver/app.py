@@ -49,7 +49,8 @@ class App:
     router: Router
     broker: Broker
     stats: SessionStats = field(default_factory=SessionStats)
-    metrics: Metrics = field(default_factory=Metrics)
+    #: None with ``--metrics off``: nothing is observed or served.
+    metrics: Metrics | None
     negotiations: Negotiations = field(default_factory=Negotiations)
     is_ready: bool = False
     is_draining: bool = False

@@ -6,7 +6,10 @@ For deploy pipelines and container health checks: the same settings as
 
 The checks do what ``serve`` does at start, short of listening: they create
 the data directory if it is missing (and, in development mode, the
-development key), open the permission store, fetch the JWKS and ping Redis.
+development key), open the permission store, fetch the JWKS and ping Redis;
+with ``--metrics-port``, they bind its address (and let it go). A metrics
+port already held by a running hubserver (``check`` as a container health
+check beside ``serve``) passes when that server answers ``/healthz`` there.
 Each is bounded by ``CHECK_TIMEOUT``. Nothing they print holds a secret:
 URLs go through ``redact_credentials``.
 """
@@ -14,8 +17,10 @@ URLs go through ``redact_credentials``.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import resource
 import shutil
+import socket
 import tempfile
 from collections.abc import Awaitable, Callable
 from typing import Final
@@ -29,12 +34,14 @@ from .backplane import RedisConnection, parse_redis_url
 from .config import ConfigError, ServerConfig
 from .config.settings import redact_credentials
 from .config.sources import Origin, Settings
-from .http._accept import FD_HEADROOM, descriptor_budget
+from .http._accept import descriptor_budget, fd_headroom
 
 __all__ = ["CHECK_TIMEOUT", "CheckResult", "check_config", "run_checks"]
 
 #: Seconds each check may take (a JWKS fetch, a Redis connection and PING).
 CHECK_TIMEOUT: Final = 5.0
+#: Seconds a program holding the metrics port has to answer ``GET /healthz``.
+PROBE_TIMEOUT: Final = 1.0
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -83,6 +90,8 @@ async def run_checks(config: ServerConfig) -> list[CheckResult]:
         ("permissions", _permissions),
         ("descriptors", _descriptors),
     ]
+    if config.metrics_port is not None:
+        checks.append(("metrics_port", _metrics_port))
     results = []
     for name, check in checks:
         try:
@@ -173,14 +182,62 @@ async def _permissions(config: ServerConfig) -> str:
 
 async def _descriptors(config: ServerConfig) -> str:
     # As serve does: raise the soft limit to the hard one, then count.
-    budget = descriptor_budget()
+    headroom = fd_headroom(has_metrics_listener=config.metrics_port is not None)
+    budget = descriptor_budget(headroom)
     soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     wanted = config.max_connections
     if wanted is None:
-        return f"--max-connections auto: {budget} (open-files limit {soft} minus {FD_HEADROOM})"
+        return f"--max-connections auto: {budget} (open-files limit {soft} minus {headroom})"
     if wanted > budget:
         raise CheckFailed(
-            f"--max-connections {wanted} needs {wanted + FD_HEADROOM} open files; the limit is "
+            f"--max-connections {wanted} needs {wanted + headroom} open files; the limit is "
             f"{soft} (raise it: ulimit -n, or LimitNOFILE= in the systemd unit)"
         )
     return f"--max-connections {wanted} fits the open-files limit {soft}"
+
+
+async def _metrics_port(config: ServerConfig) -> str:
+    host, port = config.metrics_host, config.metrics_port
+    assert port is not None  # only checked when set
+    where = f"{host}:{port}"
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+        # As serve binds it (trio sets SO_REUSEADDR): a port in TIME_WAIT is free.
+        with socket.socket(family, kind, proto) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(address)
+            bound = sock.getsockname()[1]
+    except OSError as exc:
+        if exc.errno != errno.EADDRINUSE:
+            raise CheckFailed(
+                f"cannot listen on {where} for /metrics: {exc.strerror or exc}"
+            ) from exc
+        bound = None
+    if bound is None:
+        if await _hubserver_answers(host, port):
+            return f"{where} is in use by a running hubserver, which answers /healthz there"
+        raise CheckFailed(f"{where} is in use by another program: /metrics cannot listen there")
+    if port == 0:
+        return f"{host} can be bound (any free port, {bound} this time), for /metrics"
+    return f"http://{where}/metrics can be bound"
+
+
+async def _hubserver_answers(host: str, port: int) -> bool:
+    """Whether a hubserver answers ``GET /healthz`` at ``host:port`` (a wildcard
+    address is asked on loopback)."""
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)
+    request = b"GET /healthz HTTP/1.1\r\nhost: hubserver-check\r\nconnection: close\r\n\r\n"
+    answer = b""
+    # A hubserver answers /healthz at once; another program may never answer.
+    with trio.move_on_after(PROBE_TIMEOUT):
+        try:
+            async with await trio.open_tcp_stream(host, port) as stream:
+                await stream.send_all(request)
+                while len(answer) < 4096 and (chunk := await stream.receive_some(4096)):
+                    answer += chunk
+        except (OSError, trio.BrokenResourceError):
+            return False
+    head = answer.partition(b"\r\n\r\n")[0].lower()
+    return head.startswith(b"http/1.1 200") and b"\r\nserver: hubserver" in head

@@ -1,6 +1,7 @@
 """``serve``: listeners, background tasks and graceful shutdown, in one nursery tree.
 
-The root nursery owns the accept loop, the permission watcher and the demo
+The root nursery owns the accept loops (the main port's, and the metrics
+listener's with ``--metrics-port``), the permission watcher and the demo
 publisher; connections live in a separate handler nursery, so shutdown can
 stop accepting first, then ask every hub connection to close (a Close that
 allows reconnect), then give them ``drain_timeout`` before cancelling.
@@ -33,8 +34,14 @@ from .backplane import Backplane, MemoryBackplane, RedisBackplane, UnixBackplane
 from .config import ServerConfig, read_token_file
 from .config.settings import redact_credentials
 from .connection import ACCESS_REVOKED_TEXT, SessionContext
-from .http import handle_connection
-from .http._accept import ConnectionGate, accept_connections, descriptor_budget
+from .http import handle_connection, handle_internal_connection
+from .http._accept import (
+    METRICS_MAX_CONNECTIONS,
+    ConnectionGate,
+    accept_connections,
+    descriptor_budget,
+    fd_headroom,
+)
 from .logs import MAX_FIELD_CHARS, session_fields
 from .metrics import SYNC_INTERVAL, Metrics
 from .permissions import (
@@ -78,6 +85,8 @@ class RunningServer:
     port: int
     app: App
     _shutdown: trio.Event
+    #: The metrics listener's port (``--metrics-port``; 0 there is resolved here).
+    metrics_port: int | None = None
 
     def request_shutdown(self) -> None:
         """Start a graceful shutdown (what SIGTERM and SIGINT do)."""
@@ -216,6 +225,13 @@ def _warn_of_unused_sqlite_roles(config: ServerConfig) -> None:
         )
 
 
+async def open_listeners(host: str, port: int, *, reuse_port: bool) -> list[trio.SocketListener]:
+    """The listeners of one address: SO_REUSEPORT's (a ``--workers`` worker), or trio's."""
+    if reuse_port:
+        return [reuse_port_listener(host, port)]
+    return await trio.open_tcp_listeners(port, host=host)
+
+
 def reuse_port_listener(host: str, port: int) -> trio.SocketListener:
     """A listener with SO_REUSEPORT: the kernel spreads connections over the workers."""
     family, kind, proto, _, address = socket.getaddrinfo(
@@ -258,6 +274,7 @@ async def serve(
     router = Router()
     app = App(
         config=config,
+        metrics=Metrics() if config.is_metrics_on else None,
         verifier=CachingVerifier(verifier),
         store=CachedPermissionStore(store),
         permission_feed=store if isinstance(store, ChangeFeed) else None,
@@ -275,11 +292,20 @@ async def serve(
 
 async def _run(app: App, task_status: trio.TaskStatus[RunningServer]) -> None:
     config = app.config
-    if config.reuse_port:
-        listeners = [reuse_port_listener(config.host, config.port)]
-    else:
-        listeners = await trio.open_tcp_listeners(config.port, host=config.host)
+    metrics = app.metrics
+    listeners = await open_listeners(config.host, config.port, reuse_port=config.reuse_port)
     port = listeners[0].socket.getsockname()[1]
+    metrics_listeners: list[trio.SocketListener] = []
+    if config.metrics_port is not None:
+        try:
+            metrics_listeners = await open_listeners(
+                config.metrics_host, config.metrics_port, reuse_port=config.reuse_port
+            )
+        except BaseException:
+            for listener in listeners:
+                listener.socket.close()
+            raise
+    metrics_port = metrics_listeners[0].socket.getsockname()[1] if metrics_listeners else None
     shutdown = trio.Event()
     try:
         async with trio.open_nursery() as handlers:
@@ -287,10 +313,13 @@ async def _run(app: App, task_status: trio.TaskStatus[RunningServer]) -> None:
             # live beside the connections, through the drain.
             timers = TimerQueue()
             handlers.start_soon(timers.run)
-            handlers.start_soon(_watch_loop_lag, app.metrics)
-            if app.metrics.is_multiprocess:
-                handlers.start_soon(_sync_metrics, app)
-            app.broker.lag_observer = app.metrics.delivery_lag.observe
+            publish_latency = None
+            if metrics is not None:  # --metrics off: no probe, no observation
+                handlers.start_soon(_watch_loop_lag, metrics)
+                if metrics.is_multiprocess:
+                    handlers.start_soon(_sync_metrics, app, metrics)
+                app.broker.lag_observer = metrics.delivery_lag.observe
+                publish_latency = metrics.publish_latency.labels("hub").observe
             app.sessions = SessionContext(
                 limits=config.hub_limits,
                 max_outbox_bytes=config.max_outbox_bytes,
@@ -304,7 +333,7 @@ async def _run(app: App, task_status: trio.TaskStatus[RunningServer]) -> None:
                 timers=timers,
                 tasks=handlers,
                 publish=app.broker.publish,
-                publish_latency=app.metrics.publish_latency.labels("hub").observe,
+                publish_latency=publish_latency,
                 # A publisher's message may carry what a publish request's body may
                 # (plus the invocation around it).
                 publisher_limits=replace(
@@ -319,7 +348,8 @@ async def _run(app: App, task_status: trio.TaskStatus[RunningServer]) -> None:
                 accept_scope = trio.CancelScope()
                 # Raised to the hard limit in any case: an explicit --max-connections
                 # above what the descriptors allow would meet EMFILE, not its 503.
-                budget = descriptor_budget()
+                headroom = fd_headroom(has_metrics_listener=bool(metrics_listeners))
+                budget = descriptor_budget(headroom)
                 max_total = budget if config.max_connections is None else config.max_connections
                 if max_total > budget:
                     log.warning(
@@ -330,6 +360,7 @@ async def _run(app: App, task_status: trio.TaskStatus[RunningServer]) -> None:
                     )
                 gate = ConnectionGate(max_total=max_total, max_per_ip=config.max_connections_per_ip)
                 app.connections = gate
+                metrics_gate = ConnectionGate(max_total=METRICS_MAX_CONNECTIONS, max_per_ip=0)
                 log.info(
                     "connection limits: %d in total, %s per address",
                     gate.max_total,
@@ -352,6 +383,14 @@ async def _run(app: App, task_status: trio.TaskStatus[RunningServer]) -> None:
                                     handlers,
                                     gate,
                                 )
+                            for listener in metrics_listeners:
+                                loops.start_soon(
+                                    accept_connections,
+                                    listener,
+                                    partial(_handle_internal, app=app),
+                                    handlers,
+                                    metrics_gate,
+                                )
 
                 await root.start(app.broker.run)
                 root.start_soon(accept)
@@ -367,7 +406,22 @@ async def _run(app: App, task_status: trio.TaskStatus[RunningServer]) -> None:
                     port,
                     extra={"event": "listening", "host": config.host, "port": port},
                 )
-                task_status.started(RunningServer(port=port, app=app, _shutdown=shutdown))
+                if metrics_port is not None:
+                    log.info(
+                        "metrics on http://%s:%d/metrics",
+                        config.metrics_host,
+                        metrics_port,
+                        extra={
+                            "event": "metrics_listening",
+                            "host": config.metrics_host,
+                            "port": metrics_port,
+                        },
+                    )
+                task_status.started(
+                    RunningServer(
+                        port=port, app=app, _shutdown=shutdown, metrics_port=metrics_port
+                    )
+                )
                 await shutdown.wait()
                 log.info(
                     "shutting down: not ready, no new connections, closing %d hub connections",
@@ -420,6 +474,18 @@ async def _handle(stream: trio.SocketStream, *, app: App) -> None:
             app.hub_closed(session.subject)  # counted by the front's hub_opened
 
 
+async def _handle_internal(stream: trio.SocketStream, *, app: App) -> None:
+    try:
+        await handle_internal_connection(stream, app)
+    except Exception:
+        # The same boundary as the main port's: one scrape's bug ends that scrape.
+        app.stats.crashed += 1
+        log.exception(
+            "connection handler failed (metrics listener)",
+            extra={"event": "connection_failed", "reason": "error"},
+        )
+
+
 async def _watch_loop_lag(metrics: Metrics) -> None:
     """How late a periodic timer wakes: what else the loop had to do first."""
     while True:
@@ -428,11 +494,11 @@ async def _watch_loop_lag(metrics: Metrics) -> None:
         metrics.loop_lag.observe(max(0.0, trio.current_time() - due))
 
 
-async def _sync_metrics(app: App) -> None:
+async def _sync_metrics(app: App, metrics: Metrics) -> None:
     """With --workers: keep this worker's values fresh for scrapes another worker answers."""
     while True:
         await trio.sleep(SYNC_INTERVAL)
-        app.metrics.sync(app)
+        metrics.sync(app)
 
 
 async def _drain(app: App) -> None:

@@ -1,6 +1,8 @@
 """``hubserver serve --workers N``: N worker processes on one port, one event stream.
 
-The parent reserves the port, runs the shared event stream (the in-process
+The parent reserves the port (and the metrics listener's, with
+``--metrics-port``: any worker answers a scrape there, for the whole node),
+runs the shared event stream (the in-process
 broker on a unix socket, unless ``--backplane`` names Redis, which the workers
 then use directly), starts the workers and restarts any that dies. Each worker
 is a plain ``hubserver serve`` listening with SO_REUSEPORT, so the kernel
@@ -19,6 +21,7 @@ import socket
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Callable, Sequence
+from pathlib import Path
 from typing import Final
 
 import trio
@@ -86,17 +89,26 @@ async def run_workers(
         config: the parent's configuration.
         count: how many workers.
         worker_argv: ``hubserver serve`` arguments for a worker, without
-            ``--workers``, ``--port`` and ``--demo``.
+            ``--workers``, ``--port``, ``--metrics-port`` and ``--demo``.
         task_status: receives the port once the workers are started.
     """
     config.data_dir.mkdir(parents=True, exist_ok=True)
     reserved = _reserve_port(config.host, config.port)
     port = reserved.getsockname()[1]
+    metrics_reserved: socket.socket | None = None
+    if config.metrics_port is not None:
+        try:
+            metrics_reserved = _reserve_port(config.metrics_host, config.metrics_port)
+        except BaseException:
+            reserved.close()
+            raise
     # The workers' lifeline: they inherit the read end, only this process holds
     # the write end and never writes. However the parent ends (even SIGKILL),
     # the kernel closes the write end and every worker reads EOF.
     lifeline, lifeline_writer = os.pipe()
     extra = ["--port", str(port), "--reuse-port", "--parent-fd", str(lifeline)]
+    if metrics_reserved is not None:
+        extra += ["--metrics-port", str(metrics_reserved.getsockname()[1])]
     broker: BrokerServer | None = None
     if config.backplane is None:
         path = config.data_dir / f"broker-{os.getpid()}.sock"
@@ -107,18 +119,17 @@ async def run_workers(
         )
         broker.listen()
         extra += ["--broker-socket", str(path)]
-    # /metrics of the node from any worker: prometheus-client's multiprocess
-    # mode, its files in a directory of this run (emptied: stale files of an
-    # earlier run would count).
-    metrics_dir = config.data_dir / f"metrics-{os.getpid()}"
-    shutil.rmtree(metrics_dir, ignore_errors=True)
-    metrics_dir.mkdir(parents=True)
-    env = {
-        **os.environ,
-        "HUBSERVER_WORKERS": "1",
-        "HUBSERVER_DEMO": "0",
-        MULTIPROCESS_ENV: str(metrics_dir),
-    }
+    env = {**os.environ, "HUBSERVER_WORKERS": "1", "HUBSERVER_DEMO": "0"}
+    env.pop(MULTIPROCESS_ENV, None)
+    metrics_dir: Path | None = None
+    if config.is_metrics_on:
+        # /metrics of the node from any worker: prometheus-client's multiprocess
+        # mode, its files in a directory of this run (emptied: stale files of an
+        # earlier run would count).
+        metrics_dir = config.data_dir / f"metrics-{os.getpid()}"
+        shutil.rmtree(metrics_dir, ignore_errors=True)
+        metrics_dir.mkdir(parents=True)
+        env[MULTIPROCESS_ENV] = str(metrics_dir)
     command = [sys.executable, "-m", "hubserver", "serve", *worker_argv, *extra]
     stopping = trio.Event()
     try:
@@ -144,6 +155,14 @@ async def run_workers(
                         publish_demo_events, demo_broker.publish, config.demo_interval
                     )
                 log.info("%d workers on http://%s:%d", count, config.host, port)
+                if metrics_reserved is not None:
+                    # A line of its own: the one above is read for the main port.
+                    log.info(
+                        "metrics of the %d workers on http://%s:%d/metrics",
+                        count,
+                        config.metrics_host,
+                        metrics_reserved.getsockname()[1],
+                    )
                 task_status.started(port)
                 async for signum in signals:
                     log.info("received %s: draining the workers", signal.Signals(signum).name)
@@ -163,9 +182,12 @@ async def run_workers(
                 nursery.cancel_scope.cancel()
     finally:
         reserved.close()
+        if metrics_reserved is not None:
+            metrics_reserved.close()
         os.close(lifeline)
         os.close(lifeline_writer)
-        shutil.rmtree(metrics_dir, ignore_errors=True)
+        if metrics_dir is not None:
+            shutil.rmtree(metrics_dir, ignore_errors=True)
 
 
 async def _ignore_signals(signals: AsyncIterator[int]) -> None:
@@ -228,8 +250,9 @@ async def _supervise(
         with trio.CancelScope(shield=True):
             # Shielded: the parent waits for its workers even while being cancelled.
             code = await process.wait()
-        # Its live gauges (open connections, queued bytes) no longer count.
-        mark_process_dead(process.pid, env[MULTIPROCESS_ENV])  # type: ignore[no-untyped-call]
+        if MULTIPROCESS_ENV in env:
+            # Its live gauges (open connections, queued bytes) no longer count.
+            mark_process_dead(process.pid, env[MULTIPROCESS_ENV])  # type: ignore[no-untyped-call]
         if stopping.is_set():
             log.info("worker %d (pid %d) stopped with exit code %s", index, process.pid, code)
             return

@@ -45,6 +45,12 @@ server CPU is both nodes, the redis-server's is reported apart, and
 deliveries/s per node is deliveries/s over the node count). Their checks:
 server CPU per delivery with 2 workers against one process's, deliveries/s
 per node with Redis against the single node's, and exact counts.
+
+``hubserver-nometrics`` is ``hubserver`` with ``--metrics off``: in a row
+with both, deliveries/s of ``hubserver`` over ``hubserver-nometrics`` is the
+cost of the metrics (issue #12: at most 3% in burst rows, ``METRICS_BAR``),
+and their server CPU per delivery is shown beside it. On a shared machine a
+few percent is within one run's noise: compare several runs.
 """
 
 from __future__ import annotations
@@ -90,6 +96,7 @@ __all__ = [
     "PROFILE",
     "SCALE_OUT_BAR",
     "SITES_BAR",
+    "METRICS_BAR",
     "FanoutRun",
     "RowResult",
     "judge",
@@ -126,6 +133,11 @@ SITES_BAR: Final = (
 MIN_SITES_VS_AIOSIGNALR: Final = 1.0
 MIN_SITES_PUBHUB_VS_CEILING: Final = 0.5
 MIN_SITES_PUBHUB_VS_AIOSIGNALR: Final = 2.0
+METRICS_BAR: Final = (
+    "metrics (issue #12): burst rows lose <= 3% deliveries/s with metrics on "
+    "(hubserver / hubserver-nometrics >= 0.97x); 0 lost, 0 duplicated"
+)
+MIN_METRICS_ON_VS_OFF: Final = 0.97
 #: How many sites with a problem a row lists in its JSON (the totals are exact anyway).
 MAX_PROBLEM_SITES: Final = 20
 _SPREAD_TEXT: Final = {
@@ -923,6 +935,28 @@ def judge(rows: Sequence[RowResult]) -> tuple[list[tuple[str, ...]], bool | None
             if not (is_sites_shape and mode == "burst"):
                 versus("hubserver-pubhub", "hubserver", key, None)
             exact("hubserver-pubhub", key, pubhub)
+        nometrics = servers.get("hubserver-nometrics")
+        if nometrics is not None:
+            # issue #12: what the metrics cost, the same server with them off
+            if hub is not None:
+                name = "deliveries/s hubserver / hubserver-nometrics"
+                ratio = _ratio(hub.deliveries_per_second, nometrics.deliveries_per_second)
+                if mode == "burst":
+                    check(
+                        name,
+                        key,
+                        ratio,
+                        f">= {MIN_METRICS_ON_VS_OFF:g}x",
+                        None if ratio is None else ratio >= MIN_METRICS_ON_VS_OFF,
+                    )
+                else:
+                    info(name, key, ratio)
+                info(
+                    "server CPU per delivery, hubserver / hubserver-nometrics",
+                    key,
+                    _ratio(hub.cpu_per_delivery, nometrics.cpu_per_delivery),
+                )
+            exact("hubserver-nometrics", key, nometrics)
         # Scale-out (issue #5): each layout against the single process of the same row.
         workers = servers.get("hubserver-w2")
         if workers is not None:
@@ -1079,6 +1113,8 @@ def _outcome(run: FanoutRun, rows: Sequence[RowResult]) -> Outcome:
         bars.append(SCALE_OUT_BAR)
     if any(row.is_sites_shape for row in rows):
         bars.append(SITES_BAR)
+    if "hubserver-nometrics" in run.servers:
+        bars.append(METRICS_BAR)
     sample = EventFactory(1, run.seed).event(0, 1, time.time_ns())
     workload: dict[str, JsonValue] = {
         "event": 'POST /v1/events/entries: {"n":N,"t":T,"id":"site-S-N","site_id":"site-S", '

@@ -18,6 +18,11 @@ same for all of them, only the URL (and, for socketio, the dialect) differ.
 - ``hubserver-pubhub``: one ``hubserver serve`` process, like ``hubserver``,
   whose events the bench publishes over the publisher hub
   (``/v1/hub/publish``, ``bench.server.hubpublisher``) instead of HTTP POSTs.
+- ``hubserver-nometrics``: ``hubserver`` with ``--metrics off`` (no
+  /metrics, no histogram observations, no event-loop lag probe): beside
+  ``hubserver`` in one run, the A/B of what the metrics cost (issue #12). A
+  flag, not ``HUBSERVER_METRICS``: a ``--hubserver-src`` tree without the
+  setting then fails to start instead of measuring metrics on as off.
 - ``aiosignalr``, ``socketio``, ``ceiling``: ``bench.server.peers``; no auth.
 
 The scale-out layouts (``hubserver-w2``, ``hubserver-redis2``) are chosen
@@ -184,6 +189,9 @@ SERVERS: Final = {
         ServerKind("hubserver-w2", Dialect.SIGNALR, "hubserver", workers=2),
         ServerKind("hubserver-redis2", Dialect.SIGNALR, "hubserver", nodes=2),
         ServerKind("hubserver-pubhub", Dialect.SIGNALR, "hubserver", publish=HUB_PUBLISH),
+        ServerKind(
+            "hubserver-nometrics", Dialect.SIGNALR, "hubserver", extra_args=("--metrics", "off")
+        ),
         ServerKind("aiosignalr", Dialect.SIGNALR, "bench.server.peers.aiosignalr_peer"),
         ServerKind("socketio", Dialect.ENGINEIO, "bench.server.peers.socketio_peer"),
         ServerKind("ceiling", Dialect.SIGNALR, "bench.server.peers.ceiling"),
@@ -212,7 +220,8 @@ def add_server_arguments(
         help="comma-separated, from: "
         + ", ".join(SERVERS)
         + " (hubserver-w2: --workers 2; hubserver-redis2: two nodes sharing a redis-server "
-        "the bench starts; hubserver-pubhub: events published over /v1/hub/publish)",
+        "the bench starts; hubserver-pubhub: events published over /v1/hub/publish; "
+        "hubserver-nometrics: --metrics off, to compare with hubserver)",
     )
 
 

@@ -18,6 +18,7 @@ from hubcore import HubError, HubLimits
 
 __all__ = [
     "ANY_ORIGIN",
+    "METRICS_SWITCH",
     "PERMISSION_SOURCES",
     "ConfigError",
     "ServerConfig",
@@ -37,6 +38,9 @@ _HOST_CHARS = re.compile(r"[a-z0-9.\-_:]+")
 class ConfigError(HubError):
     """The configuration cannot work (bad value, missing file, conflicting flags)."""
 
+
+#: ``--metrics on|off``.
+METRICS_SWITCH: Final = ("on", "off")
 
 #: Where roles live (``--permissions``): a file per node, the backplane's
 #: Redis, or the access-control backend (``--permissions-url``).
@@ -164,6 +168,16 @@ class ServerConfig:
             normalized as browsers send them; ``("*",)`` allows every origin,
             without credentials. Empty: no CORS (today's answers) and no
             Origin check on WebSocket upgrades.
+        metrics: ``"on"`` (Prometheus metrics at ``GET /metrics``) or
+            ``"off"``: no ``/metrics`` anywhere, no event-loop lag probe, no
+            histogram observation on the publish and delivery paths (the
+            plain counters the server keeps for itself stay).
+        metrics_host, metrics_port: with a port, ``/metrics`` (and
+            ``/healthz``, ``/readyz``) are served by a listener of their own
+            there, and the main port answers ``/metrics`` with 404; 0 picks a
+            free port. None: ``/metrics`` on the main port. The host defaults
+            to loopback: the metrics tell about the service's operation, and
+            exposing them is a choice to make on purpose.
     """
 
     host: str = "127.0.0.1"
@@ -207,11 +221,15 @@ class ServerConfig:
     permissions_url: str | None = None
     permissions_ttl: float = 60.0
     permissions_url_token_file: Path | None = None
+    metrics: str = "on"
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int | None = None
 
     def __post_init__(self) -> None:
         # Frozen: the normalized list replaces the given one once, here.
         object.__setattr__(self, "cors_origins", normalize_origins(self.cors_origins))
         self._check_permissions()
+        self._check_metrics()
         if self.jwks_file is not None and self.jwks_url is not None:
             raise ConfigError("give --jwks-file or --jwks-url, not both")
         if not 0 <= self.port <= 65535:
@@ -292,6 +310,30 @@ class ServerConfig:
                 "--permissions-url-token-file is the credential of --permissions-url: "
                 "give both, or neither"
             )
+
+    @property
+    def is_metrics_on(self) -> bool:
+        """``--metrics on``: metrics are kept and served."""
+        return self.metrics == "on"
+
+    def _check_metrics(self) -> None:
+        if self.metrics not in METRICS_SWITCH:
+            raise ConfigError(f"--metrics must be on or off, got {self.metrics!r}")
+        port = self.metrics_port
+        if port is None:
+            return
+        if not 0 <= port <= 65535:
+            raise ConfigError(f"metrics_port must be 0..65535, got {port}")
+        if not self.is_metrics_on:
+            raise ConfigError(
+                "--metrics-port serves /metrics, which --metrics off turns off: drop one of them"
+            )
+        # With --workers both listeners take SO_REUSEPORT, so one port would
+        # silently share the hubs' connections between the two.
+        if port != 0 and port == self.port:
+            raise ConfigError(f"--metrics-port must differ from --port (both {port})")
+        if not self.metrics_host:
+            raise ConfigError("--metrics-host must not be empty")
 
     @property
     def is_dev_mode(self) -> bool:

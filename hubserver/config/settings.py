@@ -23,7 +23,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 from hubcore import HubLimits
 
-from . import PERMISSION_SOURCES, ServerConfig
+from . import METRICS_SWITCH, PERMISSION_SOURCES, ServerConfig
 
 __all__ = [
     "ENV_PREFIX",
@@ -121,8 +121,8 @@ class Setting:
 
     @property
     def is_optional(self) -> bool:
-        """Unset is a value of its own (no JWKS URL, no backplane)."""
-        return self.default is None and self.kind in (Kind.TEXT, Kind.PATH)
+        """Unset is a value of its own (no JWKS URL, no backplane, no metrics port)."""
+        return self.default is None and self.kind in (Kind.TEXT, Kind.PATH, Kind.INTEGER)
 
     def from_text(self, text: str) -> object:
         """The value of a flag or an environment variable.
@@ -148,6 +148,8 @@ class Setting:
                 return word
             raise self._invalid(self._quoted(text))
         if kind is Kind.INTEGER_OR_AUTO and text.strip().lower() == "auto":
+            return None
+        if kind is Kind.INTEGER and self.is_optional and not text.strip():
             return None
         try:
             number = float(text) if kind is Kind.SECONDS else int(text)
@@ -515,6 +517,27 @@ def _build() -> tuple[Setting, ...]:
             "access_log",
             Kind.SWITCH,
             "log every HTTP request at INFO (by default only refusals and errors)",
+        ),
+        _s(
+            "metrics",
+            Kind.CHOICE,
+            "Prometheus metrics at GET /metrics; off: no /metrics, no event-loop lag probe, "
+            "no histograms on the publish and delivery paths",
+            choices=METRICS_SWITCH,
+        ),
+        _s(
+            "metrics_host",
+            Kind.TEXT,
+            "with --metrics-port: the metrics listener's address (loopback by default: the "
+            "metrics tell about the service's operation; exposing them is a choice)",
+            metavar="HOST",
+        ),
+        _s(
+            "metrics_port",
+            Kind.INTEGER,
+            "serve /metrics (and /healthz, /readyz) on a listener of its own on this port, "
+            "and answer /metrics on the main port with 404 (0 = any free port)",
+            metavar="PORT",
         ),
         _s(
             "broker_max_queue_bytes",

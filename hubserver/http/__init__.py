@@ -2,6 +2,6 @@
 
 from __future__ import annotations
 
-from .front import handle_connection
+from .front import handle_connection, handle_internal_connection
 
-__all__ = ["handle_connection"]
+__all__ = ["handle_connection", "handle_internal_connection"]

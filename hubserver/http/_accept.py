@@ -35,9 +35,11 @@ import trio
 
 __all__ = [
     "FD_HEADROOM",
+    "METRICS_MAX_CONNECTIONS",
     "ConnectionGate",
     "accept_connections",
     "descriptor_budget",
+    "fd_headroom",
     "refusal_bytes",
 ]
 
@@ -47,8 +49,12 @@ log = logging.getLogger("hubserver.http")
 #: pool and subscriber, the broker socket, trio's own, logs, JWKS fetches, and
 #: the refusals in flight.
 FD_HEADROOM: Final = 64
-#: Over-limit connections waiting for their client to read the answer.
+#: Over-limit connections waiting for their client to read the answer (per listener).
 MAX_REFUSING: Final = 16
+#: Connections the metrics listener (``--metrics-port``) serves at once: a few
+#: scrapers and probes. Its own cap, so that a flood of the main port never
+#: keeps a scrape from seeing it, and the scrapers never take the hubs' places.
+METRICS_MAX_CONNECTIONS: Final = 8
 #: How long a refused connection may take to read its answer.
 REFUSAL_TIMEOUT: Final = 1.0
 CAPACITY_ERRNOS: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
@@ -77,6 +83,14 @@ def descriptor_budget(headroom: int = FD_HEADROOM) -> int:
     if soft == resource.RLIM_INFINITY:
         soft = 1 << 20
     return max(soft - headroom, 1)
+
+
+def fd_headroom(*, has_metrics_listener: bool) -> int:
+    """Descriptors kept free of the main port's connections: ``FD_HEADROOM``, plus
+    the metrics listener's own socket, connections and refusals when there is one."""
+    if not has_metrics_listener:
+        return FD_HEADROOM
+    return FD_HEADROOM + 1 + METRICS_MAX_CONNECTIONS + MAX_REFUSING
 
 
 def refusal_bytes(status: int, code: str, message: str) -> bytes:

@@ -39,7 +39,7 @@ import contextlib
 import enum
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Final
 
 import h11
@@ -64,7 +64,11 @@ from ._request import (
 )
 from ._routes import Session, Upgrade, go_live, respond
 
-__all__ = ["HttpConnection"]
+__all__ = ["HttpConnection", "Respond"]
+
+#: What a front answers: ``_routes.respond`` on the main port,
+#: ``_routes.respond_internal`` on the metrics listener.
+Respond = Callable[[Request], Awaitable[Response | Upgrade]]
 
 log = logging.getLogger("hubserver.http")
 
@@ -117,11 +121,15 @@ class HttpConnection:
         stream: the accepted connection; this object owns it (closes it,
             unless it hands it to a hub session).
         app: the server's shared parts.
+        respond: what answers each request (the main port's routes by default).
+        cors_origins: the ``--cors-origin`` list this front applies (none on
+            the metrics listener, which serves no browser).
     """
 
     __slots__ = (
         "_app",
         "_cors_headers",
+        "_cors_origins",
         "_deadline",
         "_fd",
         "_is_answered",
@@ -129,16 +137,26 @@ class HttpConnection:
         "_phase",
         "_received",
         "_request",
+        "_respond",
         "_sock",
         "_stream",
         "_tokens",
     )
 
-    def __init__(self, stream: trio.SocketStream, app: App) -> None:
+    def __init__(
+        self,
+        stream: trio.SocketStream,
+        app: App,
+        *,
+        respond: Respond = respond,
+        cors_origins: tuple[str, ...] | None = None,
+    ) -> None:
         self._stream = stream
         self._sock = stream.socket
         self._fd = stream.socket.fileno()
         self._app = app
+        self._respond = respond
+        self._cors_origins = app.config.cors_origins if cors_origins is None else cors_origins
         self._parser = _new_parser()
         self._tokens = TokenMemo()
         self._phase = _Phase.HEAD
@@ -315,7 +333,7 @@ class HttpConnection:
     async def _handle(self, event: h11.Request, started: float) -> Session | bool:
         """Answer one request: the session after an upgrade, else whether to go on."""
         target = event.target
-        cors = decide_cors(self._app.config.cors_origins, event.method, target, event.headers)
+        cors = decide_cors(self._cors_origins, event.method, target, event.headers)
         self._cors_headers = cors.headers
         # h11 bounds only a head still incomplete; one that arrived whole in a
         # single read is measured here.
@@ -345,7 +363,7 @@ class HttpConnection:
                     event.method, target, parsed[0], parsed[1], event.headers, self, cors.headers
                 )
                 self._request = request
-                result = await respond(request)
+                result = await self._respond(request)
         if isinstance(result, Upgrade):
             return await self._upgrade(result, event, started)
         if cors.headers:

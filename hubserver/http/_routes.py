@@ -62,6 +62,7 @@ __all__ = [
     "authenticate",
     "go_live",
     "respond",
+    "respond_internal",
 ]
 
 log = logging.getLogger("hubserver.http")
@@ -210,10 +211,14 @@ async def respond(request: Request) -> Response | Upgrade:
         hub = _EVENT_HUBS.get(path[len(EVENTS_PREFIX) :].rstrip("/"))
         if hub is None:
             return _json(_NOT_FOUND)
-        started = trio.current_time()
-        response = await _publish(request, hub)
         app = request.io.app
-        app.metrics.publish_latency.labels("http").observe(trio.current_time() - started)
+        metrics = app.metrics
+        if metrics is None:  # --metrics off: not even the clock is read for it
+            response = await _publish(request, hub)
+        else:
+            started = trio.current_time()
+            response = await _publish(request, hub)
+            metrics.publish_latency.labels("http").observe(trio.current_time() - started)
         if response.status != 202:
             app.stats.count(app.stats.rejected, hub.value, "http", request.events or 1)
         return response
@@ -221,23 +226,57 @@ async def respond(request: Request) -> Response | Upgrade:
         name = path[len(HUB_PREFIX) :].rstrip("/")
         answer = await _hub(request, name)
         if isinstance(answer, Response) and answer.status >= 400:
-            request.io.app.metrics.refused(name.removesuffix("/negotiate"), answer.status)
+            metrics = request.io.app.metrics
+            if metrics is not None:
+                metrics.refused(name.removesuffix("/negotiate"), answer.status)
         return answer
     if path == PERMISSIONS_CHANGED_PATH:
         return await _permissions_changed(request)
     if path == "/metrics":
-        if request.method not in (b"GET", b"HEAD"):
-            return _text(Refusal(405, "method_not_allowed", "method not allowed"))
         app = request.io.app
-        return Response(200, app.metrics.exposition(app), METRICS_CONTENT_TYPE)
-    if path == "/healthz":
-        return await _simple(request, 200, "ok")
-    if path == "/readyz":
-        app = request.io.app
-        ready = app.is_ready and not app.is_draining and app.broker.backplane.is_available
-        ready = ready and app.store.is_available
-        return await _simple(request, 200 if ready else 503, "ready" if ready else "not ready")
+        if app.metrics is not None and app.config.metrics_port is None:
+            return await _metrics(request)
+        return _text(_NOT_FOUND)  # off, or on the metrics listener only
+    if path in _HEALTH:
+        return await _health(request)
     return _text(_NOT_FOUND)
+
+
+async def respond_internal(request: Request) -> Response | Upgrade:
+    """Answer one request on the metrics listener (``--metrics-port``).
+
+    ``/metrics``, and the probes (so that they can use the internal port
+    too); every other path is 404, whatever its method or token: nothing of
+    the service is reachable here.
+    """
+    path = request.path
+    if path == "/metrics":
+        return await _metrics(request)
+    if path in _HEALTH:
+        return await _health(request)
+    return _text(_NOT_FOUND)
+
+
+_HEALTH: Final = frozenset({"/healthz", "/readyz"})
+
+
+async def _metrics(request: Request) -> Response:
+    metrics = request.io.app.metrics
+    assert metrics is not None  # the routes check it
+    if request.method not in (b"GET", b"HEAD"):
+        return _text(Refusal(405, "method_not_allowed", "method not allowed"))
+    if not await request.io.discard_body(MAX_IGNORED_BODY_BYTES):
+        return _text(Refusal(413, "too_large", "request body too large"))
+    return Response(200, metrics.exposition(request.io.app), METRICS_CONTENT_TYPE)
+
+
+async def _health(request: Request) -> Response:
+    if request.path == "/healthz":
+        return await _simple(request, 200, "ok")
+    app = request.io.app
+    ready = app.is_ready and not app.is_draining and app.broker.backplane.is_available
+    ready = ready and app.store.is_available
+    return await _simple(request, 200 if ready else 503, "ready" if ready else "not ready")
 
 
 async def _simple(request: Request, status: int, text: str) -> Response:

@@ -7,6 +7,11 @@
   ``POST .../negotiate`` for clients that negotiate.
 - ``GET /v1/hub/publish``: the publisher hub (``Publish(hub, events)``).
 - ``POST /v1/events/entries|incidents``: the publish API.
+- ``GET /metrics``: Prometheus metrics, unless ``--metrics off`` or
+  ``--metrics-port`` moved them to the metrics listener, whose connections
+  (``handle_internal_connection``) get the same front (head size limit,
+  request deadlines, its own connection cap) with ``/metrics``, ``/healthz``
+  and ``/readyz`` only.
 
 Refusals before an upgrade are plain HTTP with a short ``text/plain`` body
 (spec §13: operators read them in logs and devtools); the publish API answers
@@ -28,9 +33,9 @@ import trio
 from hubserver.app import App
 
 from ._protocol import HttpConnection
-from ._routes import Session
+from ._routes import Session, respond_internal
 
-__all__ = ["handle_connection"]
+__all__ = ["handle_connection", "handle_internal_connection"]
 
 
 async def handle_connection(stream: trio.SocketStream, app: App) -> Session | None:
@@ -43,3 +48,13 @@ async def handle_connection(stream: trio.SocketStream, app: App) -> Session | No
         (and closed).
     """
     return await HttpConnection(stream, app).run()
+
+
+async def handle_internal_connection(stream: trio.SocketStream, app: App) -> None:
+    """Serve one TCP connection of the metrics listener (``--metrics-port``) until it closes.
+
+    No CORS (no browser page calls it) and no upgrade: every path but
+    ``/metrics``, ``/healthz`` and ``/readyz`` is 404.
+    """
+    session = await HttpConnection(stream, app, respond=respond_internal, cors_origins=()).run()
+    assert session is None  # respond_internal never upgrades

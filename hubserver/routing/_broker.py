@@ -413,7 +413,7 @@ class Broker:
         if self._nursery is None:
             self.deliveries += deliver_to(self._router, stream, self._clock())
             return
-        if not self._pending:
+        if not self._pending and self.lag_observer is not None:
             self._pending_since = self._clock()
         self._pending.extend(stream)
         self._dispatcher.unpark()

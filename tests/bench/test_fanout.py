@@ -269,6 +269,35 @@ def test_the_scale_out_bar_compares_each_layout_with_the_single_process() -> Non
     assert passed is True
 
 
+def test_the_metrics_bar_compares_hubserver_with_its_metrics_off() -> None:
+    def row(server: str, rate: float, mode: str = "burst", lost: int = 0) -> RowResult:
+        result = RowResult(server, 1000, 1, mode, 1, 10)
+        result.connected, result.deliveries, result.seconds = 1000, 1000, 1000 / rate
+        result.latencies_ms, result.cpu_server, result.lost = [1.0], 1.0, lost
+        return result
+
+    checks, passed = judge([row("hubserver", 980), row("hubserver-nometrics", 1000)])
+    verdicts = {check[0]: (check[2], check[4]) for check in checks}
+    assert verdicts["deliveries/s hubserver / hubserver-nometrics"] == ("0.98x", "PASS")
+    assert verdicts["(info) server CPU per delivery, hubserver / hubserver-nometrics"][1] == "info"
+    assert verdicts["hubserver-nometrics lost + duplicated"] == ("0", "PASS")
+    assert passed is True
+
+    checks, passed = judge([row("hubserver", 960), row("hubserver-nometrics", 1000, lost=1)])
+    verdicts = {check[0]: (check[2], check[4]) for check in checks}
+    assert verdicts["deliveries/s hubserver / hubserver-nometrics"] == ("0.96x", "FAIL")
+    assert verdicts["hubserver-nometrics lost + duplicated"] == ("1", "FAIL")
+    assert passed is False
+
+    # Outside burst rows the ratio is shown, not judged.
+    checks, passed = judge(
+        [row("hubserver", 500, "batch"), row("hubserver-nometrics", 1000, "batch")]
+    )
+    verdicts = {check[0]: (check[2], check[4]) for check in checks}
+    assert verdicts["(info) deliveries/s hubserver / hubserver-nometrics"] == ("0.50x", "info")
+    assert passed is True
+
+
 def test_only_listening_sockets_count_not_a_bound_one() -> None:
     with socket.socket() as bound, socket.socket() as listening:
         bound.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)

@@ -16,6 +16,7 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -208,3 +209,38 @@ async def test_the_permissions_url_is_asked_with_the_token_of_the_file(tmp_path:
         assert lines["permissions"][0] == "FAIL", out
         assert "HTTP 401 instead of 200 (check --permissions-url-token-file)" in out
         assert "s3cret" not in out
+
+
+async def test_the_metrics_port_is_checked_when_set(tmp_path: Path, start_server: Any) -> None:
+    """Free: ok. Held by another program: FAIL. Held by a running hubserver's metrics
+    listener (check as a health check beside serve): ok, since it answers /healthz.
+    An address not of this machine: FAIL with the reason."""
+    args = ["--data-dir", str(tmp_path / "d")]
+    free = closed_port()
+    code, lines, out = await run_check([*args, "--metrics-port", str(free)])
+    assert code == 0, out
+    assert list(lines) == [*CHECKS, "metrics_port"], out
+    assert lines["metrics_port"] == ("ok", f"http://127.0.0.1:{free}/metrics can be bound"), out
+    with socket.socket() as other:
+        other.bind(("127.0.0.1", 0))
+        other.listen()
+        taken = other.getsockname()[1]
+        code, lines, out = await run_check([*args, "--metrics-port", str(taken)])
+    assert code == 1, out
+    assert lines["metrics_port"] == (
+        "FAIL",
+        f"127.0.0.1:{taken} is in use by another program: /metrics cannot listen there",
+    ), out
+    h = await start_server(metrics_port=0)
+    ours = h.server.metrics_port
+    code, lines, out = await run_check([*args, "--metrics-port", str(ours)])
+    assert code == 0, out
+    assert lines["metrics_port"] == (
+        "ok",
+        f"127.0.0.1:{ours} is in use by a running hubserver, which answers /healthz there",
+    ), out
+    elsewhere = ["--metrics-port", "0", "--metrics-host", "192.0.2.1"]  # TEST-NET-1
+    code, lines, out = await run_check([*args, *elsewhere])
+    assert code == 1, out
+    assert lines["metrics_port"][0] == "FAIL", out
+    assert lines["metrics_port"][1].startswith("cannot listen on 192.0.2.1:0 for /metrics: "), out

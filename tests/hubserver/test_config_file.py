@@ -82,7 +82,7 @@ def test_every_config_field_is_a_setting_or_named_as_internal() -> None:
 
 KIND_TYPES = {
     Kind.TEXT: {str, str | None},
-    Kind.INTEGER: {int},
+    Kind.INTEGER: {int, int | None},  # None: unset (--metrics-port)
     Kind.SECONDS: {float},
     Kind.SWITCH: {bool},
     Kind.PATH: {Path, Path | None},
@@ -98,6 +98,9 @@ def test_each_setting_kind_matches_its_field_type(setting: Setting) -> None:
     owner, _, name = setting.target.rpartition(".")
     hints = typing.get_type_hints(HubLimits if owner else ServerConfig)
     assert hints[name] in KIND_TYPES[setting.kind], (setting.name, hints[name])
+    if setting.kind is Kind.INTEGER:
+        # Only a setting that may be unset (no default) holds None.
+        assert (hints[name] == int | None) is setting.is_optional, setting.name
 
 
 def test_the_defaults_are_those_the_flags_always_had() -> None:
@@ -423,8 +426,50 @@ def test_config_show_says_where_each_value_came_from_and_hides_secrets(
         "permissions",
         "permissions_url",
         "permissions_url_token_file",
+        "metrics_port",
     }
     assert set(lines) | unset == set(SETTINGS_BY_NAME)
+
+
+def test_config_show_and_the_file_carry_the_metrics_settings(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = write(tmp_path, 'metrics-port = 9100\nmetrics = "on"\n')
+    monkeypatch.setenv("HUBSERVER_METRICS_HOST", "0.0.0.0")
+    assert main(["config", "show", "--config", str(path)]) == 0
+    lines = {
+        line.split(" = ")[0]: line for line in capsys.readouterr().out.splitlines() if " = " in line
+    }
+    assert lines["metrics_port"].startswith("metrics_port = 9100")
+    assert lines["metrics_port"].endswith(f"# file {path}")
+    assert lines["metrics_host"].startswith('metrics_host = "0.0.0.0"')
+    assert lines["metrics_host"].endswith("# env HUBSERVER_METRICS_HOST")
+    config = settings_of(["--config", str(path)], dict(os.environ), tmp=tmp_path).server_config()
+    assert (config.metrics_host, config.metrics_port, config.is_metrics_on) == (
+        "0.0.0.0",
+        9100,
+        True,
+    )
+    # Unset by default: /metrics stays on the main port, shown as not set.
+    assert main(["config", "show"]) == 0
+    assert "# metrics_port is not set" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("text", "error"),
+    [
+        ('metrics = "off"\nmetrics_port = 9100\n', "--metrics off turns off"),
+        ("port = 9100\nmetrics_port = 9100\n", "--metrics-port must differ from --port"),
+        ("metrics_port = 70000\n", "metrics_port must be 0..65535"),
+        ("metrics = false\n", "metrics: expected one of on, off, got a boolean"),
+    ],
+    ids=["off-with-port", "same-port", "out-of-range", "boolean"],
+)
+def test_metrics_settings_the_server_refuses(tmp_path: Path, text: str, error: str) -> None:
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError, match=error) as caught:
+        settings_of(["--config", str(path)], tmp=tmp_path).server_config()
+    assert str(path) in str(caught.value)
 
 
 def test_config_show_output_is_a_config_file_of_the_same_settings(
@@ -542,4 +587,5 @@ def test_the_readme_fleet_example_is_a_working_config_file(tmp_path: Path) -> No
     assert config.cors_origins == ("https://app.example.com",)
     assert config.jwks_url is not None and config.audience == "event-streaming"
     assert settings["workers"] is None  # auto
-    assert settings.count(Origin.FILE) == 11  # as README's `hubserver check` example says
+    assert config.metrics_port == 9100
+    assert settings.count(Origin.FILE) == 12  # as README's `hubserver check` example says
