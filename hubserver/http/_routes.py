@@ -376,6 +376,12 @@ def _accepts(request: Request, media_type: bytes) -> bool:
     return any(name == b"accept" and media_type in value.lower() for name, value in request.headers)
 
 
+_SUBJECT_LIMIT: Final = Refusal(
+    429,
+    "too_many_connections",
+    "too many open hub connections for this subject; retry later",
+    is_limit=True,
+)
 _NEEDS_ID: Final = Refusal(400, "bad_request", "Connection ID required")
 _NO_CONNECTION: Final = Refusal(404, "not_found", "No Connection with that ID")
 _NO_POST_ON_WEBSOCKETS: Final = Refusal(
@@ -396,6 +402,22 @@ _POLL_HEADERS: Final = (
 _OCTETS: Final = b"application/octet-stream"
 
 
+def _own(app: App, token: str, subject: str, route: HubRoute) -> HubSession | None:
+    """The live connection ``token`` names, if it is ``subject``'s on this hub; else None.
+
+    Anyone else's connection is as unknown as none: a request learns nothing of
+    it, not even its transport (so the token is checked before this). Another
+    hub's too: the token was checked for this hub's scope, not that one's (a
+    listener's token must not drive its subject's publisher connection).
+    """
+    negotiations = app.negotiations
+    live = negotiations.find(token)
+    if not isinstance(live, HubSession) or live.subject != subject:
+        return None
+    stream = negotiations.stream_of(token) or ""
+    return live if HUBS.get(stream.partition("\x00")[0]) is route else None
+
+
 async def _live(
     request: Request, route: HubRoute, token: str | None
 ) -> HubSession | Refusal:
@@ -405,17 +427,13 @@ async def _live(
     claims = await authenticate(request, route.scope)
     if isinstance(claims, Refusal):
         return claims
-    negotiations = request.io.app.negotiations
-    live = negotiations.find(token)
-    # Another subject's connection is as unknown as none: no probing of tokens.
-    if not isinstance(live, HubSession) or live.subject != claims.subject:
-        return _NO_CONNECTION
-    # And another hub's: the token was checked for this hub's scope, not that one's
-    # (a listener's token must not drive its subject's publisher connection).
-    stream = negotiations.stream_of(token) or ""
-    if HUBS.get(stream.partition("\x00")[0]) is not route:
-        return _NO_CONNECTION
-    return live
+    live = _own(request.io.app, token, claims.subject, route)
+    return _NO_CONNECTION if live is None else live
+
+
+def _transport_taken(live: HubSession, kind: TransportKind) -> Refusal:
+    """Spec §7.4's answer to a request for ``kind`` on a live connection (its subject's)."""
+    return _TRANSPORT_TAKEN if live.kind is kind else _OTHER_TRANSPORT
 
 
 async def _from_client(request: Request, route: HubRoute, token: str | None) -> Response:
@@ -445,44 +463,35 @@ async def _from_client(request: Request, route: HubRoute, token: str | None) -> 
 
 
 async def _start(
-    request: Request, route: HubRoute, token: str
-) -> tuple[Claims, HubGrant] | Refusal:
+    request: Request, route: HubRoute, token: str, claims: Claims
+) -> HubGrant | Refusal:
     """The first request of an SSE or long-polling connection: it claims its token."""
-    authorized = await _authorize(request, route)
-    if isinstance(authorized, Refusal):
-        return authorized
-    claims, grant = authorized
+    grant = await route.authorize(request, claims)
+    if isinstance(grant, Refusal):
+        return grant
     app = request.io.app
+    # Before the id is claimed: a refused client can retry with it.
     if not app.hub_opened(claims.subject):
-        return Refusal(
-            429,
-            "too_many_connections",
-            "too many open hub connections for this subject; retry later",
-            is_limit=True,
-        )
+        return _SUBJECT_LIMIT
     if app.negotiations.claim(token, grant.stream, claims.subject, trio.current_time()) is None:
         app.hub_closed(claims.subject)  # no session will end to release it
         return _NO_CONNECTION
-    return claims, grant
-
-
-def _already_live(request: Request, token: str, kind: TransportKind) -> Refusal | None:
-    live = request.io.app.negotiations.find(token)
-    if live is None:
-        return None
-    return _TRANSPORT_TAKEN if live.kind is kind else _OTHER_TRANSPORT
+    return grant
 
 
 async def _event_stream(request: Request, route: HubRoute, token: str) -> Response | Upgrade:
     """GET with ``Accept: text/event-stream``: this connection becomes the event stream."""
-    if (taken := _already_live(request, token, TransportKind.SERVER_SENT_EVENTS)) is not None:
-        return _text(taken)
     if request.is_head:
         return _text(Refusal(405, "method_not_allowed", "an event stream is opened with GET"))
-    started = await _start(request, route, token)
-    if isinstance(started, Refusal):
-        return _text(started)
-    claims, grant = started
+    claims = await authenticate(request, route.scope)
+    if isinstance(claims, Refusal):
+        return _text(claims)
+    live = _own(request.io.app, token, claims.subject, route)
+    if live is not None:
+        return _text(_transport_taken(live, TransportKind.SERVER_SENT_EVENTS))
+    grant = await _start(request, route, token, claims)
+    if isinstance(grant, Refusal):
+        return _text(grant)
     return Upgrade(SSE_HEAD, _sse_transport, claims.subject, grant, token)
 
 
@@ -495,24 +504,27 @@ async def _poll(request: Request, route: HubRoute, token: str) -> Response:
     if request.is_head:
         # Its answer has no body: a poll would take what is queued and drop it.
         return _text(Refusal(405, "method_not_allowed", "a long poll is a GET"))
-    live = request.io.app.negotiations.find(token)
-    if live is not None:
-        if live.kind is not TransportKind.LONG_POLLING:
-            return _text(_OTHER_TRANSPORT)
-        session = await _live(request, route, token)
-        if isinstance(session, Refusal):
-            return _text(session)
-        transport = session.transport
-        assert isinstance(transport, PollTransport)
-        request.io.extend_deadline(transport.poll_timeout)
-        data = await transport.poll()
-        if data is None:
-            return Response(204, b"", _OCTETS, _POLL_HEADERS)
-        return Response(200, data, _OCTETS, _POLL_HEADERS)
-    started = await _start(request, route, token)
-    if isinstance(started, Refusal):
-        return _text(started)
-    claims, grant = started
+    claims = await authenticate(request, route.scope)
+    if isinstance(claims, Refusal):
+        return _text(claims)
+    app = request.io.app
+    live = _own(app, token, claims.subject, route)
+    if live is None:
+        return await _first_poll(request, route, token, claims)
+    transport = live.transport
+    if not isinstance(transport, PollTransport):
+        return _text(_transport_taken(live, TransportKind.LONG_POLLING))
+    request.io.extend_deadline(transport.poll_timeout)
+    data = await transport.poll()
+    if data is None:
+        return Response(204, b"", _OCTETS, _POLL_HEADERS)
+    return Response(200, data, _OCTETS, _POLL_HEADERS)
+
+
+async def _first_poll(request: Request, route: HubRoute, token: str, claims: Claims) -> Response:
+    grant = await _start(request, route, token, claims)
+    if isinstance(grant, Refusal):
+        return _text(grant)
     app = request.io.app
     try:
         session = grant.start(PollTransport(), False)
@@ -630,44 +642,31 @@ async def _upgrade(request: Request, route: HubRoute) -> Response | Upgrade:
     app = request.io.app
     # Before the negotiation's id is claimed: a refused client can retry with it.
     if not app.hub_opened(claims.subject):
-        return _text(
-            Refusal(
-                429,
-                "too_many_connections",
-                "too many open hub connections for this subject; retry later",
-                is_limit=True,
-            )
-        )
+        return _text(_SUBJECT_LIMIT)
     head = _SWITCHING % websocket_accept(key)
     connection_token = request.query.get("id")
     if connection_token is None:
         return Upgrade(head, WebSocketTransport, claims.subject, grant)
     negotiations = app.negotiations
-    live = negotiations.find(connection_token)
-    if (
-        isinstance(live, HubSession)
-        and live.accepts_reattach
-        and live.subject == claims.subject
-        and negotiations.stream_of(connection_token) == grant.stream
-    ):
-        # Stateful reconnect: the client's new WebSocket takes the connection over.
-        # (It counts as a hub connection of its subject while it runs, like any.)
-        attach = partial(_reattach, live)
-        return Upgrade(head, WebSocketTransport, claims.subject, grant, attach=attach)
-    taken = _already_live(request, connection_token, TransportKind.WEBSOCKETS)
-    claimed = None
-    if taken is None:
-        claimed = negotiations.claim(
-            connection_token, grant.stream, claims.subject, trio.current_time()
-        )
+    live = _own(app, connection_token, claims.subject, route)
+    if live is not None:
+        if live.accepts_reattach and negotiations.stream_of(connection_token) == grant.stream:
+            # Stateful reconnect: the client's new WebSocket takes the connection over.
+            # (It counts as a hub connection of its subject while it runs, like any.)
+            attach = partial(_reattach, live)
+            return Upgrade(head, WebSocketTransport, claims.subject, grant, attach=attach)
+        app.hub_closed(claims.subject)  # no session will end to release it
+        return _text(_transport_taken(live, TransportKind.WEBSOCKETS))
+    now = trio.current_time()
+    claimed = negotiations.claim(connection_token, grant.stream, claims.subject, now)
     if claimed is None:
-        if taken is None and app.config.reuse_port:
+        if app.config.reuse_port:
             # --workers: the negotiate may have reached another worker. The id binds
             # nothing here (no other transport, no stateful reconnect): the request
             # is authorized on its own, as one that skipped negotiation.
             return Upgrade(head, WebSocketTransport, claims.subject, grant)
         app.hub_closed(claims.subject)  # no session will end to release it
-        return _text(taken or _NO_CONNECTION)
+        return _text(_NO_CONNECTION)
     return Upgrade(
         head,
         WebSocketTransport,

@@ -645,3 +645,58 @@ async def test_one_subjects_negotiations_do_not_push_out_anothers(
             headers=[bearer(h.token("alice"))],
         )
         assert first.status == 200, first  # alice's long polling starts
+
+
+# -- a live connection is its own client's business ------------------------------------
+
+
+async def test_a_live_connection_is_unknown_to_anyone_else(start_server: Any) -> None:
+    """Without a token, or with another subject's, a request for a live connection's id
+    gets what it would for an unknown id, whatever it asks: nothing says the id is live,
+    nor which transport it uses (spec §7.4's 409 and 400 are for its own client)."""
+    h: Harness = await start_server()
+    site = new_site()
+    h.grant(site, "alice", Role.SITE_ADMIN)
+    h.grant(site, "mallory", Role.SITE_ADMIN)
+    alice = h.token("alice")
+    base = f"/v1/hub/entries?site_id={site}&id="
+    with trio.fail_after(CAP):
+        async with bystander(h) as b:
+            polled, _ = await _open(h, site, "longpolling", alice)
+            streamed, sse = await _open(h, site, "sse", alice)
+            assert sse is not None
+            upgraded = base + await negotiate(h, site, "alice")
+            ws = HubClient(await open_ws(h.port, upgraded, headers=[bearer(alice)]))
+            async with sse.stream, ws.ws.stream:
+                await _probe_as_others(h, base, [polled, streamed, upgraded])
+                # Alice's connections noticed nothing.
+                assert await ws.handshake() == {}
+                await publish_ok(h, "entries", {"site_id": site, "n": 1})
+                assert b'\\"n\\":1' in await _next(h, polled, None, alice)
+                assert b'\\"n\\":1' in await _next(h, streamed, sse, alice)
+                assert (await ws.next_event())["n"] == 1
+            await b.check()
+
+
+async def _probe_as_others(h: Harness, base: str, targets: list[str]) -> None:
+    """Every kind of request for these live ids, without a token and as mallory."""
+    for credentials, unknown_answer in (([], 401), ([bearer(h.token("mallory"))], 404)):
+        asks: list[tuple[str, list[tuple[str, str]], bytes]] = [
+            ("GET", [*credentials, ("Accept", "text/event-stream")], b""),
+            ("GET", credentials, b""),  # a poll
+            ("GET", [*upgrade_headers(), *credentials], b""),
+            ("POST", credentials, HANDSHAKE),
+            ("DELETE", credentials, b""),
+        ]
+        for method, headers, body in asks:
+            unknown = await http_request(
+                h.port, method, base + "unknown", headers=headers, body=body
+            )
+            assert unknown.status == unknown_answer, (method, headers, unknown)
+            for target in targets:
+                answer = await http_request(h.port, method, target, headers=headers, body=body)
+                assert (answer.status, answer.body) == (unknown.status, unknown.body), (
+                    method,
+                    headers,
+                    answer,
+                )
