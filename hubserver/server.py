@@ -381,7 +381,8 @@ async def _handle(stream: trio.SocketStream, *, app: App) -> None:
                 },
             )
         finally:
-            app.hub_closed(session.subject)  # counted by the front's hub_opened
+            if session.has_subject_count:
+                app.hub_closed(session.subject)  # counted by the front's hub_opened
 
 
 async def _watch_loop_lag(metrics: Metrics) -> None:

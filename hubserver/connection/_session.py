@@ -120,6 +120,10 @@ class HubSession:
         "timer_at",
     )  # fmt: skip
 
+    #: Its subject's count of hub connections is held for it until it ends
+    #: (whatever transports it has meanwhile).
+    has_subject_count: Final = True
+
     def __init__(
         self,
         *,

@@ -375,7 +375,7 @@ class HttpConnection:
 
     async def _upgrade(self, upgrade: Upgrade, event: h11.Request, started: float) -> Session:
         """Start the session and send its head (a 101, or an event stream's 200; the
-        route counted the subject)."""
+        route counted the subject, unless a live connection takes the transport over)."""
         grant = upgrade.grant
         try:
             # What the client sent after its request (nothing more is read before the head).
@@ -400,7 +400,8 @@ class HttpConnection:
                 session.discard()
                 raise
         except BaseException:
-            self._app.hub_closed(upgrade.subject)  # no session will end to release it
+            if upgrade.attach is None:
+                self._app.hub_closed(upgrade.subject)  # no session will end to release it
             raise
         log.info(
             "session %d: %s, subject %s",

@@ -85,6 +85,12 @@ class Session(Protocol):
     @property
     def subject(self) -> str: ...
 
+    @property
+    def has_subject_count(self) -> bool:
+        """It holds one of its subject's hub-connection counts (``App.hub_opened``),
+        which its end releases; a reattached transport holds none (its connection does)."""
+        ...
+
     def discard(self) -> None:
         """The 101 never went out: end a registered session that will not run."""
         ...
@@ -125,7 +131,8 @@ class Upgrade(NamedTuple):
     """Switch this connection to a hub session: a WebSocket (the head is its 101)
     or an event stream (the head is its 200); the protocol writes the head.
 
-    The subject was counted with ``App.hub_opened``; whoever fails to start
+    The subject was counted with ``App.hub_opened`` (unless ``attach``: a
+    transport of a connection that holds the count); whoever fails to start
     the session releases it with ``App.hub_closed``.
     """
 
@@ -640,23 +647,23 @@ async def _upgrade(request: Request, route: HubRoute) -> Response | Upgrade:
     if is_head:
         return _text(Refusal(405, "method_not_allowed", "WebSocket upgrades use GET"))
     app = request.io.app
+    head = _SWITCHING % websocket_accept(key)
+    connection_token = request.query.get("id")
+    negotiations = app.negotiations
+    live = None if connection_token is None else _own(app, connection_token, claims.subject, route)
+    if live is not None and connection_token is not None:
+        if live.accepts_reattach and negotiations.stream_of(connection_token) == grant.stream:
+            # Stateful reconnect: the client's new WebSocket takes the connection over.
+            # It is that connection, whose count of its subject's hub connections
+            # it shares.
+            attach = partial(_reattach, live)
+            return Upgrade(head, WebSocketTransport, claims.subject, grant, attach=attach)
+        return _text(_transport_taken(live, TransportKind.WEBSOCKETS))
     # Before the negotiation's id is claimed: a refused client can retry with it.
     if not app.hub_opened(claims.subject):
         return _text(_SUBJECT_LIMIT)
-    head = _SWITCHING % websocket_accept(key)
-    connection_token = request.query.get("id")
     if connection_token is None:
         return Upgrade(head, WebSocketTransport, claims.subject, grant)
-    negotiations = app.negotiations
-    live = _own(app, connection_token, claims.subject, route)
-    if live is not None:
-        if live.accepts_reattach and negotiations.stream_of(connection_token) == grant.stream:
-            # Stateful reconnect: the client's new WebSocket takes the connection over.
-            # (It counts as a hub connection of its subject while it runs, like any.)
-            attach = partial(_reattach, live)
-            return Upgrade(head, WebSocketTransport, claims.subject, grant, attach=attach)
-        app.hub_closed(claims.subject)  # no session will end to release it
-        return _text(_transport_taken(live, TransportKind.WEBSOCKETS))
     now = trio.current_time()
     claimed = negotiations.claim(connection_token, grant.stream, claims.subject, now)
     if claimed is None:
@@ -682,8 +689,11 @@ class _Attachment:
 
     The connection takes it over once its 101 went out (what it sends first,
     its Sequence and replay, must follow the 101); the connection's own task
-    reads it, and this one waits until it is gone.
+    reads it, and this one waits until it is gone. It is no connection of its
+    own: the subject's count is the connection's.
     """
+
+    has_subject_count: Final = False
 
     def __init__(self, session: HubSession, transport: Transport) -> None:
         self._session = session

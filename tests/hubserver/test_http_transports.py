@@ -25,12 +25,15 @@ from tests.hubserver.helpers import (
     PING_JSON,
     RS,
     HubClient,
+    HubClosed,
     ResponseReader,
     UpgradeRefused,
     bearer,
     build_request,
     bystander,
     http_request,
+    hub_target,
+    open_hub,
     open_tcp,
     open_ws,
     publish,
@@ -645,6 +648,58 @@ async def test_one_subjects_negotiations_do_not_push_out_anothers(
             headers=[bearer(h.token("alice"))],
         )
         assert first.status == 200, first  # alice's long polling starts
+
+
+# -- a stateful reconnect is the same connection: one count ----------------------------
+
+
+async def _dropped(h: Harness, client: HubClient, subject: str) -> HubSession:
+    """Reset a stateful client's socket; its connection, once it waits for the next one."""
+    [session] = [s for s in h.server.app.stats.by_id.values() if s.subject == subject]
+    _reset(client.ws.stream)
+    while not session._is_detached:  # noqa: ASYNC110 (the server notices the reset)
+        await trio.sleep(0.01)
+    return session
+
+
+async def _reconnect(h: Harness, target: str, token: str) -> HubClient:
+    """The client's next WebSocket for the same connection (spec §8): Sequence for Sequence."""
+    client = HubClient(await open_ws(h.port, target, headers=[bearer(token)]))
+    await client.ws.send_text('{"type":9,"sequenceId":1}' + RS)
+    assert (await client.next_message())["type"] == 9
+    return client
+
+
+async def test_a_stateful_reconnect_counts_once_toward_its_subjects_limit(
+    start_server: Any,
+) -> None:
+    """The new WebSocket joins the connection it left, which holds its subject's count:
+    at a limit of one, counting it again refused the reconnect (429), losing the
+    connection, and a subject near its limit could not come back."""
+    h: Harness = await start_server(max_hub_connections_per_subject=1)
+    site = new_site()
+    h.grant(site, "alice", Role.SITE_ADMIN)
+    counts = h.server.app._hubs_by_subject
+    with trio.fail_after(CAP):
+        async with bystander(h) as b:
+            target, client = await _stateful(h, site, "alice")
+            session = await _dropped(h, client, "alice")
+            back = await _reconnect(h, target, h.token("alice"))
+            try:
+                assert counts["alice"] == 1
+                await publish_ok(h, "entries", {"site_id": site, "n": 1})
+                assert (await back.next_event())["n"] == 1
+                await back.ws.send_text('{"type":7}' + RS)  # the client ends the connection
+                assert isinstance(await back.expect_close(), HubClosed)
+            finally:
+                await back.aclose()
+            while session.session_id in h.server.app.stats.by_id:  # noqa: ASYNC110
+                await trio.sleep(0.01)
+            await trio.sleep(0.05)  # the transport's task ends after its connection's
+            assert "alice" not in counts  # released once: neither held nor negative
+            async with open_hub(h, hub_target("entries", site), token=h.token("alice")):
+                pass
+            await b.check()
 
 
 # -- a live connection is its own client's business ------------------------------------
