@@ -655,8 +655,9 @@ async def _upgrade(request: Request, route: HubRoute) -> Response | Upgrade:
         if live.accepts_reattach and negotiations.stream_of(connection_token) == grant.stream:
             # Stateful reconnect: the client's new WebSocket takes the connection over.
             # It is that connection, whose count of its subject's hub connections
-            # it shares.
-            attach = partial(_reattach, live)
+            # it shares; its token (the same subject's, maybe a refreshed one) rules
+            # from now on.
+            attach = partial(_reattach, live, _token_expires_at(app, claims))
             return Upgrade(head, WebSocketTransport, claims.subject, grant, attach=attach)
         return _text(_transport_taken(live, TransportKind.WEBSOCKETS))
     # Before the negotiation's id is claimed: a refused client can retry with it.
@@ -695,8 +696,11 @@ class _Attachment:
 
     has_subject_count: Final = False
 
-    def __init__(self, session: HubSession, transport: Transport) -> None:
+    def __init__(
+        self, session: HubSession, token_expires_at: float | None, transport: Transport
+    ) -> None:
         self._session = session
+        self._token_expires_at = token_expires_at
         self._transport = transport
 
     @property
@@ -711,15 +715,25 @@ class _Attachment:
         self._transport.close()  # its 101 never went out: the connection never saw it
 
     async def run(self) -> None:
-        gone = self._session.attach(self._transport)
+        gone = self._session.attach(self._transport, token_expires_at=self._token_expires_at)
         if gone is None:
             self._transport.close()  # the connection ended meanwhile: the client starts over
             return
         await gone.wait()
 
 
-def _reattach(session: HubSession, transport: Transport) -> Session:
-    return _Attachment(session, transport)
+def _reattach(session: HubSession, token_expires_at: float | None, transport: Transport) -> Session:
+    return _Attachment(session, token_expires_at, transport)
+
+
+def _token_expires_at(app: App, claims: Claims) -> float | None:
+    """When a connection opened with this token ends (unix seconds), if ever.
+
+    The token stays valid for the verifier's leeway past exp; so does the connection.
+    """
+    if claims.expires_at is None:
+        return None
+    return claims.expires_at + app.config.token_leeway
 
 
 # -- the subscriber hubs: a site's stream, or one user's at a site -----------------------
@@ -789,10 +803,7 @@ def _session_starter(
             ctx=app.session_context(),
             key=key,
             subject=claims.subject,
-            # The token stays valid for the verifier's leeway past exp; so does the connection.
-            token_expires_at=(
-                None if claims.expires_at is None else claims.expires_at + app.config.token_leeway
-            ),
+            token_expires_at=_token_expires_at(app, claims),
             session_id=app.next_id(),
             since_seq=since_seq,
         )

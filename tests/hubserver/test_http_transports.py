@@ -369,18 +369,19 @@ async def test_a_long_polling_client_over_its_budget_is_closed_as_slow(
 
 
 async def _stateful(
-    h: Harness, site: str, subject: str, *, rcvbuf: int | None = None
+    h: Harness, site: str, subject: str, *, rcvbuf: int | None = None, token: str | None = None
 ) -> tuple[str, HubClient]:
     """A negotiated stateful WebSocket (handshake version 2): its target and client."""
+    auth = [bearer(h.token(subject) if token is None else token)]
     response = await http_request(
         h.port,
         "POST",
         f"/v1/hub/entries/negotiate?site_id={site}&negotiateVersion=1&useStatefulReconnect=true",
-        headers=[bearer(h.token(subject))],
+        headers=auth,
     )
     assert json.loads(response.body)["useStatefulReconnect"] is True, response
     target = f"/v1/hub/entries?site_id={site}&id=" + json.loads(response.body)["connectionToken"]
-    ws = await open_ws(h.port, target, headers=[bearer(h.token(subject))], rcvbuf=rcvbuf)
+    ws = await open_ws(h.port, target, headers=auth, rcvbuf=rcvbuf)
     client = HubClient(ws)
     assert await client.handshake(request='{"protocol":"json","version":2}' + RS) == {}
     return target, client
@@ -650,7 +651,7 @@ async def test_one_subjects_negotiations_do_not_push_out_anothers(
         assert first.status == 200, first  # alice's long polling starts
 
 
-# -- a stateful reconnect is the same connection: one count ----------------------------
+# -- a stateful reconnect is the same connection: one count, the new token ---------------
 
 
 async def _dropped(h: Harness, client: HubClient, subject: str) -> HubSession:
@@ -700,6 +701,24 @@ async def test_a_stateful_reconnect_counts_once_toward_its_subjects_limit(
             async with open_hub(h, hub_target("entries", site), token=h.token("alice")):
                 pass
             await b.check()
+
+
+async def test_a_stateful_reconnect_takes_its_new_tokens_expiry(start_server: Any) -> None:
+    """A client that came back with a refreshed token is not closed at the old one's
+    expiry: the new socket's token (the same subject's) is the connection's now."""
+    h: Harness = await start_server(token_leeway=0.0)
+    site = new_site()
+    h.grant(site, "alice", Role.SITE_ADMIN)
+    with trio.fail_after(CAP):
+        target, client = await _stateful(h, site, "alice", token=h.token("alice", ttl=1.5))
+        await _dropped(h, client, "alice")
+        back = await _reconnect(h, target, h.token("alice"))
+        try:
+            await trio.sleep(2.0)  # past the first token's expiry
+            await publish_ok(h, "entries", {"site_id": site, "n": 1})
+            assert (await back.next_event())["n"] == 1
+        finally:
+            await back.aclose()
 
 
 # -- a live connection is its own client's business ------------------------------------
