@@ -351,9 +351,9 @@ async def _run(app: App, task_status: trio.TaskStatus[RunningServer]) -> None:
             await app.broker.backplane.aclose()
 
 
-async def _handle(stream: trio.SocketStream, *, app: App) -> None:
+async def _handle(stream: trio.SocketStream, ip: str, *, app: App) -> None:
     try:
-        session = await handle_connection(stream, app)
+        session = await handle_connection(stream, app, ip)
     except Exception:
         # The per-connection boundary: one connection's bug never takes the server down.
         app.stats.crashed += 1

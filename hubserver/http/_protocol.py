@@ -117,6 +117,7 @@ class HttpConnection:
         stream: the accepted connection; this object owns it (closes it,
             unless it hands it to a hub session).
         app: the server's shared parts.
+        peer_ip: the client's address, as the connection limits count it.
     """
 
     __slots__ = (
@@ -126,6 +127,7 @@ class HttpConnection:
         "_fd",
         "_is_answered",
         "_parser",
+        "_peer_ip",
         "_phase",
         "_received",
         "_request",
@@ -134,8 +136,9 @@ class HttpConnection:
         "_tokens",
     )
 
-    def __init__(self, stream: trio.SocketStream, app: App) -> None:
+    def __init__(self, stream: trio.SocketStream, app: App, peer_ip: str) -> None:
         self._stream = stream
+        self._peer_ip = peer_ip
         self._sock = stream.socket
         self._fd = stream.socket.fileno()
         self._app = app
@@ -161,6 +164,10 @@ class HttpConnection:
     @property
     def tokens(self) -> TokenMemo:
         return self._tokens
+
+    @property
+    def peer_ip(self) -> str:
+        return self._peer_ip
 
     async def read_body(self, max_bytes: int) -> bytes | None:
         parser = self._parser

@@ -469,10 +469,37 @@ async def _from_client(request: Request, route: HubRoute, token: str | None) -> 
     return Response(200, b"")
 
 
+def _admit_session(app: App, ip: str) -> Refusal | None:
+    """Count a session that holds no socket (long polling) as a connection from ``ip``.
+
+    Over a limit it is refused as a socket over it is (503 or 429, the same
+    JSON), and counted as refused.
+    """
+    gate = app.connections
+    over = None if gate is None else gate.admit(ip)
+    if over is None:
+        return None
+    assert gate is not None
+    gate.note_refusal(trio.current_time())
+    return Refusal(over.status, over.code, over.message, is_limit=True)
+
+
+def _release_session(app: App, ip: str) -> None:
+    """A session counted by ``_admit_session`` ended (or never started)."""
+    if app.connections is not None:
+        app.connections.release(ip)
+
+
 async def _start(
-    request: Request, route: HubRoute, token: str, claims: Claims
+    request: Request, route: HubRoute, token: str, claims: Claims, *, holds_socket: bool
 ) -> HubGrant | Refusal:
-    """The first request of an SSE or long-polling connection: it claims its token."""
+    """The first request of an SSE or long-polling connection: it claims its token.
+
+    ``holds_socket``: the request's TCP connection becomes the connection's
+    output (an event stream), already counted against the connection limits.
+    A long-polling connection holds none between polls: it is counted itself,
+    under this request's address, until it ends (``_run_detached``).
+    """
     grant = await route.authorize(request, claims)
     if isinstance(grant, Refusal):
         return grant
@@ -480,8 +507,15 @@ async def _start(
     # Before the id is claimed: a refused client can retry with it.
     if not app.hub_opened(claims.subject):
         return _SUBJECT_LIMIT
+    ip = request.io.peer_ip
+    if not holds_socket and (over := _admit_session(app, ip)) is not None:
+        app.hub_closed(claims.subject)
+        return over
     if app.negotiations.claim(token, grant.stream, claims.subject, trio.current_time()) is None:
-        app.hub_closed(claims.subject)  # no session will end to release it
+        # No session will end to release what was counted for it.
+        app.hub_closed(claims.subject)
+        if not holds_socket:
+            _release_session(app, ip)
         return _NO_CONNECTION
     return grant
 
@@ -496,7 +530,7 @@ async def _event_stream(request: Request, route: HubRoute, token: str) -> Respon
     live = _own(request.io.app, token, claims.subject, route)
     if live is not None:
         return _text(_transport_taken(live, TransportKind.SERVER_SENT_EVENTS))
-    grant = await _start(request, route, token, claims)
+    grant = await _start(request, route, token, claims, holds_socket=True)
     if isinstance(grant, Refusal):
         return _text(grant)
     return Upgrade(SSE_HEAD, _sse_transport, claims.subject, grant, token)
@@ -522,21 +556,31 @@ async def _poll(request: Request, route: HubRoute, token: str) -> Response:
     if not isinstance(transport, PollTransport):
         return _text(_transport_taken(live, TransportKind.LONG_POLLING))
     request.io.extend_deadline(transport.poll_timeout)
-    data = await transport.poll()
+    gate, ip = app.connections, request.io.peer_ip
+    # While it waits, this poll's TCP connection is its session's one count.
+    if gate is not None:
+        gate.lend(ip)
+    try:
+        data = await transport.poll()
+    finally:
+        if gate is not None:
+            gate.reclaim(ip)
     if data is None:
         return Response(204, b"", _OCTETS, _POLL_HEADERS)
     return Response(200, data, _OCTETS, _POLL_HEADERS)
 
 
 async def _first_poll(request: Request, route: HubRoute, token: str, claims: Claims) -> Response:
-    grant = await _start(request, route, token, claims)
+    grant = await _start(request, route, token, claims, holds_socket=False)
     if isinstance(grant, Refusal):
         return _text(grant)
     app = request.io.app
+    ip = request.io.peer_ip
     try:
         session = grant.start(PollTransport(), False)
     except BaseException:
         app.hub_closed(claims.subject)
+        _release_session(app, ip)
         raise
     go_live(app, token, session, grant.stream)
     log.info(
@@ -552,7 +596,7 @@ async def _first_poll(request: Request, route: HubRoute, token: str, claims: Cla
             event="session_opened",
         ),
     )
-    app.session_context().tasks.start_soon(_run_detached, app, session)
+    app.session_context().tasks.start_soon(_run_detached, app, session, ip)
     return Response(200, b"", _OCTETS, _POLL_HEADERS)
 
 
@@ -562,7 +606,7 @@ def go_live(app: App, token: str, session: HubSession, stream: str) -> None:
     session.on_end = partial(app.negotiations.forget, token)
 
 
-async def _run_detached(app: App, session: HubSession) -> None:
+async def _run_detached(app: App, session: HubSession, ip: str) -> None:
     """A long-polling session runs in the server's connection nursery (no request holds it)."""
     try:
         await session.run()
@@ -574,7 +618,9 @@ async def _run_detached(app: App, session: HubSession) -> None:
             extra=session_fields(session, "session_failed", reason="error"),
         )
     finally:
-        app.hub_closed(session.subject)  # counted by _start's hub_opened
+        # What _start counted for it.
+        app.hub_closed(session.subject)
+        _release_session(app, ip)
 
 
 async def _authorize(request: Request, route: HubRoute) -> tuple[Claims, HubGrant] | Refusal:

@@ -33,8 +33,10 @@ from ._routes import Session
 __all__ = ["handle_connection"]
 
 
-async def handle_connection(stream: trio.SocketStream, app: App) -> Session | None:
+async def handle_connection(stream: trio.SocketStream, app: App, peer_ip: str) -> Session | None:
     """Serve one TCP connection's HTTP requests until it closes or upgrades.
+
+    ``peer_ip`` is the address the connection limits count it under.
 
     Returns:
         The hub session to run (``Session.run``) after an upgrade; the caller
@@ -42,4 +44,4 @@ async def handle_connection(stream: trio.SocketStream, app: App) -> Session | No
         live as long as the hub connection. None when the connection is over
         (and closed).
     """
-    return await HttpConnection(stream, app).run()
+    return await HttpConnection(stream, app, peer_ip).run()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import socket
 import struct
+from functools import partial
 from typing import Any
 
 import pytest
@@ -18,12 +19,13 @@ from hubcore import HubLimits
 from hubserver.app import PUBLISH_SCOPE
 from hubserver.connection import HubSession
 from hubserver.permissions import Role
-from hubserver.transports import Reading
+from hubserver.transports import PollTransport, Reading
 from hubserver.transports import negotiate as negotiate_module
 from tests.hubserver.conftest import Harness
 from tests.hubserver.helpers import (
     PING_JSON,
     RS,
+    HttpResponse,
     HubClient,
     HubClosed,
     ResponseReader,
@@ -49,12 +51,13 @@ def new_site() -> str:
     return f"transport-site-{next(_sites)}"
 
 
-async def negotiate(h: Harness, site: str, subject: str) -> str:
+async def negotiate(h: Harness, site: str, subject: str, *, source_ip: str | None = None) -> str:
     response = await http_request(
         h.port,
         "POST",
         f"/v1/hub/entries/negotiate?site_id={site}&negotiateVersion=1",
         headers=[bearer(h.token(subject))],
+        source_ip=source_ip,
     )
     assert response.status == 200, response
     body = json.loads(response.body)
@@ -774,3 +777,149 @@ async def _probe_as_others(h: Harness, base: str, targets: list[str]) -> None:
                     headers,
                     answer,
                 )
+
+
+# -- long polling against the connection limits ----------------------------------------
+
+#: Abusers come from another loopback address than the bystander (any of 127/8 on Linux).
+ABUSER_IP = "127.0.0.2"
+
+
+def _open_from(h: Harness, ip: str) -> int:
+    """The connections the server counts for ``ip`` (sockets and long-polling sessions)."""
+    gate = h.server.app.connections
+    assert gate is not None
+    return gate._by_ip.get(ip, 0)
+
+
+async def _settled(count: Any, expected: int) -> None:
+    """Until ``count()`` is ``expected`` (the server notices closes in its own time)."""
+    with trio.move_on_after(3):
+        while count() != expected:  # noqa: ASYNC110
+            await trio.sleep(0.01)
+    assert count() == expected
+
+
+async def _first_poll_from(
+    h: Harness, site: str, subject: str, ip: str
+) -> tuple[str, HttpResponse]:
+    """Negotiate and send the first poll, each on a TCP connection of its own from ``ip``."""
+    target = f"/v1/hub/entries?site_id={site}&id=" + await negotiate(
+        h, site, subject, source_ip=ip
+    )
+    auth = [bearer(h.token(subject))]
+    return target, await http_request(h.port, "GET", target, headers=auth, source_ip=ip)
+
+
+def _assert_limit_answer(response: HttpResponse, status: int, code: str) -> None:
+    assert response.status == status, response
+    assert response.headers.get("retry-after") == "1", response.headers
+    assert response.json()["code"] == code, response
+
+
+async def test_long_polling_sessions_count_toward_the_per_address_limit(
+    start_server: Any,
+) -> None:
+    """A long-polling session holds no socket between polls, yet it is a connection the
+    server keeps: with as many subjects as it likes (the per-subject limit bounds no
+    one), an address gets no more of them than its limit."""
+    h: Harness = await start_server(max_connections_per_ip=3)
+    site = new_site()
+    subjects = ["m0", "m1", "m2"]
+    for subject in subjects:
+        h.grant(site, subject, Role.SITE_ADMIN)
+    count = partial(_open_from, h, ABUSER_IP)
+    with trio.fail_after(CAP):
+        async with bystander(h) as b:
+            targets = []
+            for subject in subjects[:2]:
+                target, first = await _first_poll_from(h, site, subject, ABUSER_IP)
+                assert first.status == 200, first
+                targets.append(target)
+                await _settled(count, len(targets))  # the session, not its first poll's socket
+            # The third first poll's own socket makes three: its session would be a fourth.
+            refused_target, refused = await _first_poll_from(h, site, "m2", ABUSER_IP)
+            _assert_limit_answer(refused, 429, "too_many_connections")
+            await _settled(count, 2)
+            # Word for word what a socket over the limit is told.
+            async with await open_tcp(h.port, source_ip=ABUSER_IP):
+                await _settled(count, 3)
+                over = await http_request(h.port, "GET", "/healthz", source_ip=ABUSER_IP)
+            assert (over.status, over.body) == (refused.status, refused.body)
+            await b.check()
+            # A session that ends frees its place; the refused client retries with its id.
+            first_auth = [bearer(h.token("m0"))]
+            ended = await http_request(
+                h.port, "DELETE", targets[0], headers=first_auth, source_ip=ABUSER_IP
+            )
+            assert ended.status == 202
+            await _settled(count, 1)
+            auth = [bearer(h.token("m2"))]
+            again = await http_request(
+                h.port, "GET", refused_target, headers=auth, source_ip=ABUSER_IP
+            )
+            assert again.status == 200, again
+
+
+async def test_long_polling_sessions_count_toward_the_connection_limit(
+    start_server: Any,
+) -> None:
+    h: Harness = await start_server(max_connections=5)
+    site = new_site()
+    subjects = [f"m{n}" for n in range(4)]
+    for subject in subjects:
+        h.grant(site, subject, Role.SITE_ADMIN)
+    gate = h.server.app.connections
+    assert gate is not None
+    with trio.fail_after(CAP):
+        async with bystander(h) as b:  # one connection
+            for n, subject in enumerate(subjects[:3], start=1):
+                _, first = await _first_poll_from(h, site, subject, ABUSER_IP)
+                assert first.status == 200, first
+                await _settled(lambda: gate.open, 1 + n)
+            # The fourth first poll is the fifth connection: its session would be a sixth.
+            _, refused = await _first_poll_from(h, site, subjects[3], ABUSER_IP)
+            _assert_limit_answer(refused, 503, "unavailable")
+            await _settled(lambda: gate.open, 4)
+            await b.check()  # its publish is the fifth
+
+
+async def test_a_waiting_poll_and_its_session_count_once(start_server: Any) -> None:
+    """While a poll waits, its socket is what its session holds: the two count as one (a
+    long-polling client is one connection, as a WebSocket client is, plus the one its
+    POSTs use, as an event stream's). Counted twice, this client's POST would be refused
+    at a limit of two per address."""
+    h: Harness = await start_server(max_connections_per_ip=2)
+    site = new_site()
+    h.grant(site, "alice", Role.SITE_ADMIN)
+    auth = [bearer(h.token("alice"))]
+    count = partial(_open_from, h, ABUSER_IP)
+    with trio.fail_after(CAP):
+        target, first = await _first_poll_from(h, site, "alice", ABUSER_IP)
+        assert first.status == 200, first
+        await _settled(count, 1)
+        session = h.server.app.negotiations.find(target.rpartition("=")[2])
+        assert isinstance(session, HubSession)
+        transport = session.transport
+        assert isinstance(transport, PollTransport)
+        polls: list[HttpResponse] = []
+
+        async def poll() -> None:
+            polls.append(
+                await http_request(h.port, "GET", target, headers=auth, source_ip=ABUSER_IP)
+            )
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(poll)
+            while transport._poll_scope is None:  # noqa: ASYNC110 (the poll waits)
+                await trio.sleep(0.01)
+            assert count() == 1
+            posted = await http_request(
+                h.port, "POST", target, headers=auth, body=HANDSHAKE, source_ip=ABUSER_IP
+            )
+            assert posted.status == 200, posted
+        assert polls[0].status == 200 and polls[0].body == b"{}\x1e", polls
+        await _settled(count, 1)
+        ended = await http_request(h.port, "DELETE", target, headers=auth, source_ip=ABUSER_IP)
+        assert ended.status == 202
+        await _settled(count, 0)
