@@ -47,7 +47,6 @@ import trio
 
 from hubserver.app import App
 from hubserver.auth import redact_url
-from hubserver.logs import connection_fields
 from hubserver.transports import TransportError
 
 from ._cors import decide_cors
@@ -62,7 +61,7 @@ from ._request import (
     refusal_response,
     response_bytes,
 )
-from ._routes import Session, Upgrade, go_live, respond
+from ._routes import Session, Upgrade, go_live, log_opened, respond
 
 __all__ = ["HttpConnection"]
 
@@ -410,18 +409,12 @@ class HttpConnection:
             if upgrade.attach is None:
                 self._app.hub_closed(upgrade.subject)  # no session will end to release it
             raise
-        log.info(
-            "session %d: %s, subject %s",
+        log_opened(
             session.session_id,
-            grant.description,
-            upgrade.subject[:64],
-            extra=connection_fields(
-                session.session_id,
-                upgrade.subject,
-                grant.key,
-                transport.kind,
-                event="session_opened" if upgrade.attach is None else "transport_attached",
-            ),
+            grant,
+            upgrade.subject,
+            transport.kind,
+            event="session_opened" if upgrade.attach is None else "transport_attached",
         )
         if self._app.config.access_log:
             self._log(event, int(upgrade.head[9:12]), started, len(head))

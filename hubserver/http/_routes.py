@@ -61,6 +61,7 @@ __all__ = [
     "Upgrade",
     "authenticate",
     "go_live",
+    "log_opened",
     "respond",
 ]
 
@@ -200,6 +201,9 @@ async def authenticate(request: Request, scope: str) -> Claims | Refusal:
 
 
 _NOT_FOUND: Final = Refusal(404, "not_found", "not found")
+_METHOD_NOT_ALLOWED: Final = Refusal(405, "method_not_allowed", "method not allowed")
+_USE_POST: Final = Refusal(405, "method_not_allowed", "use POST")
+_BODY_TOO_LARGE: Final = Refusal(413, "too_large", "request body too large")
 
 
 def _text(refusal: Refusal) -> Response:
@@ -234,7 +238,7 @@ async def respond(request: Request) -> Response | Upgrade:
         return await _permissions_changed(request)
     if path == "/metrics":
         if request.method not in (b"GET", b"HEAD"):
-            return _text(Refusal(405, "method_not_allowed", "method not allowed"))
+            return _text(_METHOD_NOT_ALLOWED)
         app = request.io.app
         return Response(200, app.metrics.exposition(app), METRICS_CONTENT_TYPE)
     if path == "/healthz":
@@ -249,9 +253,9 @@ async def respond(request: Request) -> Response | Upgrade:
 
 async def _simple(request: Request, status: int, text: str) -> Response:
     if request.method not in (b"GET", b"HEAD"):
-        return _text(Refusal(405, "method_not_allowed", "method not allowed"))
+        return _text(_METHOD_NOT_ALLOWED)
     if not await request.io.discard_body(MAX_IGNORED_BODY_BYTES):
-        return _text(Refusal(413, "too_large", "request body too large"))
+        return _text(_BODY_TOO_LARGE)
     return Response(status, (text + "\n").encode())
 
 
@@ -284,7 +288,7 @@ _encode_string: Final[Callable[[str], str]] = json.encoder.encode_basestring_asc
 
 async def _publish(request: Request, hub: Hub) -> Response:
     if request.method != b"POST":
-        return _json(Refusal(405, "method_not_allowed", "use POST"))
+        return _json(_USE_POST)
     claims = await authenticate(request, PUBLISH_SCOPE)
     if isinstance(claims, Refusal):
         return _json(claims)
@@ -292,13 +296,14 @@ async def _publish(request: Request, hub: Hub) -> Response:
     if app.is_draining:
         return _json(_DRAINING)
     limit = app.config.max_publish_bytes
+    too_large = Refusal(413, "too_large", f"the body is larger than {limit} bytes")
     for name, value in request.headers:
         if name == b"content-length" and int(value) > limit:
-            return _json(Refusal(413, "too_large", f"the body is larger than {limit} bytes"))
+            return _json(too_large)
     # The request deadline bounds this read (408 from the protocol).
     body = await request.io.read_body(limit)
     if body is None:
-        return _json(Refusal(413, "too_large", f"the body is larger than {limit} bytes"))
+        return _json(too_large)
     try:
         events = parse_publish_body(body)
         request.events = len(events)
@@ -341,7 +346,7 @@ async def _publish(request: Request, hub: Hub) -> Response:
 async def _permissions_changed(request: Request) -> Response:
     """The access-control backend's change notice (``_notices``), once its token passed."""
     if request.method != b"POST":
-        return _json(Refusal(405, "method_not_allowed", "use POST"))
+        return _json(_USE_POST)
     claims = await authenticate(request, ADMIN_SCOPE)
     if isinstance(claims, Refusal):
         return _json(claims)
@@ -463,7 +468,7 @@ async def _from_client(request: Request, route: HubRoute, token: str | None) -> 
     max_bytes = (limits or app.session_context().limits).max_message_bytes + 4096
     body = await request.io.read_body(max_bytes)
     if body is None:
-        return _text(Refusal(413, "too_large", "request body too large"))
+        return _text(_BODY_TOO_LARGE)
     if not await session.post(bytes(body)):
         return _text(_NO_CONNECTION)  # it ended meanwhile
     return Response(200, b"")
@@ -583,21 +588,29 @@ async def _first_poll(request: Request, route: HubRoute, token: str, claims: Cla
         _release_session(app, ip)
         raise
     go_live(app, token, session, grant.stream)
-    log.info(
-        "session %d: %s, subject %s, long polling",
-        session.session_id,
-        grant.description,
-        claims.subject[:64],
-        extra=connection_fields(
-            session.session_id,
-            claims.subject,
-            grant.key,
-            TransportKind.LONG_POLLING,
-            event="session_opened",
-        ),
-    )
+    log_opened(session.session_id, grant, claims.subject, TransportKind.LONG_POLLING)
     app.session_context().tasks.start_soon(_run_detached, app, session, ip)
     return Response(200, b"", _OCTETS, _POLL_HEADERS)
+
+
+def log_opened(
+    session_id: int,
+    grant: HubGrant,
+    subject: str,
+    kind: TransportKind,
+    *,
+    event: str = "session_opened",
+) -> None:
+    """The line that says a connection opened (``event``: or took a new transport)."""
+    how = ", long polling" if kind is TransportKind.LONG_POLLING else ""
+    log.info(
+        "session %d: %s, subject %s%s",
+        session_id,
+        grant.description,
+        subject[:64],
+        how,
+        extra=connection_fields(session_id, subject, grant.key, kind, event=event),
+    )
 
 
 def go_live(app: App, token: str, session: HubSession, stream: str) -> None:
@@ -642,7 +655,7 @@ async def _negotiate(request: Request, route: HubRoute) -> Response:
         return _text(authorized)
     claims, grant = authorized
     if not await request.io.discard_body(MAX_IGNORED_BODY_BYTES):
-        return _text(Refusal(413, "too_large", "request body too large"))
+        return _text(_BODY_TOO_LARGE)
     # Spec §6: missing negotiateVersion is 0; we answer min(requested, 1).
     requested = request.query.get("negotiateversion", "0")
     # ASCII digits only: str.isdigit() also takes '²' and other digits int() refuses.
