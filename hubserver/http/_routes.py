@@ -363,11 +363,12 @@ async def _hub(request: Request, name: str) -> Response | Upgrade:
     if route is None:
         return _text(_NOT_FOUND)
     token = request.query.get("id")
-    app = request.io.app
     # A drain refuses new connections; a live one's polls and POSTs go on until
     # its Close reached the client (a long-polling client hears of it by polling).
-    if app.is_draining and (is_negotiate or token is None or app.negotiations.find(token) is None):
-        return _text(Refusal(503, "unavailable", "server is shutting down"))
+    # A request with an id is refused where it would start one, once its token
+    # was read: before, whether its id is live must not show.
+    if request.io.app.is_draining and (is_negotiate or token is None):
+        return _text(_SHUTTING_DOWN)
     if is_negotiate:
         return await _negotiate(request, route)
     method = request.method
@@ -388,6 +389,7 @@ def _accepts(request: Request, media_type: bytes) -> bool:
     return any(name == b"accept" and media_type in value.lower() for name, value in request.headers)
 
 
+_SHUTTING_DOWN: Final = Refusal(503, "unavailable", "server is shutting down")
 _SUBJECT_LIMIT: Final = Refusal(
     429,
     "too_many_connections",
@@ -505,10 +507,12 @@ async def _start(
     A long-polling connection holds none between polls: it is counted itself,
     under this request's address, until it ends (``_run_detached``).
     """
+    app = request.io.app
+    if app.is_draining:
+        return _SHUTTING_DOWN
     grant = await route.authorize(request, claims)
     if isinstance(grant, Refusal):
         return grant
-    app = request.io.app
     # Before the id is claimed: a refused client can retry with it.
     if not app.hub_opened(claims.subject):
         return _SUBJECT_LIMIT
@@ -719,6 +723,8 @@ async def _upgrade(request: Request, route: HubRoute) -> Response | Upgrade:
             attach = partial(_reattach, live, _token_expires_at(app, claims))
             return Upgrade(head, WebSocketTransport, claims.subject, grant, attach=attach)
         return _text(_transport_taken(live, TransportKind.WEBSOCKETS))
+    if app.is_draining:
+        return _text(_SHUTTING_DOWN)  # an id (without one, _hub refused it)
     # Before the negotiation's id is claimed: a refused client can retry with it.
     if not app.hub_opened(claims.subject):
         return _text(_SUBJECT_LIMIT)

@@ -730,7 +730,8 @@ async def test_a_stateful_reconnect_takes_its_new_tokens_expiry(start_server: An
 async def test_a_live_connection_is_unknown_to_anyone_else(start_server: Any) -> None:
     """Without a token, or with another subject's, a request for a live connection's id
     gets what it would for an unknown id, whatever it asks: nothing says the id is live,
-    nor which transport it uses (spec §7.4's 409 and 400 are for its own client)."""
+    nor which transport it uses (spec §7.4's 409 and 400 are for its own client); nor
+    during a drain (which refused an unknown id at once, and a live one's not)."""
     h: Harness = await start_server()
     site = new_site()
     h.grant(site, "alice", Role.SITE_ADMIN)
@@ -745,7 +746,16 @@ async def test_a_live_connection_is_unknown_to_anyone_else(start_server: Any) ->
             upgraded = base + await negotiate(h, site, "alice")
             ws = HubClient(await open_ws(h.port, upgraded, headers=[bearer(alice)]))
             async with sse.stream, ws.ws.stream:
-                await _probe_as_others(h, base, [polled, streamed, upgraded])
+                targets = [polled, streamed, upgraded]
+                unknown = await _probe_as_others(h, base, targets)
+                assert unknown == [401] * 5 + [404] * 5
+                h.server.app.is_draining = True  # what a shutdown sets first
+                try:
+                    unknown = await _probe_as_others(h, base, targets)
+                finally:
+                    h.server.app.is_draining = False
+                # Without a token: 401; another subject: no new connection, no such id.
+                assert unknown == [401] * 5 + [503] * 3 + [404] * 2
                 # Alice's connections noticed nothing.
                 assert await ws.handshake() == {}
                 await publish_ok(h, "entries", {"site_id": site, "n": 1})
@@ -755,9 +765,11 @@ async def test_a_live_connection_is_unknown_to_anyone_else(start_server: Any) ->
             await b.check()
 
 
-async def _probe_as_others(h: Harness, base: str, targets: list[str]) -> None:
-    """Every kind of request for these live ids, without a token and as mallory."""
-    for credentials, unknown_answer in (([], 401), ([bearer(h.token("mallory"))], 404)):
+async def _probe_as_others(h: Harness, base: str, targets: list[str]) -> list[int]:
+    """Every kind of request for these live ids, without a token and as mallory: each
+    answered as for an unknown id, whose statuses this returns."""
+    statuses = []
+    for credentials in ([], [bearer(h.token("mallory"))]):
         asks: list[tuple[str, list[tuple[str, str]], bytes]] = [
             ("GET", [*credentials, ("Accept", "text/event-stream")], b""),
             ("GET", credentials, b""),  # a poll
@@ -769,7 +781,7 @@ async def _probe_as_others(h: Harness, base: str, targets: list[str]) -> None:
             unknown = await http_request(
                 h.port, method, base + "unknown", headers=headers, body=body
             )
-            assert unknown.status == unknown_answer, (method, headers, unknown)
+            statuses.append(unknown.status)
             for target in targets:
                 answer = await http_request(h.port, method, target, headers=headers, body=body)
                 assert (answer.status, answer.body) == (unknown.status, unknown.body), (
@@ -777,6 +789,7 @@ async def _probe_as_others(h: Harness, base: str, targets: list[str]) -> None:
                     headers,
                     answer,
                 )
+    return statuses
 
 
 # -- long polling against the connection limits ----------------------------------------
