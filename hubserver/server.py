@@ -441,9 +441,9 @@ async def _run(app: App, task_status: trio.TaskStatus[RunningServer]) -> None:
             await app.broker.backplane.aclose()
 
 
-async def _handle(stream: trio.SocketStream, *, app: App) -> None:
+async def _handle(stream: trio.SocketStream, ip: str, *, app: App) -> None:
     try:
-        session = await handle_connection(stream, app)
+        session = await handle_connection(stream, app, ip)
     except Exception:
         # The per-connection boundary: one connection's bug never takes the server down.
         app.stats.crashed += 1
@@ -471,12 +471,13 @@ async def _handle(stream: trio.SocketStream, *, app: App) -> None:
                 },
             )
         finally:
-            app.hub_closed(session.subject)  # counted by the front's hub_opened
+            if session.has_subject_count:
+                app.hub_closed(session.subject)  # counted by the front's hub_opened
 
 
-async def _handle_internal(stream: trio.SocketStream, *, app: App) -> None:
+async def _handle_internal(stream: trio.SocketStream, ip: str, *, app: App) -> None:
     try:
-        await handle_internal_connection(stream, app)
+        await handle_internal_connection(stream, app, ip)
     except Exception:
         # The same boundary as the main port's: one scrape's bug ends that scrape.
         app.stats.crashed += 1

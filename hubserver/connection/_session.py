@@ -89,6 +89,11 @@ _RESUME_FAILED: Final = "Resume failed: the event history is unavailable; try ag
 _MAY_CLOSE: Final = (ConnectionState.OPEN, ConnectionState.CLOSING, ConnectionState.ERROR)
 
 
+def _token_at(token_expires_at: float | None, now: float) -> float:
+    """The token's expiry (unix seconds) on the trio clock (``now``)."""
+    return math.inf if token_expires_at is None else now + (token_expires_at - time.time())
+
+
 class HubSession:
     """A hub connection, from its accepted upgrade to its end.
 
@@ -130,6 +135,10 @@ class HubSession:
         "subject",
         "timer_at",
     )  # fmt: skip
+
+    #: Its subject's count of hub connections is held for it until it ends
+    #: (whatever transports it has meanwhile).
+    has_subject_count: Final = True
 
     def __init__(
         self,
@@ -188,9 +197,7 @@ class HubSession:
             start_writer=self._guard.start_soon,
         )
         self._gate = ResumeGate(None if key is None else key.user_id)
-        self._deadlines = Deadlines(
-            math.inf if token_expires_at is None else now + (token_expires_at - time.time())
-        )
+        self._deadlines = Deadlines(_token_at(token_expires_at, now))
         self._since_seq = since_seq
         self._direct = False  # a delivery may write its shared frame itself (see deliver)
         # Live events close a client at once only past this (twice the budget,
@@ -615,8 +622,15 @@ class HubSession:
         self._reattached = None
         return not self._is_detached and self._phase is Phase.OPEN
 
-    def attach(self, transport: Transport) -> trio.Event | None:
+    def attach(
+        self, transport: Transport, *, token_expires_at: float | None
+    ) -> trio.Event | None:
         """The client's new WebSocket (spec §8): it replaces the old transport.
+
+        Its token (the same subject's; the caller checks) is the connection's from
+        now on: ``token_expires_at`` (unix seconds, None: never), as in the
+        constructor, so a client that came back with a refreshed token is not
+        closed at the old one's expiry.
 
         Returns what tells the new transport's task that its transport is gone
         (replaced, dropped or the connection ended); None if the connection
@@ -641,6 +655,7 @@ class HubSession:
             return None
         self._out.wire = self._wire = wire
         self._is_detached = False
+        self._deadlines.token_at = _token_at(token_expires_at, now)
         transport.begin(self._guard.start_soon)
         # Our Sequence, then every message the client has not acknowledged.
         self._out.queue_message(self._hub.resume(now))

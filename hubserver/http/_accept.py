@@ -3,7 +3,8 @@
 ``trio.serve_listeners`` admits every connection and, at EMFILE, logs a
 traceback every 100 ms. This loop instead:
 
-- counts open connections, in total and per peer address; one over
+- counts open connections, in total and per peer address (a live
+  long-polling session counts as one too, see ``ConnectionGate``); one over
   ``max_connections`` is answered 503, one over ``max_connections_per_ip`` 429,
   both with ``Retry-After`` and a short JSON body, then closed, so a client
   learns at once why instead of waiting in the backlog. The answer goes out
@@ -29,7 +30,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 from contextlib import suppress
 from dataclasses import dataclass, field
-from typing import Final
+from typing import Final, NamedTuple
 
 import trio
 
@@ -37,6 +38,7 @@ __all__ = [
     "FD_HEADROOM",
     "METRICS_MAX_CONNECTIONS",
     "ConnectionGate",
+    "OverLimit",
     "accept_connections",
     "descriptor_budget",
     "fd_headroom",
@@ -109,10 +111,24 @@ def refusal_bytes(status: int, code: str, message: str) -> bytes:
     return head.encode("ascii") + body
 
 
-_OVER_TOTAL: Final = refusal_bytes(
+class OverLimit(NamedTuple):
+    """Which connection limit a newcomer is over, and what it is told."""
+
+    status: int
+    code: str
+    message: str
+    #: The whole answer to a connection refused before its request is read.
+    response: bytes
+
+
+def _over_limit(status: int, code: str, message: str) -> OverLimit:
+    return OverLimit(status, code, message, refusal_bytes(status, code, message))
+
+
+_OVER_TOTAL: Final = _over_limit(
     503, "unavailable", "the server has too many open connections; retry later"
 )
-_OVER_PER_IP: Final = refusal_bytes(
+_OVER_PER_IP: Final = _over_limit(
     429, "too_many_connections", "too many open connections from this address; retry later"
 )
 
@@ -121,10 +137,19 @@ _OVER_PER_IP: Final = refusal_bytes(
 class ConnectionGate:
     """Open connections, in total and per peer address, against their limits.
 
+    What is counted is what the server holds for a client: an accepted TCP
+    connection (``admit`` at accept, ``release`` at its close), and a live
+    long-polling session, which holds no socket between polls (``admit`` at
+    its first poll, under the first poll's address, ``release`` at its end).
+    While a poll waits for its session's output, the poll's own TCP connection
+    is that session's one count (``lend`` and ``reclaim`` around the wait): a
+    long-polling client then counts as one, as a WebSocket does, plus the
+    connection its POSTs use, as an event stream's do.
+
     Attributes:
         max_total: connections served at once (503 above).
         max_per_ip: connections per peer address (429 above; 0: no limit).
-        open: connections admitted and not yet released.
+        open: connections (and long-polling sessions) admitted and not yet released.
         refused: connections answered 503 or 429 (or closed at once) so far.
     """
 
@@ -138,8 +163,8 @@ class ConnectionGate:
     #: The refusals waiting for their client, oldest first.
     _refusing: deque[trio.CancelScope] = field(default_factory=deque)
 
-    def admit(self, ip: str) -> bytes | None:
-        """Count a new connection from ``ip``; None, or the refusal to send it instead."""
+    def admit(self, ip: str) -> OverLimit | None:
+        """Count a new connection from ``ip``; None, or the limit it is over (not counted)."""
         if self.open >= self.max_total:
             return _OVER_TOTAL
         count = self._by_ip.get(ip, 0)
@@ -157,6 +182,23 @@ class ConnectionGate:
             self._by_ip[ip] = count
         else:
             self._by_ip.pop(ip, None)  # the map holds only addresses with open connections
+
+    def lend(self, ip: str) -> None:
+        """An admitted connection from ``ip`` waits in a long poll: its session counts for it.
+
+        Matched by one ``reclaim`` when the wait ends, however it ends.
+        """
+        self.release(ip)
+
+    def reclaim(self, ip: str) -> None:
+        """A connection ``lend`` set aside is counted again, over the limits or not.
+
+        It was admitted, and it is no new descriptor: what a limit bounds
+        (descriptors, sessions) does not grow. Until it closes or waits again,
+        newcomers may be refused a little earlier.
+        """
+        self.open += 1
+        self._by_ip[ip] = self._by_ip.get(ip, 0) + 1
 
     def note_refusal(self, now: float) -> None:
         """Count a refused connection; log how many, at most once per ``REFUSAL_LOG_INTERVAL``."""
@@ -185,11 +227,13 @@ def _peer_ip(stream: trio.SocketStream) -> str:
 
 async def accept_connections(
     listener: trio.SocketListener,
-    handler: Callable[[trio.SocketStream], Awaitable[None]],
+    handler: Callable[[trio.SocketStream, str], Awaitable[None]],
     handlers: trio.Nursery,
     gate: ConnectionGate,
 ) -> None:
     """Accept forever, starting ``handler`` in ``handlers`` for each admitted connection.
+
+    ``handler`` gets the stream and the peer address it is counted under.
 
     The listener is closed when this returns (it is cancelled to stop accepting).
 
@@ -204,7 +248,7 @@ async def accept_connections(
 
 async def _accept_forever(
     listener: trio.SocketListener,
-    handler: Callable[[trio.SocketStream], Awaitable[None]],
+    handler: Callable[[trio.SocketStream, str], Awaitable[None]],
     handlers: trio.Nursery,
     gate: ConnectionGate,
 ) -> None:
@@ -235,8 +279,8 @@ async def _accept_forever(
             continue
         pause = FIRST_PAUSE_INTERVAL
         ip = _peer_ip(stream)
-        refusal = gate.admit(ip)
-        if refusal is None:
+        over = gate.admit(ip)
+        if over is None:
             handlers.start_soon(_serve, stream, ip, handler, gate)
             continue
         gate.note_refusal(trio.current_time())
@@ -244,17 +288,17 @@ async def _accept_forever(
             gate._refusing.popleft().cancel()  # its task closes that socket
         waiting = trio.CancelScope(deadline=trio.current_time() + REFUSAL_TIMEOUT)
         gate._refusing.append(waiting)
-        handlers.start_soon(_refuse, stream, refusal, gate, waiting)
+        handlers.start_soon(_refuse, stream, over.response, gate, waiting)
 
 
 async def _serve(
     stream: trio.SocketStream,
     ip: str,
-    handler: Callable[[trio.SocketStream], Awaitable[None]],
+    handler: Callable[[trio.SocketStream, str], Awaitable[None]],
     gate: ConnectionGate,
 ) -> None:
     try:
-        await handler(stream)
+        await handler(stream, ip)
     finally:
         gate.release(ip)
 

@@ -47,7 +47,6 @@ import trio
 
 from hubserver.app import App
 from hubserver.auth import redact_url
-from hubserver.logs import connection_fields
 from hubserver.transports import TransportError
 
 from ._cors import decide_cors
@@ -62,7 +61,7 @@ from ._request import (
     refusal_response,
     response_bytes,
 )
-from ._routes import Session, Upgrade, go_live, respond
+from ._routes import Session, Upgrade, go_live, log_opened, respond
 
 __all__ = ["HttpConnection", "Respond"]
 
@@ -121,6 +120,7 @@ class HttpConnection:
         stream: the accepted connection; this object owns it (closes it,
             unless it hands it to a hub session).
         app: the server's shared parts.
+        peer_ip: the client's address, as the connection limits count it.
         respond: what answers each request (the main port's routes by default).
         cors_origins: the ``--cors-origin`` list this front applies (none on
             the metrics listener, which serves no browser).
@@ -134,6 +134,7 @@ class HttpConnection:
         "_fd",
         "_is_answered",
         "_parser",
+        "_peer_ip",
         "_phase",
         "_received",
         "_request",
@@ -147,11 +148,13 @@ class HttpConnection:
         self,
         stream: trio.SocketStream,
         app: App,
+        peer_ip: str,
         *,
         respond: Respond = respond,
         cors_origins: tuple[str, ...] | None = None,
     ) -> None:
         self._stream = stream
+        self._peer_ip = peer_ip
         self._sock = stream.socket
         self._fd = stream.socket.fileno()
         self._app = app
@@ -179,6 +182,10 @@ class HttpConnection:
     @property
     def tokens(self) -> TokenMemo:
         return self._tokens
+
+    @property
+    def peer_ip(self) -> str:
+        return self._peer_ip
 
     async def read_body(self, max_bytes: int) -> bytes | None:
         parser = self._parser
@@ -393,7 +400,7 @@ class HttpConnection:
 
     async def _upgrade(self, upgrade: Upgrade, event: h11.Request, started: float) -> Session:
         """Start the session and send its head (a 101, or an event stream's 200; the
-        route counted the subject)."""
+        route counted the subject, unless a live connection takes the transport over)."""
         grant = upgrade.grant
         try:
             # What the client sent after its request (nothing more is read before the head).
@@ -418,20 +425,15 @@ class HttpConnection:
                 session.discard()
                 raise
         except BaseException:
-            self._app.hub_closed(upgrade.subject)  # no session will end to release it
+            if upgrade.attach is None:
+                self._app.hub_closed(upgrade.subject)  # no session will end to release it
             raise
-        log.info(
-            "session %d: %s, subject %s",
+        log_opened(
             session.session_id,
-            grant.description,
-            upgrade.subject[:64],
-            extra=connection_fields(
-                session.session_id,
-                upgrade.subject,
-                grant.key,
-                transport.kind,
-                event="session_opened" if upgrade.attach is None else "transport_attached",
-            ),
+            grant,
+            upgrade.subject,
+            transport.kind,
+            event="session_opened" if upgrade.attach is None else "transport_attached",
         )
         if self._app.config.access_log:
             self._log(event, int(upgrade.head[9:12]), started, len(head))

@@ -235,6 +235,11 @@ class RequestIO(Protocol):
     @property
     def tokens(self) -> TokenMemo: ...
 
+    @property
+    def peer_ip(self) -> str:
+        """The client's address, as the connection limits count this connection."""
+        ...
+
     async def read_body(self, max_bytes: int) -> bytes | None:
         """The whole body; None when it is larger than ``max_bytes``."""
         ...

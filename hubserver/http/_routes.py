@@ -61,6 +61,7 @@ __all__ = [
     "Upgrade",
     "authenticate",
     "go_live",
+    "log_opened",
     "respond",
     "respond_internal",
 ]
@@ -85,6 +86,12 @@ class Session(Protocol):
 
     @property
     def subject(self) -> str: ...
+
+    @property
+    def has_subject_count(self) -> bool:
+        """It holds one of its subject's hub-connection counts (``App.hub_opened``),
+        which its end releases; a reattached transport holds none (its connection does)."""
+        ...
 
     def discard(self) -> None:
         """The 101 never went out: end a registered session that will not run."""
@@ -126,7 +133,8 @@ class Upgrade(NamedTuple):
     """Switch this connection to a hub session: a WebSocket (the head is its 101)
     or an event stream (the head is its 200); the protocol writes the head.
 
-    The subject was counted with ``App.hub_opened``; whoever fails to start
+    The subject was counted with ``App.hub_opened`` (unless ``attach``: a
+    transport of a connection that holds the count); whoever fails to start
     the session releases it with ``App.hub_closed``.
     """
 
@@ -194,6 +202,9 @@ async def authenticate(request: Request, scope: str) -> Claims | Refusal:
 
 
 _NOT_FOUND: Final = Refusal(404, "not_found", "not found")
+_METHOD_NOT_ALLOWED: Final = Refusal(405, "method_not_allowed", "method not allowed")
+_USE_POST: Final = Refusal(405, "method_not_allowed", "use POST")
+_BODY_TOO_LARGE: Final = Refusal(413, "too_large", "request body too large")
 
 
 def _text(refusal: Refusal) -> Response:
@@ -264,7 +275,7 @@ async def _metrics(request: Request) -> Response:
     metrics = request.io.app.metrics
     assert metrics is not None  # the routes check it
     if request.method not in (b"GET", b"HEAD"):
-        return _text(Refusal(405, "method_not_allowed", "method not allowed"))
+        return _text(_METHOD_NOT_ALLOWED)
     if not await request.io.discard_body(MAX_IGNORED_BODY_BYTES):
         return _text(Refusal(413, "too_large", "request body too large"))
     return Response(200, metrics.exposition(request.io.app), METRICS_CONTENT_TYPE)
@@ -281,9 +292,9 @@ async def _health(request: Request) -> Response:
 
 async def _simple(request: Request, status: int, text: str) -> Response:
     if request.method not in (b"GET", b"HEAD"):
-        return _text(Refusal(405, "method_not_allowed", "method not allowed"))
+        return _text(_METHOD_NOT_ALLOWED)
     if not await request.io.discard_body(MAX_IGNORED_BODY_BYTES):
-        return _text(Refusal(413, "too_large", "request body too large"))
+        return _text(_BODY_TOO_LARGE)
     return Response(status, (text + "\n").encode())
 
 
@@ -316,7 +327,7 @@ _encode_string: Final[Callable[[str], str]] = json.encoder.encode_basestring_asc
 
 async def _publish(request: Request, hub: Hub) -> Response:
     if request.method != b"POST":
-        return _json(Refusal(405, "method_not_allowed", "use POST"))
+        return _json(_USE_POST)
     claims = await authenticate(request, PUBLISH_SCOPE)
     if isinstance(claims, Refusal):
         return _json(claims)
@@ -324,13 +335,14 @@ async def _publish(request: Request, hub: Hub) -> Response:
     if app.is_draining:
         return _json(_DRAINING)
     limit = app.config.max_publish_bytes
+    too_large = Refusal(413, "too_large", f"the body is larger than {limit} bytes")
     for name, value in request.headers:
         if name == b"content-length" and int(value) > limit:
-            return _json(Refusal(413, "too_large", f"the body is larger than {limit} bytes"))
+            return _json(too_large)
     # The request deadline bounds this read (408 from the protocol).
     body = await request.io.read_body(limit)
     if body is None:
-        return _json(Refusal(413, "too_large", f"the body is larger than {limit} bytes"))
+        return _json(too_large)
     try:
         events = parse_publish_body(body)
         request.events = len(events)
@@ -373,7 +385,7 @@ async def _publish(request: Request, hub: Hub) -> Response:
 async def _permissions_changed(request: Request) -> Response:
     """The access-control backend's change notice (``_notices``), once its token passed."""
     if request.method != b"POST":
-        return _json(Refusal(405, "method_not_allowed", "use POST"))
+        return _json(_USE_POST)
     claims = await authenticate(request, ADMIN_SCOPE)
     if isinstance(claims, Refusal):
         return _json(claims)
@@ -390,11 +402,12 @@ async def _hub(request: Request, name: str) -> Response | Upgrade:
     if route is None:
         return _text(_NOT_FOUND)
     token = request.query.get("id")
-    app = request.io.app
     # A drain refuses new connections; a live one's polls and POSTs go on until
     # its Close reached the client (a long-polling client hears of it by polling).
-    if app.is_draining and (is_negotiate or token is None or app.negotiations.find(token) is None):
-        return _text(Refusal(503, "unavailable", "server is shutting down"))
+    # A request with an id is refused where it would start one, once its token
+    # was read: before, whether its id is live must not show.
+    if request.io.app.is_draining and (is_negotiate or token is None):
+        return _text(_SHUTTING_DOWN)
     if is_negotiate:
         return await _negotiate(request, route)
     method = request.method
@@ -415,6 +428,13 @@ def _accepts(request: Request, media_type: bytes) -> bool:
     return any(name == b"accept" and media_type in value.lower() for name, value in request.headers)
 
 
+_SHUTTING_DOWN: Final = Refusal(503, "unavailable", "server is shutting down")
+_SUBJECT_LIMIT: Final = Refusal(
+    429,
+    "too_many_connections",
+    "too many open hub connections for this subject; retry later",
+    is_limit=True,
+)
 _NEEDS_ID: Final = Refusal(400, "bad_request", "Connection ID required")
 _NO_CONNECTION: Final = Refusal(404, "not_found", "No Connection with that ID")
 _NO_POST_ON_WEBSOCKETS: Final = Refusal(
@@ -435,6 +455,22 @@ _POLL_HEADERS: Final = (
 _OCTETS: Final = b"application/octet-stream"
 
 
+def _own(app: App, token: str, subject: str, route: HubRoute) -> HubSession | None:
+    """The live connection ``token`` names, if it is ``subject``'s on this hub; else None.
+
+    Anyone else's connection is as unknown as none: a request learns nothing of
+    it, not even its transport (so the token is checked before this). Another
+    hub's too: the token was checked for this hub's scope, not that one's (a
+    listener's token must not drive its subject's publisher connection).
+    """
+    negotiations = app.negotiations
+    live = negotiations.find(token)
+    if not isinstance(live, HubSession) or live.subject != subject:
+        return None
+    stream = negotiations.stream_of(token) or ""
+    return live if HUBS.get(stream.partition("\x00")[0]) is route else None
+
+
 async def _live(
     request: Request, route: HubRoute, token: str | None
 ) -> HubSession | Refusal:
@@ -444,17 +480,13 @@ async def _live(
     claims = await authenticate(request, route.scope)
     if isinstance(claims, Refusal):
         return claims
-    negotiations = request.io.app.negotiations
-    live = negotiations.find(token)
-    # Another subject's connection is as unknown as none: no probing of tokens.
-    if not isinstance(live, HubSession) or live.subject != claims.subject:
-        return _NO_CONNECTION
-    # And another hub's: the token was checked for this hub's scope, not that one's
-    # (a listener's token must not drive its subject's publisher connection).
-    stream = negotiations.stream_of(token) or ""
-    if HUBS.get(stream.partition("\x00")[0]) is not route:
-        return _NO_CONNECTION
-    return live
+    live = _own(request.io.app, token, claims.subject, route)
+    return _NO_CONNECTION if live is None else live
+
+
+def _transport_taken(live: HubSession, kind: TransportKind) -> Refusal:
+    """Spec §7.4's answer to a request for ``kind`` on a live connection (its subject's)."""
+    return _TRANSPORT_TAKEN if live.kind is kind else _OTHER_TRANSPORT
 
 
 async def _from_client(request: Request, route: HubRoute, token: str | None) -> Response:
@@ -477,51 +509,78 @@ async def _from_client(request: Request, route: HubRoute, token: str | None) -> 
     max_bytes = (limits or app.session_context().limits).max_message_bytes + 4096
     body = await request.io.read_body(max_bytes)
     if body is None:
-        return _text(Refusal(413, "too_large", "request body too large"))
+        return _text(_BODY_TOO_LARGE)
     if not await session.post(bytes(body)):
         return _text(_NO_CONNECTION)  # it ended meanwhile
     return Response(200, b"")
 
 
-async def _start(
-    request: Request, route: HubRoute, token: str
-) -> tuple[Claims, HubGrant] | Refusal:
-    """The first request of an SSE or long-polling connection: it claims its token."""
-    authorized = await _authorize(request, route)
-    if isinstance(authorized, Refusal):
-        return authorized
-    claims, grant = authorized
-    app = request.io.app
-    if not app.hub_opened(claims.subject):
-        return Refusal(
-            429,
-            "too_many_connections",
-            "too many open hub connections for this subject; retry later",
-            is_limit=True,
-        )
-    if app.negotiations.claim(token, grant.stream, claims.subject, trio.current_time()) is None:
-        app.hub_closed(claims.subject)  # no session will end to release it
-        return _NO_CONNECTION
-    return claims, grant
+def _admit_session(app: App, ip: str) -> Refusal | None:
+    """Count a session that holds no socket (long polling) as a connection from ``ip``.
 
-
-def _already_live(request: Request, token: str, kind: TransportKind) -> Refusal | None:
-    live = request.io.app.negotiations.find(token)
-    if live is None:
+    Over a limit it is refused as a socket over it is (503 or 429, the same
+    JSON), and counted as refused.
+    """
+    gate = app.connections
+    over = None if gate is None else gate.admit(ip)
+    if over is None:
         return None
-    return _TRANSPORT_TAKEN if live.kind is kind else _OTHER_TRANSPORT
+    assert gate is not None
+    gate.note_refusal(trio.current_time())
+    return Refusal(over.status, over.code, over.message, is_limit=True)
+
+
+def _release_session(app: App, ip: str) -> None:
+    """A session counted by ``_admit_session`` ended (or never started)."""
+    if app.connections is not None:
+        app.connections.release(ip)
+
+
+async def _start(
+    request: Request, route: HubRoute, token: str, claims: Claims, *, holds_socket: bool
+) -> HubGrant | Refusal:
+    """The first request of an SSE or long-polling connection: it claims its token.
+
+    ``holds_socket``: the request's TCP connection becomes the connection's
+    output (an event stream), already counted against the connection limits.
+    A long-polling connection holds none between polls: it is counted itself,
+    under this request's address, until it ends (``_run_detached``).
+    """
+    app = request.io.app
+    if app.is_draining:
+        return _SHUTTING_DOWN
+    grant = await route.authorize(request, claims)
+    if isinstance(grant, Refusal):
+        return grant
+    # Before the id is claimed: a refused client can retry with it.
+    if not app.hub_opened(claims.subject):
+        return _SUBJECT_LIMIT
+    ip = request.io.peer_ip
+    if not holds_socket and (over := _admit_session(app, ip)) is not None:
+        app.hub_closed(claims.subject)
+        return over
+    if app.negotiations.claim(token, grant.stream, claims.subject, trio.current_time()) is None:
+        # No session will end to release what was counted for it.
+        app.hub_closed(claims.subject)
+        if not holds_socket:
+            _release_session(app, ip)
+        return _NO_CONNECTION
+    return grant
 
 
 async def _event_stream(request: Request, route: HubRoute, token: str) -> Response | Upgrade:
     """GET with ``Accept: text/event-stream``: this connection becomes the event stream."""
-    if (taken := _already_live(request, token, TransportKind.SERVER_SENT_EVENTS)) is not None:
-        return _text(taken)
     if request.is_head:
         return _text(Refusal(405, "method_not_allowed", "an event stream is opened with GET"))
-    started = await _start(request, route, token)
-    if isinstance(started, Refusal):
-        return _text(started)
-    claims, grant = started
+    claims = await authenticate(request, route.scope)
+    if isinstance(claims, Refusal):
+        return _text(claims)
+    live = _own(request.io.app, token, claims.subject, route)
+    if live is not None:
+        return _text(_transport_taken(live, TransportKind.SERVER_SENT_EVENTS))
+    grant = await _start(request, route, token, claims, holds_socket=True)
+    if isinstance(grant, Refusal):
+        return _text(grant)
     return Upgrade(SSE_HEAD, _sse_transport, claims.subject, grant, token)
 
 
@@ -534,46 +593,67 @@ async def _poll(request: Request, route: HubRoute, token: str) -> Response:
     if request.is_head:
         # Its answer has no body: a poll would take what is queued and drop it.
         return _text(Refusal(405, "method_not_allowed", "a long poll is a GET"))
-    live = request.io.app.negotiations.find(token)
-    if live is not None:
-        if live.kind is not TransportKind.LONG_POLLING:
-            return _text(_OTHER_TRANSPORT)
-        session = await _live(request, route, token)
-        if isinstance(session, Refusal):
-            return _text(session)
-        transport = session.transport
-        assert isinstance(transport, PollTransport)
-        request.io.extend_deadline(transport.poll_timeout)
-        data = await transport.poll()
-        if data is None:
-            return Response(204, b"", _OCTETS, _POLL_HEADERS)
-        return Response(200, data, _OCTETS, _POLL_HEADERS)
-    started = await _start(request, route, token)
-    if isinstance(started, Refusal):
-        return _text(started)
-    claims, grant = started
+    claims = await authenticate(request, route.scope)
+    if isinstance(claims, Refusal):
+        return _text(claims)
     app = request.io.app
+    live = _own(app, token, claims.subject, route)
+    if live is None:
+        return await _first_poll(request, route, token, claims)
+    transport = live.transport
+    if not isinstance(transport, PollTransport):
+        return _text(_transport_taken(live, TransportKind.LONG_POLLING))
+    request.io.extend_deadline(transport.poll_timeout)
+    gate, ip = app.connections, request.io.peer_ip
+    # While it waits, this poll's TCP connection is its session's one count.
+    if gate is not None:
+        gate.lend(ip)
+    try:
+        data = await transport.poll()
+    finally:
+        if gate is not None:
+            gate.reclaim(ip)
+    if data is None:
+        return Response(204, b"", _OCTETS, _POLL_HEADERS)
+    return Response(200, data, _OCTETS, _POLL_HEADERS)
+
+
+async def _first_poll(request: Request, route: HubRoute, token: str, claims: Claims) -> Response:
+    grant = await _start(request, route, token, claims, holds_socket=False)
+    if isinstance(grant, Refusal):
+        return _text(grant)
+    app = request.io.app
+    ip = request.io.peer_ip
     try:
         session = grant.start(PollTransport(), False)
     except BaseException:
         app.hub_closed(claims.subject)
+        _release_session(app, ip)
         raise
     go_live(app, token, session, grant.stream)
-    log.info(
-        "session %d: %s, subject %s, long polling",
-        session.session_id,
-        grant.description,
-        claims.subject[:64],
-        extra=connection_fields(
-            session.session_id,
-            claims.subject,
-            grant.key,
-            TransportKind.LONG_POLLING,
-            event="session_opened",
-        ),
-    )
-    app.session_context().tasks.start_soon(_run_detached, app, session)
+    log_opened(session.session_id, grant, claims.subject, TransportKind.LONG_POLLING)
+    app.session_context().tasks.start_soon(_run_detached, app, session, ip)
     return Response(200, b"", _OCTETS, _POLL_HEADERS)
+
+
+def log_opened(
+    session_id: int,
+    grant: HubGrant,
+    subject: str,
+    kind: TransportKind,
+    *,
+    event: str = "session_opened",
+) -> None:
+    """The line that says a connection opened (``event``: or took a new transport)."""
+    how = ", long polling" if kind is TransportKind.LONG_POLLING else ""
+    log.info(
+        "session %d: %s, subject %s%s",
+        session_id,
+        grant.description,
+        subject[:64],
+        how,
+        extra=connection_fields(session_id, subject, grant.key, kind, event=event),
+    )
 
 
 def go_live(app: App, token: str, session: HubSession, stream: str) -> None:
@@ -582,7 +662,7 @@ def go_live(app: App, token: str, session: HubSession, stream: str) -> None:
     session.on_end = partial(app.negotiations.forget, token)
 
 
-async def _run_detached(app: App, session: HubSession) -> None:
+async def _run_detached(app: App, session: HubSession, ip: str) -> None:
     """A long-polling session runs in the server's connection nursery (no request holds it)."""
     try:
         await session.run()
@@ -594,7 +674,9 @@ async def _run_detached(app: App, session: HubSession) -> None:
             extra=session_fields(session, "session_failed", reason="error"),
         )
     finally:
-        app.hub_closed(session.subject)  # counted by _start's hub_opened
+        # What _start counted for it.
+        app.hub_closed(session.subject)
+        _release_session(app, ip)
 
 
 async def _authorize(request: Request, route: HubRoute) -> tuple[Claims, HubGrant] | Refusal:
@@ -616,7 +698,7 @@ async def _negotiate(request: Request, route: HubRoute) -> Response:
         return _text(authorized)
     claims, grant = authorized
     if not await request.io.discard_body(MAX_IGNORED_BODY_BYTES):
-        return _text(Refusal(413, "too_large", "request body too large"))
+        return _text(_BODY_TOO_LARGE)
     # Spec §6: missing negotiateVersion is 0; we answer min(requested, 1).
     requested = request.query.get("negotiateversion", "0")
     # ASCII digits only: str.isdigit() also takes '²' and other digits int() refuses.
@@ -667,46 +749,36 @@ async def _upgrade(request: Request, route: HubRoute) -> Response | Upgrade:
     if is_head:
         return _text(Refusal(405, "method_not_allowed", "WebSocket upgrades use GET"))
     app = request.io.app
-    # Before the negotiation's id is claimed: a refused client can retry with it.
-    if not app.hub_opened(claims.subject):
-        return _text(
-            Refusal(
-                429,
-                "too_many_connections",
-                "too many open hub connections for this subject; retry later",
-                is_limit=True,
-            )
-        )
     head = _SWITCHING % websocket_accept(key)
     connection_token = request.query.get("id")
+    negotiations = app.negotiations
+    live = None if connection_token is None else _own(app, connection_token, claims.subject, route)
+    if live is not None and connection_token is not None:
+        if live.accepts_reattach and negotiations.stream_of(connection_token) == grant.stream:
+            # Stateful reconnect: the client's new WebSocket takes the connection over.
+            # It is that connection, whose count of its subject's hub connections
+            # it shares; its token (the same subject's, maybe a refreshed one) rules
+            # from now on.
+            attach = partial(_reattach, live, _token_expires_at(app, claims))
+            return Upgrade(head, WebSocketTransport, claims.subject, grant, attach=attach)
+        return _text(_transport_taken(live, TransportKind.WEBSOCKETS))
+    if app.is_draining:
+        return _text(_SHUTTING_DOWN)  # an id (without one, _hub refused it)
+    # Before the negotiation's id is claimed: a refused client can retry with it.
+    if not app.hub_opened(claims.subject):
+        return _text(_SUBJECT_LIMIT)
     if connection_token is None:
         return Upgrade(head, WebSocketTransport, claims.subject, grant)
-    negotiations = app.negotiations
-    live = negotiations.find(connection_token)
-    if (
-        isinstance(live, HubSession)
-        and live.accepts_reattach
-        and live.subject == claims.subject
-        and negotiations.stream_of(connection_token) == grant.stream
-    ):
-        # Stateful reconnect: the client's new WebSocket takes the connection over.
-        # (It counts as a hub connection of its subject while it runs, like any.)
-        attach = partial(_reattach, live)
-        return Upgrade(head, WebSocketTransport, claims.subject, grant, attach=attach)
-    taken = _already_live(request, connection_token, TransportKind.WEBSOCKETS)
-    claimed = None
-    if taken is None:
-        claimed = negotiations.claim(
-            connection_token, grant.stream, claims.subject, trio.current_time()
-        )
+    now = trio.current_time()
+    claimed = negotiations.claim(connection_token, grant.stream, claims.subject, now)
     if claimed is None:
-        if taken is None and app.config.reuse_port:
+        if app.config.reuse_port:
             # --workers: the negotiate may have reached another worker. The id binds
             # nothing here (no other transport, no stateful reconnect): the request
             # is authorized on its own, as one that skipped negotiation.
             return Upgrade(head, WebSocketTransport, claims.subject, grant)
         app.hub_closed(claims.subject)  # no session will end to release it
-        return _text(taken or _NO_CONNECTION)
+        return _text(_NO_CONNECTION)
     return Upgrade(
         head,
         WebSocketTransport,
@@ -722,11 +794,17 @@ class _Attachment:
 
     The connection takes it over once its 101 went out (what it sends first,
     its Sequence and replay, must follow the 101); the connection's own task
-    reads it, and this one waits until it is gone.
+    reads it, and this one waits until it is gone. It is no connection of its
+    own: the subject's count is the connection's.
     """
 
-    def __init__(self, session: HubSession, transport: Transport) -> None:
+    has_subject_count: Final = False
+
+    def __init__(
+        self, session: HubSession, token_expires_at: float | None, transport: Transport
+    ) -> None:
         self._session = session
+        self._token_expires_at = token_expires_at
         self._transport = transport
 
     @property
@@ -741,15 +819,25 @@ class _Attachment:
         self._transport.close()  # its 101 never went out: the connection never saw it
 
     async def run(self) -> None:
-        gone = self._session.attach(self._transport)
+        gone = self._session.attach(self._transport, token_expires_at=self._token_expires_at)
         if gone is None:
             self._transport.close()  # the connection ended meanwhile: the client starts over
             return
         await gone.wait()
 
 
-def _reattach(session: HubSession, transport: Transport) -> Session:
-    return _Attachment(session, transport)
+def _reattach(session: HubSession, token_expires_at: float | None, transport: Transport) -> Session:
+    return _Attachment(session, token_expires_at, transport)
+
+
+def _token_expires_at(app: App, claims: Claims) -> float | None:
+    """When a connection opened with this token ends (unix seconds), if ever.
+
+    The token stays valid for the verifier's leeway past exp; so does the connection.
+    """
+    if claims.expires_at is None:
+        return None
+    return claims.expires_at + app.config.token_leeway
 
 
 # -- the subscriber hubs: a site's stream, or one user's at a site -----------------------
@@ -819,10 +907,7 @@ def _session_starter(
             ctx=app.session_context(),
             key=key,
             subject=claims.subject,
-            # The token stays valid for the verifier's leeway past exp; so does the connection.
-            token_expires_at=(
-                None if claims.expires_at is None else claims.expires_at + app.config.token_leeway
-            ),
+            token_expires_at=_token_expires_at(app, claims),
             session_id=app.next_id(),
             since_seq=since_seq,
         )

@@ -38,8 +38,10 @@ from ._routes import Session, respond_internal
 __all__ = ["handle_connection", "handle_internal_connection"]
 
 
-async def handle_connection(stream: trio.SocketStream, app: App) -> Session | None:
+async def handle_connection(stream: trio.SocketStream, app: App, peer_ip: str) -> Session | None:
     """Serve one TCP connection's HTTP requests until it closes or upgrades.
+
+    ``peer_ip`` is the address the connection limits count it under.
 
     Returns:
         The hub session to run (``Session.run``) after an upgrade; the caller
@@ -47,14 +49,16 @@ async def handle_connection(stream: trio.SocketStream, app: App) -> Session | No
         live as long as the hub connection. None when the connection is over
         (and closed).
     """
-    return await HttpConnection(stream, app).run()
+    return await HttpConnection(stream, app, peer_ip).run()
 
 
-async def handle_internal_connection(stream: trio.SocketStream, app: App) -> None:
+async def handle_internal_connection(stream: trio.SocketStream, app: App, peer_ip: str) -> None:
     """Serve one TCP connection of the metrics listener (``--metrics-port``) until it closes.
 
     No CORS (no browser page calls it) and no upgrade: every path but
     ``/metrics``, ``/healthz`` and ``/readyz`` is 404.
     """
-    session = await HttpConnection(stream, app, respond=respond_internal, cors_origins=()).run()
+    session = await HttpConnection(
+        stream, app, peer_ip, respond=respond_internal, cors_origins=()
+    ).run()
     assert session is None  # respond_internal never upgrades

@@ -29,7 +29,7 @@ import trio
 
 from ._wire import Wire
 
-__all__ = ["Outbound", "Report"]
+__all__ = ["Outbound", "OutputBudget", "Report", "ReportTo", "StartTask"]
 
 
 class Report(enum.Enum):
@@ -43,11 +43,54 @@ class Report(enum.Enum):
     LOST = "lost"
 
 
+#: The connection's callback: a ``Report``, and the error for LOST.
+ReportTo = Callable[[Report, BaseException | None], None]
+#: Starts a coroutine function under the connection's guard.
+StartTask = Callable[[Callable[[], Awaitable[None]]], None]
+
+
 def _ignore(report: Report, exc: BaseException | None) -> None:
-    pass  # a closed Outbound reports nothing (and holds no reference to its owner)
+    pass  # a closed output side reports nothing (and holds no reference to its owner)
 
 
-class Outbound:
+class OutputBudget:
+    """The one budget that counts every byte a connection has yet to send.
+
+    The base of both output sides: ``Outbound`` (a socket's queue) and
+    ``PollOutbound`` (what waits for the next poll). Going over ``max_bytes``
+    is reported once (OVER_BUDGET), until the output is back under it
+    (``_report_drained``).
+
+    Args:
+        max_bytes: the budget.
+        report: the connection's callback.
+    """
+
+    __slots__ = ("_report", "is_over_budget", "max_bytes", "queued_bytes")
+
+    def __init__(self, max_bytes: int, report: ReportTo) -> None:
+        self.max_bytes = max_bytes
+        self._report = report
+        self.queued_bytes = 0
+        self.is_over_budget = False
+
+    def _count(self, size: int) -> None:
+        self.queued_bytes += size
+        if self.queued_bytes > self.max_bytes and not self.is_over_budget:
+            self.is_over_budget = True
+            self._report(Report.OVER_BUDGET, None)
+
+    def _report_drained(self) -> None:
+        """Nothing waits any more (so nothing over the budget)."""
+        self.is_over_budget = False
+        self._report(Report.DRAINED, None)
+
+    def _silence(self) -> None:
+        """Closed: report nothing more (no reference cycle through the owner's bound method)."""
+        self._report = _ignore
+
+
+class Outbound(OutputBudget):
     """A connection's output queue and budget.
 
     Args:
@@ -69,11 +112,7 @@ class Outbound:
         "_offset",
         "_outbox",
         "_pending",
-        "_report",
         "_start_writer",
-        "is_over_budget",
-        "max_bytes",
-        "queued_bytes",
         "wire",
     )
 
@@ -83,13 +122,12 @@ class Outbound:
         *,
         wire: Wire,
         max_bytes: int,
-        report: Callable[[Report, BaseException | None], None],
-        start_writer: Callable[[Callable[[], Awaitable[None]]], None],
+        report: ReportTo,
+        start_writer: StartTask,
     ) -> None:
+        super().__init__(max_bytes, report)
         self._fd = fd
         self.wire = wire
-        self.max_bytes = max_bytes
-        self._report = report
         self._start_writer = start_writer
         # The buffer being written, how far, and where each frame in it ends:
         # a slow client's close cuts what waits, never a frame already begun.
@@ -101,8 +139,6 @@ class Outbound:
         # waits: most connections queue nothing.
         self._pending: list[bytes] | None = None
         self._outbox: list[bytes] | None = None
-        self.queued_bytes = 0
-        self.is_over_budget = False
         self._is_writing = False
         self._flushed: trio.Event | None = None
         # Our close frame is queued: nothing may follow it.
@@ -177,7 +213,7 @@ class Outbound:
         self._is_closed = self._is_sealed = True
         self._current = self._pending = self._outbox = self._ends = None
         self.queued_bytes = 0
-        self._report = _ignore  # no reference cycle through the owner's bound method
+        self._silence()
 
     def _append_frame(self, frame: bytes) -> None:
         self._frame_outbox()
@@ -186,12 +222,6 @@ class Outbound:
         else:
             self._pending.append(frame)
         self._count(len(frame))
-
-    def _count(self, size: int) -> None:
-        self.queued_bytes += size
-        if self.queued_bytes > self.max_bytes and not self.is_over_budget:
-            self.is_over_budget = True
-            self._report(Report.OVER_BUDGET, None)
 
     # -- writing -----------------------------------------------------------------
 
@@ -302,5 +332,4 @@ class Outbound:
 
     def _drained(self) -> None:
         if self.is_idle:
-            self.is_over_budget = False
-            self._report(Report.DRAINED, None)
+            self._report_drained()

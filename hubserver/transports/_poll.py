@@ -12,17 +12,13 @@ DELETE. No pings either way (spec §4): the polls are the keep-alive.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
 from typing import Final
 
 import trio
 
-from hubcore import HubProtocol, get_protocol
-
-from ._frames import PeerClose, WebSocketError
-from ._outbound import Report
-from ._posted import PostedInbound
-from ._wire import TransportKind, Wire, wire_for
+from ._outbound import OutputBudget, ReportTo, StartTask
+from ._posted import PostedTransport
+from ._wire import TransportKind, Wire, handshake_wire
 
 __all__ = ["PollOutbound", "PollTransport"]
 
@@ -31,34 +27,17 @@ POLL_TIMEOUT: Final = 90.0
 #: Seconds without a pending poll after which the client is gone (ASP.NET Core's
 #: DisconnectTimeout).
 DISCONNECT_TIMEOUT: Final = 15.0
-_JSON: Final = get_protocol("json")
 
 
-class PollOutbound:
+class PollOutbound(OutputBudget):
     """What waits for the next poll, and the budget that counts it."""
 
-    __slots__ = (
-        "_chunks",
-        "_drained",
-        "_is_closed",
-        "_is_sealed",
-        "_ready",
-        "_report",
-        "is_over_budget",
-        "max_bytes",
-        "queued_bytes",
-        "wire",
-    )
+    __slots__ = ("_chunks", "_drained", "_is_closed", "_is_sealed", "_ready", "wire")
 
-    def __init__(
-        self, *, wire: Wire, max_bytes: int, report: Callable[[Report, BaseException | None], None]
-    ) -> None:
+    def __init__(self, *, wire: Wire, max_bytes: int, report: ReportTo) -> None:
+        super().__init__(max_bytes, report)
         self.wire = wire
-        self.max_bytes = max_bytes
-        self._report = report
         self._chunks: list[bytes] = []
-        self.queued_bytes = 0
-        self.is_over_budget = False
         self._is_sealed = False
         self._is_closed = False
         self._ready = trio.Event()  # output waits, or the stream ended
@@ -79,11 +58,8 @@ class PollOutbound:
     def queue_message(self, data: bytes) -> None:
         if data and not self._is_sealed:
             self._chunks.append(data)
-            self.queued_bytes += len(data)
             self._ready.set()
-            if self.queued_bytes > self.max_bytes and not self.is_over_budget:
-                self.is_over_budget = True
-                self._report(Report.OVER_BUDGET, None)
+            self._count(len(data))
 
     def queue_frame(self, frame: bytes) -> None:
         self.queue_message(frame)
@@ -107,7 +83,7 @@ class PollOutbound:
         self._ready.set()
         if self._drained is not None:
             self._drained.set()
-        self._report = _ignore
+        self._silence()
 
     async def wait_drained(self) -> None:
         """Until a poll took everything (the caller bounds it)."""
@@ -127,58 +103,37 @@ class PollOutbound:
         if self._drained is not None:
             self._drained.set()
         if self.is_over_budget:
-            self.is_over_budget = False
-            self._report(Report.DRAINED, None)
+            self._report_drained()
         return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
-def _ignore(report: Report, exc: BaseException | None) -> None:
-    pass
-
-
-class PollTransport:
+class PollTransport(PostedTransport):
     """Long polling: no socket held; polls take the output, POSTs bring the input."""
 
     __slots__ = (
-        "_inbound", "_last_poll", "_outbound", "_poll_scope", "_polls", "disconnect_timeout",
-        "poll_timeout",
+        "_last_poll", "_outbound", "_poll_scope", "_polls", "disconnect_timeout", "poll_timeout",
     )  # fmt: skip
 
-    kind: Final = TransportKind.LONG_POLLING
+    kind = TransportKind.LONG_POLLING
     fd: Final = -1
 
     def __init__(
         self, *, poll_timeout: float = POLL_TIMEOUT, disconnect_timeout: float = DISCONNECT_TIMEOUT
     ) -> None:
+        super().__init__()
         self.poll_timeout = poll_timeout
-        self._inbound = PostedInbound()
         self._outbound: PollOutbound | None = None
         self._poll_scope: trio.CancelScope | None = None
         self._polls = 0  # polls started: a poll that is no longer the last one answers 204
         self._last_poll = trio.current_time()
         self.disconnect_timeout = disconnect_timeout
 
-    @property
-    def inbound(self) -> PostedInbound:
-        return self._inbound
-
     def outbound(
-        self,
-        *,
-        max_bytes: int,
-        report: Callable[[Report, BaseException | None], None],
-        start_writer: Callable[[Callable[[], Awaitable[None]]], None],
+        self, *, max_bytes: int, report: ReportTo, start_writer: StartTask
     ) -> PollOutbound:
-        wire = wire_for(TransportKind.LONG_POLLING, _JSON)
-        assert wire is not None
+        wire = handshake_wire(self.kind)
         self._outbound = PollOutbound(wire=wire, max_bytes=max_bytes, report=report)
         return self._outbound
-
-    def wire_for(self, protocol: HubProtocol) -> Wire | None:
-        return wire_for(TransportKind.LONG_POLLING, protocol)
-
-    def begin(self, start_task: Callable[[Callable[[], Awaitable[None]]], None]) -> None:
-        start_task(self._watch)
 
     async def _watch(self) -> None:
         """End the connection once the client stopped polling."""
@@ -225,18 +180,6 @@ class PollTransport:
         """The client ends the connection (DELETE): a pending poll answers 204."""
         self._inbound.end()
         self._cut_poll()
-
-    def pong(self, payload: bytes) -> bytes:
-        return b""
-
-    def goodbye(self) -> None:
-        return None
-
-    def close_reply(self, close: PeerClose) -> None:
-        return None
-
-    def error_reply(self, error: WebSocketError) -> None:
-        return None
 
     def close(self) -> None:
         if self._outbound is not None:

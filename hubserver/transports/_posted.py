@@ -1,4 +1,5 @@
-"""The read side of transports whose client sends with POSTs (SSE, long polling).
+"""Transports whose client sends with POSTs (SSE, long polling): their read side, and
+what else they share (``PostedTransport``).
 
 Each POST's body is handed to the connection's task whole, in order, one at
 a time (ASP.NET Core serialises a connection's POSTs too): ``post`` returns
@@ -10,11 +11,19 @@ WebSocket's unread socket.
 
 from __future__ import annotations
 
+import abc
+from typing import ClassVar
+
 import trio
 
-from ._inbound import InboundItem, Reading
+from hubcore import HubProtocol
 
-__all__ = ["PostedInbound"]
+from ._frames import PeerClose, WebSocketError
+from ._inbound import InboundItem, Reading
+from ._outbound import StartTask
+from ._wire import TransportKind, Wire, wire_for
+
+__all__ = ["PostedInbound", "PostedTransport"]
 
 
 class PostedInbound:
@@ -98,3 +107,46 @@ class PostedInbound:
                 return [body]
             self._for_receiver = trio.Event()
             await self._for_receiver.wait()
+
+
+class PostedTransport(abc.ABC):
+    """What SSE and long polling share: the client's data comes in POSTs, and
+    there is nothing at the transport's level to answer (no pings, no close
+    frames): a connection just ends.
+
+    A subclass names its ``kind``, makes its output side (``outbound``), and
+    watches for its client to be gone (``_watch``, started by ``begin``).
+    """
+
+    __slots__ = ("_inbound",)
+
+    kind: ClassVar[TransportKind]
+
+    def __init__(self) -> None:
+        self._inbound = PostedInbound()
+
+    @property
+    def inbound(self) -> PostedInbound:
+        return self._inbound
+
+    def wire_for(self, protocol: HubProtocol) -> Wire | None:
+        return wire_for(self.kind, protocol)
+
+    def begin(self, start_task: StartTask) -> None:
+        start_task(self._watch)
+
+    @abc.abstractmethod
+    async def _watch(self) -> None:
+        """Until the client is gone (then ``end`` the inbound side) or the connection ended."""
+
+    def pong(self, payload: bytes) -> bytes:
+        return b""
+
+    def goodbye(self) -> None:
+        return None
+
+    def close_reply(self, close: PeerClose) -> None:
+        return None
+
+    def error_reply(self, error: WebSocketError) -> None:
+        return None

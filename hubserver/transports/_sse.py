@@ -11,17 +11,13 @@ task the connection starts (``begin``).
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
 from typing import Final
 
 import trio
 
-from hubcore import HubProtocol, get_protocol
-
-from ._frames import PeerClose, WebSocketError
-from ._outbound import Outbound, Report
-from ._posted import PostedInbound
-from ._wire import TransportKind, Wire, wire_for
+from ._outbound import Outbound, ReportTo, StartTask
+from ._posted import PostedTransport
+from ._wire import TransportKind, handshake_wire
 
 __all__ = ["SSE_HEAD", "SseTransport"]
 
@@ -38,47 +34,32 @@ SSE_HEAD: Final = (
     b"\r\n"
     b":\r\n"
 )
-_JSON: Final = get_protocol("json")
 
 
-class SseTransport:
+class SseTransport(PostedTransport):
     """An event stream on a GET's response socket, and the client's POSTs.
 
     Args:
         stream: the connection the GET came on (its response is the stream).
     """
 
-    __slots__ = ("_inbound", "_sock", "fd")
+    __slots__ = ("_sock", "fd")
 
-    kind: Final = TransportKind.SERVER_SENT_EVENTS
+    kind = TransportKind.SERVER_SENT_EVENTS
 
     def __init__(self, stream: trio.SocketStream) -> None:
+        super().__init__()
         self._sock = stream.socket
         self.fd = stream.socket.fileno()
-        self._inbound = PostedInbound()
 
-    @property
-    def inbound(self) -> PostedInbound:
-        return self._inbound
-
-    def outbound(
-        self,
-        *,
-        max_bytes: int,
-        report: Callable[[Report, BaseException | None], None],
-        start_writer: Callable[[Callable[[], Awaitable[None]]], None],
-    ) -> Outbound:
-        wire = wire_for(TransportKind.SERVER_SENT_EVENTS, _JSON)
-        assert wire is not None
+    def outbound(self, *, max_bytes: int, report: ReportTo, start_writer: StartTask) -> Outbound:
         return Outbound(
-            self.fd, wire=wire, max_bytes=max_bytes, report=report, start_writer=start_writer
+            self.fd,
+            wire=handshake_wire(self.kind),
+            max_bytes=max_bytes,
+            report=report,
+            start_writer=start_writer,
         )
-
-    def wire_for(self, protocol: HubProtocol) -> Wire | None:
-        return wire_for(TransportKind.SERVER_SENT_EVENTS, protocol)
-
-    def begin(self, start_task: Callable[[Callable[[], Awaitable[None]]], None]) -> None:
-        start_task(self._watch)
 
     async def _watch(self) -> None:
         try:
@@ -86,18 +67,6 @@ class SseTransport:
         except trio.ClosedResourceError:
             return  # the connection ended first
         self._inbound.end()
-
-    def pong(self, payload: bytes) -> bytes:
-        return b""  # no transport-level pings on SSE
-
-    def goodbye(self) -> None:
-        return None  # the stream just ends
-
-    def close_reply(self, close: PeerClose) -> None:
-        return None
-
-    def error_reply(self, error: WebSocketError) -> None:
-        return None
 
     def close(self) -> None:
         self._sock.close()

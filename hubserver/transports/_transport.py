@@ -12,22 +12,20 @@ client's data from POSTs (``_posted.py``).
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
 from typing import Final, Protocol
 
 import trio
 
-from hubcore import HubProtocol, get_protocol
+from hubcore import HubProtocol
 
 from ._frames import PeerClose, WebSocketError, close_frame, close_reply, pong_frame
 from ._inbound import InboundItem, Reading, WebSocketInbound
-from ._outbound import Outbound, Report
-from ._wire import TransportKind, Wire, wire_for
+from ._outbound import Outbound, ReportTo, StartTask
+from ._wire import TransportKind, Wire, handshake_wire, wire_for
 
 __all__ = ["Inbound", "OutboundSide", "StartTask", "Transport", "WebSocketTransport"]
 
 NORMAL_CLOSURE: Final = 1000
-_JSON: Final = get_protocol("json")
 
 
 class Inbound(Protocol):
@@ -51,9 +49,6 @@ class Inbound(Protocol):
             WebSocketError: the peer broke its transport's framing (``code`` to close with).
         """
         ...
-
-
-StartTask = Callable[[Callable[[], Awaitable[None]]], None]
 
 
 class OutboundSide(Protocol):
@@ -120,11 +115,7 @@ class Transport(Protocol):
     def inbound(self) -> Inbound: ...
 
     def outbound(
-        self,
-        *,
-        max_bytes: int,
-        report: Callable[[Report, BaseException | None], None],
-        start_writer: StartTask,
+        self, *, max_bytes: int, report: ReportTo, start_writer: StartTask
     ) -> OutboundSide:
         """The output side (made once, by the connection that reports to itself)."""
         ...
@@ -179,23 +170,17 @@ class WebSocketTransport:
     def inbound(self) -> WebSocketInbound:
         return self._inbound
 
-    def outbound(
-        self,
-        *,
-        max_bytes: int,
-        report: Callable[[Report, BaseException | None], None],
-        start_writer: StartTask,
-    ) -> Outbound:
-        # Until the hub handshake picks a protocol, text frames: the handshake
-        # is JSON, and so is its answer unless MessagePack is asked for.
-        wire = wire_for(TransportKind.WEBSOCKETS, _JSON)
-        assert wire is not None
+    def outbound(self, *, max_bytes: int, report: ReportTo, start_writer: StartTask) -> Outbound:
         return Outbound(
-            self.fd, wire=wire, max_bytes=max_bytes, report=report, start_writer=start_writer
+            self.fd,
+            wire=handshake_wire(self.kind),  # text frames until the handshake
+            max_bytes=max_bytes,
+            report=report,
+            start_writer=start_writer,
         )
 
     def wire_for(self, protocol: HubProtocol) -> Wire | None:
-        return wire_for(TransportKind.WEBSOCKETS, protocol)
+        return wire_for(self.kind, protocol)
 
     def begin(self, start_task: StartTask) -> None:
         pass  # the connection's task itself reads the socket

@@ -21,7 +21,7 @@ from hubcore import get_protocol as _get_protocol
 
 from .websocket import OPCODE_BINARY, OPCODE_TEXT, server_frame
 
-__all__ = ["TransportKind", "WebSocketWire", "sse_event", "wire_for"]
+__all__ = ["TransportKind", "WebSocketWire", "handshake_wire", "sse_event", "wire_for"]
 
 
 class TransportKind(enum.Enum):
@@ -95,3 +95,9 @@ def wire_for(kind: TransportKind, protocol: HubProtocol) -> Wire | None:
     """The wire of ``protocol`` on ``kind``; None when the transport cannot carry it
     (a binary protocol over Server-Sent Events)."""
     return _WIRES.get((kind, protocol))
+
+
+def handshake_wire(kind: TransportKind) -> Wire:
+    """The wire of ``kind`` until the hub handshake picks a protocol: JSON's (the
+    handshake is JSON, and so is its answer unless MessagePack is asked for)."""
+    return _WIRES[(kind, _JSON)]

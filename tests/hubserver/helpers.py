@@ -128,12 +128,17 @@ def build_request(
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
 
 
-async def open_tcp(port: int, *, rcvbuf: int | None = None) -> trio.SocketStream:
-    """A TCP stream to the server; ``rcvbuf`` shrinks our receive buffer before connecting."""
+async def open_tcp(
+    port: int, *, rcvbuf: int | None = None, source_ip: str | None = None
+) -> trio.SocketStream:
+    """A TCP stream to the server; ``rcvbuf`` shrinks our receive buffer before connecting;
+    ``source_ip``: from another loopback address (any of 127/8 on Linux)."""
     sock = trio.socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     if rcvbuf is not None:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
     try:
+        if source_ip is not None:
+            await sock.bind((source_ip, 0))
         await sock.connect(("127.0.0.1", port))
     except BaseException:
         sock.close()
@@ -141,7 +146,7 @@ async def open_tcp(port: int, *, rcvbuf: int | None = None) -> trio.SocketStream
     return trio.SocketStream(sock)
 
 
-async def exchange(port: int, raw: bytes) -> HttpResponse:
+async def exchange(port: int, raw: bytes, *, source_ip: str | None = None) -> HttpResponse:
     """Send raw request bytes on a new connection and read one response.
 
     Sending and reading overlap, as a browser does: a server may answer an
@@ -152,7 +157,7 @@ async def exchange(port: int, raw: bytes) -> HttpResponse:
         with suppress(trio.BrokenResourceError):
             await stream.send_all(raw)
 
-    stream = await open_tcp(port)
+    stream = await open_tcp(port, source_ip=source_ip)
     async with stream, trio.open_nursery() as nursery:
         nursery.start_soon(send)
         response = await ResponseReader(stream).read_response()
@@ -167,8 +172,10 @@ async def http_request(
     *,
     headers: Iterable[tuple[str, str]] = (),
     body: bytes = b"",
+    source_ip: str | None = None,
 ) -> HttpResponse:
-    return await exchange(port, build_request(method, target, headers=headers, body=body))
+    raw = build_request(method, target, headers=headers, body=body)
+    return await exchange(port, raw, source_ip=source_ip)
 
 
 def bearer(token: str) -> tuple[str, str]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import socket
 import struct
+from functools import partial
 from typing import Any
 
 import pytest
@@ -18,19 +19,23 @@ from hubcore import HubLimits
 from hubserver.app import PUBLISH_SCOPE
 from hubserver.connection import HubSession
 from hubserver.permissions import Role
-from hubserver.transports import Reading
+from hubserver.transports import PollTransport, Reading
 from hubserver.transports import negotiate as negotiate_module
 from tests.hubserver.conftest import Harness
 from tests.hubserver.helpers import (
     PING_JSON,
     RS,
+    HttpResponse,
     HubClient,
+    HubClosed,
     ResponseReader,
     UpgradeRefused,
     bearer,
     build_request,
     bystander,
     http_request,
+    hub_target,
+    open_hub,
     open_tcp,
     open_ws,
     publish,
@@ -46,12 +51,13 @@ def new_site() -> str:
     return f"transport-site-{next(_sites)}"
 
 
-async def negotiate(h: Harness, site: str, subject: str) -> str:
+async def negotiate(h: Harness, site: str, subject: str, *, source_ip: str | None = None) -> str:
     response = await http_request(
         h.port,
         "POST",
         f"/v1/hub/entries/negotiate?site_id={site}&negotiateVersion=1",
         headers=[bearer(h.token(subject))],
+        source_ip=source_ip,
     )
     assert response.status == 200, response
     body = json.loads(response.body)
@@ -366,18 +372,19 @@ async def test_a_long_polling_client_over_its_budget_is_closed_as_slow(
 
 
 async def _stateful(
-    h: Harness, site: str, subject: str, *, rcvbuf: int | None = None
+    h: Harness, site: str, subject: str, *, rcvbuf: int | None = None, token: str | None = None
 ) -> tuple[str, HubClient]:
     """A negotiated stateful WebSocket (handshake version 2): its target and client."""
+    auth = [bearer(h.token(subject) if token is None else token)]
     response = await http_request(
         h.port,
         "POST",
         f"/v1/hub/entries/negotiate?site_id={site}&negotiateVersion=1&useStatefulReconnect=true",
-        headers=[bearer(h.token(subject))],
+        headers=auth,
     )
     assert json.loads(response.body)["useStatefulReconnect"] is True, response
     target = f"/v1/hub/entries?site_id={site}&id=" + json.loads(response.body)["connectionToken"]
-    ws = await open_ws(h.port, target, headers=[bearer(h.token(subject))], rcvbuf=rcvbuf)
+    ws = await open_ws(h.port, target, headers=auth, rcvbuf=rcvbuf)
     client = HubClient(ws)
     assert await client.handshake(request='{"protocol":"json","version":2}' + RS) == {}
     return target, client
@@ -645,3 +652,287 @@ async def test_one_subjects_negotiations_do_not_push_out_anothers(
             headers=[bearer(h.token("alice"))],
         )
         assert first.status == 200, first  # alice's long polling starts
+
+
+# -- a stateful reconnect is the same connection: one count, the new token ---------------
+
+
+async def _dropped(h: Harness, client: HubClient, subject: str) -> HubSession:
+    """Reset a stateful client's socket; its connection, once it waits for the next one."""
+    [session] = [s for s in h.server.app.stats.by_id.values() if s.subject == subject]
+    _reset(client.ws.stream)
+    while not session._is_detached:  # noqa: ASYNC110 (the server notices the reset)
+        await trio.sleep(0.01)
+    return session
+
+
+async def _reconnect(h: Harness, target: str, token: str) -> HubClient:
+    """The client's next WebSocket for the same connection (spec §8): Sequence for Sequence."""
+    client = HubClient(await open_ws(h.port, target, headers=[bearer(token)]))
+    await client.ws.send_text('{"type":9,"sequenceId":1}' + RS)
+    assert (await client.next_message())["type"] == 9
+    return client
+
+
+async def test_a_stateful_reconnect_counts_once_toward_its_subjects_limit(
+    start_server: Any,
+) -> None:
+    """The new WebSocket joins the connection it left, which holds its subject's count:
+    at a limit of one, counting it again refused the reconnect (429), losing the
+    connection, and a subject near its limit could not come back."""
+    h: Harness = await start_server(max_hub_connections_per_subject=1)
+    site = new_site()
+    h.grant(site, "alice", Role.SITE_ADMIN)
+    counts = h.server.app._hubs_by_subject
+    with trio.fail_after(CAP):
+        async with bystander(h) as b:
+            target, client = await _stateful(h, site, "alice")
+            session = await _dropped(h, client, "alice")
+            back = await _reconnect(h, target, h.token("alice"))
+            try:
+                assert counts["alice"] == 1
+                await publish_ok(h, "entries", {"site_id": site, "n": 1})
+                assert (await back.next_event())["n"] == 1
+                await back.ws.send_text('{"type":7}' + RS)  # the client ends the connection
+                assert isinstance(await back.expect_close(), HubClosed)
+            finally:
+                await back.aclose()
+            while session.session_id in h.server.app.stats.by_id:  # noqa: ASYNC110
+                await trio.sleep(0.01)
+            await trio.sleep(0.05)  # the transport's task ends after its connection's
+            assert "alice" not in counts  # released once: neither held nor negative
+            async with open_hub(h, hub_target("entries", site), token=h.token("alice")):
+                pass
+            await b.check()
+
+
+async def test_a_stateful_reconnect_takes_its_new_tokens_expiry(start_server: Any) -> None:
+    """A client that came back with a refreshed token is not closed at the old one's
+    expiry: the new socket's token (the same subject's) is the connection's now."""
+    h: Harness = await start_server(token_leeway=0.0)
+    site = new_site()
+    h.grant(site, "alice", Role.SITE_ADMIN)
+    with trio.fail_after(CAP):
+        target, client = await _stateful(h, site, "alice", token=h.token("alice", ttl=1.5))
+        await _dropped(h, client, "alice")
+        back = await _reconnect(h, target, h.token("alice"))
+        try:
+            await trio.sleep(2.0)  # past the first token's expiry
+            await publish_ok(h, "entries", {"site_id": site, "n": 1})
+            assert (await back.next_event())["n"] == 1
+        finally:
+            await back.aclose()
+
+
+# -- a live connection is its own client's business ------------------------------------
+
+
+async def test_a_live_connection_is_unknown_to_anyone_else(start_server: Any) -> None:
+    """Without a token, or with another subject's, a request for a live connection's id
+    gets what it would for an unknown id, whatever it asks: nothing says the id is live,
+    nor which transport it uses (spec §7.4's 409 and 400 are for its own client); nor
+    during a drain (which refused an unknown id at once, and a live one's not)."""
+    h: Harness = await start_server()
+    site = new_site()
+    h.grant(site, "alice", Role.SITE_ADMIN)
+    h.grant(site, "mallory", Role.SITE_ADMIN)
+    alice = h.token("alice")
+    base = f"/v1/hub/entries?site_id={site}&id="
+    with trio.fail_after(CAP):
+        async with bystander(h) as b:
+            polled, _ = await _open(h, site, "longpolling", alice)
+            streamed, sse = await _open(h, site, "sse", alice)
+            assert sse is not None
+            upgraded = base + await negotiate(h, site, "alice")
+            ws = HubClient(await open_ws(h.port, upgraded, headers=[bearer(alice)]))
+            async with sse.stream, ws.ws.stream:
+                targets = [polled, streamed, upgraded]
+                unknown = await _probe_as_others(h, base, targets)
+                assert unknown == [401] * 5 + [404] * 5
+                h.server.app.is_draining = True  # what a shutdown sets first
+                try:
+                    unknown = await _probe_as_others(h, base, targets)
+                finally:
+                    h.server.app.is_draining = False
+                # Without a token: 401; another subject: no new connection, no such id.
+                assert unknown == [401] * 5 + [503] * 3 + [404] * 2
+                # Alice's connections noticed nothing.
+                assert await ws.handshake() == {}
+                await publish_ok(h, "entries", {"site_id": site, "n": 1})
+                assert b'\\"n\\":1' in await _next(h, polled, None, alice)
+                assert b'\\"n\\":1' in await _next(h, streamed, sse, alice)
+                assert (await ws.next_event())["n"] == 1
+            await b.check()
+
+
+async def _probe_as_others(h: Harness, base: str, targets: list[str]) -> list[int]:
+    """Every kind of request for these live ids, without a token and as mallory: each
+    answered as for an unknown id, whose statuses this returns."""
+    statuses = []
+    for credentials in ([], [bearer(h.token("mallory"))]):
+        asks: list[tuple[str, list[tuple[str, str]], bytes]] = [
+            ("GET", [*credentials, ("Accept", "text/event-stream")], b""),
+            ("GET", credentials, b""),  # a poll
+            ("GET", [*upgrade_headers(), *credentials], b""),
+            ("POST", credentials, HANDSHAKE),
+            ("DELETE", credentials, b""),
+        ]
+        for method, headers, body in asks:
+            unknown = await http_request(
+                h.port, method, base + "unknown", headers=headers, body=body
+            )
+            statuses.append(unknown.status)
+            for target in targets:
+                answer = await http_request(h.port, method, target, headers=headers, body=body)
+                assert (answer.status, answer.body) == (unknown.status, unknown.body), (
+                    method,
+                    headers,
+                    answer,
+                )
+    return statuses
+
+
+# -- long polling against the connection limits ----------------------------------------
+
+#: Abusers come from another loopback address than the bystander (any of 127/8 on Linux).
+ABUSER_IP = "127.0.0.2"
+
+
+def _open_from(h: Harness, ip: str) -> int:
+    """The connections the server counts for ``ip`` (sockets and long-polling sessions)."""
+    gate = h.server.app.connections
+    assert gate is not None
+    return gate._by_ip.get(ip, 0)
+
+
+async def _settled(count: Any, expected: int) -> None:
+    """Until ``count()`` is ``expected`` (the server notices closes in its own time)."""
+    with trio.move_on_after(3):
+        while count() != expected:  # noqa: ASYNC110
+            await trio.sleep(0.01)
+    assert count() == expected
+
+
+async def _first_poll_from(
+    h: Harness, site: str, subject: str, ip: str
+) -> tuple[str, HttpResponse]:
+    """Negotiate and send the first poll, each on a TCP connection of its own from ``ip``."""
+    target = f"/v1/hub/entries?site_id={site}&id=" + await negotiate(
+        h, site, subject, source_ip=ip
+    )
+    auth = [bearer(h.token(subject))]
+    return target, await http_request(h.port, "GET", target, headers=auth, source_ip=ip)
+
+
+def _assert_limit_answer(response: HttpResponse, status: int, code: str) -> None:
+    assert response.status == status, response
+    assert response.headers.get("retry-after") == "1", response.headers
+    assert response.json()["code"] == code, response
+
+
+async def test_long_polling_sessions_count_toward_the_per_address_limit(
+    start_server: Any,
+) -> None:
+    """A long-polling session holds no socket between polls, yet it is a connection the
+    server keeps: with as many subjects as it likes (the per-subject limit bounds no
+    one), an address gets no more of them than its limit."""
+    h: Harness = await start_server(max_connections_per_ip=3)
+    site = new_site()
+    subjects = ["m0", "m1", "m2"]
+    for subject in subjects:
+        h.grant(site, subject, Role.SITE_ADMIN)
+    count = partial(_open_from, h, ABUSER_IP)
+    with trio.fail_after(CAP):
+        async with bystander(h) as b:
+            targets = []
+            for subject in subjects[:2]:
+                target, first = await _first_poll_from(h, site, subject, ABUSER_IP)
+                assert first.status == 200, first
+                targets.append(target)
+                await _settled(count, len(targets))  # the session, not its first poll's socket
+            # The third first poll's own socket makes three: its session would be a fourth.
+            refused_target, refused = await _first_poll_from(h, site, "m2", ABUSER_IP)
+            _assert_limit_answer(refused, 429, "too_many_connections")
+            await _settled(count, 2)
+            # Word for word what a socket over the limit is told.
+            async with await open_tcp(h.port, source_ip=ABUSER_IP):
+                await _settled(count, 3)
+                over = await http_request(h.port, "GET", "/healthz", source_ip=ABUSER_IP)
+            assert (over.status, over.body) == (refused.status, refused.body)
+            await b.check()
+            # A session that ends frees its place; the refused client retries with its id.
+            first_auth = [bearer(h.token("m0"))]
+            ended = await http_request(
+                h.port, "DELETE", targets[0], headers=first_auth, source_ip=ABUSER_IP
+            )
+            assert ended.status == 202
+            await _settled(count, 1)
+            auth = [bearer(h.token("m2"))]
+            again = await http_request(
+                h.port, "GET", refused_target, headers=auth, source_ip=ABUSER_IP
+            )
+            assert again.status == 200, again
+
+
+async def test_long_polling_sessions_count_toward_the_connection_limit(
+    start_server: Any,
+) -> None:
+    h: Harness = await start_server(max_connections=5)
+    site = new_site()
+    subjects = [f"m{n}" for n in range(4)]
+    for subject in subjects:
+        h.grant(site, subject, Role.SITE_ADMIN)
+    gate = h.server.app.connections
+    assert gate is not None
+    with trio.fail_after(CAP):
+        async with bystander(h) as b:  # one connection
+            for n, subject in enumerate(subjects[:3], start=1):
+                _, first = await _first_poll_from(h, site, subject, ABUSER_IP)
+                assert first.status == 200, first
+                await _settled(lambda: gate.open, 1 + n)
+            # The fourth first poll is the fifth connection: its session would be a sixth.
+            _, refused = await _first_poll_from(h, site, subjects[3], ABUSER_IP)
+            _assert_limit_answer(refused, 503, "unavailable")
+            await _settled(lambda: gate.open, 4)
+            await b.check()  # its publish is the fifth
+
+
+async def test_a_waiting_poll_and_its_session_count_once(start_server: Any) -> None:
+    """While a poll waits, its socket is what its session holds: the two count as one (a
+    long-polling client is one connection, as a WebSocket client is, plus the one its
+    POSTs use, as an event stream's). Counted twice, this client's POST would be refused
+    at a limit of two per address."""
+    h: Harness = await start_server(max_connections_per_ip=2)
+    site = new_site()
+    h.grant(site, "alice", Role.SITE_ADMIN)
+    auth = [bearer(h.token("alice"))]
+    count = partial(_open_from, h, ABUSER_IP)
+    with trio.fail_after(CAP):
+        target, first = await _first_poll_from(h, site, "alice", ABUSER_IP)
+        assert first.status == 200, first
+        await _settled(count, 1)
+        session = h.server.app.negotiations.find(target.rpartition("=")[2])
+        assert isinstance(session, HubSession)
+        transport = session.transport
+        assert isinstance(transport, PollTransport)
+        polls: list[HttpResponse] = []
+
+        async def poll() -> None:
+            polls.append(
+                await http_request(h.port, "GET", target, headers=auth, source_ip=ABUSER_IP)
+            )
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(poll)
+            while transport._poll_scope is None:  # noqa: ASYNC110 (the poll waits)
+                await trio.sleep(0.01)
+            assert count() == 1
+            posted = await http_request(
+                h.port, "POST", target, headers=auth, body=HANDSHAKE, source_ip=ABUSER_IP
+            )
+            assert posted.status == 200, posted
+        assert polls[0].status == 200 and polls[0].body == b"{}\x1e", polls
+        await _settled(count, 1)
+        ended = await http_request(h.port, "DELETE", target, headers=auth, source_ip=ABUSER_IP)
+        assert ended.status == 202
+        await _settled(count, 0)
