@@ -45,6 +45,9 @@ class RoleBackend:
         self.misbehave: Misbehaviour | None = None
         #: Seconds each answer waits before it is sent.
         self.delay = 0.0
+        #: The next request's answer is made at once, then held until this is set
+        #: (an answer on its way while the roles change); later ones are not held.
+        self.gate: trio.Event | None = None
         self.port = 0
         #: The query parameters the URL had before site_id and subject.
         self.extra_query: dict[str, str] = {}
@@ -115,6 +118,9 @@ class RoleBackend:
         if self.delay:
             await trio.sleep(self.delay)
         status, body = 200, json.dumps({"role": self.roles.get(pair)}).encode()
+        if self.gate is not None:
+            gate, self.gate = self.gate, None
+            await gate.wait()
         headers = [("Content-Type", "application/json")]
         if self.required_token is not None and authorization != f"Bearer {self.required_token}":
             # What the answer would be is not the unauthenticated caller's to see.

@@ -27,6 +27,7 @@ from typing import Any
 
 import pytest
 import trio
+import trio.testing
 
 from hubserver.app import ADMIN_SCOPE, HUB_SCOPE, PUBLISH_SCOPE
 from hubserver.auth import DevKey, ensure_dev_key
@@ -36,13 +37,17 @@ from hubserver.permissions import RedisPermissionStore, Role, SqlitePermissionSt
 from hubserver.server import RunningServer, serve
 
 from .helpers import (
+    HttpResponse,
     HubClient,
     ProcessLog,
     bearer,
+    build_request,
+    exchange,
     http_request,
     hub_target,
     open_hub,
     publish_ok,
+    upgrade_headers,
     upgrade_refused,
 )
 from .redis_fixture import RedisServer, own_redis_server_fixture  # noqa: F401 (a fixture)
@@ -393,6 +398,40 @@ async def test_backend_notices_close_a_revoked_connection_at_once(
                     {"site_id": "s1", "user_id": "bob"},
                 )
                 assert (await bob.next_event())["id"] == event_id
+
+
+async def test_a_revoke_while_a_connection_s_role_is_being_looked_up_refuses_it(
+    backend: RoleBackend, start_node: StartNode
+) -> None:
+    # The backend answers "site_admin", the answer is on its way, and meanwhile
+    # the role is revoked and its notice handled: no connection of alice's was
+    # open to re-check yet. The answer that predates the notice must not open one.
+    backend.roles["s1", "alice"] = "site_admin"
+    backend.roles["s1", "bob"] = "site_admin"
+    node = await start_node(permissions_url=backend.url(), permission_poll_interval=30)
+    with trio.fail_after(CAP):
+        async with open_hub(node, hub_target("entries", "s1"), token=node.token("bob")) as bob:  # type: ignore[arg-type]
+            gate = backend.gate = trio.Event()
+            answers: list[HttpResponse] = []
+
+            async def connect_alice() -> None:
+                request = build_request(
+                    "GET", hub_target("entries", "s1"), headers=upgrade_headers(token=node.token())
+                )
+                answers.append(await exchange(node.port, request))
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(connect_alice)
+                while ("s1", "alice") not in backend.requests:  # noqa: ASYNC110 (a real server's socket)
+                    await trio.sleep(0.01)
+                backend.roles["s1", "alice"] = None
+                response = await notify(node, b'{"site_id": "s1", "subject": "alice"}')
+                assert response.status == 202, response
+                await trio.testing.wait_all_tasks_blocked(0.05)  # the notice was handled
+                gate.set()
+            (answer,) = answers
+            assert answer.status == 403, answer
+            await still_served(node, "s1", bob)
 
 
 async def test_a_failing_backend_refuses_new_connections_and_keeps_open_ones(
