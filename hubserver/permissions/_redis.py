@@ -258,7 +258,9 @@ class RedisPermissionStore:
         reply = await self._call("the version", lambda conn: conn.execute("GET", self._version_key))
         if reply is None:
             return 0
-        if isinstance(reply, bytes) and reply.isdigit():
+        # INCR counts up to 2**63 - 1 (19 digits); past 4300 digits int() raises
+        # ValueError, which would end the watcher and the server with it.
+        if isinstance(reply, bytes) and reply.isdigit() and len(reply) <= 19:
             return int(reply)
         raise self._unavailable(f"Redis key {self._version_key} does not hold a version")
 

@@ -327,6 +327,33 @@ async def test_a_hung_redis_keeps_open_connections_and_refuses_new_ones_then_rec
             await still_served(node, "s1", alice)
 
 
+async def test_garbage_in_the_version_key_keeps_the_node_up_and_its_connections_open(
+    own_redis_server: RedisServer, start_node: StartNode
+) -> None:
+    url = own_redis_server.url
+    async with RedisPermissionStore(url) as roles:
+        await roles.grant("s1", "alice", Role.SITE_ADMIN)
+        await roles.grant("s1", "bob", Role.SITE_ADMIN)
+    node = await start_node(backplane=url, permission_poll_interval=0.2)
+    with trio.fail_after(CAP):
+        async with (
+            open_hub(node, hub_target("entries", "s1")) as alice,  # type: ignore[arg-type]
+            open_hub(node, hub_target("entries", "s1"), token=node.token("bob")) as bob,  # type: ignore[arg-type]
+        ):
+            # More digits than int() takes: read by every poll of the watcher.
+            await raw(url, "SET", "hubserver:perm:version", "9" * 5000)
+            await trio.sleep(1)
+            assert (await http_request(node.port, "GET", "/readyz")).status == 503
+            await still_served(node, "s1", alice, bob)
+            await raw(url, "SET", "hubserver:perm:version", "1")
+            async with RedisPermissionStore(url) as roles:
+                await roles.revoke("s1", "alice")
+            with trio.fail_after(3):
+                await expect_revoked(alice)
+            await still_served(node, "s1", bob)
+            assert (await http_request(node.port, "GET", "/readyz")).status == 200
+
+
 async def test_a_node_upgraded_with_grants_in_its_file_says_they_are_not_used(
     own_redis_server: RedisServer,
     start_node: StartNode,

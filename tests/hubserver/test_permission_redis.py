@@ -205,6 +205,15 @@ async def test_keys_of_another_type_are_a_failure_not_a_grant(
         await node_a.version()
 
 
+async def test_a_version_too_long_for_an_int_is_a_failure_not_a_crash(
+    redis_server: RedisServer, node_a: RedisPermissionStore, prefix: str
+) -> None:
+    # int() refuses more than 4300 digits with a ValueError, which nothing expects.
+    await raw(redis_server.url, "SET", f"{prefix}:perm:version", "9" * 5000)
+    with pytest.raises(PermissionStoreUnavailable, match="does not hold a version"):
+        await node_a.version()
+
+
 def test_a_non_redis_url_is_refused() -> None:
     with pytest.raises(PermissionStoreError, match="redis://"):
         RedisPermissionStore("http://127.0.0.1:6379")
