@@ -34,6 +34,7 @@ Misbehaviour = Literal[
     "stall",
     "close",
     "deep_json",
+    "answer_twice",
 ]
 
 
@@ -153,9 +154,16 @@ class RoleBackend:
             case "close":
                 return False
         headers.append(("Content-Length", str(len(body))))
-        await stream.send_all(conn.send(h11.Response(status_code=status, headers=headers)) or b"")
-        await stream.send_all(conn.send(h11.Data(data=body)) or b"")
-        await stream.send_all(conn.send(h11.EndOfMessage()) or b"")
+        is_twice = self.misbehave == "answer_twice"
+        data = conn.send(h11.Response(status_code=status, headers=headers)) or b""
+        data += conn.send(h11.Data(data=body)) or b""
+        data += conn.send(h11.EndOfMessage()) or b""
+        if is_twice:
+            # Its answer, and in the same breath a second one nobody asked for.
+            extra = b'{"role": "site_admin"}'
+            data += b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+            data += b"Content-Length: %d\r\n\r\n%s" % (len(extra), extra)
+        await stream.send_all(data)
         return True
 
 

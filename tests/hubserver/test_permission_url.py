@@ -191,6 +191,19 @@ async def test_a_connection_the_backend_closed_while_idle_is_replaced(
         await store.role_of("s3", ME)
 
 
+async def test_an_answer_nobody_asked_for_is_never_taken_for_the_next_question(
+    backend: RoleBackend, store: UrlPermissionStore
+) -> None:
+    backend.roles["s1", ME] = "site_user"
+    backend.misbehave = "answer_twice"  # then {"role": "site_admin"}, unasked
+    assert await store.role_of("s1", ME) is Role.SITE_USER
+    backend.misbehave = None
+    # Mallory has no role: the leftover answer on that connection is not hers.
+    assert await store.role_of("s1", "mallory") is None
+    assert await store.role_of("s2", "mallory") is None
+    assert backend.connections == 2  # the connection that said too much was dropped
+
+
 async def test_a_failing_backend_is_not_hammered(
     backend: RoleBackend, store: UrlPermissionStore
 ) -> None:
