@@ -354,6 +354,28 @@ async def test_garbage_in_the_version_key_keeps_the_node_up_and_its_connections_
             assert (await http_request(node.port, "GET", "/readyz")).status == 200
 
 
+async def test_ids_without_a_utf_8_form_are_refused_not_a_crash(
+    own_redis_server: RedisServer, start_node: StartNode
+) -> None:
+    url = own_redis_server.url
+    async with RedisPermissionStore(url) as roles:
+        await roles.grant("s1", "bob", Role.SITE_ADMIN)
+    node = await start_node(backplane=url)
+    with trio.fail_after(CAP):
+        async with open_hub(node, hub_target("entries", "s1"), token=node.token("bob")) as bob:  # type: ignore[arg-type]
+            # A lone surrogate: JSON can carry one ("\ud800"), UTF-8 cannot.
+            refused = await upgrade_refused(
+                node.port, hub_target("entries", "s1"), token=node.token("\ud800")
+            )
+            assert refused.status == 403
+            response = await notify(node, b'{"site_id": "\\ud800", "subject": "bob"}')
+            assert response.status == 400, response
+            assert response.json()["code"] == "invalid_body"
+            await still_served(node, "s1", bob)
+    assert node.server is not None
+    assert node.server.app.stats.crashed == 0
+
+
 async def test_a_node_upgraded_with_grants_in_its_file_says_they_are_not_used(
     own_redis_server: RedisServer,
     start_node: StartNode,
