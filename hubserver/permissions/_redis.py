@@ -250,7 +250,10 @@ class RedisPermissionStore:
         parsed = _parse_value(reply)
         if parsed is None:
             # Never taken for a grant: a value someone else wrote, or a bug of ours.
-            raise self._unavailable("the role of a subject on a site is not one of ours")
+            # Redis answered, so only this lookup fails, not the store.
+            raise PermissionStoreUnavailable(
+                f"Redis at {self._address}: the role of a subject on a site is not one of ours"
+            )
         return parsed[0]
 
     async def version(self) -> int:

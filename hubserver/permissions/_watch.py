@@ -27,9 +27,9 @@ connections keep their last known roles. The watcher then logs once, retries
 with doubling intervals up to ``max_retry_interval`` (or at once when a
 notice arrives: the store is likely back), and once the store
 answers again re-checks everyone whatever the version says, so a revoke made
-during the outage still takes effect. A re-check cut short by a failure
-(whether of everyone or of some pairs) is redone in the same way, for
-everyone.
+during the outage still takes effect. A re-check in which a lookup failed
+(whether of everyone or of some pairs; cut short, or only one pair's answer
+unusable) is redone in the same way, for everyone.
 """
 
 from __future__ import annotations

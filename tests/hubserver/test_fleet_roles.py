@@ -491,7 +491,7 @@ async def test_a_failing_backend_refuses_new_connections_and_keeps_open_ones(
     node = await start_node(permissions_url=backend.url(), permission_poll_interval=0.2)
     with trio.fail_after(CAP):
         async with open_hub(node, hub_target("entries", "s1")) as alice:  # type: ignore[arg-type]
-            backend.misbehave = "unknown_role"  # garbage: never a grant, never "no role"
+            backend.misbehave = "status_500"  # never a grant, never "no role"
             refused = await upgrade_refused(
                 node.port, hub_target("entries", "s1"), token=node.token("dave")
             )
@@ -509,6 +509,32 @@ async def test_a_failing_backend_refuses_new_connections_and_keeps_open_ones(
             async with open_hub(node, hub_target("entries", "s1"), token=node.token("dave")):
                 pass
             await still_served(node, "s1", alice)
+
+
+async def test_one_subject_s_unusable_answer_does_not_stop_other_revokes(
+    backend: RoleBackend, start_node: StartNode
+) -> None:
+    for subject in ("alice", "bob", "carol", "dave"):
+        backend.roles["s1", subject] = "site_admin"
+    node = await start_node(permissions_url=backend.url(), permission_poll_interval=0.2)
+    with trio.fail_after(CAP):
+        async with (
+            open_hub(node, hub_target("entries", "s1")) as alice,  # type: ignore[arg-type]
+            open_hub(node, hub_target("entries", "s1"), token=node.token("bob")) as bob,  # type: ignore[arg-type]
+            open_hub(node, hub_target("entries", "s1"), token=node.token("carol")) as carol,  # type: ignore[arg-type]
+        ):
+            # The backend now says something of alice that is no role of ours.
+            backend.roles["s1", "alice"] = "site_viewer"
+            assert (await notify(node, b'{"site_id": "s1", "subject": "alice"}')).status == 202
+            await trio.sleep(0.5)  # alice re-checked: unusable, so she keeps her role
+            backend.roles["s1", "bob"] = None
+            assert (await notify(node, b'{"site_id": "s1", "subject": "bob"}')).status == 202
+            with trio.fail_after(2):
+                await expect_revoked(bob)
+            await still_served(node, "s1", alice, carol)
+            # The backend is up: others still connect.
+            async with open_hub(node, hub_target("entries", "s1"), token=node.token("dave")):  # type: ignore[arg-type]
+                pass
 
 
 async def test_a_notice_to_one_node_reaches_every_node_through_redis(
