@@ -201,4 +201,8 @@ class HttpGetter:
                 stream = await trio.open_tcp_stream(self._host, self._port)
         except OSError as exc:
             raise HttpGetError(f"cannot connect: {exc.strerror or exc}") from exc
+        except UnicodeError as exc:
+            # A host name without an IDNA form ("acl..internal", a label over
+            # 63 characters) parses as a URL and fails only here, every time.
+            raise HttpGetError(f"cannot connect: the host name is not valid ({exc})") from exc
         return _Connection(stream)

@@ -537,6 +537,18 @@ async def test_one_subject_s_unusable_answer_does_not_stop_other_revokes(
                 pass
 
 
+async def test_a_permissions_url_whose_host_cannot_be_encoded_is_a_503_not_a_crash(
+    start_node: StartNode,
+) -> None:
+    # A typo that parses as a URL: the IDNA codec refuses the empty label.
+    node = await start_node(permissions_url="http://acl..internal/roles")
+    refused = await upgrade_refused(node.port, hub_target("entries", "s1"), token=node.token())
+    assert refused.status == 503
+    assert (await http_request(node.port, "GET", "/readyz")).status == 503
+    assert node.server is not None
+    assert node.server.app.stats.crashed == 0
+
+
 async def test_a_notice_to_one_node_reaches_every_node_through_redis(
     backend: RoleBackend, own_redis_server: RedisServer, start_node: StartNode
 ) -> None:

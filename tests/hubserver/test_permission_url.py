@@ -87,6 +87,17 @@ async def test_one_unusable_answer_fails_its_question_only(
     assert await store.version() == 0
 
 
+@pytest.mark.parametrize("host", ["acl..internal", "a" * 64 + ".internal"])
+async def test_a_host_name_without_an_idna_form_is_unavailable(host: str) -> None:
+    store = UrlPermissionStore(f"http://{host}/roles", request_timeout=0.5)
+    try:
+        with pytest.raises(PermissionStoreUnavailable, match="cannot connect"):
+            await store.role_of("s1", ME)
+        assert not store.is_available
+    finally:
+        await store.aclose()
+
+
 async def test_the_question_and_its_query(backend: RoleBackend) -> None:
     store = UrlPermissionStore(backend.url("tenant=acme&x=1"))
     try:
