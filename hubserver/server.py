@@ -50,6 +50,7 @@ from .permissions import (
     NoticeRelay,
     PermissionStore,
     PermissionStoreError,
+    PermissionStoreUnavailable,
     RedisPermissionStore,
     SqlitePermissionStore,
     UrlPermissionStore,
@@ -546,15 +547,27 @@ async def _watch_permissions(app: App) -> None:
 async def _recheck_permissions(app: App, pairs: frozenset[tuple[str, str]] | None) -> None:
     """Re-check the open connections of these ``(site_id, subject)`` pairs (None: all).
 
-    A store failure raises out of here and leaves every connection open; the
-    watcher runs this again, for everyone, once the store is back.
+    A store failure raises out of here and leaves the connections not yet
+    re-checked open; the watcher runs this again, for everyone, once the store
+    is back. A lookup that failed while the store stays available (one pair's
+    answer was unusable) leaves that connection as it was and the others are
+    still re-checked, before it raises: one bad record must not hold back
+    every revoke.
     """
     app.store.forget(pairs)
+    failure: PermissionStoreUnavailable | None = None
     for session in list(app.stats.by_id.values()):
         key = session.key
         if key is None or (pairs is not None and (key.site_id, session.subject) not in pairs):
             continue
-        if not await app.may_open(key, session.subject):
+        try:
+            is_allowed = await app.may_open(key, session.subject)
+        except PermissionStoreUnavailable as exc:
+            if not app.store.is_available:
+                raise
+            failure = exc
+            continue
+        if not is_allowed:
             app.stats.revoked_closed += 1
             log.info(
                 "session %d: access revoked, closing",
@@ -562,3 +575,5 @@ async def _recheck_permissions(app: App, pairs: frozenset[tuple[str, str]] | Non
                 extra=session_fields(session, "session_closing", reason="revoked"),
             )
             session.close(Close(error=ACCESS_REVOKED_TEXT, allow_reconnect=False))
+    if failure is not None:
+        raise failure

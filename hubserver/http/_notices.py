@@ -14,6 +14,7 @@ import json
 from typing import Final
 
 from hubserver.permissions import MAX_ID_CHARS
+from hubserver.permissions._model import is_id
 
 from ._request import JSON, Refusal, Request, Response, refusal_response
 
@@ -44,11 +45,12 @@ async def permission_notice(request: Request) -> Response:
         return _refuse(400, "invalid_body", 'expected {"site_id": ..., "subject": ...}')
     site_id, subject = notice.get("site_id"), notice.get("subject")
     for name, value in (("site_id", site_id), ("subject", subject)):
-        if not isinstance(value, str) or not 0 < len(value) <= MAX_ID_CHARS:
+        if not is_id(value):
             return _refuse(
                 400,
                 "invalid_body",
-                f"'{name}' must be a non-empty string of at most {MAX_ID_CHARS} characters",
+                f"'{name}' must be a non-empty string of at most {MAX_ID_CHARS} characters"
+                " (UTF-8 text)",
             )
     assert isinstance(site_id, str) and isinstance(subject, str)
     if not await request.io.app.permissions_changed(site_id, subject):

@@ -7,7 +7,8 @@ a connection of its own, kept for the next one when both sides allow it.
 
 Nothing here times out: the caller puts ``fail_after`` around ``get`` (which
 covers the wait for a free connection, connecting, and the whole response).
-A connection left mid-response (cancelled, failed) is closed, never reused.
+A connection left mid-response (cancelled, failed), or that sent more than
+its answer, is closed, never reused.
 A kept connection the server closed while it was idle fails before any byte
 of the answer arrived; the request is then retried once on a new one (GET
 is safe to repeat).
@@ -99,7 +100,14 @@ class _Connection:
             elif isinstance(event, h11.ConnectionClosed):
                 raise HttpGetError("the server closed the connection before answering")
             # Anything else (an informational response) needs no action.
-        is_reusable = conn.our_state is h11.DONE and conn.their_state is h11.DONE
+        # Bytes past the end of the answer are nothing we asked for: h11 would
+        # hand them to the next request on this connection as its answer (one
+        # pair's role taken for another's), so the connection is not kept.
+        is_reusable = (
+            conn.our_state is h11.DONE
+            and conn.their_state is h11.DONE
+            and not conn.trailing_data[0]
+        )
         if is_reusable:
             conn.start_next_cycle()
         return status, bytes(body), is_reusable
@@ -193,4 +201,8 @@ class HttpGetter:
                 stream = await trio.open_tcp_stream(self._host, self._port)
         except OSError as exc:
             raise HttpGetError(f"cannot connect: {exc.strerror or exc}") from exc
+        except UnicodeError as exc:
+            # A host name without an IDNA form ("acl..internal", a label over
+            # 63 characters) parses as a URL and fails only here, every time.
+            raise HttpGetError(f"cannot connect: the host name is not valid ({exc})") from exc
         return _Connection(stream)

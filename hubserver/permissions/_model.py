@@ -82,12 +82,27 @@ def check_id(name: str, value: object) -> str:
             f"{name} must be a non-empty string of at most {MAX_ID_CHARS} characters, "
             f"got {_describe(value)}"
         )
+    if not _has_utf8_form(value):
+        raise ValueError(f"{name} must be text with a UTF-8 form, got a lone surrogate")
     return value
 
 
 def is_id(value: object) -> bool:
     """True if ``value`` could be a site id or subject (what `check_id` accepts)."""
-    return isinstance(value, str) and 0 < len(value) <= MAX_ID_CHARS
+    return isinstance(value, str) and 0 < len(value) <= MAX_ID_CHARS and _has_utf8_form(value)
+
+
+def _has_utf8_form(value: str) -> bool:
+    # Every store keys on UTF-8 (SQLite, Redis, the URL's query) and raises
+    # UnicodeEncodeError on a lone surrogate, which JSON ("\ud800" in a token's
+    # sub or a notice) and non-UTF-8 command-line bytes can both produce.
+    if value.isascii():
+        return True
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def check_role(value: object) -> Role:

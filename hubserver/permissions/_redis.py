@@ -250,7 +250,10 @@ class RedisPermissionStore:
         parsed = _parse_value(reply)
         if parsed is None:
             # Never taken for a grant: a value someone else wrote, or a bug of ours.
-            raise self._unavailable("the role of a subject on a site is not one of ours")
+            # Redis answered, so only this lookup fails, not the store.
+            raise PermissionStoreUnavailable(
+                f"Redis at {self._address}: the role of a subject on a site is not one of ours"
+            )
         return parsed[0]
 
     async def version(self) -> int:
@@ -258,7 +261,9 @@ class RedisPermissionStore:
         reply = await self._call("the version", lambda conn: conn.execute("GET", self._version_key))
         if reply is None:
             return 0
-        if isinstance(reply, bytes) and reply.isdigit():
+        # INCR counts up to 2**63 - 1 (19 digits); past 4300 digits int() raises
+        # ValueError, which would end the watcher and the server with it.
+        if isinstance(reply, bytes) and reply.isdigit() and len(reply) <= 19:
             return int(reply)
         raise self._unavailable(f"Redis key {self._version_key} does not hold a version")
 

@@ -14,7 +14,7 @@ from typing import Final, Self, TypeVar
 
 import trio
 
-from ._model import Member, Role, check_id, check_role
+from ._model import Member, Role, check_id, check_role, is_id
 from ._store import PermissionStoreError, PermissionStoreUnavailable
 
 __all__ = ["SqlitePermissionStore", "read_members"]
@@ -140,6 +140,9 @@ class SqlitePermissionStore:
 
     async def role_of(self, site_id: str, subject: str) -> Role | None:
         """See `PermissionStore.role_of`; runs in a worker thread."""
+        if not is_id(site_id) or not is_id(subject):
+            await trio.lowlevel.checkpoint()
+            return None  # never granted, so unknown (and no UTF-8 form to bind)
         return await self._call(lambda: self._role_of(site_id, subject))
 
     async def version(self) -> int:

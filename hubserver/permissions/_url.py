@@ -11,10 +11,12 @@ the server then keeps open connections as they were and answers new ones
 
 Answers (``null`` ones too) are cached for ``ttl`` seconds, at most
 ``max_entries`` of them (the oldest go first). Concurrent questions about
-the same pair share one request. After a failure, questions not answered
-from the cache fail at once for ``failure_backoff`` seconds rather than
-queue up behind a backend that is down; ``version`` asks again (the
-watcher's probe), and a success ends that.
+the same pair share one request. After a failure of the backend (no whole
+answer in time, a status other than 200, a body over the limit), questions
+not answered from the cache fail at once for ``failure_backoff`` seconds
+rather than queue up behind a backend that is down; ``version`` asks again
+(the watcher's probe), and a success ends that. A 200 whose body is not a
+role of ours fails that question only: the backend is up.
 
 Change notices (``POST /v1/permissions/changed``, see ``announce``) drop the
 pair's cached answer, and the server re-checks the open connections of that
@@ -297,15 +299,20 @@ class UrlPermissionStore:
             raise self._failed(site_id, subject, hint)
         if status != 200:
             raise self._failed(site_id, subject, f"HTTP {status} instead of 200")
-        try:
-            role = _parse_answer(body)
-        except ValueError as exc:
-            raise self._failed(site_id, subject, str(exc)) from exc
         if not self._is_available:
             log.info("the permissions URL %s answers again", self._url_for_log)
         self._is_available = True
         self._failed_until = -math.inf
-        return role
+        try:
+            return _parse_answer(body)
+        except ValueError as exc:
+            # The backend is up; only this pair's answer is unusable (a role
+            # it added, a bad record). It fails this question (never a grant),
+            # not every other one, and is not the pair recovery is probed with:
+            # that would hold the watcher, and every revoke, until it is fixed.
+            raise PermissionStoreUnavailable(
+                f"the permissions URL {self._url_for_log}: {exc}"
+            ) from exc
 
     def _failed(self, site_id: str, subject: str, detail: str) -> PermissionStoreUnavailable:
         self._is_available = False

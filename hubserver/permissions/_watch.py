@@ -24,11 +24,12 @@ A store that cannot answer (`PermissionStoreUnavailable`: a locked or
 corrupt database, Redis or the backend unreachable, a deadline missed) must
 not take the server down, and must not close anyone either: the open
 connections keep their last known roles. The watcher then logs once, retries
-with doubling intervals up to ``max_retry_interval``, and once the store
+with doubling intervals up to ``max_retry_interval`` (or at once when a
+notice arrives: the store is likely back), and once the store
 answers again re-checks everyone whatever the version says, so a revoke made
-during the outage still takes effect. A re-check cut short by a failure
-(whether of everyone or of some pairs) is redone in the same way, for
-everyone.
+during the outage still takes effect. A re-check in which a lookup failed
+(whether of everyone or of some pairs; cut short, or only one pair's answer
+unusable) is redone in the same way, for everyone.
 """
 
 from __future__ import annotations
@@ -185,7 +186,9 @@ async def watch_permissions(
             else:
                 retry_interval = min(retry_interval * 2, max(max_retry_interval, poll_interval))
                 log.debug("permission store still unavailable: %s", exc)
-            await trio.sleep(retry_interval)
+            # A notice ends the wait: it says the store (or the backend) is
+            # reachable again, and a revoke must not wait out a 30 s back-off.
+            await changes.wait_until(trio.current_time() + retry_interval)
             next_poll_at = -math.inf
             continue
         if failing_since is not None:

@@ -34,6 +34,7 @@ Misbehaviour = Literal[
     "stall",
     "close",
     "deep_json",
+    "answer_twice",
 ]
 
 
@@ -45,6 +46,9 @@ class RoleBackend:
         self.misbehave: Misbehaviour | None = None
         #: Seconds each answer waits before it is sent.
         self.delay = 0.0
+        #: The next request's answer is made at once, then held until this is set
+        #: (an answer on its way while the roles change); later ones are not held.
+        self.gate: trio.Event | None = None
         self.port = 0
         #: The query parameters the URL had before site_id and subject.
         self.extra_query: dict[str, str] = {}
@@ -115,6 +119,9 @@ class RoleBackend:
         if self.delay:
             await trio.sleep(self.delay)
         status, body = 200, json.dumps({"role": self.roles.get(pair)}).encode()
+        if self.gate is not None:
+            gate, self.gate = self.gate, None
+            await gate.wait()
         headers = [("Content-Type", "application/json")]
         if self.required_token is not None and authorization != f"Bearer {self.required_token}":
             # What the answer would be is not the unauthenticated caller's to see.
@@ -147,9 +154,16 @@ class RoleBackend:
             case "close":
                 return False
         headers.append(("Content-Length", str(len(body))))
-        await stream.send_all(conn.send(h11.Response(status_code=status, headers=headers)) or b"")
-        await stream.send_all(conn.send(h11.Data(data=body)) or b"")
-        await stream.send_all(conn.send(h11.EndOfMessage()) or b"")
+        is_twice = self.misbehave == "answer_twice"
+        data = conn.send(h11.Response(status_code=status, headers=headers)) or b""
+        data += conn.send(h11.Data(data=body)) or b""
+        data += conn.send(h11.EndOfMessage()) or b""
+        if is_twice:
+            # Its answer, and in the same breath a second one nobody asked for.
+            extra = b'{"role": "site_admin"}'
+            data += b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+            data += b"Content-Length: %d\r\n\r\n%s" % (len(extra), extra)
+        await stream.send_all(data)
         return True
 
 

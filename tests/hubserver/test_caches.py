@@ -8,7 +8,12 @@ import pytest
 import trio
 
 from hubserver.auth import CachingVerifier, Claims, DevKey, InvalidToken
-from hubserver.permissions import CachedPermissionStore, InMemoryPermissionStore, Role
+from hubserver.permissions import (
+    CachedPermissionStore,
+    InMemoryPermissionStore,
+    PermissionStoreUnavailable,
+    Role,
+)
 
 
 class CountingVerifier:
@@ -92,3 +97,72 @@ async def test_role_cache_stays_bounded_under_distinct_lookups(autojump_clock: o
     assert await cache.role_of("s1", "alice") is Role.SITE_ADMIN
     inner.revoke("s1", "alice")
     assert await cache.role_of("s1", "alice") is Role.SITE_ADMIN  # within max_age
+
+
+class SlowStore(InMemoryPermissionStore):
+    """The store as seen across a network: each answer is read, then travels 1 s."""
+
+    async def role_of(self, site_id: str, subject: str) -> Role | None:
+        role = await super().role_of(site_id, subject)
+        await trio.sleep(1.0)
+        return role
+
+
+async def test_role_cache_looks_up_again_when_its_pair_changed_mid_lookup(
+    autojump_clock: object,
+) -> None:
+    inner = SlowStore()
+    inner.grant("s1", "alice", Role.SITE_ADMIN)
+    inner.grant("s1", "bob", Role.SITE_ADMIN)
+    cache = CachedPermissionStore(inner)
+    answers: dict[str, Role | None] = {}
+
+    async def look_up(subject: str) -> None:
+        answers[subject] = await cache.role_of("s1", subject)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(look_up, "alice")
+        nursery.start_soon(look_up, "bob")
+        await trio.sleep(0.5)  # both answers are on their way
+        inner.revoke("s1", "alice")
+        cache.forget(frozenset({("s1", "alice")}))  # what a change notice does
+    # Alice's answer predated the revoke; bob's pair was not named.
+    assert answers == {"alice": None, "bob": Role.SITE_ADMIN}
+    assert trio.current_time() == pytest.approx(2.0)
+
+
+async def test_role_cache_lookups_survive_a_stream_of_unrelated_changes(
+    autojump_clock: object,
+) -> None:
+    # A new version alone names no pair: the re-check it leads to does (forget).
+    inner = SlowStore()
+    inner.grant("s1", "alice", Role.SITE_ADMIN)
+    cache = CachedPermissionStore(inner)
+
+    async def keep_changing_others() -> None:
+        for index in range(100):
+            await trio.sleep(0.1)
+            inner.grant(f"elsewhere-{index}", "carol", Role.SITE_USER)
+            await cache.version()
+            cache.forget(frozenset({(f"elsewhere-{index}", "carol")}))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(keep_changing_others)
+        assert await cache.role_of("s1", "alice") is Role.SITE_ADMIN
+        assert trio.current_time() < 1.5  # looked up once
+
+
+async def test_role_cache_gives_up_when_a_pair_keeps_changing(autojump_clock: object) -> None:
+    inner = SlowStore()
+    cache = CachedPermissionStore(inner)
+
+    async def keep_changing() -> None:
+        while True:
+            await trio.sleep(0.5)
+            cache.forget(None)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(keep_changing)
+        with pytest.raises(PermissionStoreUnavailable, match="kept changing"):
+            await cache.role_of("s1", "alice")
+        nursery.cancel_scope.cancel()

@@ -27,6 +27,7 @@ from typing import Any
 
 import pytest
 import trio
+import trio.testing
 
 from hubserver.app import ADMIN_SCOPE, HUB_SCOPE, PUBLISH_SCOPE
 from hubserver.auth import DevKey, ensure_dev_key
@@ -36,13 +37,17 @@ from hubserver.permissions import RedisPermissionStore, Role, SqlitePermissionSt
 from hubserver.server import RunningServer, serve
 
 from .helpers import (
+    HttpResponse,
     HubClient,
     ProcessLog,
     bearer,
+    build_request,
+    exchange,
     http_request,
     hub_target,
     open_hub,
     publish_ok,
+    upgrade_headers,
     upgrade_refused,
 )
 from .redis_fixture import RedisServer, own_redis_server_fixture  # noqa: F401 (a fixture)
@@ -322,6 +327,55 @@ async def test_a_hung_redis_keeps_open_connections_and_refuses_new_ones_then_rec
             await still_served(node, "s1", alice)
 
 
+async def test_garbage_in_the_version_key_keeps_the_node_up_and_its_connections_open(
+    own_redis_server: RedisServer, start_node: StartNode
+) -> None:
+    url = own_redis_server.url
+    async with RedisPermissionStore(url) as roles:
+        await roles.grant("s1", "alice", Role.SITE_ADMIN)
+        await roles.grant("s1", "bob", Role.SITE_ADMIN)
+    node = await start_node(backplane=url, permission_poll_interval=0.2)
+    with trio.fail_after(CAP):
+        async with (
+            open_hub(node, hub_target("entries", "s1")) as alice,  # type: ignore[arg-type]
+            open_hub(node, hub_target("entries", "s1"), token=node.token("bob")) as bob,  # type: ignore[arg-type]
+        ):
+            # More digits than int() takes: read by every poll of the watcher.
+            await raw(url, "SET", "hubserver:perm:version", "9" * 5000)
+            await trio.sleep(1)
+            assert (await http_request(node.port, "GET", "/readyz")).status == 503
+            await still_served(node, "s1", alice, bob)
+            await raw(url, "SET", "hubserver:perm:version", "1")
+            async with RedisPermissionStore(url) as roles:
+                await roles.revoke("s1", "alice")
+            with trio.fail_after(3):
+                await expect_revoked(alice)
+            await still_served(node, "s1", bob)
+            assert (await http_request(node.port, "GET", "/readyz")).status == 200
+
+
+async def test_ids_without_a_utf_8_form_are_refused_not_a_crash(
+    own_redis_server: RedisServer, start_node: StartNode
+) -> None:
+    url = own_redis_server.url
+    async with RedisPermissionStore(url) as roles:
+        await roles.grant("s1", "bob", Role.SITE_ADMIN)
+    node = await start_node(backplane=url)
+    with trio.fail_after(CAP):
+        async with open_hub(node, hub_target("entries", "s1"), token=node.token("bob")) as bob:  # type: ignore[arg-type]
+            # A lone surrogate: JSON can carry one ("\ud800"), UTF-8 cannot.
+            refused = await upgrade_refused(
+                node.port, hub_target("entries", "s1"), token=node.token("\ud800")
+            )
+            assert refused.status == 403
+            response = await notify(node, b'{"site_id": "\\ud800", "subject": "bob"}')
+            assert response.status == 400, response
+            assert response.json()["code"] == "invalid_body"
+            await still_served(node, "s1", bob)
+    assert node.server is not None
+    assert node.server.app.stats.crashed == 0
+
+
 async def test_a_node_upgraded_with_grants_in_its_file_says_they_are_not_used(
     own_redis_server: RedisServer,
     start_node: StartNode,
@@ -395,6 +449,40 @@ async def test_backend_notices_close_a_revoked_connection_at_once(
                 assert (await bob.next_event())["id"] == event_id
 
 
+async def test_a_revoke_while_a_connection_s_role_is_being_looked_up_refuses_it(
+    backend: RoleBackend, start_node: StartNode
+) -> None:
+    # The backend answers "site_admin", the answer is on its way, and meanwhile
+    # the role is revoked and its notice handled: no connection of alice's was
+    # open to re-check yet. The answer that predates the notice must not open one.
+    backend.roles["s1", "alice"] = "site_admin"
+    backend.roles["s1", "bob"] = "site_admin"
+    node = await start_node(permissions_url=backend.url(), permission_poll_interval=30)
+    with trio.fail_after(CAP):
+        async with open_hub(node, hub_target("entries", "s1"), token=node.token("bob")) as bob:  # type: ignore[arg-type]
+            gate = backend.gate = trio.Event()
+            answers: list[HttpResponse] = []
+
+            async def connect_alice() -> None:
+                request = build_request(
+                    "GET", hub_target("entries", "s1"), headers=upgrade_headers(token=node.token())
+                )
+                answers.append(await exchange(node.port, request))
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(connect_alice)
+                while ("s1", "alice") not in backend.requests:  # noqa: ASYNC110 (a real server's socket)
+                    await trio.sleep(0.01)
+                backend.roles["s1", "alice"] = None
+                response = await notify(node, b'{"site_id": "s1", "subject": "alice"}')
+                assert response.status == 202, response
+                await trio.testing.wait_all_tasks_blocked(0.05)  # the notice was handled
+                gate.set()
+            (answer,) = answers
+            assert answer.status == 403, answer
+            await still_served(node, "s1", bob)
+
+
 async def test_a_failing_backend_refuses_new_connections_and_keeps_open_ones(
     backend: RoleBackend, start_node: StartNode
 ) -> None:
@@ -403,7 +491,7 @@ async def test_a_failing_backend_refuses_new_connections_and_keeps_open_ones(
     node = await start_node(permissions_url=backend.url(), permission_poll_interval=0.2)
     with trio.fail_after(CAP):
         async with open_hub(node, hub_target("entries", "s1")) as alice:  # type: ignore[arg-type]
-            backend.misbehave = "unknown_role"  # garbage: never a grant, never "no role"
+            backend.misbehave = "status_500"  # never a grant, never "no role"
             refused = await upgrade_refused(
                 node.port, hub_target("entries", "s1"), token=node.token("dave")
             )
@@ -421,6 +509,44 @@ async def test_a_failing_backend_refuses_new_connections_and_keeps_open_ones(
             async with open_hub(node, hub_target("entries", "s1"), token=node.token("dave")):
                 pass
             await still_served(node, "s1", alice)
+
+
+async def test_one_subject_s_unusable_answer_does_not_stop_other_revokes(
+    backend: RoleBackend, start_node: StartNode
+) -> None:
+    for subject in ("alice", "bob", "carol", "dave"):
+        backend.roles["s1", subject] = "site_admin"
+    node = await start_node(permissions_url=backend.url(), permission_poll_interval=0.2)
+    with trio.fail_after(CAP):
+        async with (
+            open_hub(node, hub_target("entries", "s1")) as alice,  # type: ignore[arg-type]
+            open_hub(node, hub_target("entries", "s1"), token=node.token("bob")) as bob,  # type: ignore[arg-type]
+            open_hub(node, hub_target("entries", "s1"), token=node.token("carol")) as carol,  # type: ignore[arg-type]
+        ):
+            # The backend now says something of alice that is no role of ours.
+            backend.roles["s1", "alice"] = "site_viewer"
+            assert (await notify(node, b'{"site_id": "s1", "subject": "alice"}')).status == 202
+            await trio.sleep(0.5)  # alice re-checked: unusable, so she keeps her role
+            backend.roles["s1", "bob"] = None
+            assert (await notify(node, b'{"site_id": "s1", "subject": "bob"}')).status == 202
+            with trio.fail_after(2):
+                await expect_revoked(bob)
+            await still_served(node, "s1", alice, carol)
+            # The backend is up: others still connect.
+            async with open_hub(node, hub_target("entries", "s1"), token=node.token("dave")):  # type: ignore[arg-type]
+                pass
+
+
+async def test_a_permissions_url_whose_host_cannot_be_encoded_is_a_503_not_a_crash(
+    start_node: StartNode,
+) -> None:
+    # A typo that parses as a URL: the IDNA codec refuses the empty label.
+    node = await start_node(permissions_url="http://acl..internal/roles")
+    refused = await upgrade_refused(node.port, hub_target("entries", "s1"), token=node.token())
+    assert refused.status == 503
+    assert (await http_request(node.port, "GET", "/readyz")).status == 503
+    assert node.server is not None
+    assert node.server.app.stats.crashed == 0
 
 
 async def test_a_notice_to_one_node_reaches_every_node_through_redis(

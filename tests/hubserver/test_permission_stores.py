@@ -205,6 +205,9 @@ async def test_role_of_unknown_is_none(roles: Roles) -> None:
     # Ids that could never be granted are simply unknown, not an error.
     assert await store.role_of("", ME) is None
     assert await store.role_of("s" * (MAX_ID_CHARS + 1), ME) is None
+    # A lone surrogate (a JSON "\ud800" in a token's sub) has no UTF-8 form to look up.
+    assert await store.role_of("s1", "\ud800") is None
+    assert await store.role_of("\udfff", ME) is None
 
 
 async def test_version_changes_only_on_change(roles: Roles) -> None:

@@ -42,22 +42,20 @@ async def store(backend: RoleBackend) -> AsyncIterator[UrlPermissionStore]:
         await url_store.aclose()
 
 
-@pytest.mark.parametrize(
-    "misbehaviour",
-    [
-        "status_500",
-        "redirect",
-        "not_json",
-        "json_list",
-        "no_role_key",
-        "unknown_role",
-        "role_not_string",
-        "too_large",
-        "deep_json",
-        "stall",
-        "close",
-    ],
-)
+#: The backend failing: the store is unavailable until it answers again.
+BACKEND_FAILURES = ["status_500", "redirect", "too_large", "stall", "close"]
+#: A 200 whose body is no answer of ours: that question fails, the backend is up.
+UNUSABLE_ANSWERS = [
+    "not_json",
+    "json_list",
+    "no_role_key",
+    "unknown_role",
+    "role_not_string",
+    "deep_json",
+]
+
+
+@pytest.mark.parametrize("misbehaviour", BACKEND_FAILURES + UNUSABLE_ANSWERS)
 async def test_garbage_is_unavailable_never_a_grant(
     backend: RoleBackend, store: UrlPermissionStore, misbehaviour: Misbehaviour
 ) -> None:
@@ -67,12 +65,37 @@ async def test_garbage_is_unavailable_never_a_grant(
     with pytest.raises(PermissionStoreUnavailable, match="the permissions URL http://127"):
         await store.role_of("s1", ME)
     assert trio.current_time() - started < 1.5  # the 0.5 s deadline, at worst
-    assert not store.is_available
+    assert store.is_available == (misbehaviour in UNUSABLE_ANSWERS)
     backend.misbehave = None
     # The watcher's probe (version) asks again and ends the outage.
     assert await store.version() == 0
     assert store.is_available
     assert await store.role_of("s1", ME) is Role.SITE_ADMIN
+
+
+@pytest.mark.parametrize("misbehaviour", UNUSABLE_ANSWERS)
+async def test_one_unusable_answer_fails_its_question_only(
+    backend: RoleBackend, store: UrlPermissionStore, misbehaviour: Misbehaviour
+) -> None:
+    backend.roles["s1", "other"] = "site_user"
+    backend.misbehave = misbehaviour
+    with pytest.raises(PermissionStoreUnavailable):
+        await store.role_of("s1", ME)
+    backend.misbehave = None
+    # Not "a backend that is down": the next question is asked, not failed at once.
+    assert await store.role_of("s1", "other") is Role.SITE_USER
+    assert await store.version() == 0
+
+
+@pytest.mark.parametrize("host", ["acl..internal", "a" * 64 + ".internal"])
+async def test_a_host_name_without_an_idna_form_is_unavailable(host: str) -> None:
+    store = UrlPermissionStore(f"http://{host}/roles", request_timeout=0.5)
+    try:
+        with pytest.raises(PermissionStoreUnavailable, match="cannot connect"):
+            await store.role_of("s1", ME)
+        assert not store.is_available
+    finally:
+        await store.aclose()
 
 
 async def test_the_question_and_its_query(backend: RoleBackend) -> None:
@@ -189,6 +212,19 @@ async def test_a_connection_the_backend_closed_while_idle_is_replaced(
     backend.misbehave = "close"
     with pytest.raises(PermissionStoreUnavailable):
         await store.role_of("s3", ME)
+
+
+async def test_an_answer_nobody_asked_for_is_never_taken_for_the_next_question(
+    backend: RoleBackend, store: UrlPermissionStore
+) -> None:
+    backend.roles["s1", ME] = "site_user"
+    backend.misbehave = "answer_twice"  # then {"role": "site_admin"}, unasked
+    assert await store.role_of("s1", ME) is Role.SITE_USER
+    backend.misbehave = None
+    # Mallory has no role: the leftover answer on that connection is not hers.
+    assert await store.role_of("s1", "mallory") is None
+    assert await store.role_of("s2", "mallory") is None
+    assert backend.connections == 2  # the connection that said too much was dropped
 
 
 async def test_a_failing_backend_is_not_hammered(

@@ -209,3 +209,17 @@ async def test_without_a_feed_a_new_version_re_checks_everyone_at_the_poll(
     watched.notice(("s1", "alice"))
     await trio.sleep(0.01)
     assert watched.rechecks.targeted == [{("s1", "alice")}]
+
+
+async def test_a_notice_during_the_outage_backoff_is_acted_on_at_once(
+    watched: Watched, autojump_clock: MockClock
+) -> None:
+    watched.store.is_failing = True
+    await trio.sleep(40 * POLL)  # the retries backed off: the next one is 30 s apart
+    watched.store.is_failing = False
+    changed_at = trio.current_time()
+    watched.change(("s1", "alice"))  # the store is back: its notices arrive again
+    await trio.sleep(2 * POLL)
+    # Everyone, as after any outage; not when a 30 s back-off happens to end.
+    (full_at,) = watched.rechecks.full
+    assert full_at - changed_at < 0.1
