@@ -320,7 +320,7 @@ async def _run(app: App, task_status: trio.TaskStatus[RunningServer]) -> None:
                 if metrics.is_multiprocess:
                     handlers.start_soon(_sync_metrics, app, metrics)
                 app.broker.lag_observer = metrics.delivery_lag.observe
-                publish_latency = metrics.publish_latency.labels("hub").observe
+                publish_latency = metrics.observe_hub_publish
             app.sessions = SessionContext(
                 limits=config.hub_limits,
                 max_outbox_bytes=config.max_outbox_bytes,

@@ -229,7 +229,7 @@ async def respond(request: Request) -> Response | Upgrade:
         else:
             started = trio.current_time()
             response = await _publish(request, hub)
-            metrics.publish_latency.labels("http").observe(trio.current_time() - started)
+            metrics.observe_http_publish(trio.current_time() - started)
         if response.status != 202:
             app.stats.count(app.stats.rejected, hub.value, "http", request.events or 1)
         return response

@@ -321,3 +321,30 @@ async def test_a_reconnect_recovers_every_site_with_bounded_history_reads(
     await trio.sleep(5)
     assert all(recorder.seqs == [1, 2] for recorder in recorders.values())
     assert 1 < backplane.most <= 32
+
+
+async def test_delivery_lag_is_sampled_but_every_long_round_is_observed(
+    nursery: trio.Nursery,
+) -> None:
+    now = [100.0]
+    took = [0.0]
+
+    class SlowRecorder(Recorder):
+        def deliver(self, delivery: Delivery, at: float) -> None:
+            super().deliver(delivery, at)
+            now[0] += took[0]  # the round's writes take this long
+
+    router = Router()
+    router.add(GroupKey(Hub.ENTRIES, "s1"), SlowRecorder())
+    broker = Broker(router, MemoryBackplane(), lambda: now[0], publish_window=1)
+    observed: list[float] = []
+    broker.lag_observer = observed.append
+    await nursery.start(broker.run)
+    took[0] = 0.001  # short rounds: one observation per 10 ms
+    for _ in range(5):
+        await broker.publish(Hub.ENTRIES, [{"site_id": "s1"}])
+    assert len(observed) == 1
+    took[0] = 0.05  # long rounds: every one
+    for _ in range(3):
+        await broker.publish(Hub.ENTRIES, [{"site_id": "s1"}])
+    assert observed[1:] == [pytest.approx(0.05)] * 3
