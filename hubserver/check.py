@@ -30,11 +30,12 @@ import trio
 from hubcore import HubError
 
 from .auth import JwksCache, ensure_dev_key, load_jwks_file
-from .backplane import RedisConnection, parse_redis_url
+from .backplane import RedisBackplane, RedisConnection, parse_redis_url
 from .config import ConfigError, ServerConfig
 from .config.settings import redact_credentials
 from .config.sources import Origin, Settings
 from .http._accept import descriptor_budget, fd_headroom
+from .permissions import RedisPermissionStore
 
 __all__ = ["CHECK_TIMEOUT", "CheckResult", "check_config", "run_checks"]
 
@@ -151,7 +152,10 @@ async def _backplane(config: ServerConfig) -> str:
         reply = await connection.execute("PING")
     if reply != b"PONG":
         raise CheckFailed(f"Redis at {address} answered PING with {reply!r}")
-    return f"Redis at {address} answered PING in {(trio.current_time() - started) * 1000:.1f} ms"
+    elapsed_ms = (trio.current_time() - started) * 1000
+    # The channel tells fleets sharing one Redis apart (it names the database).
+    channel = RedisBackplane(config.backplane).channel
+    return f"Redis at {address} answered PING in {elapsed_ms:.1f} ms (channel {channel})"
 
 
 async def _permissions(config: ServerConfig) -> str:
@@ -169,9 +173,13 @@ async def _permissions(config: ServerConfig) -> str:
                 return f"the permissions URL {where} answers a role lookup ({answer})"
             case "redis":
                 assert config.backplane is not None
+                assert isinstance(store, RedisPermissionStore)
                 version = await store.version()
                 address = parse_redis_url(config.backplane)
-                return f"roles in Redis at {address} answer (version {version})"
+                return (
+                    f"roles in Redis at {address} answer (version {version}, "
+                    f"channel {store.channel})"
+                )
             case _:
                 version = await store.version()
                 return (

@@ -18,7 +18,8 @@ names one (hub, site) even when the site id holds colons):
 skip it if its id key exists (a retry: the key holds the original seq),
 else take the next seq, build ``text = prefix .. seq .. "}"``, ``XADD``, set
 the id key; then one ``PUBLISH`` of the new events (a MessagePack array of
-``[hub, site, user or false, id, seq, text]``) on ``channel``. Redis runs a
+``[hub, site, user or false, id, seq, text]``) on ``channel`` (with ``:dbN``
+on database N > 0: channels are server-wide, keys are not). Redis runs a
 script atomically, so per-site seq order, publish order and channel order are
 the same on every node, a retry racing its original on another node is still
 published once, and the events of one ``publish`` reach every node as one
@@ -429,7 +430,8 @@ class RedisBackplane:
     Args:
         url: ``redis://[[USER]:PASSWORD@]HOST[:PORT][/DB]``.
         history_size: events kept per (hub, site).
-        channel: the Pub/Sub channel all nodes share.
+        channel: the Pub/Sub channel all nodes share, on database 0; on
+            database N, ``channel:dbN`` (see ``RedisAddress.channel``).
         key_prefix: the prefix of every key this backplane writes.
         op_timeout: how long one command may take, from waiting for a pooled
             connection to the reply, and how long a ``PING`` may go unanswered.
@@ -472,7 +474,7 @@ class RedisBackplane:
             raise ValueError(f"dedupe_window must not be negative, got {dedupe_window}")
         self._address = parse_redis_url(url)
         self._history_size = history_size
-        self._channel = channel
+        self._channel = self._address.channel(channel)
         self._key_prefix = key_prefix
         self._epoch_key = f"{key_prefix}:epoch"
         self._probe_key = f"{key_prefix}:probe"
@@ -490,6 +492,11 @@ class RedisBackplane:
     @property
     def address(self) -> RedisAddress:
         return self._address
+
+    @property
+    def channel(self) -> str:
+        """The Pub/Sub channel of the events, with the database in it (database 0: none)."""
+        return self._channel
 
     @property
     def is_available(self) -> bool:

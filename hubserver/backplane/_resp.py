@@ -184,6 +184,18 @@ class RedisAddress:
         # Never shows the password: addresses end up in log lines and errors.
         return f"{self.host}:{self.port}/{self.db}"
 
+    def channel(self, name: str) -> str:
+        """The Pub/Sub channel ``name`` of this address's database.
+
+        Keys live in one database, but Pub/Sub channels belong to the whole
+        server ("Pub/Sub has no relation to the key space", Redis' Pub/Sub
+        documentation): two fleets on one Redis that differ only by database
+        would hear each other's messages. Database N > 0 gets ``name:dbN``;
+        database 0 keeps ``name``, the channel of every version before, so a
+        fleet there can still be upgraded node by node.
+        """
+        return name if self.db == 0 else f"{name}:db{self.db}"
+
 
 def parse_redis_url(url: str) -> RedisAddress:
     """Parse ``redis://[[USER]:PASSWORD@]HOST[:PORT][/DB]``.

@@ -46,7 +46,7 @@ MAX_BACKOFF_INTERVAL: Final = 2.0
 
 
 def channel_name(key_prefix: str) -> str:
-    """The channel of the notices of the stores under ``key_prefix``."""
+    """The channel of the notices of the stores under ``key_prefix`` (on database 0)."""
     return f"{key_prefix}:perm:changes"
 
 
@@ -122,7 +122,7 @@ class NoticeChannel:
         address = parse_redis_url(url)
         return cls(
             address,
-            channel_name(key_prefix),
+            address.channel(channel_name(key_prefix)),
             pool=_ConnectionPool(address, 2),
             op_timeout=op_timeout,
             ping_interval=ping_interval,

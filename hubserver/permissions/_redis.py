@@ -11,8 +11,9 @@ Keys (``P`` is ``key_prefix``, the backplane's by default; its keys are
   actual revoke.
 
 Every change is one Lua script: it writes, bumps the version, and publishes a
-notice (see ``_notices``) on ``P:perm:changes`` naming the version and the
-pairs (or none past ``max_notice_pairs``: nodes then re-check everyone).
+notice (see ``_notices``) naming the version and the pairs (or none past
+``max_notice_pairs``: nodes then re-check everyone) on ``P:perm:changes``, or
+``P:perm:changes:dbN`` on database N > 0 (channels are server-wide, keys are not).
 Redis runs a script atomically, so a node that receives a notice reads the
 change it announces, and notices arrive in version order.
 
@@ -166,7 +167,8 @@ class RedisPermissionStore:
 
     Args:
         url: ``redis://[[USER]:PASSWORD@]HOST[:PORT][/DB]``, the backplane's.
-        key_prefix: the prefix of every key and of the channel.
+        key_prefix: the prefix of every key and of the channel (which also
+            names the database, unless it is 0: see ``RedisAddress.channel``).
         op_timeout: the deadline of one command, from waiting for a pooled
             connection to the reply, in seconds.
         ping_interval: how long the notice subscription may stay silent
@@ -209,7 +211,7 @@ class RedisPermissionStore:
         self._site_key_prefix = f"{key_prefix}:perm:site:"
         self._sites_key = f"{key_prefix}:perm:sites"
         self._version_key = f"{key_prefix}:perm:version"
-        self._channel = channel_name(key_prefix)
+        self._channel = self._address.channel(channel_name(key_prefix))
         self._notices = NoticeChannel(
             self._address,
             self._channel,
@@ -219,6 +221,11 @@ class RedisPermissionStore:
         )
         self._is_available = True
         self._on_change: Callable[[PermissionChange], None] | None = None
+
+    @property
+    def channel(self) -> str:
+        """The Pub/Sub channel of the change notices, with the database in it (0: none)."""
+        return self._channel
 
     async def aclose(self) -> None:
         """Close the idle connections (the store stays usable: it reconnects)."""

@@ -107,6 +107,19 @@ async def test_a_good_setup_passes_every_check(
     ), out
 
 
+async def test_a_fleet_on_another_database_is_told_its_channels(
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
+    url = f"redis://127.0.0.1:{redis_server.port}/3"
+    code, lines, out = await run_check(["--data-dir", str(tmp_path / "d"), "--backplane", url])
+    assert code == 0, out
+    assert lines["backplane"][1].endswith("(channel hubserver:events:db3)"), out
+    assert lines["permissions"][1].startswith(
+        f"roles in Redis at 127.0.0.1:{redis_server.port}/3 answer"
+    ), out
+    assert lines["permissions"][1].endswith("channel hubserver:perm:changes:db3)"), out
+
+
 async def test_development_mode_and_a_jwks_file_pass(tmp_path: Path, dev_key: DevKey) -> None:
     code, lines, out = await run_check(["--data-dir", str(tmp_path / "d")])
     assert code == 0, out

@@ -112,6 +112,24 @@ async def test_a_bulk_grant_past_the_notice_limit_asks_for_everyone(
         assert await heard.next() == PermissionChange(pairs=None, version=2)
 
 
+async def test_stores_on_two_databases_of_one_redis_hear_only_their_own_notices(
+    redis_server: RedisServer, prefix: str, nursery: trio.Nursery
+) -> None:
+    base = f"redis://127.0.0.1:{redis_server.port}"
+    async with (
+        RedisPermissionStore(f"{base}/1", key_prefix=prefix) as one,
+        RedisPermissionStore(f"{base}/2", key_prefix=prefix) as two,
+    ):
+        heard_one, heard_two = await listen(nursery, one), await listen(nursery, two)
+        await one.grant("s1", ME, Role.SITE_ADMIN)
+        assert await heard_one.next() == PermissionChange(pairs=frozenset({("s1", ME)}), version=1)
+        await two.grant("s2", ME, Role.SITE_USER)
+        # Its own change is the first it hears: nothing of the other database came before.
+        assert await heard_two.next() == PermissionChange(pairs=frozenset({("s2", ME)}), version=1)
+        await one.revoke("s1", ME)
+        assert await heard_one.next() == PermissionChange(pairs=frozenset({("s1", ME)}), version=2)
+
+
 async def test_a_lost_subscription_is_reported_as_re_check_everyone(
     own_redis_server: RedisServer, nursery: trio.Nursery
 ) -> None:

@@ -317,6 +317,30 @@ async def test_notices_are_relayed_to_every_node_through_redis(
         await node_b.aclose()
 
 
+async def test_relays_to_two_databases_of_one_redis_carry_only_their_own_notices(
+    backend: RoleBackend, redis_server: RedisServer, nursery: trio.Nursery
+) -> None:
+    base = f"redis://127.0.0.1:{redis_server.port}"
+    one, two = (
+        UrlPermissionStore(backend.url(), relay=f"{base}/{db}", key_prefix="relay-db-test")
+        for db in (1, 2)
+    )
+    heard: dict[UrlPermissionStore, list[PermissionChange]] = {one: [], two: []}
+    try:
+        for store, changes in heard.items():
+            nursery.start_soon(store.watch_changes, changes.append)
+        await trio.sleep(0.2)  # subscribed
+        await one.announce("s1", ME)
+        await two.announce("s2", ME)
+        await trio.sleep(0.2)  # delivered
+        # Each hears its own notice once, and nothing of the other database.
+        assert [change.pairs for change in heard[one]] == [{("s1", ME)}]
+        assert [change.pairs for change in heard[two]] == [{("s2", ME)}]
+    finally:
+        await one.aclose()
+        await two.aclose()
+
+
 async def test_a_relay_that_fails_still_applies_the_notice_here(backend: RoleBackend) -> None:
     store = UrlPermissionStore(backend.url(), relay="redis://127.0.0.1:9/0")
     heard: list[PermissionChange] = []

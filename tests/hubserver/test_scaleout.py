@@ -220,6 +220,31 @@ async def test_two_nodes_publishing_at_once_share_one_seq_per_site(
     assert [e["id"] for e in on_a.events] == [e["id"] for e in on_b.events]
 
 
+# -- fleets sharing one Redis -----------------------------------------------------------
+
+
+async def test_fleets_on_two_databases_of_one_redis_never_get_each_others_events(
+    start_node: StartNode, redis_server: RedisServer
+) -> None:
+    """Keys are per database, Pub/Sub channels are per server: the channel must say the db."""
+    base = f"redis://127.0.0.1:{redis_server.port}"
+    one = await start_node(backplane=f"{base}/1")
+    two = await start_node(backplane=f"{base}/2")
+    site = new_site()  # one site id, in both fleets
+    with trio.fail_after(CAP):
+        async with (
+            subscribe(one.h, site, since=0) as bystander,
+            subscribe(two.h, site, since=0) as other_fleet,
+        ):
+            ids = await Publisher(one.h).some(site, 3)
+            await bystander.until_seq(3)
+            assert [e["id"] for e in bystander.events] == ids
+            # A marker of its own fleet: nothing of fleet one came before it.
+            marker = await Publisher(two.h).some(site, 1)
+            assert await other_fleet.take(1) == [("event", 1)]
+            assert [e["id"] for e in other_fleet.events] == marker
+
+
 # -- losing a node -----------------------------------------------------------------------
 
 
