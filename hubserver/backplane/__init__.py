@@ -13,8 +13,8 @@ from ._contract import (
 )
 from ._memory import MemoryBackplane
 from ._redis import RedisBackplane
-from ._resp import RedisAddress, RedisConnection, RedisReplyError, parse_redis_url
 from ._unix import BrokerMessages, BrokerServer, UnixBackplane
+from .redis_client import RedisAddress, RedisConnection, RedisReplyError, parse_redis_url
 
 __all__ = [
     "Backplane",

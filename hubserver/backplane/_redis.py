@@ -54,17 +54,14 @@ last_seq - history_size + 1)``, exactly what ``MemoryBackplane`` keeps. It
 reads the counter, the oldest entry and the slice in one (read-only) script,
 so the three agree even while other nodes publish.
 
-Commands use a small pool of connections (at most ``max_connections``, each
-carrying one command at a time), opened lazily and dropped when they fail or
-when a command is cut short. Every command runs under ``fail_after(op_timeout)``,
-covering the wait for a pooled connection, connecting, and the reply.
+Commands use a ``ConnectionPool`` (at most ``max_connections``). Every
+command runs under ``fail_after(op_timeout)``, covering the wait for a pooled
+connection, connecting, and the reply.
 
-``run`` keeps its own subscriber connection. When it is lost it reconnects
-with exponential backoff, re-subscribes, and calls ``on_reconnect`` so the
-caller can fetch from ``history`` what it missed. An idle subscription is
-probed with ``PING`` every ``ping_interval``; no answer within ``op_timeout``
-counts as a lost connection (a silently dead peer would otherwise never be
-noticed).
+``run`` keeps a ``Subscription`` to the channel: after an outage it
+subscribes again and calls ``on_reconnect``, so the caller can fetch from
+``history`` what it missed; it probes a silent subscription with ``PING``
+every ``ping_interval``.
 
 ``is_available`` is False after a command could not reach Redis (until one
 succeeds or the subscriber reconnects), while ``run`` is not subscribed, and
@@ -76,12 +73,11 @@ every ``ping_interval`` with a write through a script, and the first success
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from contextlib import asynccontextmanager
-from dataclasses import dataclass, replace
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import replace
+from functools import partial
 from types import TracebackType
 from typing import Final
 
@@ -97,15 +93,22 @@ from ._contract import (
     PublishOutcomeUnknown,
     number,
 )
-from ._resp import Arg, RedisAddress, RedisConnection, RedisReplyError, Reply, parse_redis_url
+from .redis_client import (
+    Arg,
+    ConnectionPool,
+    RedisAddress,
+    RedisConnection,
+    RedisReplyError,
+    Reply,
+    Script,
+    Subscription,
+    parse_redis_url,
+)
 
 __all__ = ["RedisBackplane", "decode_batch"]
 
 log = logging.getLogger(__name__)
 
-#: Reconnect backoff of ``run``: the first wait, doubled up to the last (seconds).
-FIRST_BACKOFF_INTERVAL: Final = 0.1
-MAX_BACKOFF_INTERVAL: Final = 2.0
 #: Publishes failing in a row before ``is_available`` turns False.
 UNAVAILABLE_AFTER_FAILURES: Final = 3
 
@@ -278,66 +281,9 @@ return {last, first, redis.call('XRANGE', KEYS[2], string.format('%d', start),
 """
 
 
-@dataclass(frozen=True, slots=True)
-class _Script:
-    source: str
-    sha: str
-
-    @classmethod
-    def of(cls, source: str) -> _Script:
-        return cls(source, hashlib.sha1(source.encode(), usedforsecurity=False).hexdigest())
-
-
-_PUBLISH: Final = _Script.of(_PUBLISH_LUA)
-_HISTORY: Final = _Script.of(_HISTORY_LUA)
-_PROBE: Final = _Script.of(_PROBE_LUA)
-
-
-async def _evaluate(
-    conn: RedisConnection, script: _Script, keys: Sequence[Arg], args: Sequence[Arg]
-) -> Reply:
-    try:
-        return await conn.execute("EVALSHA", script.sha, len(keys), *keys, *args)
-    except RedisReplyError as exc:
-        if exc.code != "NOSCRIPT":
-            raise
-    # NOSCRIPT means nothing ran, so running it again is safe.
-    log.debug("Redis at %s has no script %s cached; sending it with EVAL", conn.address, script.sha)
-    return await conn.execute("EVAL", script.source, len(keys), *keys, *args)
-
-
-class _ConnectionPool:
-    """At most ``max_connections`` command connections, opened on demand."""
-
-    def __init__(self, address: RedisAddress, max_connections: int) -> None:
-        self._address = address
-        self._limiter = trio.CapacityLimiter(max_connections)
-        self._idle: list[RedisConnection] = []  # never longer than max_connections
-
-    @asynccontextmanager
-    async def connection(self) -> AsyncIterator[RedisConnection]:
-        async with self._limiter:
-            conn = None
-            while self._idle:
-                conn = self._idle.pop()
-                if not conn.is_stale():
-                    break
-                await conn.aclose()
-                conn = None
-            if conn is None:
-                conn = await RedisConnection.connect(self._address)
-            try:
-                yield conn
-            finally:
-                if conn.is_usable:
-                    self._idle.append(conn)
-                else:
-                    await conn.aclose()
-
-    async def close_idle(self) -> None:
-        idle, self._idle = self._idle, []
-        for conn in idle:
-            await conn.aclose()
+_PUBLISH: Final = Script(_PUBLISH_LUA)
+_HISTORY: Final = Script(_HISTORY_LUA)
+_PROBE: Final = Script(_PROBE_LUA)
 
 
 def decode_batch(data: bytes) -> list[NumberedEvent]:
@@ -482,9 +428,16 @@ class RedisBackplane:
         self._ping_interval = ping_interval
         # PX takes whole milliseconds; a positive window never rounds to "off".
         self._dedupe_window_ms = 0 if dedupe_window == 0 else max(1, round(dedupe_window * 1000))
-        self._pool = _ConnectionPool(self._address, max_connections)
+        self._pool = ConnectionPool(self._address, max_connections)
+        self._subscription = Subscription(
+            self._address,
+            self._channel,
+            name="backplane events",
+            op_timeout=op_timeout,
+            ping_interval=ping_interval,
+            pool=self._pool,
+        )
         self._is_command_ok = True
-        self._is_subscriber_ok = True
         self._is_running = False
         # Publishes (and write probes) that failed in a row.
         self._write_failures = 0
@@ -503,7 +456,7 @@ class RedisBackplane:
         """False while Redis cannot be reached, refuses publishes, or ``run`` is not subscribed."""
         return (
             self._is_command_ok
-            and self._is_subscriber_ok
+            and not self._subscription.is_lost
             and self._write_failures < UNAVAILABLE_AFTER_FAILURES
         )
 
@@ -545,7 +498,7 @@ class RedisBackplane:
             ]
         try:
             reply = await self._call(
-                "publish", lambda conn: _evaluate(conn, _PUBLISH, keys, args), is_write=True
+                "publish", lambda conn: _PUBLISH.evaluate(conn, keys, args), is_write=True
             )
         except BackplaneError:
             self._write_failures += 1
@@ -600,7 +553,7 @@ class RedisBackplane:
         ]
         # Redis parses the bound as a 64-bit integer: keep any caller's number in range.
         args: list[Arg] = [min(max(after_seq, 0), 2**62), self._history_size]
-        reply = await self._call("history", lambda conn: _evaluate(conn, _HISTORY, keys, args))
+        reply = await self._call("history", lambda conn: _HISTORY.evaluate(conn, keys, args))
         match reply:
             case [int(last_seq), int() | None as first_seq, list(entries), bytes() | None as raw]:
                 epoch = "" if raw is None else raw.decode(errors="replace")
@@ -648,11 +601,15 @@ class RedisBackplane:
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._probe_while_failing)
-                await self._subscribe_forever(deliver, on_reconnect, task_status)
+                await nursery.start(
+                    self._subscription.run,
+                    partial(_deliver_data, deliver),
+                    partial(self._resubscribed, on_reconnect),
+                )
+                self._is_command_ok = True  # subscribed: Redis is reachable
+                task_status.started()
         finally:
             self._is_running = False
-            # Only a running subscriber counts towards availability.
-            self._is_subscriber_ok = True
             await self._pool.close_idle()
 
     async def aclose(self) -> None:
@@ -756,7 +713,7 @@ class RedisBackplane:
             try:
                 await self._call(
                     "a write probe",
-                    lambda conn: _evaluate(conn, _PROBE, [self._probe_key], [uuid.uuid4().hex]),
+                    lambda conn: _PROBE.evaluate(conn, [self._probe_key], [uuid.uuid4().hex]),
                     is_write=True,
                 )
             except BackplaneError as exc:
@@ -765,95 +722,15 @@ class RedisBackplane:
             log.info("Redis at %s accepts writes again", self._address)
             self._write_failures = 0
 
-    # -- the subscriber ----------------------------------------------------------------
+    def _resubscribed(self, on_reconnect: Callable[[], None]) -> None:
+        self._is_command_ok = True  # subscribed: Redis is reachable
+        on_reconnect()
 
-    async def _subscribe_forever(
-        self,
-        deliver: Callable[[Sequence[NumberedEvent]], None],
-        on_reconnect: Callable[[], None],
-        task_status: trio.TaskStatus[None],
-    ) -> None:
-        backoff = FIRST_BACKOFF_INTERVAL
-        is_started = False
-        while True:
-            try:
-                conn = await self._open_subscriber()
-            except BackplaneError as exc:
-                self._is_subscriber_ok = False
-                log.warning("cannot subscribe to Redis (%s); retrying in %.1f s", exc, backoff)
-                await trio.sleep(backoff)
-                backoff = min(backoff * 2, MAX_BACKOFF_INTERVAL)
-                continue
-            backoff = FIRST_BACKOFF_INTERVAL
-            try:
-                self._is_subscriber_ok = True
-                self._is_command_ok = True
-                if is_started:
-                    log.info("subscribed to Redis at %s again", self._address)
-                    on_reconnect()
-                else:
-                    is_started = True
-                    task_status.started()
-                await self._deliver_until_lost(conn, deliver)
-            finally:
-                await conn.aclose()
-            self._is_subscriber_ok = False
-            await self._pool.close_idle()
-            await trio.sleep(backoff)
 
-    async def _open_subscriber(self) -> RedisConnection:
-        conn: RedisConnection | None = None
-        try:
-            with trio.fail_after(self._op_timeout):
-                conn = await RedisConnection.connect(self._address)
-                await conn.subscribe(self._channel)
-        except BaseException as exc:
-            if conn is not None:
-                await conn.aclose()
-            if isinstance(exc, trio.TooSlowError):
-                raise BackplaneUnavailable(
-                    f"Redis at {self._address} did not confirm SUBSCRIBE "
-                    f"within {self._op_timeout} s"
-                ) from exc
-            raise
-        return conn
-
-    async def _deliver_until_lost(
-        self, conn: RedisConnection, deliver: Callable[[Sequence[NumberedEvent]], None]
-    ) -> None:
-        while True:
-            try:
-                data = await self._next_message_data(conn)
-            except BackplaneError as exc:
-                log.warning("lost the Redis subscription: %s", exc)
-                return
-            try:
-                batch = decode_batch(data)
-            except BackplaneError as exc:
-                log.error("skipped a malformed backplane message of %d bytes: %s", len(data), exc)
-                continue
-            deliver(batch)
-
-    async def _next_message_data(self, conn: RedisConnection) -> bytes:
-        """The data of the next message; probes a silent connection with PING."""
-        is_ping_pending = False
-        while True:
-            wait = self._op_timeout if is_ping_pending else self._ping_interval
-            with trio.move_on_after(wait):
-                match await conn.next_push():
-                    case [b"message", bytes(), bytes(data)]:
-                        return data
-                    case _:
-                        is_ping_pending = False  # a pong (or any push) proves it alive
-                continue
-            if is_ping_pending:
-                raise BackplaneUnavailable(
-                    f"Redis at {self._address} did not answer PING within {self._op_timeout} s"
-                )
-            with trio.move_on_after(self._op_timeout) as sending:
-                await conn.send_ping()
-            if sending.cancelled_caught:
-                raise BackplaneUnavailable(
-                    f"could not send PING to Redis at {self._address} within {self._op_timeout} s"
-                )
-            is_ping_pending = True
+def _deliver_data(deliver: Callable[[Sequence[NumberedEvent]], None], data: bytes) -> None:
+    try:
+        batch = decode_batch(data)
+    except BackplaneError as exc:
+        log.error("skipped a malformed backplane message of %d bytes: %s", len(data), exc)
+        return
+    deliver(batch)

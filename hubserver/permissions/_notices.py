@@ -7,42 +7,33 @@ everyone). The Redis store's scripts publish it in the same atomic step as
 the change; ``announce`` (the ``POST /v1/permissions/changed`` endpoint) and
 the URL store's relay publish it with ``publish``.
 
-``NoticeChannel.run`` keeps one subscriber connection and hands every notice
-to its callback. Losing the connection loses the notices sent meanwhile, so
-each subscription after the first is announced as "re-check everyone". An
-idle subscription is probed with ``PING`` every ``ping_interval``; no answer
-within ``op_timeout`` counts as lost (a silently dead peer is noticed).
+``NoticeChannel.run`` keeps a ``Subscription`` to the channel and hands every
+notice to its callback. Losing the connection loses the notices sent
+meanwhile, so each subscription after the first is announced as "re-check
+everyone".
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable
-from typing import Final
 
 import msgpack
 import trio
 
-from hubserver.backplane import (
-    BackplaneError,
-    BackplaneUnavailable,
+from hubserver.backplane import BackplaneError
+from hubserver.backplane.redis_client import (
+    ConnectionPool,
     RedisAddress,
-    RedisConnection,
+    Subscription,
     parse_redis_url,
 )
-
-# The backplane's pool of command connections: the same Redis client, reused.
-from hubserver.backplane._redis import _ConnectionPool
 
 from ._store import PermissionChange, PermissionStoreUnavailable
 
 __all__ = ["NoticeChannel", "channel_name", "decode_notice", "encode_notice"]
 
 log = logging.getLogger("hubserver")
-
-#: Reconnect backoff of the subscriber: the first wait, doubled up to the last (seconds).
-FIRST_BACKOFF_INTERVAL: Final = 0.1
-MAX_BACKOFF_INTERVAL: Final = 2.0
 
 
 def channel_name(key_prefix: str) -> str:
@@ -100,7 +91,7 @@ class NoticeChannel:
         address: RedisAddress,
         channel: str,
         *,
-        pool: _ConnectionPool,
+        pool: ConnectionPool,
         op_timeout: float,
         ping_interval: float,
     ) -> None:
@@ -108,7 +99,15 @@ class NoticeChannel:
         self._channel = channel
         self._pool = pool
         self._op_timeout = op_timeout
-        self._ping_interval = ping_interval
+        self._subscription = Subscription(
+            address,
+            channel,
+            name="permission change notices",
+            op_timeout=op_timeout,
+            ping_interval=ping_interval,
+            pool=pool,
+            log_events=("permission_notices_lost", "permission_notices_back"),
+        )
 
     @classmethod
     def for_url(
@@ -123,7 +122,7 @@ class NoticeChannel:
         return cls(
             address,
             address.channel(channel_name(key_prefix)),
-            pool=_ConnectionPool(address, 2),
+            pool=ConnectionPool(address, 2),
             op_timeout=op_timeout,
             ping_interval=ping_interval,
         )
@@ -154,85 +153,11 @@ class NoticeChannel:
 
     async def run(self, on_notice: Callable[[PermissionChange], None]) -> None:
         """Hand every notice to ``on_notice`` until cancelled; never raises for Redis."""
-        backoff = FIRST_BACKOFF_INTERVAL
-        is_first = True
-        is_failing = False
-        while True:
-            try:
-                conn = await self._subscribe()
-            except BackplaneError as exc:
-                if not is_failing:
-                    log.warning(
-                        "cannot subscribe to permission change notices (%s); retrying",
-                        exc,
-                        extra={"event": "permission_notices_lost"},
-                    )
-                    is_failing = True
-                await trio.sleep(backoff)
-                backoff = min(backoff * 2, MAX_BACKOFF_INTERVAL)
-                continue
-            backoff = FIRST_BACKOFF_INTERVAL
-            async with conn:
-                if is_failing:
-                    log.info(
-                        "subscribed to permission change notices at %s again; re-checking every "
-                        "open connection",
-                        self._address,
-                        extra={"event": "permission_notices_back"},
-                    )
-                    is_failing = False
-                if not is_first:
-                    on_notice(PermissionChange(pairs=None))  # what was sent meanwhile is lost
-                is_first = False
-                try:
-                    await self._receive(conn, on_notice)
-                except BackplaneError as exc:
-                    log.warning(
-                        "lost the permission change notices subscription: %s",
-                        exc,
-                        extra={"event": "permission_notices_lost"},
-                    )
-                    is_failing = True
-            await trio.sleep(backoff)
-
-    async def _subscribe(self) -> RedisConnection:
-        conn: RedisConnection | None = None
-        try:
-            with trio.fail_after(self._op_timeout):
-                conn = await RedisConnection.connect(self._address)
-                await conn.subscribe(self._channel)
-        except BaseException as exc:
-            if conn is not None:
-                await conn.aclose()
-            if isinstance(exc, trio.TooSlowError):
-                raise BackplaneUnavailable(
-                    f"Redis at {self._address} did not confirm SUBSCRIBE "
-                    f"within {self._op_timeout:g} s"
-                ) from exc
-            raise
-        return conn
-
-    async def _receive(
-        self, conn: RedisConnection, on_notice: Callable[[PermissionChange], None]
-    ) -> None:
-        is_ping_pending = False
-        while True:
-            wait = self._op_timeout if is_ping_pending else self._ping_interval
-            with trio.move_on_after(wait):
-                push = await conn.next_push()
-                is_ping_pending = False  # any push proves the connection alive
-                if push[0] == b"message" and len(push) == 3 and isinstance(push[2], bytes):
-                    on_notice(_decoded(push[2]))
-                continue
-            if is_ping_pending:
-                raise BackplaneUnavailable(
-                    f"Redis at {self._address} did not answer PING within {self._op_timeout:g} s"
-                )
-            with trio.move_on_after(self._op_timeout) as sending:
-                await conn.send_ping()
-            if sending.cancelled_caught:
-                raise BackplaneUnavailable(f"could not send PING to Redis at {self._address}")
-            is_ping_pending = True
+        await self._subscription.run(
+            lambda data: on_notice(_decoded(data)),
+            # What was sent while the subscription was lost is lost.
+            lambda: on_notice(PermissionChange(pairs=None)),
+        )
 
 
 def _decoded(data: bytes) -> PermissionChange:

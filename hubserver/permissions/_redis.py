@@ -39,11 +39,15 @@ from typing import Final, Literal, Self
 
 import trio
 
-from hubserver.backplane import BackplaneError, RedisConnection, parse_redis_url
-
-# The backplane's Redis client: its pool, and scripts by EVALSHA with an EVAL fallback.
-from hubserver.backplane._redis import _ConnectionPool, _evaluate, _Script
-from hubserver.backplane._resp import Arg, Reply
+from hubserver.backplane import BackplaneError
+from hubserver.backplane.redis_client import (
+    Arg,
+    ConnectionPool,
+    RedisConnection,
+    Reply,
+    Script,
+    parse_redis_url,
+)
 
 from ._model import Member, Role, check_id, check_role, is_id
 from ._notices import NoticeChannel, channel_name, encode_notice
@@ -57,7 +61,7 @@ DEFAULT_KEY_PREFIX: Final = "hubserver"
 #: Pairs one notice names at most; a bigger change asks nodes to re-check everyone.
 MAX_NOTICE_PAIRS: Final = 1000
 
-_GRANT: Final = _Script.of("""
+_GRANT: Final = Script("""
 -- KEYS[1]: the sites set; KEYS[2]: the version; KEYS[2 + i]: row i's site hash.
 -- ARGV[1]: the channel; ARGV[2]: pairs a notice names at most; then three per
 -- row: site, subject, value. Returns the new version.
@@ -80,7 +84,7 @@ redis.call('PUBLISH', ARGV[1], cmsgpack.pack({version, named}))
 return version
 """)
 
-_REVOKE: Final = _Script.of("""
+_REVOKE: Final = Script("""
 -- KEYS[1]: the sites set; KEYS[2]: the version; KEYS[3]: the site's hash.
 -- ARGV[1]: the channel; ARGV[2]: the site; ARGV[3]: the subject.
 -- Returns 1 if the subject had a role there, else 0 (and nothing changes).
@@ -96,7 +100,7 @@ return 1
 """)
 
 
-_IMPORT: Final = _Script.of("""
+_IMPORT: Final = Script("""
 -- KEYS[1]: the sites set; KEYS[2]: the version; KEYS[2 + i]: row i's site hash.
 -- ARGV[1]: the channel; ARGV[2]: pairs a notice names at most; ARGV[3]: the mode,
 -- 'compare', 'add' or 'replace'; then three per row: site, subject, value.
@@ -207,7 +211,7 @@ class RedisPermissionStore:
             raise PermissionStoreError(f"permission store: {exc}") from exc
         self._op_timeout = op_timeout
         self._max_notice_pairs = max_notice_pairs
-        self._pool = _ConnectionPool(self._address, max_connections)
+        self._pool = ConnectionPool(self._address, max_connections)
         self._site_key_prefix = f"{key_prefix}:perm:site:"
         self._sites_key = f"{key_prefix}:perm:sites"
         self._version_key = f"{key_prefix}:perm:version"
@@ -357,7 +361,7 @@ class RedisPermissionStore:
         keys: list[Arg] = [self._sites_key, self._version_key, self._site_key(site_id)]
         args: list[Arg] = [self._channel, site_id, subject]
         reply = await self._call(
-            "a revoke", lambda conn: _evaluate(conn, _REVOKE, keys, args), is_write=True
+            "a revoke", lambda conn: _REVOKE.evaluate(conn, keys, args), is_write=True
         )
         return reply == 1
 
@@ -401,7 +405,7 @@ class RedisPermissionStore:
             return []
         reply = await self._call(
             "an import",
-            lambda conn: _evaluate(conn, _IMPORT, keys, args),
+            lambda conn: _IMPORT.evaluate(conn, keys, args),
             is_write=mode != "compare",
         )
         if not isinstance(reply, builtins.list) or len(reply) != len(members):
@@ -464,7 +468,7 @@ class RedisPermissionStore:
         for site_id, subject, role in rows:
             keys.append(self._site_key(site_id))
             args += [site_id, subject, f"{role.value} {granted_at}"]
-        await self._call("a grant", lambda conn: _evaluate(conn, _GRANT, keys, args), is_write=True)
+        await self._call("a grant", lambda conn: _GRANT.evaluate(conn, keys, args), is_write=True)
 
     def _unavailable(self, message: str) -> PermissionStoreUnavailable:
         self._is_available = False

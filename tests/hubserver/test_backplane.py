@@ -40,7 +40,7 @@ from hubserver.backplane import (
     UnixBackplane,
 )
 from hubserver.backplane._memory import held_bytes
-from hubserver.backplane._resp import NeedData, ReplyParser
+from hubserver.backplane.redis_client import NeedData, ReplyParser
 
 from .redis_fixture import (  # noqa: F401 (fixtures are found by pytest, not by name)
     RedisServer,

@@ -24,7 +24,7 @@ from hubserver.backplane import (
     RedisReplyError,
     parse_redis_url,
 )
-from hubserver.backplane._resp import NeedData, Reply, ReplyParser, encode_command
+from hubserver.backplane.redis_client import NeedData, Reply, ReplyParser, encode_command
 
 from .redis_fixture import RedisServer, redis_server_fixture  # noqa: F401 (fixture)
 

@@ -26,7 +26,7 @@ import trio
 
 from hubserver.auth import DevKey, ensure_dev_key
 from hubserver.backplane import parse_redis_url
-from hubserver.backplane._resp import RedisConnection
+from hubserver.backplane.redis_client import RedisConnection
 from hubserver.permissions import Role
 
 from .conftest import Harness

@@ -17,7 +17,7 @@ import pytest
 import trio
 
 from hubserver.backplane import RedisConnection, parse_redis_url
-from hubserver.backplane._resp import Arg, Reply
+from hubserver.backplane.redis_client import Arg, Reply
 from hubserver.permissions import (
     PermissionChange,
     PermissionStoreError,

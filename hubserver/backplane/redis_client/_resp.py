@@ -32,7 +32,7 @@ from urllib.parse import unquote, urlsplit
 import hiredis
 import trio
 
-from ._contract import BackplaneError, BackplaneUnavailable
+from .._contract import BackplaneError, BackplaneUnavailable
 
 __all__ = [
     "DEFAULT_MAX_REPLY_BYTES",
