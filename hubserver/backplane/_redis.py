@@ -78,7 +78,6 @@ import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import replace
 from functools import partial
-from types import TracebackType
 from typing import Final
 
 import msgpack
@@ -370,7 +369,7 @@ def _length_prefixed(site_id: str) -> str:
     return f"{len(site_id)}:{site_id}"
 
 
-class RedisBackplane:
+class RedisBackplane(trio.abc.AsyncResource):
     """The ``Backplane`` shared by every node through one Redis (see the module docstring).
 
     Args:
@@ -615,17 +614,6 @@ class RedisBackplane:
     async def aclose(self) -> None:
         """Close the idle command connections (the backplane stays usable: it reconnects)."""
         await self._pool.close_idle()
-
-    async def __aenter__(self) -> RedisBackplane:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
 
     # -- commands ----------------------------------------------------------------------
 

@@ -34,8 +34,7 @@ from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import partial
-from types import TracebackType
-from typing import Final, Literal, Self
+from typing import Final, Literal
 
 import trio
 
@@ -166,7 +165,7 @@ class Held:
     role: Role | None
 
 
-class RedisPermissionStore:
+class RedisPermissionStore(trio.abc.AsyncResource):
     """A `PermissionStore` (and `ChangeFeed`) over Redis; see the module docstring.
 
     Args:
@@ -234,17 +233,6 @@ class RedisPermissionStore:
     async def aclose(self) -> None:
         """Close the idle connections (the store stays usable: it reconnects)."""
         await self._pool.close_idle()
-
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
 
     # -- PermissionStore -------------------------------------------------------------
 

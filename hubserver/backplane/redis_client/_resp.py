@@ -25,7 +25,6 @@ import logging
 import select
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from types import TracebackType
 from typing import Final, TypeAlias
 from urllib.parse import unquote, urlsplit
 
@@ -242,7 +241,7 @@ def parse_redis_url(url: str) -> RedisAddress:
 # -- the connection --------------------------------------------------------------------
 
 
-class RedisConnection:
+class RedisConnection(trio.abc.AsyncResource):
     """One RESP2 connection over Trio: commands, or (after ``subscribe``) pushed messages.
 
     Open with ``await RedisConnection.connect(address)``; close with ``aclose``
@@ -345,17 +344,6 @@ class RedisConnection:
         self._is_closed = True
         with trio.CancelScope(shield=True):
             await self._stream.aclose()
-
-    async def __aenter__(self) -> RedisConnection:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
 
     async def execute(self, *args: Arg) -> Reply:
         """Send one command and return its reply.
