@@ -36,9 +36,9 @@ __all__ = ["NoticeChannel", "channel_name", "decode_notice", "encode_notice"]
 log = logging.getLogger("hubserver")
 
 
-def channel_name(key_prefix: str) -> str:
-    """The channel of the notices of the stores under ``key_prefix`` (on database 0)."""
-    return f"{key_prefix}:perm:changes"
+def channel_name(address: RedisAddress, key_prefix: str) -> str:
+    """The channel of the notices of the stores under ``key_prefix`` at ``address``."""
+    return address.channel(f"{key_prefix}:perm:changes")
 
 
 def encode_notice(version: int | None, pairs: Iterable[tuple[str, str]] | None) -> bytes:
@@ -121,7 +121,7 @@ class NoticeChannel:
         address = parse_redis_url(url)
         return cls(
             address,
-            address.channel(channel_name(key_prefix)),
+            channel_name(address, key_prefix),
             pool=ConnectionPool(address, 2),
             op_timeout=op_timeout,
             ping_interval=ping_interval,

@@ -214,7 +214,7 @@ class RedisPermissionStore(trio.abc.AsyncResource):
         self._site_key_prefix = f"{key_prefix}:perm:site:"
         self._sites_key = f"{key_prefix}:perm:sites"
         self._version_key = f"{key_prefix}:perm:version"
-        self._channel = self._address.channel(channel_name(key_prefix))
+        self._channel = channel_name(self._address, key_prefix)
         self._notices = NoticeChannel(
             self._address,
             self._channel,

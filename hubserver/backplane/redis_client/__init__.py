@@ -22,7 +22,6 @@ from __future__ import annotations
 
 from ._pool import ConnectionPool
 from ._resp import (
-    DEFAULT_MAX_REPLY_BYTES,
     Arg,
     NeedData,
     RedisAddress,
@@ -35,12 +34,9 @@ from ._resp import (
     parse_redis_url,
 )
 from ._script import Script
-from ._subscription import FIRST_BACKOFF_INTERVAL, MAX_BACKOFF_INTERVAL, Subscription
+from ._subscription import Subscription
 
 __all__ = [
-    "DEFAULT_MAX_REPLY_BYTES",
-    "FIRST_BACKOFF_INTERVAL",
-    "MAX_BACKOFF_INTERVAL",
     "Arg",
     "ConnectionPool",
     "NeedData",

@@ -1,17 +1,4 @@
-"""`Subscription`: one Pub/Sub channel, kept subscribed through outages.
-
-``run`` holds a connection of its own in subscriber mode. When subscribing
-fails it retries with exponential backoff (``FIRST_BACKOFF_INTERVAL``
-doubling up to ``MAX_BACKOFF_INTERVAL``); when the connection is lost it
-subscribes again and says so, because what was published meanwhile never
-arrives: each user catches up its own way (the backplane from history, the
-permission watcher by re-checking everyone). A subscription silent for
-``ping_interval`` is probed with ``PING``; no answer within ``op_timeout``
-counts as lost, since a silently dead peer would otherwise never be noticed.
-
-An outage is logged once: one warning when it starts, one line when the
-subscription is back.
-"""
+"""`Subscription`: one Pub/Sub channel, kept subscribed through outages."""
 
 from __future__ import annotations
 
@@ -35,7 +22,16 @@ MAX_BACKOFF_INTERVAL: Final = 2.0
 
 
 class Subscription:
-    """The messages of one channel, through outages (see the module docstring).
+    """The messages of one channel, on a connection of its own, through outages.
+
+    ``run`` retries a failed ``SUBSCRIBE`` with exponential backoff and
+    subscribes again after losing the connection; what was published
+    meanwhile never arrives, so it says so, and each user catches up its own
+    way (the backplane from history, the permission watcher by re-checking
+    everyone). A subscription silent for ``ping_interval`` is probed with
+    ``PING``; no answer within ``op_timeout`` counts as lost (a silently dead
+    peer would otherwise never be noticed). An outage is logged once: a
+    warning when it starts, a line when the subscription is back.
 
     Args:
         address: the Redis server.
