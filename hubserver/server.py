@@ -33,7 +33,7 @@ from .auth import (
 from .backplane import Backplane, MemoryBackplane, RedisBackplane, UnixBackplane
 from .config import ServerConfig, read_token_file
 from .config.settings import redact_credentials
-from .connection import ACCESS_REVOKED_TEXT, SessionContext
+from .connection import ACCESS_REVOKED_TEXT, HubSession, SessionContext
 from .http import handle_connection, handle_internal_connection
 from .http._accept import (
     METRICS_MAX_CONNECTIONS,
@@ -55,6 +55,7 @@ from .permissions import (
     SqlitePermissionStore,
     UrlPermissionStore,
     WorkerNoticeChannel,
+    may_subscribe,
     watch_permissions,
 )
 from .permissions._sqlite import FILE_NAME as SQLITE_FILE_NAME
@@ -63,6 +64,10 @@ from .timers import TimerQueue
 
 #: Room for a Publish invocation's own bytes around its events.
 PUBLISH_INVOCATION_OVERHEAD = 4096
+#: Pairs a re-check of open connections asks the store about at once. The URL
+#: store sends 8 requests at a time; SQLite answers one at a time from its
+#: thread; more would only queue inside the store.
+MAX_CONCURRENT_RECHECKS = 16
 
 __all__ = [
     "RunningServer",
@@ -547,33 +552,57 @@ async def _watch_permissions(app: App) -> None:
 async def _recheck_permissions(app: App, pairs: frozenset[tuple[str, str]] | None) -> None:
     """Re-check the open connections of these ``(site_id, subject)`` pairs (None: all).
 
+    The store is asked once per pair, however many connections it has, and
+    about up to ``MAX_CONCURRENT_RECHECKS`` pairs at once: a re-check of
+    everyone on a node with 100,000 connections, one slow question after
+    another, would take minutes.
+
     A store failure raises out of here and leaves the connections not yet
     re-checked open; the watcher runs this again, for everyone, once the store
     is back. A lookup that failed while the store stays available (one pair's
-    answer was unusable) leaves that connection as it was and the others are
-    still re-checked, before it raises: one bad record must not hold back
-    every revoke.
+    answer was unusable) leaves that pair's connections as they were and the
+    others are still re-checked, before it raises: one bad record must not
+    hold back every revoke.
     """
     app.store.forget(pairs)
-    failure: PermissionStoreUnavailable | None = None
+    by_pair: dict[tuple[str, str], list[HubSession]] = {}
     for session in list(app.stats.by_id.values()):
         key = session.key
-        if key is None or (pairs is not None and (key.site_id, session.subject) not in pairs):
+        if key is None:
             continue
-        try:
-            is_allowed = await app.may_open(key, session.subject)
-        except PermissionStoreUnavailable as exc:
-            if not app.store.is_available:
-                raise
-            failure = exc
-            continue
-        if not is_allowed:
-            app.stats.revoked_closed += 1
-            log.info(
-                "session %d: access revoked, closing",
-                session.session_id,
-                extra=session_fields(session, "session_closing", reason="revoked"),
-            )
-            session.close(Close(error=ACCESS_REVOKED_TEXT, allow_reconnect=False))
+        pair = (key.site_id, session.subject)
+        if pairs is None or pair in pairs:
+            by_pair.setdefault(pair, []).append(session)
+    failure: PermissionStoreUnavailable | None = None
+    # Shared by the lookup tasks: each takes the next pair (sync, so never twice).
+    todo = iter(by_pair.items())
+
+    async def recheck_pairs(nursery: trio.Nursery) -> None:
+        nonlocal failure
+        for (site_id, subject), sessions in todo:
+            try:
+                role = await app.store.role_of(site_id, subject)
+            except PermissionStoreUnavailable as exc:
+                failure = exc
+                if not app.store.is_available:
+                    nursery.cancel_scope.cancel()  # the rest waits for the store
+                    return
+                continue
+            for session in sessions:
+                key = session.key
+                assert key is not None  # only subscribers were gathered
+                if session.is_closing or may_subscribe(role, subject=subject, user_id=key.user_id):
+                    continue
+                app.stats.revoked_closed += 1
+                log.info(
+                    "session %d: access revoked, closing",
+                    session.session_id,
+                    extra=session_fields(session, "session_closing", reason="revoked"),
+                )
+                session.close(Close(error=ACCESS_REVOKED_TEXT, allow_reconnect=False))
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(min(MAX_CONCURRENT_RECHECKS, len(by_pair))):
+            nursery.start_soon(recheck_pairs, nursery)
     if failure is not None:
         raise failure

@@ -486,6 +486,13 @@ class HubSession:
     def _is_closing(self) -> bool:
         return self._phase is Phase.CLOSING or self._early_close is not None
 
+    @property
+    def is_closing(self) -> bool:
+        """A close was asked for (or the connection ended): asking again changes nothing."""
+        return (
+            self._is_closing or self._phase is Phase.CLOSED or self._close_after_calls is not None
+        )
+
     def _schedule(self) -> None:
         phase = self._phase
         if phase is Phase.CLOSED or phase is Phase.UPGRADING:

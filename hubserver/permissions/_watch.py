@@ -30,6 +30,13 @@ answers again re-checks everyone whatever the version says, so a revoke made
 during the outage still takes effect. A re-check in which a lookup failed
 (whether of everyone or of some pairs; cut short, or only one pair's answer
 unusable) is redone in the same way, for everyone.
+
+A re-check of everyone asks the store about every pair with an open
+connection; against a slow store (the URL source's backend) that takes a
+while. Notices that name pairs are not held back by it: while it runs,
+``recheck(pairs)`` runs for them at once, beside it (their versions wait for
+the loop, which handles them once it is through). A notice that names no
+pairs waits: only a re-check of everyone that starts after it covers it.
 """
 
 from __future__ import annotations
@@ -69,6 +76,8 @@ class ChangeQueue:
         self._pairs: set[tuple[str, str]] | None = set()  # None: everyone
         self._versions: list[int] = []
         self._arrived = trio.Event()
+        # Set while named pairs wait (what a re-check of everyone does not hold back).
+        self._pairs_arrived = trio.Event()
 
     def put(self, change: PermissionChange) -> None:
         """Queue ``change`` and wake the watcher (sync: callable from any task)."""
@@ -85,6 +94,8 @@ class ChangeQueue:
         if self._pairs is None:
             # Everyone is re-checked, after which the polled version is the one known.
             self._versions = []
+        elif self._pairs:
+            self._pairs_arrived.set()
         self._arrived.set()
 
     def take(self) -> tuple[frozenset[tuple[str, str]] | None, list[int]]:
@@ -94,7 +105,27 @@ class ChangeQueue:
         self._pairs, self._versions = set(), []
         if self._arrived.is_set():
             self._arrived = trio.Event()
+        if self._pairs_arrived.is_set():
+            self._pairs_arrived = trio.Event()
         return pairs, versions
+
+    def take_pairs(self) -> frozenset[tuple[str, str]]:
+        """The named pairs queued (none when "everyone" is), leaving their versions queued.
+
+        For notices handled while everyone is being re-checked: the versions
+        stay for the watcher's next turn, which compares them with the version
+        it read before that re-check.
+        """
+        pairs = frozenset(self._pairs or ())
+        if self._pairs:
+            self._pairs = set()
+        if self._pairs_arrived.is_set():
+            self._pairs_arrived = trio.Event()
+        return pairs
+
+    async def wait_for_pairs(self) -> None:
+        """Return once named pairs are queued (at once if some are)."""
+        await self._pairs_arrived.wait()
 
     async def wait_until(self, deadline: float) -> None:
         """Return at ``deadline``, or as soon as a change is queued."""
@@ -165,7 +196,7 @@ async def watch_permissions(
             elif is_poll and now >= awaited[1] + poll_interval:
                 is_recheck_due = True  # they are not: lost
             if is_recheck_due:
-                await recheck(None)
+                await _recheck_everyone(recheck, changes)
                 known, awaited, is_recheck_due = current, None, False
             elif pairs:
                 is_recheck_due = True  # until this recheck completes
@@ -199,3 +230,53 @@ async def watch_permissions(
             )
             failing_since = None
         await changes.wait_until(next_poll_at)
+
+
+async def _recheck_everyone(recheck: Recheck, changes: ChangeQueue) -> None:
+    """``recheck(None)``, while the notices naming pairs are applied beside it, at once.
+
+    Raises:
+        PermissionStoreUnavailable: the re-check of everyone failed, or one of
+            the pairs' re-checks did (the watcher then re-checks everyone again,
+            as after any failed re-check).
+    """
+    failure: PermissionStoreUnavailable | None = None
+    pair_failure: PermissionStoreUnavailable | None = None
+    is_done = False
+    waiting: trio.CancelScope | None = None
+
+    async def apply_notices() -> None:
+        nonlocal pair_failure, waiting
+        while True:
+            with trio.CancelScope() as waiting:
+                await changes.wait_for_pairs()
+            waiting = None
+            if is_done:
+                return  # what is queued now is the loop's
+            pairs = changes.take_pairs()
+            if not pairs:
+                continue  # turned into "everyone" meanwhile: a re-check after this one
+            try:
+                # Not cancelled when everyone is through: a revoke taken from
+                # the queue is seen to its end.
+                await recheck(pairs)
+            except PermissionStoreUnavailable as exc:
+                # Recorded, and the next notices still served: one pair's
+                # unusable answer must not hold back the others' revokes.
+                pair_failure = exc
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(apply_notices)
+        try:
+            await recheck(None)
+        except PermissionStoreUnavailable as exc:
+            failure = exc
+            nursery.cancel_scope.cancel()  # everyone is re-checked again anyway
+        else:
+            is_done = True
+            if waiting is not None:
+                waiting.cancel()
+    if failure is not None:
+        raise failure
+    if pair_failure is not None:
+        raise pair_failure

@@ -3,7 +3,8 @@
 ``GET /roles?site_id=S&subject=U`` answers ``{"role": ...}`` from ``roles``,
 over keep-alive HTTP/1.1 (h11). ``misbehave`` makes it answer what a broken
 backend would: another status, a redirect, garbage, an oversized body, a
-stall, or a closed connection. It counts connections and records requests.
+stall, or a closed connection. It counts connections and records requests
+(and, while answers are delayed, how many it answered at once).
 With ``required_token`` it answers 401 to a request without
 ``Authorization: Bearer`` that token, as a backend behind auth does.
 """
@@ -46,6 +47,9 @@ class RoleBackend:
         self.misbehave: Misbehaviour | None = None
         #: Seconds each answer waits before it is sent.
         self.delay = 0.0
+        #: Requests being answered now, and the most there were at once.
+        self.in_flight = 0
+        self.max_in_flight = 0
         #: The next request's answer is made at once, then held until this is set
         #: (an answer on its way while the roles change); later ones are not held.
         self.gate: trio.Event | None = None
@@ -117,7 +121,12 @@ class RoleBackend:
         self.requests.append(pair)
         self.authorizations.append(authorization)
         if self.delay:
-            await trio.sleep(self.delay)
+            self.in_flight += 1
+            self.max_in_flight = max(self.max_in_flight, self.in_flight)
+            try:
+                await trio.sleep(self.delay)
+            finally:
+                self.in_flight -= 1
         status, body = 200, json.dumps({"role": self.roles.get(pair)}).encode()
         if self.gate is not None:
             gate, self.gate = self.gate, None

@@ -11,16 +11,22 @@
 - The access-control backend as the source (a real local HTTP server): its
   change notices on ``POST /v1/permissions/changed`` close a revoked
   connection at once, relayed to every node through Redis.
+- A re-check of everyone (after an outage, a lost notice, every
+  ``--permissions-ttl``) against that backend answering slowly: it asks once
+  per (site, subject) pair, several at once, and a revoke's notice during it
+  closes its connection at once, not when everyone is through.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import subprocess
 import sys
+from collections import Counter
 from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -34,6 +40,7 @@ from hubserver.auth import DevKey, ensure_dev_key
 from hubserver.config import ConfigError, ServerConfig
 from hubserver.connection import ACCESS_REVOKED_TEXT
 from hubserver.permissions import RedisPermissionStore, Role, SqlitePermissionStore
+from hubserver.permissions._url import DEFAULT_MAX_CONNECTIONS
 from hubserver.server import RunningServer, serve
 
 from .helpers import (
@@ -766,3 +773,110 @@ async def test_a_backend_behind_auth_gets_the_token_of_the_file(
             while hint not in caplog.text:  # noqa: ASYNC110 (a log line has no event to wait on)
                 await trio.sleep(0.05)
     assert token not in caplog.text
+
+
+# --- a re-check of everyone against a slow backend ------------------------------------------
+
+#: Pairs with an open connection each: enough that a re-check one lookup at a
+#: time (PAIRS x ANSWER_DELAY = 3 s) misses the 2 s a revoke is promised.
+PAIRS = 100
+#: Seconds the backend takes for each answer while the re-check runs.
+ANSWER_DELAY = 0.03
+
+
+async def open_many(stack: AsyncExitStack, node: Node, subjects: list[str]) -> list[HubClient]:
+    return [
+        await stack.enter_async_context(
+            open_hub(node, hub_target("entries", "s1"), token=node.token(subject))  # type: ignore[arg-type]
+        )
+        for subject in subjects
+    ]
+
+
+async def start_re_check_of_everyone(redis: RedisServer, backend: RoleBackend) -> int:
+    """Cut the node's subscriptions, as a network blip does: the notices sent meanwhile
+    may be lost, so the node drops every answer it cached and re-checks everyone once it
+    is subscribed again. Waits for that re-check's first question to the backend, and
+    returns where its questions start in ``backend.requests``."""
+    asked = len(backend.requests)
+    await raw(redis.url, "CLIENT", "KILL", "TYPE", "pubsub")
+    while len(backend.requests) == asked:  # noqa: ASYNC110 (a real server's socket)
+        await trio.sleep(0.005)
+    return asked
+
+
+async def test_a_revoke_during_a_re_check_of_everyone_closes_at_once(
+    backend: RoleBackend, own_redis_server: RedisServer, start_node: StartNode
+) -> None:
+    subjects = [f"u{i}" for i in range(PAIRS)]
+    for subject in [*subjects, "alice"]:
+        backend.roles["s1", subject] = "site_admin"
+    node = await start_node(
+        permissions_url=backend.url(), backplane=own_redis_server.url, permission_poll_interval=30
+    )
+    with trio.fail_after(CAP):
+        async with AsyncExitStack() as stack:
+            bystanders = await open_many(stack, node, subjects)
+            # Opened last: the re-check of everyone reaches her last.
+            (alice,) = await open_many(stack, node, ["alice"])
+            backend.delay = ANSWER_DELAY
+            asked = await start_re_check_of_everyone(own_redis_server, backend)
+            started_at = trio.current_time()
+            backend.roles["s1", "alice"] = None
+            noticed_at = trio.current_time()
+            assert (await notify(node, b'{"site_id": "s1", "subject": "alice"}')).status == 202
+            with trio.fail_after(2):
+                await expect_revoked(alice)
+            took = trio.current_time() - noticed_at
+            swept = len(backend.requests) - asked
+            # Closed while the re-check of everyone was still under way, not after it.
+            assert swept < PAIRS, swept
+            while {s for _, s in backend.requests[asked:]} < {*subjects, "alice"}:  # noqa: ASYNC110
+                await trio.sleep(0.005)
+            sweep_took = trio.current_time() - started_at
+            print(
+                f"\n{PAIRS + 1} pairs, {ANSWER_DELAY:g} s per answer: revoked {took:.3f} s after "
+                f"its notice, with {swept} pairs asked; every pair asked in {sweep_took:.3f} s, "
+                f"{backend.max_in_flight} at once"
+            )
+            # Several questions at once: as many as the URL store sends (8).
+            assert backend.max_in_flight == DEFAULT_MAX_CONNECTIONS
+            backend.delay = 0
+            await still_served(node, "s1", *bystanders)
+    assert node.server is not None
+    assert node.server.app.stats.revoked_closed == 1
+
+
+async def test_a_re_check_of_everyone_asks_once_per_pair(
+    backend: RoleBackend,
+    own_redis_server: RedisServer,
+    start_node: StartNode,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    subjects = [f"u{i}" for i in range(10)]
+    for subject in [*subjects, "carol", "dave"]:
+        backend.roles["s1", subject] = "site_admin"
+    node = await start_node(
+        permissions_url=backend.url(), backplane=own_redis_server.url, permission_poll_interval=30
+    )
+    with trio.fail_after(CAP):
+        async with AsyncExitStack() as stack:
+            # Carol and dave each watch the site from several screens.
+            others = await open_many(stack, node, [*subjects, "dave", "dave", "dave"])
+            carols = await open_many(stack, node, ["carol"] * 4)
+            # A role the backend has and we do not: carol's answer is unusable, so
+            # never cached; her connections keep their role.
+            backend.roles["s1", "carol"] = "site_viewer"
+            backend.delay = ANSWER_DELAY
+            caplog.clear()
+            asked = await start_re_check_of_everyone(own_redis_server, backend)
+            # The re-check is through once the watcher reports carol's failed lookup.
+            while not any("unavailable" in r.getMessage() for r in caplog.records):  # noqa: ASYNC110
+                await trio.sleep(0.01)
+            assert caplog.records[-1].levelno == logging.WARNING
+            asks = Counter(subject for _, subject in backend.requests[asked:])
+            assert asks == Counter([*subjects, "carol", "dave"]), asks
+            backend.delay = 0
+            await still_served(node, "s1", *others, *carols)
+    assert node.server is not None
+    assert node.server.app.stats.revoked_closed == 0

@@ -51,13 +51,21 @@ class Versions:
 class Rechecks:
     calls: list[tuple[float, Pairs | None]] = field(default_factory=list)
     failures_left: int = 0
+    #: Seconds a re-check of everyone takes (a slow store, many pairs); it is
+    #: recorded when it starts, and fails at its end if ``failures_left``.
+    full_duration: float = 0.0
 
     async def __call__(self, pairs: Pairs | None) -> None:
-        await trio.lowlevel.checkpoint()
+        if pairs is None and self.full_duration:
+            self.calls.append((trio.current_time(), pairs))
+            await trio.sleep(self.full_duration)
+        else:
+            await trio.lowlevel.checkpoint()
         if self.failures_left:
             self.failures_left -= 1
             raise PermissionStoreUnavailable("down mid-way")
-        self.calls.append((trio.current_time(), pairs))
+        if pairs is not None or not self.full_duration:
+            self.calls.append((trio.current_time(), pairs))
 
     @property
     def full(self) -> list[float]:
@@ -223,3 +231,55 @@ async def test_a_notice_during_the_outage_backoff_is_acted_on_at_once(
     # Everyone, as after any outage; not when a 30 s back-off happens to end.
     (full_at,) = watched.rechecks.full
     assert full_at - changed_at < 0.1
+
+
+async def test_a_notice_during_a_re_check_of_everyone_is_acted_on_at_once(
+    watched: Watched, autojump_clock: MockClock
+) -> None:
+    watched.rechecks.full_duration = 100 * POLL
+    watched.changes.put(PermissionChange(pairs=None))
+    await trio.sleep(POLL)
+    (started_at,) = watched.rechecks.full
+    changed_at = trio.current_time()
+    watched.change(("s1", "alice"))
+    await trio.sleep(0.01)
+    # Not 99 s later, when everyone is through.
+    assert [(at - changed_at, pairs) for at, pairs in watched.rechecks.calls[1:]] == [
+        (0, {("s1", "alice")})
+    ]
+    watched.change(("s1", "bob"))
+    await trio.sleep(0.01)
+    assert watched.rechecks.targeted == [{("s1", "alice")}, {("s1", "bob")}]
+    await trio.sleep(200 * POLL)
+    # The notices' versions were counted: they start no re-check of everyone.
+    assert watched.rechecks.full == [started_at]
+
+
+async def test_a_notice_naming_no_pairs_during_a_re_check_of_everyone_starts_another(
+    watched: Watched, autojump_clock: MockClock
+) -> None:
+    watched.rechecks.full_duration = 10 * POLL
+    watched.changes.put(PermissionChange(pairs=None))
+    await trio.sleep(POLL)
+    watched.changes.put(PermissionChange(pairs=None))  # may concern those already re-checked
+    watched.change(("s1", "alice"))  # a flood: the queue turned into "everyone"
+    await trio.sleep(0.01)
+    assert watched.rechecks.targeted == []
+    await trio.sleep(30 * POLL)
+    first, second = watched.rechecks.full
+    assert second - first == pytest.approx(10 * POLL, abs=0.1)
+
+
+async def test_a_re_check_of_everyone_that_fails_is_redone_and_its_notices_still_served(
+    watched: Watched, autojump_clock: MockClock
+) -> None:
+    watched.rechecks.full_duration = 10 * POLL
+    watched.changes.put(PermissionChange(pairs=None))
+    await trio.sleep(POLL)
+    watched.change(("s1", "alice"))
+    await trio.sleep(0.01)
+    assert watched.rechecks.targeted == [{("s1", "alice")}]
+    watched.rechecks.failures_left = 1  # at the end of the re-check of everyone
+    await trio.sleep(30 * POLL)
+    first, second = watched.rechecks.full
+    assert second >= first + 10 * POLL  # redone once the first was through
