@@ -12,13 +12,14 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, urlsplit
 
 from hubcore import HubError, HubLimits
 
 __all__ = [
     "ANY_ORIGIN",
     "METRICS_SWITCH",
+    "MIN_PERMISSIONS_TTL",
     "PERMISSION_SOURCES",
     "ConfigError",
     "ServerConfig",
@@ -45,6 +46,11 @@ METRICS_SWITCH: Final = ("on", "off")
 #: Where roles live (``--permissions``): a file per node, the backplane's
 #: Redis, or the access-control backend (``--permissions-url``).
 PERMISSION_SOURCES: Final = ("sqlite", "redis", "url")
+#: The shortest ``--permissions-ttl``, in seconds: every TTL each node asks the
+#: backend about every (site, subject) with an open connection.
+MIN_PERMISSIONS_TTL: Final = 1.0
+#: The query parameters each question to ``--permissions-url`` adds.
+_ADDED_PARAMETERS: Final = frozenset({"site_id", "subject"})
 
 
 def permission_source(
@@ -157,9 +163,12 @@ class ServerConfig:
             ``permissions_url``); None: the URL if given, else Redis with a
             backplane, else SQLite (see ``permission_source``).
         permissions_url: ``GET URL?site_id=S&subject=U`` answers
-            ``{"role": ...}`` (``--permissions-url``).
+            ``{"role": ...}`` (``--permissions-url``); without credentials
+            (``permissions_url_token_file`` holds the token) and without
+            ``site_id`` or ``subject`` in its query.
         permissions_ttl: seconds an answer of ``permissions_url`` is reused,
-            and between two re-checks of every open connection against it.
+            and between two re-checks of every open connection against it
+            (at least ``MIN_PERMISSIONS_TTL``).
         permissions_url_token_file: a file holding the token sent to
             ``permissions_url`` as ``Authorization: Bearer`` (read at start,
             by ``read_token_file``; the token itself is never held here).
@@ -302,9 +311,26 @@ class ServerConfig:
                     "--permissions-url must be an http:// or https:// URL with a host "
                     "(and no #fragment)"
                 )
+            # Messages never repeat the URL: it may hold what they are about.
+            if "@" in parts.netloc:
+                raise ConfigError(
+                    "--permissions-url must not hold credentials (USER:PASSWORD@ before the "
+                    "host): they would never be sent. A backend behind authentication gets a "
+                    "bearer token: put it in a file and give --permissions-url-token-file PATH"
+                )
+            named = {name for name, _ in parse_qsl(parts.query, keep_blank_values=True)}
+            if named & _ADDED_PARAMETERS:
+                raise ConfigError(
+                    "--permissions-url must not have site_id or subject in its query: each "
+                    "question adds them (GET URL?site_id=S&subject=U)"
+                )
         ttl = self.permissions_ttl
-        if not math.isfinite(ttl) or ttl <= 0:
-            raise ConfigError("permissions_ttl must be a positive number of seconds")
+        if not math.isfinite(ttl) or ttl < MIN_PERMISSIONS_TTL:
+            raise ConfigError(
+                f"permissions_ttl must be at least {MIN_PERMISSIONS_TTL:g} second (a number "
+                "of seconds): each node re-checks every open connection against the "
+                "backend that often"
+            )
         if self.permissions_url_token_file is not None and url is None:
             raise ConfigError(
                 "--permissions-url-token-file is the credential of --permissions-url: "

@@ -395,7 +395,8 @@ def _build() -> tuple[Setting, ...]:
             "permissions_url",
             Kind.TEXT,
             "ask the access-control backend for roles: GET URL?site_id=S&subject=U answers "
-            '{"role": "site_admin"|"site_super_user"|"site_user"|null}',
+            '{"role": "site_admin"|"site_super_user"|"site_user"|null} (no credentials in '
+            "the URL: see --permissions-url-token-file)",
             is_secret=True,
             metavar="URL",
         ),
@@ -410,7 +411,7 @@ def _build() -> tuple[Setting, ...]:
             "permissions_ttl",
             Kind.SECONDS,
             "seconds an answer of --permissions-url is reused (and between two re-checks of "
-            "every open connection against it)",
+            "every open connection against it); at least 1",
         ),
         _s("history_size", Kind.INTEGER, "events kept per site and hub"),
         _s("resume_window", Kind.SECONDS, "seconds live events wait for Resume"),

@@ -379,6 +379,54 @@ def test_a_token_file_is_read_whole_and_shown_as_a_path_only(
     assert "give both, or neither" in capsys.readouterr().err
 
 
+def test_a_permissions_url_with_credentials_is_refused_and_never_shown(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Credentials in the URL were dropped without a word (only a bearer token from
+    a file is sent): refused, wherever the URL comes from, without repeating it."""
+    url = "https://ops:s3cret@acl.internal/roles?api_key=k3y"
+    path = write(tmp_path, f'permissions_url = "{url}"\n')
+    data = ["--data-dir", str(tmp_path / "data")]
+    hint = "put it in a file and give --permissions-url-token-file PATH"
+    with pytest.raises(ConfigError, match=hint):  # before anything could start
+        _config(_parser().parse_args(["serve", "--permissions-url", url]))
+    assert main(["serve", "--permissions-url", url, *data]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("hubserver: error: --permissions-url must not hold credentials"), err
+    assert hint in err and err.endswith("(--permissions-url)\n")
+    assert main(["serve", "--config", str(path), *data]) == 2
+    assert f"(permissions_url in {path})" in capsys.readouterr().err
+    assert main(["check", "--config", str(path), *data]) == 1
+    assert hint in capsys.readouterr().out
+    assert main(["config", "show", "--config", str(path)]) == 0
+    shown = capsys.readouterr().out
+    assert 'permissions_url = "https://ops:***@acl.internal/roles?api_key=***"' in shown
+    monkeypatch.setenv("HUBSERVER_PERMISSIONS_URL", url)
+    assert main(["serve", *data]) == 2
+    assert "(HUBSERVER_PERMISSIONS_URL)" in capsys.readouterr().err
+    assert main(["config", "show"]) == 0
+    shown += capsys.readouterr().out
+    assert "s3cret" not in shown and "k3y" not in shown
+    assert not (tmp_path / "data").exists(), "something started"
+    # The query names what each question adds: refused too (a second subject= would
+    # leave the answer to the backend's choice of the two).
+    assert main(["serve", "--permissions-url", "https://acl.internal/r?subject=x", *data]) == 2
+    assert "must not have site_id or subject in its query" in capsys.readouterr().err
+
+
+def test_a_permissions_ttl_below_one_second_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["serve", "--permissions-url", "https://acl.internal/roles", "--permissions-ttl"]
+    with pytest.raises(ConfigError, match="at least 1 second"):  # before anything could start
+        _config(_parser().parse_args([*argv, "0.001"]))
+    assert main([*argv, "0.001", "--data-dir", str(tmp_path / "data")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("hubserver: error: permissions_ttl must be at least 1 second"), err
+    assert err.endswith("(--permissions-ttl)\n")
+    assert not (tmp_path / "data").exists(), "something started"
+
+
 def test_a_missing_file_is_an_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["serve", "--config", str(tmp_path / "nope.toml")]) == 2
     assert "nope.toml: cannot read the config file: No such file or directory" in (

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -660,13 +661,35 @@ def test_where_roles_live_follows_the_deployment(settings: dict[str, Any], sourc
         ({"permissions_url": "ftp://acl.example/roles"}, "http:// or https://"),
         ({"permissions_url": "https:///roles"}, "with a host"),
         ({"permissions_url": "https://acl.example:99999/roles"}, "not a URL"),
-        ({"permissions_ttl": 0.0}, "permissions_ttl must be a positive"),
-        ({"permissions_ttl": float("nan")}, "permissions_ttl must be a positive"),
+        ({"permissions_ttl": 0.0}, "permissions_ttl must be at least 1 second"),
+        ({"permissions_ttl": float("nan")}, "permissions_ttl must be at least 1 second"),
+        # A re-check of everyone every millisecond is no setting anyone means.
+        ({"permissions_ttl": 0.001}, "permissions_ttl must be at least 1 second"),
+        ({"permissions_ttl": 0.999}, "permissions_ttl must be at least 1 second"),
+        ({"permissions_url": "https://ops:s3cret@acl.example/roles"}, "--permissions-url-token"),
+        ({"permissions_url": "https://s3cret@acl.example/roles"}, "--permissions-url-token-file"),
+        ({"permissions_url": "https://:s3cret@acl.example/roles"}, "--permissions-url-token-file"),
+        ({"permissions_url": "https://acl.example/roles?site_id=s1"}, "site_id or subject"),
+        ({"permissions_url": "https://acl.example/roles?t=1&subject="}, "site_id or subject"),
+        ({"permissions_url": "https://acl.example/roles?site%5Fid=s1"}, "site_id or subject"),
     ],
 )
 def test_impossible_role_sources_are_refused(settings: dict[str, Any], message: str) -> None:
-    with pytest.raises(ConfigError, match=message):
+    with pytest.raises(ConfigError, match=re.escape(message)) as refused:
         ServerConfig(**settings)
+    assert "s3cret" not in str(refused.value)
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {"permissions_url": "https://acl.example/roles", "permissions_ttl": 1.0},
+        {"permissions_url": "https://acl.example/roles?tenant=7&api_key=k"},
+        {"permissions_url": "https://acl.example/roles?subjects=1&site=2"},
+    ],
+)
+def test_role_sources_near_the_limits_are_accepted(settings: dict[str, Any]) -> None:
+    assert ServerConfig(**settings).permission_source == "url"
 
 
 def test_the_flags_reach_the_config() -> None:
