@@ -26,8 +26,15 @@ from hubcore import HubError
 
 from .app import HUB_SCOPE
 from .auth import ensure_dev_key
-from .config import ConfigError, ServerConfig, permission_source
-from .config.sources import Settings, add_arguments, settings_from_arguments
+from .config import PERMISSION_SOURCES, ConfigError, ServerConfig
+from .config.settings import SETTINGS_BY_NAME, SettingValueError
+from .config.sources import (
+    CONFIG_ENV,
+    Settings,
+    add_arguments,
+    read_config_file,
+    settings_from_arguments,
+)
 from .logs import configure_logging
 from .permissions import RedisPermissionStore, Role, SqlitePermissionStore
 from .permissions import cli as members_cli
@@ -40,7 +47,7 @@ log = logging.getLogger("hubserver")
 
 
 def _add_data_dir(parser: argparse.ArgumentParser) -> None:
-    """``--data-dir`` of the commands without a config file (token, members)."""
+    """``--data-dir`` of the commands without a config file (token)."""
     env = "HUBSERVER_DATA_DIR"
     parser.add_argument(
         "--data-dir",
@@ -127,22 +134,33 @@ def _parser() -> argparse.ArgumentParser:
         "--dry-run", action="store_true", help="compare only: say what would be done"
     )
     for sub in (grant, revoke, listing):
-        _add_data_dir(sub)
+        # Unset flags stay None: `_members_store` falls back to the environment
+        # and the config file, as serve does.
+        sub.add_argument(
+            "--config",
+            type=Path,
+            metavar="FILE",
+            help=f"the nodes' config file: its data_dir, backplane, permissions and "
+            f"permissions_url say where roles live, below these flags and the HUBSERVER_* "
+            f"variables (env {CONFIG_ENV})",
+        )
+        sub.add_argument(
+            "--data-dir", type=Path, help="data directory (env HUBSERVER_DATA_DIR; .hubserver)"
+        )
         sub.add_argument(
             "--redis",
-            default=os.environ.get("HUBSERVER_BACKPLANE") or None,
             metavar="URL",
             help="the fleet's Redis (redis://HOST:PORT/DB, the nodes' --backplane): roles "
-            "there, seen by every node at once (default: env HUBSERVER_BACKPLANE; without "
-            "it, the SQLite file in --data-dir)",
+            "there, seen by every node at once (default: env HUBSERVER_BACKPLANE, or the "
+            "config file's backplane; without it, the SQLite file in --data-dir)",
         )
         sub.add_argument(
             "--permissions",
-            choices=("sqlite", "redis"),
-            default=os.environ.get("HUBSERVER_PERMISSIONS") or None,
+            choices=PERMISSION_SOURCES,
+            type=str.lower,
             help="sqlite: the file in --data-dir even with --redis (nodes run with "
-            "--permissions sqlite); default: redis with --redis, else sqlite (env "
-            "HUBSERVER_PERMISSIONS)",
+            "--permissions sqlite); url: roles live in the access-control backend, and "
+            "members does not apply; default: as serve decides (env HUBSERVER_PERMISSIONS)",
         )
     return parser
 
@@ -159,19 +177,70 @@ def _config(args: argparse.Namespace) -> ServerConfig:
     return _server_config(settings_from_arguments(args), args)
 
 
-def _members_redis(args: argparse.Namespace) -> str | None:
-    """The Redis ``members`` works on, or None for the SQLite file (as ``serve`` decides)."""
-    source = permission_source(
-        args.permissions or None,
-        backplane=args.redis or None,
-        permissions_url=None if args.permissions else os.environ.get("HUBSERVER_PERMISSIONS_URL"),
-    )
-    if source == "url":
-        raise ConfigError(
-            "roles come from the access-control backend (HUBSERVER_PERMISSIONS_URL): "
-            "change them there; it notifies the nodes"
+def _members_store(args: argparse.Namespace) -> tuple[Path, str | None]:
+    """The data directory, and the Redis ``members`` works on (None: the SQLite file there).
+
+    Where roles live is decided as ``serve`` decides it, from the same four
+    settings: a flag (``--data-dir``, ``--redis`` for ``--backplane``,
+    ``--permissions``), else its ``HUBSERVER_*`` variable, else the config
+    file (``--config``, ``HUBSERVER_CONFIG``), else the default. An explicit
+    ``--permissions sqlite|redis`` wins over a permissions URL set elsewhere.
+
+    Raises:
+        ConfigError: the roles live in the access-control backend (members does
+            not apply there), or a setting is bad; the message says where it was set.
+    """
+    flags: dict[str, tuple[object, str]] = {
+        name: (value, "the command line")
+        for name, value in (
+            ("data_dir", args.data_dir),
+            ("backplane", args.redis),
+            ("permissions", args.permissions),
         )
-    return args.redis if source == "redis" else None
+        if value is not None
+    }
+    config_file: Path | None = args.config
+    if config_file is None and os.environ.get(CONFIG_ENV):
+        config_file = Path(os.environ[CONFIG_ENV])
+    from_file = read_config_file(config_file) if config_file is not None else {}
+    values: dict[str, object] = {}
+    origins: dict[str, str] = {}
+    for name in ("data_dir", "backplane", "permissions", "permissions_url"):
+        setting = SETTINGS_BY_NAME[name]
+        if name in flags:
+            values[name], origins[name] = flags[name]
+        elif os.environ.get(setting.env):
+            try:
+                values[name] = setting.from_text(os.environ[setting.env])
+            except SettingValueError as exc:
+                raise ConfigError(f"{setting.env}: {exc}") from None
+            origins[name] = setting.env
+        elif name in from_file:
+            values[name], origins[name] = from_file[name], str(config_file)
+        else:
+            values[name], origins[name] = setting.default, "default"
+    permissions, backplane = values["permissions"], values["backplane"]
+    if permissions == "url" or (permissions is None and values["permissions_url"] is not None):
+        # Never the URL itself: it may hold a credential.
+        why = (
+            f"permissions url, set by {origins['permissions']}"
+            if permissions == "url"
+            else f"a permissions URL, set by {origins['permissions_url']}"
+        )
+        raise ConfigError(
+            f"roles live in the access-control backend here ({why}): the members commands "
+            "do not apply. Change them there: the backend notifies the nodes "
+            "(POST /v1/permissions/changed)"
+        )
+    if permissions == "redis" and backplane is None:
+        raise ConfigError(
+            f"permissions redis (set by {origins['permissions']}) keeps roles in the fleet's "
+            "Redis: give --redis URL (or HUBSERVER_BACKPLANE)"
+        )
+    is_redis = permissions == "redis" or (permissions is None and backplane is not None)
+    data_dir = values["data_dir"]
+    assert isinstance(data_dir, Path)  # the setting's kind
+    return data_dir, str(backplane) if is_redis else None
 
 
 def _worker_total(settings: Settings) -> int:
@@ -373,8 +442,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(report, file=sys.stdout if is_ok else sys.stderr)
             return 0 if is_ok else 1
         elif args.command == "members":
-            data_dir = Path(args.data_dir)
-            redis_url = _members_redis(args)
+            data_dir, redis_url = _members_store(args)
             if args.action == "grant":
                 sites = list(args.site)
                 if args.sites_file is not None:

@@ -313,7 +313,130 @@ def test_cli_refuses_when_the_backend_owns_the_roles(tmp_path: Path) -> None:
         "--data-dir", str(tmp_path), env=setting,
     )  # fmt: skip
     assert done.returncode == 2
-    assert "change them there" in done.stderr
+    assert "Change them there" in done.stderr
+
+
+@pytest.fixture
+def no_settings(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
+    """No HUBSERVER_* variable but those the test sets."""
+    for name in os.environ:
+        if name.startswith("HUBSERVER_"):
+            monkeypatch.delenv(name)
+    return monkeypatch
+
+
+BACKEND_URL = "https://acl:s3cret@acl.internal/roles"
+MEMBERS_ACTIONS = (
+    ["grant", "--site", "s1", "--subject", ME, "--role", "site_admin"],
+    ["revoke", "--site", "s1", "--subject", ME],
+    ["list"],
+)
+
+
+@pytest.mark.parametrize(
+    ("env", "argv", "file", "why"),
+    [
+        (
+            {"HUBSERVER_PERMISSIONS": "url"},
+            [],
+            None,
+            "permissions url, set by HUBSERVER_PERMISSIONS",
+        ),
+        (
+            {"HUBSERVER_PERMISSIONS": "URL", "HUBSERVER_PERMISSIONS_URL": BACKEND_URL},
+            [],
+            None,
+            "permissions url, set by HUBSERVER_PERMISSIONS",
+        ),
+        (
+            {"HUBSERVER_PERMISSIONS_URL": BACKEND_URL},
+            [],
+            None,
+            "a permissions URL, set by HUBSERVER_PERMISSIONS_URL",
+        ),
+        ({}, ["--permissions", "url"], None, "permissions url, set by the command line"),
+        (
+            {"HUBSERVER_CONFIG": "{file}"},
+            [],
+            'permissions = "url"\npermissions_url = "https://acl.internal/roles"\n',
+            "permissions url, set by {file}",
+        ),
+        (
+            {"HUBSERVER_BACKPLANE": "redis://127.0.0.1:9/0"},
+            ["--config", "{file}"],
+            f'permissions_url = "{BACKEND_URL}"\n',
+            "a permissions URL, set by {file}",
+        ),
+    ],
+    ids=["env", "env with a URL", "env URL only", "flag", "HUBSERVER_CONFIG", "--config"],
+)
+def test_members_say_roles_live_in_the_backend_wherever_that_is_set(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    no_settings: pytest.MonkeyPatch,
+    env: dict[str, str],
+    argv: list[str],
+    file: str | None,
+    why: str,
+) -> None:
+    """What serve would take roles from decides what members does: there is no
+    file or Redis set to change then, and no error about a missing setting."""
+    from hubserver.__main__ import main
+
+    config = tmp_path / "hubserver.toml"
+    if file is not None:
+        config.write_text(file)
+    for name, value in env.items():
+        no_settings.setenv(name, value.format(file=config))
+    data_dir = tmp_path / "data"
+    argv = [arg.format(file=config) for arg in argv]
+    for action in MEMBERS_ACTIONS:
+        assert main(["members", *action, *argv, "--data-dir", str(data_dir)]) == 2
+        err = capsys.readouterr().err
+        assert err == (
+            f"hubserver: error: roles live in the access-control backend here "
+            f"({why.format(file=config)}): the members commands do not apply. Change them "
+            "there: the backend notifies the nodes (POST /v1/permissions/changed)\n"
+        )
+    assert not data_dir.exists(), "a SQLite file nobody reads was made"
+
+
+def test_members_follow_the_config_file_as_serve_does(
+    own_redis_server: RedisServer,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    no_settings: pytest.MonkeyPatch,
+) -> None:
+    from hubserver.__main__ import main
+
+    config = tmp_path / "hubserver.toml"
+    config.write_text(f'backplane = "{own_redis_server.url}"\ndata_dir = "data"\n')
+    grant = ["members", "grant", "--site", "s1", "--subject", ME, "--role", "site_user"]
+    assert main([*grant, "--config", str(config)]) == 0
+    assert capsys.readouterr().out == f"granted site_user on site s1 to subject {ME}\n"
+
+    async def role_in_redis() -> Role | None:
+        async with RedisPermissionStore(own_redis_server.url) as store:
+            return await store.role_of("s1", ME)
+
+    assert trio.run(role_in_redis) is Role.SITE_USER
+    assert not (tmp_path / "data").exists()
+    # The nodes keep their files: so does members, in the file's data_dir.
+    no_settings.setenv("HUBSERVER_CONFIG", str(config))
+    no_settings.setenv("HUBSERVER_PERMISSIONS", "sqlite")
+    assert main([*grant[:-1], "site_admin"]) == 0
+    with SqlitePermissionStore.open(tmp_path / "data") as sqlite_store:
+        assert [(m.site_id, m.role) for m in sqlite_store.list()] == [("s1", Role.SITE_ADMIN)]
+    # Redis named for roles, and no Redis given: the flag members has for it.
+    no_settings.setenv("HUBSERVER_PERMISSIONS", "redis")
+    assert main(["members", "list", "--config", str(tmp_path / "none.toml")]) == 2
+    assert "none.toml: cannot read the config file" in capsys.readouterr().err
+    config.write_text("")
+    assert main(["members", "list"]) == 2
+    assert capsys.readouterr().err == (
+        "hubserver: error: permissions redis (set by HUBSERVER_PERMISSIONS) keeps roles in "
+        "the fleet's Redis: give --redis URL (or HUBSERVER_BACKPLANE)\n"
+    )
 
 
 def test_cli_says_when_redis_cannot_be_reached(tmp_path: Path) -> None:
