@@ -42,7 +42,7 @@ import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Final
+from typing import Final, NoReturn
 
 import msgpack
 import trio
@@ -129,6 +129,74 @@ def _pending(row: object) -> PendingEvent:
                 hub=hub, site_id=site_id, user_id=user_id, event_id=event_id, prefix=prefix
             )
     raise BackplaneError(f"expected [hub, site, user, id, prefix], got {_describe(row)}")
+
+
+async def _follow(
+    path: str,
+    op: str,
+    op_timeout: float,
+    what: str,
+    *,
+    on_frame: Callable[[list[object]], None],
+    on_up: Callable[[bool], None],
+    on_down: Callable[[], None],
+) -> NoReturn:
+    """Hold one of the parent's push streams (``op``) open forever, reconnecting.
+
+    ``on_up(is_first)`` once each subscription is confirmed, ``on_frame`` for
+    each frame (a ``BackplaneError`` it raises ends that subscription),
+    ``on_down`` whenever it is lost. One warning per outage, not per retry:
+    a parent that is restarting must not fill the log of every worker.
+    """
+    delay = 0.05
+    is_first = True
+    is_down = False
+
+    def lost(reason: object) -> None:
+        nonlocal is_down
+        on_down()
+        log.log(
+            logging.DEBUG if is_down else logging.WARNING,
+            "broker %s lost (%s); retrying with backoff",
+            what,
+            reason,
+        )
+        is_down = True
+
+    while True:
+        try:
+            stream = await trio.open_unix_socket(path)
+        except OSError as exc:
+            lost(exc)
+        else:
+            async with stream:
+                reader = _FrameReader(stream)
+                try:
+                    await stream.send_all(_pack([op]))
+                    with trio.fail_after(op_timeout):
+                        ack = await reader.next()
+                    if ack != ["subscribed"]:
+                        raise BackplaneError(f"the broker did not confirm the {what}")
+                    delay = 0.05
+                    if is_down:
+                        is_down = False
+                        log.warning("broker %s back", what)
+                    on_up(is_first)
+                    is_first = False
+                    while (frame := await reader.next()) is not None:
+                        on_frame(frame)
+                    # Not an outage: the parent ends a stream that fell behind.
+                    on_down()
+                    log.warning("broker closed the %s; resubscribing", what)
+                except (
+                    OSError,
+                    trio.BrokenResourceError,
+                    trio.TooSlowError,
+                    BackplaneError,
+                ) as exc:
+                    lost(exc)
+        await trio.sleep(delay)
+        delay = min(delay * 2, 2.0)
 
 
 def _describe(value: object) -> str:
@@ -653,55 +721,39 @@ class UnixBackplane:
         if self._running:
             raise BackplaneError("UnixBackplane.run is already running")
         self._running = True
-        delay = 0.05
-        first = True
+
+        def on_frame(frame: list[object]) -> None:
+            if frame[0] == "ev":
+                # A bad row ends the subscription (BackplaneError): the
+                # reconnect makes the caller recover from history.
+                rows = frame[1] if len(frame) > 1 else None
+                if not isinstance(rows, list) or not rows:
+                    raise BackplaneError('expected ["ev", rows]')
+                deliver([_numbered(row) for row in rows])
+
+        def on_up(is_first: bool) -> None:
+            self._available = True
+            if is_first:
+                task_status.started()
+            else:
+                on_reconnect()
+
+        def on_down() -> None:
+            self._available = False
+
         try:
-            while True:
-                try:
-                    stream = await trio.open_unix_socket(self._path)
-                except OSError as exc:
-                    self._available = False
-                    log.warning("broker unreachable (%s); retrying in %.2f s", exc, delay)
-                    await trio.sleep(delay)
-                    delay = min(delay * 2, 2.0)
-                    continue
-                async with stream:
-                    reader = _FrameReader(stream)
-                    try:
-                        await stream.send_all(_pack(["sub"]))
-                        with trio.fail_after(self._op_timeout):
-                            ack = await reader.next()
-                        if ack != ["subscribed"]:
-                            raise BackplaneError("the broker did not confirm the subscription")
-                        self._available = True
-                        delay = 0.05
-                        if first:
-                            first = False
-                            task_status.started()
-                        else:
-                            on_reconnect()
-                        while (frame := await reader.next()) is not None:
-                            if frame[0] == "ev":
-                                # A bad row ends the subscription (BackplaneError): the
-                                # reconnect makes the caller recover from history.
-                                rows = frame[1] if len(frame) > 1 else None
-                                if not isinstance(rows, list) or not rows:
-                                    raise BackplaneError('expected ["ev", rows]')
-                                deliver([_numbered(row) for row in rows])
-                        # The parent closes a stream that fell too far behind (or
-                        # is stopping): resubscribe at once; ``on_reconnect`` has
-                        # the broker fetch what was missed from history.
-                        log.warning("broker closed the event stream; resubscribing")
-                    except (
-                        OSError,
-                        trio.BrokenResourceError,
-                        trio.TooSlowError,
-                        BackplaneError,
-                    ) as exc:
-                        log.warning("broker subscription lost: %s", exc)
-                self._available = False
-                await trio.sleep(delay)
-                delay = min(delay * 2, 2.0)
+            # The parent closes a stream that fell too far behind (or is
+            # stopping): it is resubscribed at once, and ``on_reconnect`` has
+            # the broker fetch what was missed from history.
+            await _follow(
+                self._path,
+                "sub",
+                self._op_timeout,
+                "event stream",
+                on_frame=on_frame,
+                on_up=on_up,
+                on_down=on_down,
+            )
         finally:
             self._running = False
             await self._drop()
@@ -767,43 +819,25 @@ class BrokerMessages:
         lost (messages relayed meanwhile were missed); ``task_status`` is
         started once the first subscription is confirmed.
         """
-        delay = 0.05
-        is_first = True
-        while True:
-            try:
-                stream = await trio.open_unix_socket(self._path)
-            except OSError as exc:
-                log.warning("broker unreachable for messages (%s); retrying in %.2f s", exc, delay)
-                await trio.sleep(delay)
-                delay = min(delay * 2, 2.0)
-                continue
-            async with stream:
-                reader = _FrameReader(stream)
-                try:
-                    await stream.send_all(_pack(["msgs"]))
-                    with trio.fail_after(self._op_timeout):
-                        ack = await reader.next()
-                    if ack != ["subscribed"]:
-                        raise BackplaneError("the broker did not confirm the message stream")
-                    delay = 0.05
-                    if is_first:
-                        is_first = False
-                        task_status.started()
-                    else:
-                        on_reconnect()
-                    while (frame := await reader.next()) is not None:
-                        match frame:
-                            case ["msg", bytes(data)]:
-                                on_message(data)
-                            case _:
-                                raise BackplaneError(f"expected a message, got {_describe(frame)}")
-                    log.warning("broker closed the message stream; listening again")
-                except (
-                    OSError,
-                    trio.BrokenResourceError,
-                    trio.TooSlowError,
-                    BackplaneError,
-                ) as exc:
-                    log.warning("broker message stream lost: %s", exc)
-            await trio.sleep(delay)
-            delay = min(delay * 2, 2.0)
+        def on_frame(frame: list[object]) -> None:
+            match frame:
+                case ["msg", bytes(data)]:
+                    on_message(data)
+                case _:
+                    raise BackplaneError(f"expected a message, got {_describe(frame)}")
+
+        def on_up(is_first: bool) -> None:
+            if is_first:
+                task_status.started()
+            else:
+                on_reconnect()
+
+        await _follow(
+            self._path,
+            "msgs",
+            self._op_timeout,
+            "message stream",
+            on_frame=on_frame,
+            on_up=on_up,
+            on_down=lambda: None,
+        )

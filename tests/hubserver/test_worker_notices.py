@@ -188,3 +188,22 @@ async def test_a_parent_that_cannot_be_reached_leaves_the_notice_on_this_worker(
                 nursery.cancel_scope.cancel()
     finally:
         await store.aclose()
+
+
+async def test_a_parent_away_for_a_while_is_one_warning_not_one_per_retry(
+    tmp_path: Path, nursery: trio.Nursery, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "broker.sock"
+    with trio.fail_after(CAP):
+        async with trio.open_nursery() as parent:
+            await parent.start(BrokerServer(MemoryBackplane(), path).serve)
+            heard = await listen(nursery, path)
+            parent.cancel_scope.cancel()
+        caplog.clear()
+        await trio.sleep(3)  # retries back off to 2 s: several in this time
+        await nursery.start(BrokerServer(MemoryBackplane(), path).serve)
+        while heard.reconnects == 0:
+            await heard.lot.park()
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert sum("message stream lost" in w for w in warnings) == 1, warnings
+    assert sum("message stream back" in w for w in warnings) == 1, warnings
