@@ -13,8 +13,7 @@ from __future__ import annotations
 import json
 from typing import Final
 
-from hubserver.permissions import MAX_ID_CHARS
-from hubserver.permissions._model import is_id
+from hubserver.permissions import MAX_ID_CHARS, is_id
 
 from ._request import JSON, Refusal, Request, Response, refusal_response
 

@@ -32,8 +32,7 @@ from hubserver.connection import MAX_RESUME_SEQ, HubSession
 from hubserver.logs import connection_fields, session_fields
 from hubserver.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from hubserver.permissions import PermissionStoreUnavailable
-from hubserver.routing import GroupKey, Hub, PublishError, parse_publish_body
-from hubserver.routing._events import MAX_ID_CHARS
+from hubserver.routing import MAX_ID_CHARS, GroupKey, Hub, PublishError, parse_publish_body
 from hubserver.transports import (
     SSE_HEAD,
     PollTransport,

@@ -21,7 +21,7 @@ outages.
 from __future__ import annotations
 
 from ._cached import CachedPermissionStore
-from ._model import MAX_ID_CHARS, Member, Role, may_subscribe, parse_role
+from ._model import MAX_ID_CHARS, Member, Role, is_id, may_subscribe, parse_role
 from ._redis import RedisPermissionStore
 from ._relay import NoticeRelay, WorkerNoticeChannel
 from ._sqlite import SqlitePermissionStore
@@ -53,6 +53,7 @@ __all__ = [
     "SqlitePermissionStore",
     "UrlPermissionStore",
     "WorkerNoticeChannel",
+    "is_id",
     "may_subscribe",
     "parse_role",
     "watch_permissions",

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Final, assert_never
 
-__all__ = ["MAX_ID_CHARS", "Member", "Role", "may_subscribe", "parse_role"]
+__all__ = ["MAX_ID_CHARS", "Member", "Role", "is_id", "may_subscribe", "parse_role"]
 
 #: Longest site id or subject accepted, in characters.
 MAX_ID_CHARS: Final = 256

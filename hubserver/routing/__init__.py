@@ -3,12 +3,20 @@
 from __future__ import annotations
 
 from ._broker import Broker, Replay, deliver_to
-from ._events import MAX_DEPTH, PublishError, check_events, is_within_depth, parse_publish_body
+from ._events import (
+    MAX_DEPTH,
+    MAX_ID_CHARS,
+    PublishError,
+    check_events,
+    is_within_depth,
+    parse_publish_body,
+)
 from ._groups import GroupKey, Hub, Router, Subscriber
 from ._stream import Delivery, StreamEvent, Wire, gap_message, to_pending, to_stream_event
 
 __all__ = [
     "MAX_DEPTH",
+    "MAX_ID_CHARS",
     "Broker",
     "Delivery",
     "GroupKey",
