@@ -248,6 +248,11 @@ async def _recheck_everyone(recheck: Recheck, changes: ChangeQueue) -> None:
     async def apply_notices() -> None:
         nonlocal pair_failure, waiting
         while True:
+            if is_done:
+                # Everyone went through while a re-check of pairs ran: nobody
+                # would cancel the wait below, and the watcher would stall
+                # until the next notice naming pairs.
+                return
             with trio.CancelScope() as waiting:
                 await changes.wait_for_pairs()
             waiting = None
