@@ -15,8 +15,9 @@ Memory is bounded against publishers that invent ids and sites:
   (at most ``history_size`` events each); the least recently published (or
   read) one is forgotten first.
 - History bytes: all histories together hold at most ``max_history_bytes``
-  (each event counted as its text, its id strings and a fixed overhead for
-  the objects that hold them). Past it, the oldest events of the least
+  (each event counted as what its text and id strings take in memory, at
+  1, 2 or 4 bytes a character, and a fixed overhead for the objects that
+  hold them). Past it, the oldest events of the least
   recently used site with any history go first; the site keeps its counter,
   so a client resuming there gets a ``Gap`` for what went, never a wrong
   replay. Counts alone did not bound memory: 10,000 sites of 1,000 events of
@@ -31,6 +32,7 @@ Memory is bounded against publishers that invent ids and sites:
 from __future__ import annotations
 
 import logging
+import sys
 import uuid
 from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
@@ -53,27 +55,38 @@ _IdKey = tuple[str, str, str]  # (hub, site_id, event id): the scope of an id
 #: Bytes an event costs beyond its strings' characters: the NumberedEvent, the
 #: string objects' headers and its deque slot (tracemalloc: ~330 on CPython 3.12).
 EVENT_OVERHEAD: Final = 400
+#: What a str object takes beyond its characters (an empty one's size).
+_STR_HEADER_BYTES: Final = sys.getsizeof("")
+
+
+def _chars_bytes(text: str) -> int:
+    """What ``text``'s characters take in memory: 1, 2 or 4 bytes each, as CPython
+    stores the whole string at the width of its widest character (PEP 393)."""
+    return sys.getsizeof(text) - _STR_HEADER_BYTES
 
 
 def held_bytes(event: NumberedEvent) -> int:
     """What keeping ``event`` in a history costs, as ``max_history_bytes`` counts it."""
     user = event.user_id
     return (
-        len(event.text)
-        + len(event.event_id)
-        + len(event.site_id)
-        + (len(user) if user is not None else 0)
+        _chars_bytes(event.text)
+        + _chars_bytes(event.event_id)
+        + _chars_bytes(event.site_id)
+        + (_chars_bytes(user) if user is not None else 0)
         + EVENT_OVERHEAD
     )
 
 
 class _Site:
-    __slots__ = ("bytes", "history", "last_seq")
+    __slots__ = ("bytes", "history", "last_seq", "sizes")
 
     def __init__(self, last_seq: int) -> None:
         self.last_seq = last_seq
         # Bounded by MemoryBackplane (history_size events, max_history_bytes overall).
         self.history: deque[NumberedEvent] = deque()
+        # Each kept event's held_bytes, as counted when it came: what its drop
+        # takes back (a str's size can grow later, with a cached UTF-8 form).
+        self.sizes: deque[int] = deque()
         self.bytes = 0
 
 
@@ -273,6 +286,7 @@ class MemoryBackplane:
             self._drop_oldest(site)
         size = held_bytes(event)
         history.append(event)
+        site.sizes.append(size)
         site.bytes += size
         self._history_bytes += size
         holding = self._holding
@@ -284,7 +298,8 @@ class MemoryBackplane:
             self._trim()
 
     def _drop_oldest(self, site: _Site) -> None:
-        size = held_bytes(site.history.popleft())
+        site.history.popleft()
+        size = site.sizes.popleft()
         site.bytes -= size
         self._history_bytes -= size
 

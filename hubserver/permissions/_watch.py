@@ -35,8 +35,12 @@ A re-check of everyone asks the store about every pair with an open
 connection; against a slow store (the URL source's backend) that takes a
 while. Notices that name pairs are not held back by it: while it runs,
 ``recheck(pairs)`` runs for them at once, beside it (their versions wait for
-the loop, which handles them once it is through). A notice that names no
-pairs waits: only a re-check of everyone that starts after it covers it.
+the loop, which handles them once it is through); so do the pairs the loop
+took in the turn that started it (say, a notice that ended an outage's
+back-off). A notice that names no pairs waits: only a re-check of everyone
+that starts after it covers it. A notice taken from the queue is seen
+through even when the re-check of everyone fails: nothing else would apply
+it before the next one, a back-off later.
 """
 
 from __future__ import annotations
@@ -196,7 +200,7 @@ async def watch_permissions(
             elif is_poll and now >= awaited[1] + poll_interval:
                 is_recheck_due = True  # they are not: lost
             if is_recheck_due:
-                await _recheck_everyone(recheck, changes)
+                await _recheck_everyone(recheck, changes, pairs or frozenset())
                 known, awaited, is_recheck_due = current, None, False
             elif pairs:
                 is_recheck_due = True  # until this recheck completes
@@ -232,8 +236,10 @@ async def watch_permissions(
         await changes.wait_until(next_poll_at)
 
 
-async def _recheck_everyone(recheck: Recheck, changes: ChangeQueue) -> None:
-    """``recheck(None)``, while the notices naming pairs are applied beside it, at once.
+async def _recheck_everyone(
+    recheck: Recheck, changes: ChangeQueue, taken: frozenset[tuple[str, str]]
+) -> None:
+    """``recheck(None)``, while ``taken`` and the notices naming pairs are applied beside it.
 
     Raises:
         PermissionStoreUnavailable: the re-check of everyone failed, or one of
@@ -247,35 +253,39 @@ async def _recheck_everyone(recheck: Recheck, changes: ChangeQueue) -> None:
 
     async def apply_notices() -> None:
         nonlocal pair_failure, waiting
+        pairs = taken
         while True:
+            if pairs:
+                try:
+                    # Not cancelled when everyone is through (or failed): a
+                    # revoke taken from the queue is seen to its end.
+                    await recheck(pairs)
+                except PermissionStoreUnavailable as exc:
+                    # Recorded, and the next notices still served: one pair's
+                    # unusable answer must not hold back the others' revokes.
+                    pair_failure = exc
+            if is_done:
+                # Everyone went through while a re-check of pairs ran: nobody
+                # would cancel the wait below, and the watcher would stall
+                # until the next notice naming pairs.
+                return
             with trio.CancelScope() as waiting:
                 await changes.wait_for_pairs()
             waiting = None
             if is_done:
                 return  # what is queued now is the loop's
+            # Empty if the queue turned into "everyone": a re-check after this one.
             pairs = changes.take_pairs()
-            if not pairs:
-                continue  # turned into "everyone" meanwhile: a re-check after this one
-            try:
-                # Not cancelled when everyone is through: a revoke taken from
-                # the queue is seen to its end.
-                await recheck(pairs)
-            except PermissionStoreUnavailable as exc:
-                # Recorded, and the next notices still served: one pair's
-                # unusable answer must not hold back the others' revokes.
-                pair_failure = exc
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(apply_notices)
         try:
             await recheck(None)
         except PermissionStoreUnavailable as exc:
-            failure = exc
-            nursery.cancel_scope.cancel()  # everyone is re-checked again anyway
-        else:
-            is_done = True
-            if waiting is not None:
-                waiting.cancel()
+            failure = exc  # everyone is re-checked again, after the back-off
+        is_done = True
+        if waiting is not None:
+            waiting.cancel()
     if failure is not None:
         raise failure
     if pair_failure is not None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import itertools
 import json
 import socket
+import sys
 import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import replace
@@ -22,6 +23,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any, Protocol
 
+import msgpack
 import pytest
 import trio
 import trio.testing
@@ -522,6 +524,33 @@ async def test_memory_history_bytes_follow_every_way_an_event_goes() -> None:
     kept = [*(await node.history("entries", "b", 0)).events]
     kept += (await node.history("entries", "c", 0)).events
     assert node.history_bytes == sum(held_bytes(e) for e in kept)
+
+
+async def test_memory_history_bytes_count_what_non_ascii_text_takes() -> None:
+    # CPython keeps a str with one character past U+FFFF at 4 bytes per
+    # character (event text is JSON with ensure_ascii=False): counting
+    # characters let a publisher hold about 4x --max-history-bytes.
+    budget = 256 << 10
+    node = MemoryBackplane(max_history_bytes=budget)
+    for _ in range(100):
+        await node.publish(events(1, site_id="a", note="\U0001f6aa" + "x" * 4000))
+    kept = (await node.history("entries", "a", 0)).events
+    assert len(kept) > 1
+    assert sum(sys.getsizeof(e.text) for e in kept) <= budget
+
+
+async def test_memory_history_bytes_do_not_drift_when_a_kept_text_is_packed() -> None:
+    # The --workers parent msgpacks kept events for its workers, which caches
+    # each str's UTF-8 form and grows its sys.getsizeof: a drop must take back
+    # what was counted when the event came, or the total drifts below the truth.
+    packed, untouched = MemoryBackplane(history_size=2), MemoryBackplane(history_size=2)
+    note = "\U0001f6aa" + "x" * 1000
+    for _ in range(4):
+        for node in (packed, untouched):
+            await node.publish(events(1, site_id="a", note=note))
+        for event in (await packed.history("entries", "a", 0)).events:
+            msgpack.packb(event.text)
+    assert packed.history_bytes == untouched.history_bytes > 0
 
 
 async def test_memory_one_event_over_the_byte_bound_is_still_kept() -> None:

@@ -54,11 +54,15 @@ class Rechecks:
     #: Seconds a re-check of everyone takes (a slow store, many pairs); it is
     #: recorded when it starts, and fails at its end if ``failures_left``.
     full_duration: float = 0.0
+    #: Seconds a re-check of some pairs takes; it is recorded at its end.
+    pair_duration: float = 0.0
 
     async def __call__(self, pairs: Pairs | None) -> None:
         if pairs is None and self.full_duration:
             self.calls.append((trio.current_time(), pairs))
             await trio.sleep(self.full_duration)
+        elif pairs is not None and self.pair_duration:
+            await trio.sleep(self.pair_duration)
         else:
             await trio.lowlevel.checkpoint()
         if self.failures_left:
@@ -283,3 +287,51 @@ async def test_a_re_check_of_everyone_that_fails_is_redone_and_its_notices_still
     await trio.sleep(30 * POLL)
     first, second = watched.rechecks.full
     assert second >= first + 10 * POLL  # redone once the first was through
+
+
+async def test_a_notice_still_being_applied_when_everyone_is_through_does_not_stall_the_watcher(
+    watched: Watched, autojump_clock: MockClock
+) -> None:
+    watched.rechecks.full_duration = 10 * POLL
+    watched.rechecks.pair_duration = 5 * POLL  # a slow store: it outlasts the re-check of everyone
+    watched.changes.put(PermissionChange(pairs=None))
+    await trio.sleep(7 * POLL)
+    watched.change(("s1", "alice"))
+    await trio.sleep(13 * POLL)
+    assert watched.rechecks.targeted == [{("s1", "alice")}]
+    # The watcher is back at its loop: a notice naming no pairs is acted on.
+    watched.changes.put(PermissionChange(pairs=None))
+    await trio.sleep(POLL)
+    assert len(watched.rechecks.full) == 2
+
+
+async def test_a_notice_taken_with_a_re_check_of_everyone_is_not_held_back_by_it(
+    watched: Watched, autojump_clock: MockClock
+) -> None:
+    watched.rechecks.full_duration = 10 * POLL
+    watched.rechecks.failures_left = 1  # the first re-check of everyone fails at its end
+    watched.changes.put(PermissionChange(pairs=None))
+    await trio.sleep(10.5 * POLL)  # failed; the watcher waits out its back-off
+    assert watched.rechecks.full == [pytest.approx(0.1)]
+    # The notice ends the wait and is taken by the loop, with everyone due again:
+    # a revoke must not wait for the slow re-check of everyone to reach its pair.
+    watched.change(("s1", "alice"))
+    await trio.sleep(0.01)
+    assert watched.rechecks.targeted == [{("s1", "alice")}]
+    assert len(watched.rechecks.full) == 2
+
+
+async def test_a_notice_being_applied_when_a_re_check_of_everyone_fails_is_seen_through(
+    watched: Watched, autojump_clock: MockClock
+) -> None:
+    watched.rechecks.full_duration = 10 * POLL
+    watched.rechecks.pair_duration = 5 * POLL
+    watched.changes.put(PermissionChange(pairs=None))
+    await trio.sleep(7 * POLL)
+    watched.change(("s1", "alice"))  # its re-check runs until 12 s
+    await trio.sleep(POLL)
+    watched.rechecks.failures_left = 1  # taken by the re-check of everyone, at 10 s
+    await trio.sleep(5 * POLL)
+    # Taken from the queue, so nothing else would apply it before the next
+    # re-check of everyone, a back-off later.
+    assert watched.rechecks.targeted == [{("s1", "alice")}]
