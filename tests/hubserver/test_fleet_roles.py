@@ -265,19 +265,28 @@ async def role_lookups(url: str) -> int:
     return 0
 
 
-async def test_a_change_whose_notice_was_lost_is_caught_by_the_version_check(
-    own_redis_server: RedisServer, start_node: StartNode
-) -> None:
-    url = own_redis_server.url
+@asynccontextmanager
+async def two_admins_on_a_node(
+    url: str, start_node: StartNode
+) -> AsyncIterator[tuple[Any, HubClient, HubClient]]:
+    """A node on ``url`` polling its roles every 0.2 s; alice and bob, both Site Admins of s1."""
     async with RedisPermissionStore(url) as roles:
         await roles.grant("s1", "alice", Role.SITE_ADMIN)
         await roles.grant("s1", "bob", Role.SITE_ADMIN)
     node = await start_node(backplane=url, permission_poll_interval=0.2)
+    async with (
+        open_hub(node, hub_target("entries", "s1")) as alice,  # type: ignore[arg-type]
+        open_hub(node, hub_target("entries", "s1"), token=node.token("bob")) as bob,  # type: ignore[arg-type]
+    ):
+        yield node, alice, bob
+
+
+async def test_a_change_whose_notice_was_lost_is_caught_by_the_version_check(
+    own_redis_server: RedisServer, start_node: StartNode
+) -> None:
+    url = own_redis_server.url
     with trio.fail_after(CAP):
-        async with (
-            open_hub(node, hub_target("entries", "s1")) as alice,  # type: ignore[arg-type]
-            open_hub(node, hub_target("entries", "s1"), token=node.token("bob")) as bob,  # type: ignore[arg-type]
-        ):
+        async with two_admins_on_a_node(url, start_node) as (node, alice, bob):
             # What a revoke does, without its notice (as if lost on the way).
             await raw(url, "HDEL", "hubserver:perm:site:s1", "alice")
             await raw(url, "INCR", "hubserver:perm:version")
@@ -339,15 +348,8 @@ async def test_garbage_in_the_version_key_keeps_the_node_up_and_its_connections_
     own_redis_server: RedisServer, start_node: StartNode
 ) -> None:
     url = own_redis_server.url
-    async with RedisPermissionStore(url) as roles:
-        await roles.grant("s1", "alice", Role.SITE_ADMIN)
-        await roles.grant("s1", "bob", Role.SITE_ADMIN)
-    node = await start_node(backplane=url, permission_poll_interval=0.2)
     with trio.fail_after(CAP):
-        async with (
-            open_hub(node, hub_target("entries", "s1")) as alice,  # type: ignore[arg-type]
-            open_hub(node, hub_target("entries", "s1"), token=node.token("bob")) as bob,  # type: ignore[arg-type]
-        ):
+        async with two_admins_on_a_node(url, start_node) as (node, alice, bob):
             # More digits than int() takes: read by every poll of the watcher.
             await raw(url, "SET", "hubserver:perm:version", "9" * 5000)
             await trio.sleep(1)
