@@ -31,6 +31,10 @@ def test_a_tiny_soak_loses_nothing_and_crashes_nothing(
         "20",
         "--churn-rate",
         "3",
+        # Short lives, so identities come back (and resume) within the 6 s run:
+        # with the default 5 s only a few did, and on a busy machine none.
+        "--churn-max-life",
+        "0.6",
         "--garbage-rate",
         "4",
         "--slow-readers",
